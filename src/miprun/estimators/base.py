@@ -1,0 +1,47 @@
+"""The estimator interface: mutual information between two captured states, in nats."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+from miprun.stats import BlockStats, CaptureSpec
+
+
+@dataclass
+class Estimator(ABC):
+    """Estimates ``MI(state a ; state b)`` from :class:`~miprun.stats.BlockStats`.
+
+    Subclasses are dataclasses whose fields are their hyperparameters (recorded in the manifest),
+    declare what the capture pass must record (:meth:`capture_spec`) and implement :meth:`mi`.
+    Normalised MI divides by the geometric mean of each side's MI with itself, so an identity block
+    scores 1 under every estimator (spec section 5.1).
+    """
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def capture_spec(self) -> CaptureSpec:
+        """What the capture pass must record for this estimator."""
+
+    @abstractmethod
+    def mi(self, stats: BlockStats, a: int, b: int) -> float:
+        """``MI(state a ; state b)`` in nats (>= 0)."""
+
+    def nmi(self, stats: BlockStats, a: int, b: int) -> float:
+        """MI normalised to [0, 1]: ``MI(a;b) / sqrt(MI(a;a) * MI(b;b))``; 1 means "output == input"."""
+        return self.normalise(self.mi(stats, a, b), self.mi(stats, a, a), self.mi(stats, b, b))
+
+    @staticmethod
+    def normalise(mi_ab: float, mi_aa: float, mi_bb: float) -> float:
+        """NMI from the pair's MI and each side's MI with itself (callers may cache the latter)."""
+        denom = math.sqrt(max(mi_aa, 0.0) * max(mi_bb, 0.0))
+        if denom <= 0.0:
+            return 0.0
+        return min(max(mi_ab / denom, 0.0), 1.0)
+
+    def params(self) -> dict[str, Any]:
+        """Hyperparameters, for the manifest."""
+        return {"name": self.name, **asdict(self)}

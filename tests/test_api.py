@@ -1,0 +1,146 @@
+"""The Python API end to end on tiny models: score, select, prune, save, reload, reuse scores, re-apply."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import CALIBRATION_TXT, HELDOUT_TXT
+from tiny_models import tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import miprun
+from miprun.api import CalibrationConfig, ScoreResult, prune, score, select
+from miprun.architectures import decoder_layers, num_blocks
+from miprun.loading import LoadedModel
+from miprun.plan import MANIFEST_NAME, PrunePlan
+
+CAL = CalibrationConfig(source=str(CALIBRATION_TXT), samples=6, seq_len=24, seed=0, batch_size=3)
+
+
+def loaded(arch: str, tokenizer) -> LoadedModel:
+    model, _ = tiny_model(arch)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=f"tiny-{arch}", path=None)
+
+
+@pytest.mark.parametrize("estimator", ["gaussian", "renyi", "binned"])
+def test_score_gives_every_block_and_span(tiny_tokenizer, estimator):
+    params = {"sample_tokens": 100} if estimator != "gaussian" else {"proj_dim": 16}
+    result = score(
+        loaded("llama", tiny_tokenizer), calibration=CAL, estimator=estimator, estimator_params=params
+    )
+    t = result.table.num_blocks
+    assert len(result.table.spans) == t * (t + 1) // 2
+    assert all(0.0 <= s.nmi <= 1.0 and s.mi >= 0.0 for s in result.table.spans.values())
+    assert result.calibration.tokens == CAL.samples * CAL.seq_len
+    assert result.estimator.params()["name"] == estimator
+
+
+def test_prune_saves_a_checkpoint_that_transformers_loads(tiny_tokenizer, tmp_path):
+    lm = loaded("llama", tiny_tokenizer)
+    dense = tiny_model("llama")[0]
+    out = tmp_path / "pruned"
+    result = prune(
+        lm,
+        num_blocks=2,
+        calibration=CAL,
+        estimator_params={"proj_dim": 16},
+        out=out,
+        evaluate=True,
+        eval_source=str(HELDOUT_TXT),
+        eval_samples=2,
+        eval_seq_len=24,
+        progress=False,
+    )
+    plan = result.plan
+    assert len(plan.removed) == 2 and plan.num_blocks_after == 4
+    assert plan.search.optimal_loss is not None and plan.search.gap is not None and plan.search.gap >= -1e-12
+    assert plan.evaluation["pruned_ppl"] > 0 and plan.evaluation["dense_ppl"] > 0
+    for name in (
+        "model.safetensors",
+        "config.json",
+        MANIFEST_NAME,
+        "report.png",
+        "report.md",
+        "tokenizer.json",
+    ):
+        assert (out / name).exists(), name
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["removed"] == plan.removed and manifest["num_blocks_after"] == 4
+    assert manifest["calibration"]["fingerprint"] and manifest["model"]["fingerprint"]
+    assert {"capture", "selection", "surgery", "save"} <= set(manifest["timings"])
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert num_blocks(reloaded) == 4
+    ids = torch.tensor([[5, 9, 17, 33, 4, 8]])
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, result.model(ids).logits, atol=1e-5)
+    # re-applying the manifest to the dense model gives the same network
+    miprun.apply_plan(dense, out / MANIFEST_NAME)
+    with torch.no_grad():
+        assert torch.allclose(dense(ids).logits, reloaded(ids).logits, atol=1e-5)
+    assert AutoTokenizer.from_pretrained(out)("the age of wisdom")["input_ids"]
+
+
+def test_scores_file_is_reused_without_a_forward_pass(tiny_tokenizer, tmp_path):
+    lm = loaded("qwen2", tiny_tokenizer)
+    first = score(lm, calibration=CAL, estimator_params={"proj_dim": 16})
+    path = tmp_path / "scores.json"
+    first.write(path)
+    again = ScoreResult.read(path)
+    for n in (1, 2, 3):
+        assert select(again, n)[0] == select(first, n)[0]
+
+    def no_forward(*_args, **_kwargs):
+        raise AssertionError("the model must not run when scores are reused")
+
+    layers = decoder_layers(lm.model)
+    handle = layers[0].register_forward_pre_hook(no_forward)
+    try:
+        result = prune(lm, num_blocks=2, scores=path, out=tmp_path / "p2", progress=False)
+    finally:
+        handle.remove()
+    assert result.plan.removed == select(first, 2)[0]
+
+
+def test_scores_for_another_model_are_refused(tiny_tokenizer, tmp_path):
+    path = tmp_path / "scores.json"
+    score(loaded("llama", tiny_tokenizer), calibration=CAL, estimator_params={"proj_dim": 16}).write(path)
+    other = LoadedModel(tiny_model("llama", seed=1)[0], tiny_tokenizer, "tiny-llama-seed1", None)
+    with pytest.raises(ValueError, match="made for model"):
+        prune(other, num_blocks=2, scores=path, progress=False)
+
+
+def test_mi_optimal_reaches_the_optimum_and_mi_prun_reports_its_gap(tiny_tokenizer):
+    result = score(loaded("llama", tiny_tokenizer), calibration=CAL, estimator_params={"proj_dim": 16})
+    removed, info = select(result, 3, method="mi-optimal")
+    assert info.gap == 0.0 and info.optimal_removed == removed
+    _, fbs = select(result, 3, method="mi-prun")
+    assert fbs.loss >= info.loss - 1e-12 and fbs.num_evaluations >= result.table.num_blocks
+
+
+def test_ratio_and_budget_errors(tiny_tokenizer):
+    result = score(loaded("llama", tiny_tokenizer), calibration=CAL, estimator_params={"proj_dim": 16})
+    assert len(select(result, ratio=0.34)[0]) == 3  # ceil(6 * 0.34)
+    for bad in ({"num_blocks": 0}, {"num_blocks": 6}, {"ratio": 1.0}, {"ratio": 0.0}, {}):
+        with pytest.raises(ValueError):
+            select(result, **bad)
+    with pytest.raises(ValueError, match="Did you mean 'mi-prun'"):
+        select(result, 2, method="mi-prune")
+
+
+def test_existing_output_is_refused_before_any_work(tiny_tokenizer, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        prune(loaded("llama", tiny_tokenizer), num_blocks=1, calibration=CAL, out=out, progress=False)
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_plan_round_trips(tiny_tokenizer, tmp_path):
+    result = prune(loaded("llama", tiny_tokenizer), num_blocks=2, calibration=CAL, progress=False)
+    path = tmp_path / MANIFEST_NAME
+    result.plan.write(path)
+    again = PrunePlan.read(path)
+    assert again.removed == result.plan.removed and again.search.loss == result.plan.search.loss

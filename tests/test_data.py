@@ -1,0 +1,302 @@
+"""Text sources, token windows, perplexity and model loading, on small fixtures (no network, no downloads)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import processors
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+from miprun.assets import HubUnreachableError, bigbench_file, cache_dir
+from miprun.data import BUILTIN_SOURCES, TextSource, eval_windows, load_text, token_windows
+from miprun.loading import load_model, resolve_device, resolve_dtype
+from miprun.perplexity import mean_nll, perplexity
+
+# --------------------------------------------------------------------------------------------- fixtures
+
+
+def _squad(articles: list[list[str]]) -> dict:
+    """A file in the SQuAD-shifts format: data -> articles -> paragraphs -> context."""
+    return {
+        "data": [
+            {"title": f"T{i}", "paragraphs": [{"context": c, "qas": []} for c in paras]}
+            for i, paras in enumerate(articles)
+        ],
+        "version": "test",
+    }
+
+
+def _write_builtin(key: str, articles: list[list[str]]) -> Path:
+    path = cache_dir() / "data" / "bigbench" / BUILTIN_SOURCES[key]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_squad(articles)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def no_download(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Any attempt to fetch BIG-bench fails at once instead of downloading 358 MB."""
+    monkeypatch.setenv("MIPRUN_BIGBENCH_ARCHIVE", str(tmp_path / "no-such-archive.tar.gz"))
+
+
+@pytest.fixture
+def long_text(tiny_tokenizer: PreTrainedTokenizerFast) -> TextSource:
+    base = (Path(__file__).parent / "data" / "calibration.txt").read_text(encoding="utf-8")
+    return TextSource.from_texts(
+        "long", [f"{i}: {p}" for i in range(20) for p in base.split("\n\n") if p.strip()]
+    )
+
+
+def _bos_tokenizer(tok: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """A copy of ``tok`` whose post-processor prepends BOS, like Llama-2 or Gemma tokenizers."""
+    backend = tok.backend_tokenizer.__class__.from_str(tok.backend_tokenizer.to_str())
+    bos = tok.bos_token_id
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def _tiny_llama(vocab: int = 128) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+# ------------------------------------------------------------------------------------------ local files
+
+
+def test_txt_paragraphs(tmp_path: Path) -> None:
+    path = tmp_path / "a.txt"
+    path.write_text("First para\nstill first.\n\n  \n\nSecond para.\n\n\n", encoding="utf-8")
+    src = load_text(str(path), "calibration")
+    assert src.texts == ("First para\nstill first.", "Second para.")
+    assert src.name == str(path)
+    assert load_text(str(path), "evaluation") == src  # a local file is used whole for either split
+    assert len(src.fingerprint) == 16
+
+
+def test_jsonl_text_field_then_first_string(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    rows = [{"id": 1, "text": "one"}, {"id": 2, "body": "two", "other": "x"}, {"text": "  "}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
+    assert load_text(str(path), "calibration").texts == ("one", "two")
+
+
+def test_jsonl_bad_line_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": "ok"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"a\.jsonl:2"):
+        load_text(str(path), "calibration")
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n   \n", b'{"n": 1}\n'], ids=["empty", "blank", "no-string"])
+def test_empty_file_is_a_clear_error(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / ("e.jsonl" if content.startswith(b"{") else "e.txt")
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=path.name):
+        load_text(str(path), "calibration")
+
+
+def test_non_utf8_file_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt.*UTF-8"):
+        load_text(str(path), "calibration")
+
+
+def test_missing_file_and_unknown_source() -> None:
+    with pytest.raises(FileNotFoundError, match=r"nope\.txt"):
+        load_text("nope.txt", "calibration")
+    with pytest.raises(ValueError, match=r"wiki.*nyt.*reddit"):
+        load_text("no-such-source", "calibration")
+    with pytest.raises(ValueError, match="split"):
+        load_text("wiki", "train")  # type: ignore[arg-type]
+
+
+def test_fingerprint_tracks_content() -> None:
+    a = TextSource.from_texts("a", ["x", "y"])
+    assert a.fingerprint == TextSource.from_texts("b", ("x", "y")).fingerprint
+    assert a.fingerprint != TextSource.from_texts("a", ["xy"]).fingerprint
+    assert a.fingerprint != TextSource.from_texts("a", ["y", "x"]).fingerprint
+
+
+# ------------------------------------------------------------------------------------------- built-ins
+
+
+def test_builtin_splits_are_disjoint_by_article(no_download: None) -> None:
+    articles = [[f"article {a} paragraph {p}." for p in range(3)] for a in range(12)]
+    articles[9].append("article 0 paragraph 0.")  # a repeat in an evaluation article stays in calibration
+    _write_builtin("wiki", articles)
+    cal, ev = load_text(None, "calibration"), load_text("wiki", "evaluation")
+    assert not set(cal.texts) & set(ev.texts)
+    assert set(cal.texts) | set(ev.texts) == {p for art in articles for p in art}
+    assert {t.split()[1] for t in ev.texts} == {"4", "9"}  # article index % 5 == 4
+    assert cal.name == "wiki:calibration" and cal.fingerprint != ev.fingerprint
+    assert load_text("wiki", "evaluation") == ev  # deterministic
+
+
+def test_builtin_single_article_is_split_by_paragraph_groups(no_download: None) -> None:
+    _write_builtin("reddit", [[f"comment {i}" for i in range(100)]])
+    cal, ev = load_text("reddit", "calibration"), load_text("reddit", "evaluation")
+    assert len(cal.texts) == 80 and len(ev.texts) == 20
+    assert not set(cal.texts) & set(ev.texts)
+
+
+def test_missing_builtin_without_download_is_a_clear_error(no_download: None) -> None:
+    with pytest.raises(FileNotFoundError, match="MIPRUN_BIGBENCH_ARCHIVE"):
+        load_text("nyt", "calibration")
+
+
+def test_bigbench_archive_extracts_only_kept_members(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    archive = tmp_path / "bigbench-1.0.0.tar.gz"
+    members = {
+        "squad_shifts/nyt_v1.0.json": json.dumps(_squad([["n1"], ["n2"]])),
+        "squad_shifts/task.py": "print('not kept')",
+        "social_iqa/task.json": "{}",
+        "other_task/task.json": "{}",
+    }
+    with tarfile.open(archive, "w:gz") as tar:
+        for rel, text in members.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{rel}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setenv("MIPRUN_BIGBENCH_ARCHIVE", str(archive))
+    path = bigbench_file("squad_shifts/nyt_v1.0.json")
+    root = cache_dir() / "data" / "bigbench"
+    assert path == root / "squad_shifts/nyt_v1.0.json"
+    kept = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    assert kept == ["social_iqa/task.json", "squad_shifts/nyt_v1.0.json"]
+    assert archive.exists()  # a user's archive is kept
+    with pytest.raises(ValueError, match="keeps"):
+        bigbench_file("other_task/task.json")
+
+
+# --------------------------------------------------------------------------------------------- windows
+
+
+def test_token_windows_are_seeded_and_disjoint(
+    tiny_tokenizer: PreTrainedTokenizerFast, long_text: TextSource
+) -> None:
+    a = token_windows(tiny_tokenizer, long_text, 6, 16, seed=0)
+    assert a.shape == (6, 16) and a.dtype == torch.long
+    assert torch.equal(a, token_windows(tiny_tokenizer, long_text, 6, 16, seed=0))
+    assert not torch.equal(a, token_windows(tiny_tokenizer, long_text, 6, 16, seed=1))
+    every = eval_windows(tiny_tokenizer, long_text, 16)
+    rows = {tuple(r) for r in every.tolist()}
+    assert all(tuple(r) in rows for r in a.tolist())  # drawn from the non-overlapping cut
+    assert len({tuple(r) for r in a.tolist()}) == 6  # without replacement
+
+
+def test_token_windows_too_short_says_what_to_change(
+    tiny_tokenizer: PreTrainedTokenizerFast, long_text: TextSource
+) -> None:
+    available = eval_windows(tiny_tokenizer, long_text, 64).shape[0]
+    token_windows(tiny_tokenizer, long_text, available, 64, seed=0)
+    with pytest.raises(ValueError, match=rf"{available} windows of 64.*{available + 1} were asked.*Lower"):
+        token_windows(tiny_tokenizer, long_text, available + 1, 64, seed=0)
+
+
+def test_eval_windows_are_consecutive(tiny_tokenizer: PreTrainedTokenizerFast, long_text: TextSource) -> None:
+    ids = tiny_tokenizer("\n\n".join(long_text.texts), add_special_tokens=False)["input_ids"]
+    w = eval_windows(tiny_tokenizer, long_text, 10, max_windows=3)
+    assert w.tolist() == [ids[0:10], ids[10:20], ids[20:30]]
+    with pytest.raises(ValueError, match="shorter than one window"):
+        eval_windows(tiny_tokenizer, TextSource.from_texts("s", ["a"]), 10)
+
+
+def test_bos_starts_every_window_when_the_tokenizer_adds_it(
+    tiny_tokenizer: PreTrainedTokenizerFast, long_text: TextSource
+) -> None:
+    tok = _bos_tokenizer(tiny_tokenizer)
+    assert tok("a")["input_ids"][0] == tok.bos_token_id
+    ids = tok("\n\n".join(long_text.texts), add_special_tokens=False)["input_ids"]
+    w = eval_windows(tok, long_text, 10, max_windows=2)
+    assert w.tolist() == [[tok.bos_token_id, *ids[0:9]], [tok.bos_token_id, *ids[9:18]]]
+    assert (token_windows(tok, long_text, 4, 10, seed=0)[:, 0] == tok.bos_token_id).all()
+    assert (eval_windows(tiny_tokenizer, long_text, 10)[:, 0] != tiny_tokenizer.bos_token_id).any()
+
+
+# ------------------------------------------------------------------------------------------ perplexity
+
+
+def test_perplexity_matches_the_models_own_loss() -> None:
+    model = _tiny_llama()
+    windows = torch.randint(0, 128, (5, 12), generator=torch.Generator().manual_seed(0))
+    nll, count = mean_nll(model, windows, batch_size=2)
+    assert count == 5 * 11  # position 0 of each window is not predicted
+    with torch.no_grad():
+        reference = model(input_ids=windows, labels=windows).loss.item()  # HF shifts labels itself
+    assert nll == pytest.approx(reference, rel=1e-5)
+    assert perplexity(model, windows, batch_size=3) == pytest.approx(math.exp(reference), rel=1e-5)
+
+
+def test_perplexity_rejects_bad_windows() -> None:
+    with pytest.raises(ValueError, match="seq_len >= 2"):
+        perplexity(_tiny_llama(), torch.zeros(3, 1, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def test_load_local_folder(tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    _tiny_llama(vocab=len(tiny_tokenizer)).train().save_pretrained(tmp_path / "m")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer.backend_tokenizer, eos_token="</s>")
+    tok.save_pretrained(tmp_path / "m")
+    loaded = load_model(str(tmp_path / "m"), device="cpu", dtype="float32")
+    assert not loaded.model.training
+    assert loaded.tokenizer.pad_token == "</s>"  # pad falls back to eos
+    assert loaded.path == str(tmp_path / "m") and loaded.model.dtype == torch.float32
+    assert load_model(str(tmp_path / "m"), device="cpu", dtype="bfloat16").model.dtype == torch.bfloat16
+
+
+def test_missing_local_paths_are_file_not_found(tmp_path: Path) -> None:
+    for name in (str(tmp_path / "nothing"), "./nothing", "weights.gguf", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="not found"):
+            load_model(name)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+        load_model(str(tmp_path / "empty"))
+
+
+def test_hub_names_fail_clearly_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets.config
+    import huggingface_hub.constants
+
+    # The env var is read at import time, so patch the imported flags as well (fails fast, no retries).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubUnreachableError, match=r"unreachable.*smollm2-135m") as info:
+        load_model("some-org/some-model", device="cpu")
+    assert info.value.__cause__ is not None
+    with pytest.raises(HubUnreachableError, match=r"wikitext2.*unreachable.*\.jsonl.*wiki"):
+        load_text("wikitext2", "evaluation")
+
+
+def test_resolve_device_and_dtype() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None).type in {"cpu", "cuda", "mps"}
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert resolve_dtype(torch.float16, "cpu") == torch.float16
+    with pytest.raises(ValueError, match="float32"):
+        resolve_dtype("fp8", "cpu")
