@@ -31,3 +31,39 @@ def test_embedded_smollm2_builds_loads_and_predicts_wikipedia() -> None:
     nll, count = mean_nll(loaded.model, windows, batch_size=2)
     assert count == 4 * 255
     assert 5.0 < math.exp(nll) < 100.0  # about 14 on these windows; a broken conversion gives thousands
+
+
+def test_pruning_smollm2_end_to_end(tmp_path) -> None:
+    """The issue's real check: prune 3 blocks with small calibration, reload, held-out perplexity rises."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from miprun.api import CalibrationConfig, prune
+    from miprun.perplexity import perplexity
+
+    out = tmp_path / "smollm2-pruned"
+    result = prune(
+        None,
+        num_blocks=3,
+        calibration=CalibrationConfig(samples=8, seq_len=128),
+        out=out,
+        device="cpu",
+        dtype="float32",
+        progress=False,
+    )
+    assert len(result.plan.removed) == 3 and result.plan.num_blocks_after == 27
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert reloaded.config.num_hidden_layers == 27 and len(reloaded.model.layers) == 27
+
+    dense = load_model(None, device="cpu", dtype="float32")
+    windows = eval_windows(dense.tokenizer, load_text("wiki", "evaluation"), 256, max_windows=4)
+    dense_ppl = perplexity(dense.model, windows)
+    pruned_ppl = perplexity(reloaded, windows)
+    assert math.isfinite(pruned_ppl) and pruned_ppl > dense_ppl
+
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        cached = reloaded.generate(**prompt, max_new_tokens=12, do_sample=False, use_cache=True)
+        uncached = reloaded.generate(**prompt, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)

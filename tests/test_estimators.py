@@ -294,7 +294,12 @@ def test_registry_suggests_the_closest_name() -> None:
 
 
 def test_params_and_capture_specs() -> None:
-    assert GaussianMI().params() == {"name": "gaussian", "proj_dim": 128, "shrinkage": 0.05}
+    assert GaussianMI().params() == {
+        "name": "gaussian",
+        "proj_dim": 128,
+        "shrinkage": 0.05,
+        "normalize": False,
+    }
     renyi = RenyiMI(sample_dim=64)
     renyi.mi(make_stats([torch.randn(16, 2), torch.randn(16, 2)]), 0, 1)  # fills the cache
     assert renyi.params() == {
@@ -303,8 +308,15 @@ def test_params_and_capture_specs() -> None:
         "sample_tokens": 512,
         "sample_dim": 64,
         "shared_bandwidth": False,
+        "normalize": False,
     }
-    assert BinnedMI().params() == {"name": "binned", "bins": 16, "sample_tokens": 2048, "sample_dim": 0}
+    assert BinnedMI().params() == {
+        "name": "binned",
+        "bins": 16,
+        "sample_tokens": 2048,
+        "sample_dim": 0,
+        "normalize": False,
+    }
     assert GaussianMI(proj_dim=64).capture_spec() == CaptureSpec(moments_dim=64)
     assert renyi.capture_spec() == CaptureSpec(sample_tokens=512, sample_dim=64)
     assert BinnedMI().capture_spec() == CaptureSpec(sample_tokens=2048, sample_dim=None)

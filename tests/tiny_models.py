@@ -212,3 +212,21 @@ def tiny_model(arch: str, seed: int = 0) -> tuple[PreTrainedModel, PretrainedCon
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
     model.eval()
     return model, model.config
+
+
+def tiny_variant(arch: str, num_layers: int, hidden_size: int, seed: int = 0) -> PreTrainedModel:
+    """`tiny_model(arch)` with another depth and width; per-layer config lists are cycled to the new depth.
+
+    For the flat (non-multimodal) families without layer-index lists: not gemma3 or qwen3_moe.
+    """
+    config = tiny_config(arch)
+    data = config.to_dict()
+    for key, value in (("num_hidden_layers", num_layers), ("hidden_size", hidden_size)):
+        data[config.attribute_map.get(key, key)] = value
+    for key, value in list(data.items()):
+        if isinstance(value, list) and len(value) == NUM_LAYERS and key != "architectures":
+            data[key] = [value[i % NUM_LAYERS] for i in range(num_layers)]
+    variant = type(config).from_dict(data)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(variant, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()

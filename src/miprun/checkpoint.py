@@ -4,6 +4,7 @@ replaces the target only once complete, so an interrupted run never leaves a hal
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 import tempfile
@@ -29,20 +30,39 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise OutputExistsError(f"output path {out} exists and is not a folder")
 
 
+def check_not_replacing(out: Path, source: Path, what: str) -> None:
+    """Refuse an output folder that is, or contains, ``source``: replacing it would delete the input."""
+    out, source = Path(out).resolve(), Path(source).resolve()
+    if source == out or out in source.parents:
+        raise OutputExistsError(
+            f"--out {out} would replace the {what} {source} that this run reads; choose another output folder"
+        )
+
+
 @contextmanager
 def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success it atomically becomes ``out``."""
     out = Path(out).resolve()
     check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise OSError(
+            exc.errno,
+            f"cannot create the output folder in {out.parent} ({exc.strerror}); choose another --out",
+        ) from exc
     try:
         yield tmp
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             old.rmdir()
             out.rename(old)  # keep the old output until the new one is in place
-            tmp.rename(out)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)  # put the previous output back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
@@ -59,5 +79,14 @@ def write_steps(
         bar = tqdm(steps, desc="saving", unit="step", disable=not progress)
         for name, write in bar:
             bar.set_postfix_str(name)
-            write(tmp)
+            try:
+                write(tmp)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                raise OSError(
+                    errno.ENOSPC,
+                    f"no space left on the device while writing the {name} of {out}: nothing was written "
+                    f"there (a previous {out.name} is untouched); free some space or pass --out on another disk",
+                ) from exc
     log.info("wrote %s", out)

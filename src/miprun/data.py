@@ -137,11 +137,13 @@ def _local(path: Path) -> TextSource:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(
-            f"{path} is not valid UTF-8 text ({exc.reason} at byte {exc.start}); re-encode it"
+            f"{path} is not valid UTF-8 text ({exc.reason} at byte {exc.start}); re-encode it as UTF-8, "
+            f"e.g. iconv -f latin1 -t utf-8 {path.name} > fixed{suffix}"
         ) from exc
     texts = _jsonl_texts(path, raw) if suffix == ".jsonl" else _paragraphs(raw)
     if not texts:
-        raise ValueError(f"{path} holds no text")
+        expected = 'one JSON object per line with a "text" field' if suffix == ".jsonl" else "paragraphs"
+        raise ValueError(f"{path} holds no text; expected {expected} of real text, e.g. a few articles")
     return TextSource.from_texts(str(path), texts)
 
 
@@ -291,8 +293,8 @@ def token_windows(
         total = len(_token_stream(tokenizer, source))
         raise ValueError(
             f"{source.name} has {total} tokens: {windows.shape[0]} windows of {seq_len}, but {num_windows} "
-            f"were asked for (about {num_windows * seq_len} tokens). Lower the number of windows or the "
-            "sequence length, or use a larger text source."
+            f"were asked for (about {num_windows * seq_len} tokens). Lower the number of windows "
+            "(--samples) or the sequence length (--seq-len), or use a larger text source (--calib)."
         )
     generator = torch.Generator().manual_seed(seed)
     pick = torch.randperm(windows.shape[0], generator=generator)[:num_windows]

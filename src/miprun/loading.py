@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from miprun.architectures import layout_for
 from miprun.assets import (
     DEFAULT_MODEL,
     EMBEDDED_MODELS,
@@ -23,6 +24,15 @@ from miprun.assets import (
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class UnsafeWeightsError(ValueError):
+    """A model folder holds its weights only as pickle files, which miprun refuses to load."""
+
+
+class ModelLoadError(RuntimeError):
+    """A local model folder exists but transformers could not load it."""
 
 
 @dataclass
@@ -83,22 +93,26 @@ def load_model(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     source = str(folder) if folder is not None else name
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    # use_safetensors: weights are never unpickled (a pickle can run code when loaded).
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype,
+        "trust_remote_code": trust_remote_code,
+        "use_safetensors": True,
+    }
     if device_map is not None:
         kwargs["device_map"] = device_map
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        lm: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        if folder is None and is_hub_unreachable(exc):
-            raise HubUnreachableError(
-                f"could not load {name!r} from the Hugging Face Hub: the hub is unreachable (offline?). "
-                "Pass a local model folder, a .gguf file, or an embedded model that needs no hub: "
-                f"{', '.join(EMBEDDED_MODELS)}."
-            ) from exc
-        raise
+        raise _load_error(exc, name, folder) from exc
+    layout_for(config)  # an unsupported architecture fails here, before any weights are read
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        lm: Any = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
+    except Exception as exc:
+        raise _load_error(exc, name, folder) from exc
     if device_map is None:
         lm.to(dev)
     lm.eval()
@@ -107,6 +121,40 @@ def load_model(
     log.info("Loaded %s (%s, %s)", name, lm.dtype, device_map or dev)
     return LoadedModel(
         model=lm, tokenizer=tokenizer, name=name, path=str(folder) if folder is not None else None
+    )
+
+
+def _load_error(exc: Exception, name: str, folder: Path | None) -> Exception:
+    """The error to raise for a failed load: a teaching one where we can say more, else ``exc`` itself."""
+    if folder is None and is_hub_unreachable(exc):
+        return HubUnreachableError(
+            f"could not load {name!r} from the Hugging Face Hub: the hub is unreachable (offline?). "
+            "Pass a local model folder, a .gguf file, or an embedded model that needs no hub: "
+            f"{', '.join(EMBEDDED_MODELS)}."
+        )
+    if folder is not None:
+        return ModelLoadError(
+            f"could not load the model folder {folder}: {exc} "
+            "(expected a complete Hugging Face causal-LM folder: config.json, *.safetensors, tokenizer files)"
+        )
+    return exc
+
+
+def check_safetensors(folder: Path) -> None:
+    """Refuse a model folder whose weights exist only as pickles; unpickling can run arbitrary code."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise UnsafeWeightsError(
+            f"{folder} holds its weights only as pickle files ({', '.join(pickles[:3])}), which can run "
+            "arbitrary code when loaded; miprun reads safetensors only. If you trust the files, convert them "
+            "once with transformers: AutoModelForCausalLM.from_pretrained(FOLDER, use_safetensors=False)"
+            ".save_pretrained(NEW_FOLDER) (it writes safetensors), then pass NEW_FOLDER."
+        )
+    raise FileNotFoundError(
+        f"{folder} has a config.json but no weights: expected model.safetensors "
+        "(or model-*-of-*.safetensors shards with model.safetensors.index.json)"
     )
 
 
@@ -122,6 +170,7 @@ def _local_folder(name: str) -> Path | None:
             raise FileNotFoundError(
                 f"{path} has no config.json: expected a Hugging Face model folder (or pass a .gguf file)"
             )
+        check_safetensors(path)
         return path
     if path.exists():
         raise ValueError(f"{path} is neither a model folder nor a .gguf file")

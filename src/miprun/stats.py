@@ -8,11 +8,15 @@ calibration tokens:
 * :class:`Moments`: first and second moments of every state after a shared random projection, as one
   Gram matrix over the concatenated states, so the joint covariance of any pair of states is a slice.
 * :class:`TokenSample`: the states of a fixed, seeded subset of token positions.
+
+The baselines ShortGPT and angular distance read a third, :class:`CosineSums`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -24,9 +28,14 @@ class CaptureSpec:
     moments_dim: int | None = None  # projected width for second moments (0 = no projection)
     sample_tokens: int | None = None  # token positions kept for sample-based estimators
     sample_dim: int | None = None  # projected width of the sample (None or 0 = no projection)
+    cosine: bool = False  # per-token cosine / angle between every pair of states (ShortGPT, angular)
+    coordinates: bool = False  # per-coordinate moments of every pair of states (unprojected)
+    normalize: bool = False  # RMS-normalise each token's state first: what a pre-norm block reads
 
     def merge(self, other: CaptureSpec) -> CaptureSpec:
-        """The spec that serves both estimators."""
+        """The spec that serves both estimators (they must agree on normalisation)."""
+        if self.normalize != other.normalize:
+            raise ValueError("these estimators need differently normalised states: capture them separately")
 
         def pick(a: int | None, b: int | None) -> int | None:
             if a is None:
@@ -39,6 +48,9 @@ class CaptureSpec:
             pick(self.moments_dim, other.moments_dim),
             pick(self.sample_tokens, other.sample_tokens),
             pick(self.sample_dim, other.sample_dim),
+            cosine=self.cosine or other.cosine,
+            coordinates=self.coordinates or other.coordinates,
+            normalize=self.normalize,
         )
 
 
@@ -144,6 +156,126 @@ class TokenSample:
 
 
 @dataclass
+class CosineSums:
+    """Sums over tokens of ``cos(state a, state b)`` and of ``arccos(cos) / pi`` for every pair ``(a, b)``.
+
+    Both are ``(num_states, num_states)`` float64, symmetric; memory does not depend on the token count.
+    """
+
+    num_states: int
+    count: int = 0
+    cos: torch.Tensor | None = None  # (num_states, num_states)
+    angle: torch.Tensor | None = None  # (num_states, num_states), in [0, 1]
+
+    def update(self, units: torch.Tensor) -> None:
+        """Add tokens: ``units`` is ``(num_states, tokens, dim)``, each state already unit-normalised per token."""
+        per_token = units.transpose(0, 1)  # (tokens, num_states, dim)
+        cos = torch.bmm(per_token, per_token.transpose(1, 2)).clamp_(-1.0, 1.0)  # (tokens, S, S)
+        if self.cos is None or self.angle is None:
+            shape = (self.num_states, self.num_states)
+            self.cos = torch.zeros(shape, dtype=torch.float64, device=units.device)
+            self.angle = torch.zeros(shape, dtype=torch.float64, device=units.device)
+        self.cos += cos.sum(0, dtype=torch.float64)
+        self.angle += (torch.arccos(cos) / math.pi).sum(0, dtype=torch.float64)
+        self.count += units.shape[1]
+
+    def mean_cos(self) -> torch.Tensor:
+        """Mean cosine between every pair of states, ``(num_states, num_states)`` float64 on CPU."""
+        return self._mean(self.cos)
+
+    def mean_angle(self) -> torch.Tensor:
+        """Mean angular distance ``arccos(cos) / pi`` in [0, 1] between every pair of states."""
+        return self._mean(self.angle)
+
+    def _mean(self, total: torch.Tensor | None) -> torch.Tensor:
+        if self.count == 0 or total is None:
+            raise ValueError("no tokens were accumulated: the cosine statistics are empty")
+        return (total / self.count).cpu()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "num_states": self.num_states,
+            "count": self.count,
+            "cos_sum": self.cos.tolist() if self.cos is not None else None,
+            "angle_sum": self.angle.tolist() if self.angle is not None else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CosineSums:
+        def tensor(rows: Any) -> torch.Tensor | None:
+            return None if rows is None else torch.tensor(rows, dtype=torch.float64)
+
+        return cls(
+            int(data["num_states"]), int(data["count"]), tensor(data["cos_sum"]), tensor(data["angle_sum"])
+        )
+
+
+@dataclass
+class CoordinateMoments:
+    """Per-coordinate moments of every pair of states: ``cross[a, b, j] = sum_t z_a[t, j] z_b[t, j]``.
+
+    Enough for the correlation of coordinate ``j`` of any state with coordinate ``j`` of any other,
+    in ``O(S^2 d)`` memory (float64, shift-centred like :class:`Moments`).
+    """
+
+    num_states: int
+    dim: int
+    count: int = 0
+    total: torch.Tensor | None = None  # (num_states, dim)
+    cross: torch.Tensor | None = None  # (num_states, num_states, dim)
+    shift: torch.Tensor | None = None  # (num_states, dim)
+
+    def update(self, z: torch.Tensor) -> None:
+        """Add tokens ``z``: ``(tokens, num_states, dim)``; products in float32, sums in float64."""
+        if self.shift is None:
+            self.shift = z.to(torch.float64).mean(0)
+            self.total = torch.zeros_like(self.shift)
+            self.cross = torch.zeros(
+                self.num_states, self.num_states, self.dim, dtype=torch.float64, device=z.device
+            )
+        assert self.total is not None and self.cross is not None
+        zc = (z.to(torch.float64) - self.shift).to(torch.float32)
+        self.count += z.shape[0]
+        self.total += zc.sum(0, dtype=torch.float64)
+        zd = zc.permute(2, 1, 0)  # (dim, states, tokens): one (S x S) Gram per coordinate
+        self.cross += torch.bmm(zd, zd.transpose(1, 2)).permute(1, 2, 0).to(torch.float64)
+
+    def moments(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-coordinate ``(var_a, var_b, cov_ab)``, each ``(dim,)`` float64 on CPU."""
+        if self.count < 2 or self.cross is None or self.total is None:
+            raise ValueError("need at least two tokens of statistics to form a covariance")
+        n, cross = self.count, self.cross
+        mean_a, mean_b = self.total[a] / n, self.total[b] / n
+
+        def cov(i: int, j: int, mi: torch.Tensor, mj: torch.Tensor) -> torch.Tensor:
+            return ((cross[i, j] / n - mi * mj) * (n / (n - 1))).cpu()
+
+        return cov(a, a, mean_a, mean_a), cov(b, b, mean_b, mean_b), cov(a, b, mean_a, mean_b)
+
+    def merge_(self, other: CoordinateMoments) -> None:
+        """Fold another accumulator into this one, exactly (re-centred on this one's shift)."""
+        if other.count == 0:
+            return
+        if self.count == 0:
+            self.count, self.total, self.cross, self.shift = (
+                other.count,
+                other.total,
+                other.cross,
+                other.shift,
+            )
+            return
+        assert self.shift is not None and self.total is not None and self.cross is not None
+        assert other.shift is not None and other.total is not None and other.cross is not None
+        delta = (other.shift - self.shift).to(self.cross.device)  # (S, d)
+        o_total = other.total.to(self.cross.device)
+        self.cross += other.cross.to(self.cross.device)
+        self.cross += o_total[:, None, :] * delta[None, :, :] + delta[:, None, :] * o_total[None, :, :]
+        self.cross += other.count * delta[:, None, :] * delta[None, :, :]
+        self.total += o_total + other.count * delta
+        self.count += other.count
+
+
+@dataclass
 class BlockStats:
     """Everything the capture pass records: the input to the estimators."""
 
@@ -152,6 +284,9 @@ class BlockStats:
     num_tokens: int = 0
     moments: Moments | None = None
     sample: TokenSample | None = None
+    coordinates: CoordinateMoments | None = None
+    normalized: bool = False  # states were RMS-normalised per token before any statistic
+    cosine: CosineSums | None = None
 
     @property
     def num_states(self) -> int:

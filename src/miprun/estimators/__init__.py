@@ -7,10 +7,13 @@ from typing import Any
 
 from miprun.estimators.base import Estimator
 from miprun.estimators.binned import BinnedMI
+from miprun.estimators.coordinate import CoordinateMI
 from miprun.estimators.gaussian import GaussianMI
 from miprun.estimators.renyi import RenyiMI
 
-REGISTRY: dict[str, type[Estimator]] = {cls.name: cls for cls in (GaussianMI, RenyiMI, BinnedMI)}
+REGISTRY: dict[str, type[Estimator]] = {
+    cls.name: cls for cls in (GaussianMI, CoordinateMI, RenyiMI, BinnedMI)
+}
 DEFAULT = "gaussian"
 
 

@@ -70,10 +70,13 @@ class BinnedMI(Estimator):
         2048  # tokens used (the first of a larger sample); plug-in bias ≈ (bins-1)²/(2 tokens)
     )
     sample_dim: int = 0  # projected width of the sample (0 = no projection)
+    normalize: bool = False  # RMS-normalise each token's state first
 
     def capture_spec(self) -> CaptureSpec:
         """A token sample of ``sample_tokens`` positions at width ``sample_dim``."""
-        return CaptureSpec(sample_tokens=self.sample_tokens, sample_dim=self.sample_dim or None)
+        return CaptureSpec(
+            sample_tokens=self.sample_tokens, sample_dim=self.sample_dim or None, normalize=self.normalize
+        )
 
     def mi(self, stats: BlockStats, a: int, b: int) -> float:
         """``MI(state a ; state b)`` in nats, mean over coordinates, on the first ``sample_tokens`` tokens."""

@@ -66,10 +66,11 @@ class GaussianMI(Estimator):
 
     proj_dim: int = 128  # projected width of the captured moments (0 = no projection)
     shrinkage: float = 0.05  # weight of the diagonal in the shrunk joint covariance
+    normalize: bool = False  # RMS-normalise each token's state first
 
     def capture_spec(self) -> CaptureSpec:
         """Second moments of every state at width ``proj_dim``."""
-        return CaptureSpec(moments_dim=self.proj_dim)
+        return CaptureSpec(moments_dim=self.proj_dim, normalize=self.normalize)
 
     def mi(self, stats: BlockStats, a: int, b: int) -> float:
         """``MI(state a ; state b)`` in nats from the captured joint covariance."""

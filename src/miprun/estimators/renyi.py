@@ -106,9 +106,13 @@ class RenyiMI(Estimator):
         self._sigma: dict[int, float] = {}
         self._entropy: dict[tuple[int, float], float] = {}
 
+    normalize: bool = False  # RMS-normalise each token's state first
+
     def capture_spec(self) -> CaptureSpec:
         """A token sample of ``sample_tokens`` positions at width ``sample_dim``."""
-        return CaptureSpec(sample_tokens=self.sample_tokens, sample_dim=self.sample_dim or None)
+        return CaptureSpec(
+            sample_tokens=self.sample_tokens, sample_dim=self.sample_dim or None, normalize=self.normalize
+        )
 
     def mi(self, stats: BlockStats, a: int, b: int) -> float:
         """``MI(state a ; state b)`` in nats from the first ``sample_tokens`` sampled tokens of each state."""

@@ -1,0 +1,260 @@
+"""``miprun compare``: every method on the same calibration data, held-out text and surgery, side by side.
+
+Each method scores once and its scores serve every N. Pruned models are evaluated without copies
+(blocks skipped in place). Pruning time is reported in seconds and as a multiple of one plain forward
+pass over the same calibration tokens, measured in the same run on the same machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from miprun import api
+from miprun.architectures import base_model, num_blocks
+from miprun.data import eval_windows, load_text, token_windows
+from miprun.loading import LoadedModel, load_model
+from miprun.oracle import DamageOracle
+from miprun.surgery import skip_blocks
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHODS = ("mi-prun", "mi-optimal", "shortgpt", "angular", "sleb", "ppl-oneshot", "last-n", "random")
+
+
+@dataclass
+class CompareConfig:
+    """What to compare and on how much data."""
+
+    num_blocks: Sequence[int] = (3, 6, 9)
+    methods: Sequence[str] = DEFAULT_METHODS
+    calibration: api.CalibrationConfig | None = None
+    estimator: str = "gaussian"
+    estimator_params: dict[str, Any] | None = None
+    eval_source: str | None = None  # held-out text (its evaluation split); None: wiki
+    eval_samples: int = 16
+    eval_seq_len: int = 256
+    tasks: Sequence[str] = ()
+    task_limit: int | None = None
+    forward_repeats: int = 3
+
+
+def forward_pass_seconds(model: Any, windows: torch.Tensor, batch_size: int, repeats: int) -> float:
+    """Median wall time of one plain forward pass of the model body over ``windows``."""
+    body, device = base_model(model), next(model.parameters()).device
+    times = []
+    with torch.inference_mode():
+        for _ in range(max(1, repeats)):
+            start = time.perf_counter()
+            for i in range(0, len(windows), batch_size):
+                body(input_ids=windows[i : i + batch_size].to(device), use_cache=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def compare(loaded: LoadedModel, config: CompareConfig, progress: bool = True) -> dict[str, Any]:
+    """Prune with every method at every N, evaluate each, and return one JSON-able result."""
+    cal = config.calibration or api.CalibrationConfig()
+    total = num_blocks(loaded.model)
+    ns = sorted(set(config.num_blocks))
+    for n in ns:
+        api.blocks_to_remove(total, n, None)  # validate before any work
+    text = load_text(cal.source, "calibration")
+    windows = token_windows(loaded.tokenizer, text, cal.samples, cal.seq_len, cal.seed)
+    held_text = load_text(config.eval_source, "evaluation")
+    held = eval_windows(loaded.tokenizer, held_text, config.eval_seq_len, config.eval_samples)
+    oracle = DamageOracle(loaded.model, held, batch_size=cal.batch_size)
+    forward_s = forward_pass_seconds(loaded.model, windows, cal.batch_size, config.forward_repeats)
+    rows: list[dict[str, Any]] = []
+    for method in config.methods:
+        start = time.perf_counter()
+        scores = api.score(
+            loaded,
+            calibration=cal,
+            estimator=config.estimator,
+            estimator_params=config.estimator_params,
+            all_spans=method == "mi-optimal",
+            method=method,
+            max_blocks=max(ns),
+            progress=progress,
+            cache=False,
+        )
+        score_s = time.perf_counter() - start
+        for n in ns:
+            removed, info = api.select(scores, n, method=method, seed=cal.seed)
+            prune_s = score_s + info.seconds
+            row = {
+                "method": method,
+                "num_blocks": n,
+                "removed": removed,
+                "ppl": oracle(removed),
+                "prune_seconds": prune_s,
+                "prune_x_forward": prune_s / forward_s,
+                "mi_set_loss": info.loss,
+                "mi_evaluations": info.num_evaluations,
+            }
+            if config.tasks:
+                row["tasks"] = _tasks(loaded, removed, config)
+            log.info("%s N=%d removed %s: held-out ppl %.2f", method, n, removed, row["ppl"])
+            rows.append(row)
+    return {
+        "model": loaded.name,
+        "num_blocks_total": total,
+        "dense_ppl": oracle.dense,
+        "dense_tasks": _tasks(loaded, [], config) if config.tasks else {},
+        "forward_pass_seconds": forward_s,
+        "calibration": {
+            "source": text.name,
+            "windows": cal.samples,
+            "seq_len": cal.seq_len,
+            "seed": cal.seed,
+        },
+        "evaluation": {
+            "source": held_text.name,
+            "windows": int(held.shape[0]),
+            "seq_len": int(held.shape[1]),
+        },
+        "estimator": config.estimator,
+        "rows": rows,
+    }
+
+
+def _tasks(loaded: LoadedModel, removed: list[int], config: CompareConfig) -> dict[str, Any]:
+    from miprun.evaluate import run_tasks
+
+    with skip_blocks(loaded.model, removed):
+        return run_tasks(loaded, list(config.tasks), limit=config.task_limit)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The comparison table: one row per method and N."""
+    task_names = sorted({t for row in result["rows"] for t in row.get("tasks", {})})
+    head = [
+        "method",
+        "N",
+        "removed",
+        "held-out ppl",
+        *[f"{t} acc_norm" for t in task_names],
+        "prune s",
+        "x fwd",
+    ]
+    lines = [
+        f"## {result['model']}: {result['num_blocks_total']} blocks, dense held-out perplexity "
+        f"{result['dense_ppl']:.2f} ({result['evaluation']['windows']} x {result['evaluation']['seq_len']} tokens)",
+        "",
+        f"One plain forward pass over the {result['calibration']['windows']} x {result['calibration']['seq_len']} "
+        f"calibration tokens: {result['forward_pass_seconds']:.2f} s (median, same run).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for row in sorted(result["rows"], key=lambda r: (r["num_blocks"], r["ppl"])):
+        accs = [_acc(row, t) for t in task_names]
+        lines.append(
+            f"| {row['method']} | {row['num_blocks']} | {row['removed']} | {row['ppl']:.2f} | "
+            + "".join(f"{a} | " for a in accs)
+            + f"{row['prune_seconds']:.1f} | {row['prune_x_forward']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _acc(row: dict[str, Any], task: str) -> str:
+    value = row.get("tasks", {}).get(task, {}).get("acc_norm")
+    return f"{value:.3f}" if isinstance(value, float) else ""
+
+
+def plot(result: dict[str, Any], folder: Path) -> list[Path]:
+    """Held-out perplexity vs blocks removed, accuracy, and pruning time (log axis), per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
+    paths = []
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for m in methods:
+        pts = sorted((r["num_blocks"], r["ppl"]) for r in result["rows"] if r["method"] == m)
+        ax.plot(*zip(*pts, strict=True), marker="o", label=m)
+    ax.axhline(result["dense_ppl"], color="black", linestyle=":", label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("blocks removed")
+    ax.set_ylabel("held-out perplexity (log)")
+    ax.set_title(result["model"])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(folder / "comparison_ppl.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    largest = max(r["num_blocks"] for r in result["rows"])
+    times = {
+        m: next(r["prune_seconds"] for r in result["rows"] if r["method"] == m and r["num_blocks"] == largest)
+        for m in methods
+    }
+    ax.barh(list(times), list(times.values()), color="tab:blue")
+    ax.axvline(result["forward_pass_seconds"], color="black", linestyle=":", label="one forward pass")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"pruning wall time at N={largest} (s, log)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(folder / "comparison_time.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    task_names = sorted({t for r in result["rows"] for t in r.get("tasks", {})})
+    if task_names:
+        fig, axes = plt.subplots(1, len(task_names), figsize=(5.5 * len(task_names), 4), squeeze=False)
+        for ax, task in zip(axes[0], task_names, strict=True):
+            for m in methods:
+                pts = sorted(
+                    (r["num_blocks"], r["tasks"][task]["acc_norm"])
+                    for r in result["rows"]
+                    if r["method"] == m
+                )
+                ax.plot(*zip(*pts, strict=True), marker="o", label=m)
+            dense = result["dense_tasks"].get(task, {}).get("acc_norm")
+            if dense is not None:
+                ax.axhline(dense, color="black", linestyle=":", label="dense")
+            ax.set_title(f"{task} (acc_norm)")
+            ax.set_xlabel("blocks removed")
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(folder / "comparison_accuracy.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def write(result: dict[str, Any], folder: str | Path) -> list[Path]:
+    """``comparison.json``, ``comparison.md`` and the plots into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "comparison.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    (folder / "comparison.md").write_text(markdown(result), encoding="utf-8")
+    return [folder / "comparison.json", folder / "comparison.md", *plot(result, folder)]
+
+
+def run(
+    model: str | None,
+    config: CompareConfig,
+    out: str | Path,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: bool = True,
+) -> list[Path]:
+    """Load ``model``, compare, write the outputs; returns their paths."""
+    loaded = load_model(model, device=device, dtype=dtype)
+    return write(compare(loaded, config, progress=progress), out)

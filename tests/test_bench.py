@@ -1,0 +1,107 @@
+"""Benchmark: the greedy decode loop is real generation, the report has every figure, and the CLI runs it."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from miprun.bench import BenchConfig, bench, cache_bytes, greedy_decode, weight_bytes
+from miprun.cli import main
+from miprun.loading import LoadedModel
+from miprun.surgery import remove_blocks
+
+SMALL = BenchConfig(prompt_len=12, new_tokens=4, batch_sizes=(1, 3), warmup=1, repeats=3)
+
+
+def _positive(x: float) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
+def test_greedy_decode_matches_generate(arch):
+    model, _ = tiny_model(arch)
+    prompt = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    tokens, cache = greedy_decode(model, prompt, 6)
+    with torch.no_grad():
+        expected = model.generate(
+            prompt, max_new_tokens=6, do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0
+        )
+    assert torch.equal(tokens, expected[:, 9:])
+    assert cache_bytes(cache) > 0
+
+
+def test_cache_and_weight_bytes_known_answers():
+    model, _ = tiny_model("llama")  # 6 layers, 2 kv heads of 16 dims, fp32
+    _, cache = greedy_decode(model, torch.randint(3, 128, (3, 10)), 5)
+    # keys and values, 6 layers, batch 3, 2 heads, 14 positions (10 prompt + 4 fed back), 16 dims, 4 bytes
+    assert cache_bytes(cache) == 2 * 6 * 3 * 2 * 14 * 16 * 4
+    expected = sum(p.numel() * 4 for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers()
+    )
+    assert weight_bytes(model) == expected
+    assert cache_bytes(object()) is None
+
+
+def test_bench_pruned_against_dense(tiny_tokenizer):
+    dense = LoadedModel(tiny_model("llama")[0], tiny_tokenizer, "dense", None)
+    pruned_model = remove_blocks(tiny_model("llama")[0], [2])
+    pruned = LoadedModel(pruned_model, tiny_tokenizer, "pruned", None)
+    result = bench(pruned, against=dense, config=SMALL)
+    assert result["device"] == "cpu" and result["config"]["batch_sizes"] == [1, 3]
+    for run, blocks in ((result["model"], 5), (result["dense"], 6)):
+        assert run["num_blocks"] == blocks
+        assert _positive(run["prefill_ms"]) and _positive(run["prefill_tokens_per_s"])
+        assert set(run["decode_tokens_per_s"]) == {"1", "3"}
+        assert all(_positive(v) for v in run["decode_tokens_per_s"].values())
+        assert all(len(v) == SMALL.repeats for v in run["times_s"].values())  # warm-up rounds not kept
+    ratios = result["ratios"]
+    assert ratios["ideal_layer_ratio"] == pytest.approx(6 / 5)
+    assert 0 < ratios["parameter_ratio"] < 1 and 0 < ratios["weights_bytes_ratio"] < 1
+    assert _positive(ratios["prefill_speedup"]) and all(
+        _positive(v) for v in ratios["decode_speedup"].values()
+    )
+    # the KV cache of 5 layers is exactly 5/6 of the one of 6 layers
+    for b in ("1", "3"):
+        kv_pruned = result["model"]["memory"]["kv_cache_bytes"][b]
+        assert kv_pruned * 6 == result["dense"]["memory"]["kv_cache_bytes"][b] * 5
+    assert json.loads(json.dumps(result)) == result  # JSON-able as is
+
+
+def test_bench_rejects_a_bad_config(tiny_tokenizer):
+    lm = LoadedModel(tiny_model("llama")[0], tiny_tokenizer, "m", None)
+    with pytest.raises(ValueError, match="positive"):
+        bench(lm, config=BenchConfig(new_tokens=0))
+
+
+def test_bench_through_the_cli(tiny_tokenizer, tmp_path, capsys):
+    folders = {}
+    for name, removed in (("dense", []), ("pruned", [1, 4])):
+        model, _ = tiny_model("llama")
+        if removed:
+            remove_blocks(model, removed)
+        folders[name] = tmp_path / name
+        model.save_pretrained(folders[name])
+        tiny_tokenizer.save_pretrained(folders[name])
+    out = tmp_path / "bench.json"
+    args = [
+        "bench",
+        "--model",
+        str(folders["pruned"]),
+        "--against",
+        str(folders["dense"]),
+        "--prompt-len",
+        "8",
+    ]
+    args += ["--new-tokens", "3", "--batch-sizes", "1,2", "--repeats", "2", "--out", str(out), "-q"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "ideal layer ratio" in printed and "decode batch 2" in printed
+    data = json.loads(out.read_text())
+    assert data["ratios"]["ideal_layer_ratio"] == pytest.approx(1.5)
+    assert data["model"]["path"] == str(folders["pruned"]) and data["dense"]["num_blocks"] == 6
+    bad = ["bench", "--model", str(folders["pruned"]), "--batch-sizes", "1,x", "-q"]
+    assert main(bad) != 0

@@ -1,0 +1,93 @@
+"""The command line on a tiny saved model: help text, prune, score then prune --scores."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from conftest import CALIBRATION_TXT, HELDOUT_TXT
+from tiny_models import tiny_model
+
+from miprun.cli import main
+
+TINY = ["--calib", str(CALIBRATION_TXT), "--samples", "4", "--seq-len", "24", "--quiet"]
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, tiny_tokenizer):
+    model, _ = tiny_model("llama")
+    folder = tmp_path / "tiny-llama"
+    model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("command", ["prune", "score"])
+def test_help_documents_every_option(command, capsys):
+    assert main([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--model", "--calib", "--estimator", "--samples", "--seq-len", "--seed", "--out"):
+        assert flag in text
+    if command == "prune":
+        for flag in ("--num-blocks", "--ratio", "--method", "--overwrite", "--scores", "--eval"):
+            assert flag in text
+        assert "mi-prun" in text and "mi-optimal" in text
+    # every option line carries a description
+    options = re.findall(r"^\s+(--[a-z-]+)", text, flags=re.M)
+    assert options
+
+
+def test_prune_through_the_cli(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    code = main(
+        [
+            "prune",
+            "--model",
+            str(tiny_folder),
+            "-n",
+            "2",
+            "--out",
+            str(out),
+            "--eval",
+            "--eval-text",
+            str(HELDOUT_TXT),
+            "--eval-samples",
+            "2",
+            "--eval-seq-len",
+            "24",
+            "--est-opt",
+            "proj_dim=16",
+            *TINY,
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "pruned model:" in printed and str(out) in printed.replace("\n", "")
+    manifest = json.loads((out / "miprun.json").read_text())
+    assert len(manifest["removed"]) == 2 and manifest["estimator"]["proj_dim"] == 16
+    assert manifest["evaluation"]["pruned_ppl"] > 0
+
+
+def test_score_then_prune_with_scores(tiny_folder, tmp_path, capsys):
+    scores = tmp_path / "scores.json"
+    assert main(["score", "--model", str(tiny_folder), "--out", str(scores), *TINY]) == 0
+    assert "scores written" in capsys.readouterr().out
+    data = json.loads(scores.read_text())
+    assert data["scores"]["num_blocks"] == 6 and len(data["scores"]["spans"]) == 21
+    for n in ("1", "3"):
+        out = tmp_path / f"p{n}"
+        assert (
+            main(
+                ["prune", "--model", str(tiny_folder), "--scores", str(scores), "-n", n, "-o", str(out), "-q"]
+            )
+            == 0
+        )
+        assert len(json.loads((out / "miprun.json").read_text())["removed"]) == int(n)
+
+
+def test_errors_are_one_line_without_traceback(tiny_folder, tmp_path, capsys):
+    code = main(["prune", "--model", str(tiny_folder), "-n", "6", "--out", str(tmp_path / "x"), *TINY])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "between 1 and 5" in err and "Traceback" not in err

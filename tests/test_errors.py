@@ -1,0 +1,479 @@
+"""Robustness: bad input gets one clear line and a non-zero exit, nothing the user had is damaged, weights
+load only from safetensors, and runs are reproducible and resumable (scores cache)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import CALIBRATION_TXT, HELDOUT_TXT
+from tiny_models import tiny_model
+from transformers import BertConfig, PreTrainedModel, T5Config
+
+import miprun.api
+from miprun.api import CalibrationConfig, ScoreResult, prune, select
+from miprun.architectures import decoder_layers
+from miprun.assets import cache_dir
+from miprun.cli import main
+from miprun.loading import LoadedModel, load_model
+from miprun.plan import MANIFEST_NAME
+
+FAST = ["--estimator", "gaussian", "--est-opt", "proj_dim=16", "--quiet"]
+TINY = ["--calib", str(CALIBRATION_TXT), "--samples", "4", "--seq-len", "24", *FAST]
+CAL = CalibrationConfig(source=str(CALIBRATION_TXT), samples=4, seq_len=24, seed=0, batch_size=2)
+EST = {"estimator": "gaussian", "estimator_params": {"proj_dim": 16}}
+# Fields that hold wall-clock times: the only things allowed to differ between two identical runs.
+TIME_KEYS = {"timings", "seconds", "optimum_seconds"}
+
+
+def save_tiny(folder: Path, tokenizer, seed: int = 0, arch: str = "llama") -> Path:
+    model, _ = tiny_model(arch, seed=seed)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("models") / "tiny-llama", tiny_tokenizer)
+
+
+@pytest.fixture
+def previous(tmp_path) -> Path:
+    """An earlier output folder that must survive every failed run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier result")
+    return out
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    """Run ``miprun`` in-process; returns (exit code, stderr) after checking the error is one line."""
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if code == 1:
+        errors = [line for line in err.splitlines() if line.startswith("miprun: error:")]
+        assert len(errors) == 1, err
+    return code, err
+
+
+def prune_args(model: Path, out: Path, *extra: str) -> list[str]:
+    return ["prune", "--model", str(model), "--out", str(out), *TINY, *extra]
+
+
+def assert_intact(out: Path) -> None:
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "earlier result"
+
+
+def assert_no_temp_folders(parent: Path) -> None:
+    leftovers = [p.name for p in parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == [], leftovers
+
+
+def no_forward(*_args, **_kwargs):
+    raise AssertionError("the model must not run")
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+
+def test_missing_model_path(capsys, tmp_path):
+    code, err = run_cli(capsys, *prune_args(tmp_path / "nope", tmp_path / "out", "-n", "1"))
+    assert code == 1 and "model not found" in err and "nope" in err and "embedded model" in err
+
+
+def test_model_folder_without_config(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, err = run_cli(capsys, *prune_args(tmp_path / "empty", tmp_path / "out", "-n", "1"))
+    assert code == 1 and "has no config.json" in err and "Hugging Face model folder" in err
+
+
+def test_unreadable_config(capsys, tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "config.json").write_text("{not json")
+    (folder / "model.safetensors").write_bytes(b"")
+    code, err = run_cli(capsys, *prune_args(folder, tmp_path / "out", "-n", "1"))
+    assert code == 1 and "could not load the model folder" in err and "not a valid JSON" in err
+
+
+def test_unreadable_weights(capsys, tmp_path, tiny_tokenizer):
+    folder = save_tiny(tmp_path / "corrupt", tiny_tokenizer)
+    (folder / "model.safetensors").write_bytes(b"\x00garbage")
+    code, err = run_cli(capsys, *prune_args(folder, tmp_path / "out", "-n", "1"))
+    assert code == 1 and "could not load the model folder" in err and "safetensors" in err
+
+
+@pytest.mark.parametrize("config", [BertConfig, T5Config])
+def test_unsupported_architecture_before_reading_weights(capsys, tmp_path, config):
+    folder = tmp_path / "other"
+    config(vocab_size=64, hidden_size=32, num_hidden_layers=2).save_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"")  # never read: the config alone is refused
+    code, err = run_cli(capsys, *prune_args(folder, tmp_path / "out", "-n", "1"))
+    model_type = config.model_type
+    assert code == 1 and f"model_type {model_type!r}" in err and "Supported model_types: " in err
+
+
+def test_out_may_not_replace_the_model_folder(capsys, tmp_path, tiny_tokenizer):
+    folder = save_tiny(tmp_path / "model", tiny_tokenizer)
+    before = (folder / "model.safetensors").read_bytes()
+    for out in (folder, tmp_path):  # the folder itself, or a folder that holds it
+        code, err = run_cli(capsys, *prune_args(folder, out, "-n", "1", "--overwrite"))
+        assert code == 1 and "would replace the model folder" in err
+    assert (folder / "model.safetensors").read_bytes() == before
+
+
+# ----------------------------------------------------------------------------------------- the budget
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["-n", "0"], "must be at least 1"),
+        (["-n", "-2"], "must be at least 1"),
+        (["-n", "6"], "between 1 and 5 of the model's 6 blocks"),
+        (["-n", "40"], "between 1 and 5 of the model's 6 blocks"),
+        (["--ratio", "0.99"], "ratio 0.99 gives ceil(6 * 0.99) = 6"),
+        (["--ratio", "1.5"], "strictly between 0 and 1, got 1.5"),
+        (["--ratio", "0"], "strictly between 0 and 1, got 0.0"),
+        (["--ratio", "-0.2"], "strictly between 0 and 1"),
+        (
+            ["-n", "2", "--ratio", "0.2"],
+            "exactly one of num_blocks (--num-blocks N) or ratio (--ratio R), got both",
+        ),
+        ([], "exactly one of num_blocks (--num-blocks N) or ratio (--ratio R), got neither"),
+    ],
+)
+def test_bad_budget(capsys, tmp_path, tiny_dir, previous, flags, message):
+    code, err = run_cli(capsys, *prune_args(tiny_dir, previous, "--overwrite", *flags))
+    assert code == 1 and message in err
+    assert_intact(previous)
+
+
+# ------------------------------------------------------------------------------------ calibration text
+
+
+def test_calibration_too_short_for_one_window(capsys, tmp_path, tiny_dir):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here.\n")
+    code, err = run_cli(capsys, *prune_args(tiny_dir, tmp_path / "out", "-n", "1", "--calib", str(short)))
+    assert code == 1 and "0 windows of 24" in err and "--samples" in err and "--seq-len" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_utf8_calibration(capsys, tmp_path, tiny_dir):
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("Un café au lait, s'il vous plaît.\n".encode("latin-1"))
+    code, err = run_cli(capsys, *prune_args(tiny_dir, tmp_path / "out", "-n", "1", "--calib", str(latin)))
+    assert code == 1 and "is not valid UTF-8" in err and "re-encode it as UTF-8" in err
+
+
+@pytest.mark.parametrize(
+    ("name", "content"), [("empty.txt", ""), ("blank.txt", "\n \n\n"), ("empty.jsonl", "\n")]
+)
+def test_empty_calibration(capsys, tmp_path, tiny_dir, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    code, err = run_cli(capsys, *prune_args(tiny_dir, tmp_path / "out", "-n", "1", "--calib", str(path)))
+    assert code == 1 and "holds no text" in err and "expected" in err
+
+
+def test_missing_calibration_file(capsys, tmp_path, tiny_dir):
+    code, err = run_cli(
+        capsys, *prune_args(tiny_dir, tmp_path / "out", "-n", "1", "--calib", str(tmp_path / "gone.txt"))
+    )
+    assert code == 1 and "text file not found" in err
+
+
+# ---------------------------------------------------------------------------------------- scores files
+
+
+@pytest.fixture(scope="module")
+def scores_file(tmp_path_factory, tiny_dir) -> Path:
+    path = tmp_path_factory.mktemp("scores") / "scores.json"
+    assert main(["score", "--model", str(tiny_dir), "--out", str(path), "--no-cache", *TINY]) == 0
+    return path
+
+
+def test_scores_for_another_model(capsys, tmp_path, tiny_tokenizer, scores_file, previous):
+    other = save_tiny(tmp_path / "other", tiny_tokenizer, seed=1)
+    code, err = run_cli(
+        capsys, "prune", "--model", other, "--scores", scores_file, "-n", "1", "-o", previous, "--overwrite"
+    )
+    assert code == 1 and "was made for model" in err and "re-run `miprun score`" in err
+    assert_intact(previous)
+
+
+def test_scores_for_another_calibration(capsys, tmp_path, tiny_dir, scores_file):
+    args = ["prune", "--model", tiny_dir, "--scores", scores_file, "-n", "1", "-o", tmp_path / "out"]
+    code, err = run_cli(capsys, *args, "--calib", HELDOUT_TXT)
+    assert code == 1 and "holds other text" in err and "drop --calib" in err
+    # the same text under another spelling of its path is accepted
+    relative = os.path.relpath(CALIBRATION_TXT)
+    assert run_cli(capsys, *args, "--calib", relative)[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("this is not json", "cannot read scores file"),
+        ('{"some": "json"}', "is not a miprun scores file"),
+        ('{"kind": "miprun-scores", "model": {}}', "incomplete or incompatible miprun scores file"),
+    ],
+)
+def test_bad_scores_file(capsys, tmp_path, tiny_dir, content, message):
+    path = tmp_path / "scores.json"
+    path.write_text(content)
+    code, err = run_cli(
+        capsys, "prune", "--model", tiny_dir, "--scores", path, "-n", "1", "-o", tmp_path / "o"
+    )
+    assert code == 1 and message in err and "miprun score --out FILE" in err
+
+
+# ---------------------------------------------------------------------------------- the forward pass
+
+
+def test_non_finite_hidden_states_name_the_block(capsys, tmp_path, tiny_tokenizer):
+    model, _ = tiny_model("llama")
+    with torch.no_grad():
+        decoder_layers(model)[2].mlp.down_proj.weight.fill_(float("inf"))
+    folder = tmp_path / "overflowing"
+    model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    code, err = run_cli(capsys, *prune_args(folder, tmp_path / "out", "-n", "1"))
+    assert code == 1 and "NaN/Inf" in err and "block 2" in err and "--dtype float32" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path, tiny_dir):
+    with pytest.raises(ValueError, match="between 1 and 5"):
+        main(prune_args(tiny_dir, tmp_path / "out", "-n", "6", "--debug"))
+
+
+# --------------------------------------------------------------------------------------- the output
+
+
+def test_existing_out_without_overwrite(capsys, tiny_dir, previous):
+    code, err = run_cli(capsys, *prune_args(tiny_dir, previous, "-n", "1"))
+    assert code == 1 and "already exists" in err and "--overwrite" in err
+    assert_intact(previous)
+
+
+def _failing_save(exc: BaseException):
+    def save_pretrained(self, folder, *args, **kwargs):
+        (Path(folder) / "model.safetensors").write_bytes(b"half a file")
+        raise exc
+
+    return save_pretrained
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_full_disk_while_saving(capsys, monkeypatch, tmp_path, tiny_dir, previous, existing):
+    out = previous if existing else tmp_path / "fresh"
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", _failing_save(OSError(errno.ENOSPC, "No space")))
+    code, err = run_cli(capsys, *prune_args(tiny_dir, out, "-n", "1", "--overwrite"))
+    assert code == 1 and "no space left" in err and "free some space" in err
+    if existing:
+        assert_intact(previous)
+    else:
+        assert not out.exists()
+    assert_no_temp_folders(tmp_path)
+
+
+def test_interrupt_while_saving(capsys, monkeypatch, tmp_path, tiny_dir, previous):
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", _failing_save(KeyboardInterrupt()))
+    code = main(prune_args(tiny_dir, previous, "-n", "1", "--overwrite"))
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted" in err and "Traceback" not in err
+    assert_intact(previous)
+    assert_no_temp_folders(tmp_path)
+
+
+def test_overwrite_replaces_only_a_complete_output(capsys, tmp_path, tiny_dir, previous):
+    code, _ = run_cli(capsys, *prune_args(tiny_dir, previous, "-n", "1", "--overwrite"))
+    assert code == 0
+    names = {p.name for p in previous.iterdir()}
+    assert "keep.txt" not in names and {"model.safetensors", MANIFEST_NAME, "report.md"} <= names
+    assert_no_temp_folders(tmp_path)
+
+
+# -------------------------------------------------------------------------------------- safe loading
+
+
+def test_pickle_only_folder_is_refused_without_unpickling(capsys, monkeypatch, tmp_path, tiny_tokenizer):
+    model, _ = tiny_model("llama")
+    folder = tmp_path / "pickled"
+    model.config.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    monkeypatch.setattr(torch, "load", no_forward)
+    code, err = run_cli(capsys, *prune_args(folder, tmp_path / "out", "-n", "1"))
+    assert code == 1 and "pickle" in err and "pytorch_model.bin" in err
+    assert "safetensors only" in err and "save_pretrained" in err
+
+
+def test_loading_is_safetensors_only_and_trusts_no_code_by_default(monkeypatch, tiny_dir):
+    calls: list[tuple[str, dict]] = []
+    for cls in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        original = cls.from_pretrained
+
+        def record(*args, _name=cls.__name__, _original=original, **kwargs):
+            calls.append((_name, kwargs))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", record)
+    for trust in (False, True):
+        calls.clear()
+        load_model(str(tiny_dir), device="cpu", trust_remote_code=trust)
+        assert {name for name, _ in calls} == {"AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"}
+        assert all(kwargs.get("trust_remote_code") is trust for _, kwargs in calls)
+        assert [kw.get("use_safetensors") for name, kw in calls if name == "AutoModelForCausalLM"] == [True]
+
+
+def test_cli_passes_trust_remote_code(capsys, monkeypatch, tmp_path):
+    seen: list[bool] = []
+
+    def fake_load(model, **kwargs):
+        seen.append(kwargs["trust_remote_code"])
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(miprun.api, "load_model", fake_load)
+    run_cli(capsys, *prune_args(tmp_path / "m", tmp_path / "o", "-n", "1"))
+    run_cli(capsys, *prune_args(tmp_path / "m", tmp_path / "o", "-n", "1", "--trust-remote-code"))
+    assert seen == [False, True]
+
+
+def test_no_pickle_loading_in_the_library():
+    src = Path(miprun.api.__file__).parent
+    for path in src.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"^\s*(import pickle|from pickle|import dill|import joblib)", text, re.M), path
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (path, call)
+
+
+# ------------------------------------------------------------------------- reproducible and resumable
+
+
+def _without_times(data):
+    if isinstance(data, dict):
+        return {k: _without_times(v) for k, v in data.items() if k not in TIME_KEYS}
+    if isinstance(data, list):
+        return [_without_times(v) for v in data]
+    return data
+
+
+def manifest_bytes(out: Path) -> str:
+    """``miprun.json`` without its times, re-serialised the way miprun writes it (floats as exact repr)."""
+    return json.dumps(_without_times(json.loads((out / MANIFEST_NAME).read_text())), indent=2)
+
+
+def test_same_inputs_give_byte_identical_runs(capsys, tmp_path, tiny_dir):
+    outs = {name: tmp_path / name for name in ("cached1", "cached2", "fresh1", "fresh2")}
+    for name, out in outs.items():
+        flags = ["--no-cache"] if name.startswith("fresh") else []
+        assert run_cli(capsys, *prune_args(tiny_dir, out, "-n", "2", *flags))[0] == 0
+    text = {name: manifest_bytes(out) for name, out in outs.items()}
+    assert text["cached1"] == text["cached2"] and text["fresh1"] == text["fresh2"]
+    weights = {name: (out / "model.safetensors").read_bytes() for name, out in outs.items()}
+    assert len(set(weights.values())) == 1
+    assert len(list((cache_dir() / "scores").glob("*.json"))) == 1  # --no-cache neither read nor wrote it
+    # the cache holds every span, a fresh run only those it needed: the same values, the same choice
+    cached, fresh = json.loads(text["cached1"]), json.loads(text["fresh1"])
+    assert cached["removed"] == fresh["removed"]
+    assert len(cached["scores"]["spans"]) == 21 and fresh["scores"]["blocks"] == cached["scores"]["blocks"]
+    assert all(span in cached["scores"]["spans"] for span in fresh["scores"]["spans"])
+
+
+def _tiny_loaded(tokenizer) -> LoadedModel:
+    return LoadedModel(tiny_model("llama")[0], tokenizer, "tiny-llama", None)
+
+
+def test_second_prune_reuses_cached_scores(caplog, tmp_path, tiny_tokenizer):
+    caplog.set_level(logging.INFO, logger="miprun")
+    first = prune(_tiny_loaded(tiny_tokenizer), num_blocks=1, calibration=CAL, **EST, progress=False)
+    cached = list((cache_dir() / "scores").glob("*.json"))
+    assert len(cached) == 1 and "reusing cached scores" not in caplog.text
+    assert ScoreResult.read(cached[0]).table.to_json() == first.plan.scores
+
+    lm = _tiny_loaded(tiny_tokenizer)
+    handle = decoder_layers(lm.model)[0].register_forward_pre_hook(no_forward)
+    try:
+        again = prune(lm, num_blocks=2, calibration=CAL, **EST, out=tmp_path / "p2", progress=False)
+    finally:
+        handle.remove()
+    assert "reusing cached scores" in caplog.text and "capture" not in again.plan.timings
+    fresh = prune(
+        _tiny_loaded(tiny_tokenizer), num_blocks=2, calibration=CAL, **EST, cache=False, progress=False
+    )
+    assert again.plan.removed == fresh.plan.removed == select(ScoreResult.read(cached[0]), 2)[0]
+    assert again.plan.search.loss == fresh.plan.search.loss
+
+
+def test_other_settings_miss_the_cache(tmp_path, tiny_tokenizer):
+    for seed in (0, 1):
+        cal = CalibrationConfig(str(CALIBRATION_TXT), samples=4, seq_len=24, seed=seed, batch_size=2)
+        prune(_tiny_loaded(tiny_tokenizer), num_blocks=1, calibration=cal, **EST, progress=False)
+    prune(_tiny_loaded(tiny_tokenizer), num_blocks=1, calibration=CAL, estimator="gaussian", progress=False)
+    assert len(list((cache_dir() / "scores").glob("*.json"))) == 3
+
+
+def test_unreadable_cache_entry_is_recomputed(caplog, tiny_tokenizer):
+    prune(_tiny_loaded(tiny_tokenizer), num_blocks=1, calibration=CAL, **EST, progress=False)
+    (entry,) = (cache_dir() / "scores").glob("*.json")
+    entry.write_text('{"kind": "miprun-scores"')  # truncated by a crash or a full disk
+    result = prune(_tiny_loaded(tiny_tokenizer), num_blocks=1, calibration=CAL, **EST, progress=False)
+    assert "ignoring an unreadable cached scores file" in caplog.text and "capture" in result.plan.timings
+    assert ScoreResult.read(entry).table.num_blocks == 6  # rewritten whole
+
+
+def test_interrupted_run_resumes_without_a_forward_pass(monkeypatch, tmp_path, tiny_tokenizer):
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(PreTrainedModel, "save_pretrained", _failing_save(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            prune(_tiny_loaded(tiny_tokenizer), num_blocks=2, calibration=CAL, **EST, out=out, progress=False)
+    assert not out.exists()
+    lm = _tiny_loaded(tiny_tokenizer)
+    handle = decoder_layers(lm.model)[0].register_forward_pre_hook(no_forward)
+    try:
+        prune(lm, num_blocks=2, calibration=CAL, **EST, out=out, progress=False)
+    finally:
+        handle.remove()
+    assert (out / "model.safetensors").is_file() and (out / MANIFEST_NAME).is_file()
+
+
+# ------------------------------------------------------------------------------- as a real process
+
+
+def _subprocess(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MIPRUN_CACHE": str(tmp_path / "cache")}
+    return subprocess.run(
+        [sys.executable, "-m", "miprun.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_a_real_process_prints_one_line_and_exits_non_zero(tmp_path):
+    proc = _subprocess(
+        tmp_path, "prune", "--model", str(tmp_path / "missing"), "-n", "1", "-o", str(tmp_path / "o")
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"miprun: error: model not found: {tmp_path / 'missing'}. "
+    )
+    debug = _subprocess(
+        tmp_path, "prune", "--model", str(tmp_path / "missing"), "-n", "1", "-o", "o", "--debug"
+    )
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "FileNotFoundError" in debug.stderr

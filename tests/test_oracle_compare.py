@@ -1,0 +1,71 @@
+"""The damage oracle and `miprun compare` on a tiny model."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import CALIBRATION_TXT, HELDOUT_TXT
+from tiny_models import tiny_model
+
+from miprun.api import CalibrationConfig
+from miprun.compare import CompareConfig, compare, markdown, write
+from miprun.loading import LoadedModel
+from miprun.oracle import DamageOracle, spearman
+from miprun.perplexity import perplexity
+from miprun.surgery import remove_blocks
+
+IDS = torch.randint(3, 128, (3, 16), generator=torch.Generator().manual_seed(0))
+
+
+def test_spearman_known_values():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
+    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(0.8660254, abs=1e-6)  # average ranks for ties
+
+
+def test_oracle_equals_the_perplexity_of_the_pruned_model(tmp_path):
+    model, _ = tiny_model("qwen2")
+    oracle = DamageOracle(model, IDS, cache_path=tmp_path / "oracle.json")
+    pruned = remove_blocks(copy.deepcopy(model), [1, 4])
+    assert oracle([4, 1]) == pytest.approx(perplexity(pruned, IDS), rel=1e-6)
+    assert oracle.dense == pytest.approx(perplexity(model, IDS), rel=1e-6)
+    window, ppl = oracle.best_window(6, 2)
+    assert (
+        len(window) == 2 and window[1] == window[0] + 1 and ppl == min(oracle((a, a + 1)) for a in range(5))
+    )
+    reloaded = DamageOracle(model, IDS, cache_path=tmp_path / "oracle.json")  # resumes from the file
+    assert reloaded.ppl == oracle.ppl
+
+
+def test_compare_runs_every_method_and_writes_outputs(tiny_tokenizer, tmp_path):
+    model, _ = tiny_model("llama")
+    loaded = LoadedModel(model, tiny_tokenizer, "tiny-llama", None)
+    config = CompareConfig(
+        num_blocks=(1, 2),
+        methods=("mi-prun", "shortgpt", "angular", "last-n"),
+        calibration=CalibrationConfig(source=str(CALIBRATION_TXT), samples=4, seq_len=24),
+        estimator_params={"proj_dim": 16},
+        eval_source=str(HELDOUT_TXT),
+        eval_samples=2,
+        eval_seq_len=24,
+        forward_repeats=1,
+    )
+    result = compare(loaded, config, progress=False)
+    assert len(result["rows"]) == 8 and result["forward_pass_seconds"] > 0
+    for row in result["rows"]:
+        assert len(row["removed"]) == row["num_blocks"] and row["ppl"] > 0 and row["prune_x_forward"] > 0
+    angular = next(r for r in result["rows"] if r["method"] == "angular" and r["num_blocks"] == 2)
+    assert angular["removed"][1] == angular["removed"][0] + 1
+    paths = write(result, tmp_path / "cmp")
+    assert {p.name for p in paths} >= {
+        "comparison.json",
+        "comparison.md",
+        "comparison_ppl.png",
+        "comparison_time.png",
+    }
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["model"] == "tiny-llama"
+    assert "| shortgpt | 2 |" in markdown(result)
