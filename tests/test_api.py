@@ -24,9 +24,9 @@ def loaded(arch: str, tokenizer) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=tokenizer, name=f"tiny-{arch}", path=None)
 
 
-@pytest.mark.parametrize("estimator", ["gaussian", "renyi", "binned"])
+@pytest.mark.parametrize("estimator", ["coordinate", "gaussian", "renyi", "binned"])
 def test_score_gives_every_block_and_span(tiny_tokenizer, estimator):
-    params = {"sample_tokens": 100} if estimator != "gaussian" else {"proj_dim": 16}
+    params = {"coordinate": {}, "gaussian": {"proj_dim": 16}}.get(estimator, {"sample_tokens": 100})
     result = score(
         loaded("llama", tiny_tokenizer), calibration=CAL, estimator=estimator, estimator_params=params
     )
@@ -45,6 +45,7 @@ def test_prune_saves_a_checkpoint_that_transformers_loads(tiny_tokenizer, tmp_pa
         lm,
         num_blocks=2,
         calibration=CAL,
+        estimator="gaussian",
         estimator_params={"proj_dim": 16},
         out=out,
         evaluate=True,
@@ -84,7 +85,7 @@ def test_prune_saves_a_checkpoint_that_transformers_loads(tiny_tokenizer, tmp_pa
 
 def test_scores_file_is_reused_without_a_forward_pass(tiny_tokenizer, tmp_path):
     lm = loaded("qwen2", tiny_tokenizer)
-    first = score(lm, calibration=CAL, estimator_params={"proj_dim": 16})
+    first = score(lm, calibration=CAL, estimator="gaussian", estimator_params={"proj_dim": 16})
     path = tmp_path / "scores.json"
     first.write(path)
     again = ScoreResult.read(path)
@@ -105,14 +106,24 @@ def test_scores_file_is_reused_without_a_forward_pass(tiny_tokenizer, tmp_path):
 
 def test_scores_for_another_model_are_refused(tiny_tokenizer, tmp_path):
     path = tmp_path / "scores.json"
-    score(loaded("llama", tiny_tokenizer), calibration=CAL, estimator_params={"proj_dim": 16}).write(path)
+    score(
+        loaded("llama", tiny_tokenizer),
+        calibration=CAL,
+        estimator="gaussian",
+        estimator_params={"proj_dim": 16},
+    ).write(path)
     other = LoadedModel(tiny_model("llama", seed=1)[0], tiny_tokenizer, "tiny-llama-seed1", None)
     with pytest.raises(ValueError, match="made for model"):
         prune(other, num_blocks=2, scores=path, progress=False)
 
 
 def test_mi_optimal_reaches_the_optimum_and_mi_prun_reports_its_gap(tiny_tokenizer):
-    result = score(loaded("llama", tiny_tokenizer), calibration=CAL, estimator_params={"proj_dim": 16})
+    result = score(
+        loaded("llama", tiny_tokenizer),
+        calibration=CAL,
+        estimator="gaussian",
+        estimator_params={"proj_dim": 16},
+    )
     removed, info = select(result, 3, method="mi-optimal")
     assert info.gap == 0.0 and info.optimal_removed == removed
     _, fbs = select(result, 3, method="mi-prun")
@@ -120,7 +131,12 @@ def test_mi_optimal_reaches_the_optimum_and_mi_prun_reports_its_gap(tiny_tokeniz
 
 
 def test_ratio_and_budget_errors(tiny_tokenizer):
-    result = score(loaded("llama", tiny_tokenizer), calibration=CAL, estimator_params={"proj_dim": 16})
+    result = score(
+        loaded("llama", tiny_tokenizer),
+        calibration=CAL,
+        estimator="gaussian",
+        estimator_params={"proj_dim": 16},
+    )
     assert len(select(result, ratio=0.34)[0]) == 3  # ceil(6 * 0.34)
     for bad in ({"num_blocks": 0}, {"num_blocks": 6}, {"ratio": 1.0}, {"ratio": 0.0}, {}):
         with pytest.raises(ValueError):

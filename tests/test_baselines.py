@@ -82,7 +82,7 @@ def test_shortgpt_removes_the_lowest_block_influence_from_direct_states(tiny_tok
     for n in (1, 2, 4):
         expected = sorted(sorted(range(len(direct)), key=lambda i: direct[i])[:n])
         assert bl.shortgpt_select(influence, n) == expected
-    result = score(lm, calibration=CAL, estimator_params=GAUSS, method="shortgpt")
+    result = score(lm, calibration=CAL, estimator="gaussian", estimator_params=GAUSS, method="shortgpt")
     removed, info = select(result, 2, method="shortgpt")
     bi = info.params["scores"]
     assert removed == sorted(sorted(range(6), key=lambda i: bi[i])[:2]) and info.num_evaluations == 6
@@ -105,10 +105,19 @@ def test_angular_removes_the_contiguous_window_of_least_angular_distance(tiny_to
         removed = bl.angular_select(angle, n)
         assert removed == list(range(best, best + n))  # contiguous, and the brute-force argmin
         assert bl.window_distances(angle, n) == pytest.approx([brute[s] for s in sorted(brute)], abs=1e-4)
-    result = score(lm, calibration=CAL, estimator_params=GAUSS)
+    result = score(lm, calibration=CAL, estimator="gaussian", estimator_params=GAUSS, method="angular")
     for n in (2, 3):
         removed, info = select(result, n, method="angular")
         assert removed == list(range(removed[0], removed[0] + n)) and info.num_evaluations == 6 - n + 1
+
+
+def test_mi_scores_do_not_capture_cosine_and_say_how_to_get_it(tiny_tokenizer):
+    """Cosine sums cost a batch of full-width unit vectors per layer: only captured for methods that read them."""
+    lm = loaded(tiny_tokenizer, "llama")
+    result = score(lm, calibration=CAL, estimator="gaussian", estimator_params=GAUSS, cache=False)
+    assert result.baselines.cosine is None
+    with pytest.raises(MissingEvidenceError, match="miprun score --method shortgpt"):
+        select(result, 2, method="shortgpt")
 
 
 # ----------------------------------------------------------------------------- model-driven
@@ -178,6 +187,7 @@ def test_every_baseline_prunes_to_a_checkpoint_that_reloads(method, tiny_tokeniz
         num_blocks=2,
         method=method,
         calibration=CAL,
+        estimator="gaussian",
         estimator_params=GAUSS,
         out=out,
         progress=False,
@@ -209,7 +219,9 @@ def _no_forward(*_args, **_kwargs):
 @pytest.mark.parametrize("method", ["shortgpt", "angular", "sleb", "ppl-oneshot"])
 def test_scores_file_serves_baselines_without_a_forward_pass(method, tiny_tokenizer, tmp_path):
     lm = loaded(tiny_tokenizer, "qwen2")
-    first = score(lm, calibration=CAL, estimator_params=GAUSS, method=method, max_blocks=3)
+    first = score(
+        lm, calibration=CAL, estimator="gaussian", estimator_params=GAUSS, method=method, max_blocks=3
+    )
     path = tmp_path / "scores.json"
     first.write(path)
     again = ScoreResult.read(path)
@@ -225,7 +237,12 @@ def test_scores_file_serves_baselines_without_a_forward_pass(method, tiny_tokeni
 
 def test_missing_evidence_names_the_command_that_makes_it(tiny_tokenizer):
     result = score(
-        loaded(tiny_tokenizer), calibration=CAL, estimator_params=GAUSS, method="sleb", max_blocks=2
+        loaded(tiny_tokenizer),
+        calibration=CAL,
+        estimator="gaussian",
+        estimator_params=GAUSS,
+        method="sleb",
+        max_blocks=2,
     )
     with pytest.raises(MissingEvidenceError, match="--method sleb --max-blocks 3"):
         select(result, 3, method="sleb")

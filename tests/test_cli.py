@@ -58,6 +58,8 @@ def test_prune_through_the_cli(tiny_folder, tmp_path, capsys):
             "24",
             "--est-opt",
             "proj_dim=16",
+            "--estimator",
+            "gaussian",
             *TINY,
         ]
     )

@@ -14,7 +14,9 @@ from miprun.capture import input_device
 from miprun.loading import LoadedModel
 
 CAL = CalibrationConfig(source=str(CALIBRATION_TXT), samples=6, seq_len=24, seed=0, batch_size=4)
-KW = dict(calibration=CAL, estimator_params={"proj_dim": 16}, cache=False, progress=False)
+KW = dict(
+    calibration=CAL, estimator="gaussian", estimator_params={"proj_dim": 16}, cache=False, progress=False
+)
 IDS = torch.tensor([[5, 9, 17, 33, 4, 8]])
 
 

@@ -61,7 +61,18 @@ def test_merge_is_a_no_op_in_one_process():
 
 def _prune_args(model: Path, out: Path) -> list[str]:
     args = ["prune", "--model", str(model), "--calib", str(CALIBRATION_TXT), "-n", "2", "--out", str(out)]
-    args += ["--samples", "6", "--seq-len", "24", "--batch-size", "2", "--est-opt", "proj_dim=16"]
+    args += [
+        "--samples",
+        "6",
+        "--seq-len",
+        "24",
+        "--batch-size",
+        "2",
+        "--estimator",
+        "gaussian",
+        "--est-opt",
+        "proj_dim=16",
+    ]
     return [*args, "--method", "mi-optimal", "--no-cache", "--quiet", "--device", "cpu"]
 
 

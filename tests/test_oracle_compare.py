@@ -48,6 +48,7 @@ def test_compare_runs_every_method_and_writes_outputs(tiny_tokenizer, tmp_path):
         num_blocks=(1, 2),
         methods=("mi-prun", "shortgpt", "angular", "last-n"),
         calibration=CalibrationConfig(source=str(CALIBRATION_TXT), samples=4, seq_len=24),
+        estimator="gaussian",
         estimator_params={"proj_dim": 16},
         eval_source=str(HELDOUT_TXT),
         eval_samples=2,

@@ -101,7 +101,13 @@ def test_layers_are_put_back_even_if_a_layer_fails():
 def test_api_sequential_gives_the_same_scores_and_blocks(tiny_tokenizer):
     def run(sequential: bool):
         lm = LoadedModel(tiny_model("llama")[0], tiny_tokenizer, "tiny-llama", None)
-        kw = dict(calibration=CAL, estimator_params={"proj_dim": 16}, cache=False, progress=False)
+        kw = dict(
+            calibration=CAL,
+            estimator="gaussian",
+            estimator_params={"proj_dim": 16},
+            cache=False,
+            progress=False,
+        )
         scored = score(lm, sequential=sequential, **kw)
         pruned = prune(lm, num_blocks=2, method="mi-optimal", sequential=sequential, **kw)
         return scored, pruned.plan.removed

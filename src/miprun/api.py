@@ -250,7 +250,7 @@ def score(
     With ``cache``, the result is stored under ``cache_dir()/scores`` (keyed by :func:`scores_cache_key`,
     always with every span) and a later call with the same model, windows and settings reuses it.
 
-    The same pass also records the cosine statistics of ``shortgpt`` and ``angular``; a ``method`` that
+    For ``shortgpt`` and ``angular`` the same pass also records cosine statistics; a ``method`` that
     needs forward passes of the pruned model (``sleb``, ``ppl-oneshot``) runs them on the same windows.
 
     Args:
@@ -282,11 +282,16 @@ def score(
     with _timed(timings, "calibration_data"):
         text = load_text(cal.source, "calibration")
         windows = token_windows(loaded.tokenizer, text, cal.samples, cal.seq_len, cal.seed)
+    spec = check_method(method)
+    # Cosine sums hold every state's unit vectors for one batch (GBs on a 70B model): only when read.
+    with_cosine = spec.needs == "cosine"
     cached_path = None
     if cache:
-        evidence = None  # N-dependent forward-pass evidence (SLEB) is only valid for the N it was made for
-        if check_method(method).gather is not None:
+        evidence: dict[str, Any] | None = None
+        if spec.gather is not None:  # N-dependent forward-pass evidence (SLEB) is only valid for its N
             evidence = {"method": method, "max_blocks": max_blocks}
+        elif with_cosine:
+            evidence = {"cosine": True}
         key = scores_cache_key(loaded, text.fingerprint, windows, est, cal, evidence)
         cached_path = cache_dir() / "scores" / f"{key}.json"
         hit = _read_cached(cached_path, info)
@@ -297,7 +302,7 @@ def score(
         stats = _capture(
             loaded.model,
             windows,
-            est.capture_spec().merge(CaptureSpec(cosine=True)),
+            est.capture_spec().merge(CaptureSpec(cosine=with_cosine)),
             cal,
             sequential=sequential,
             device=device,

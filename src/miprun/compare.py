@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from miprun import api
+from miprun import api, estimators
 from miprun.architectures import base_model, num_blocks
 from miprun.data import eval_windows, load_text, token_windows
 from miprun.loading import LoadedModel, load_model
@@ -37,7 +37,7 @@ class CompareConfig:
     num_blocks: Sequence[int] = (3, 6, 9)
     methods: Sequence[str] = DEFAULT_METHODS
     calibration: api.CalibrationConfig | None = None
-    estimator: str = "gaussian"
+    estimator: str = estimators.DEFAULT
     estimator_params: dict[str, Any] | None = None
     eval_source: str | None = None  # held-out text (its evaluation split); None: wiki
     eval_samples: int = 16
