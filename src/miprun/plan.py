@@ -48,7 +48,7 @@ class SearchInfo:
     """How the selection went, and how far it lands from the exact optimum of the set objective."""
 
     method: str
-    num_evaluations: int  # distinct span MI values the method read (single blocks included)
+    num_evaluations: int  # span MI values (single blocks included), scores read, or forward passes
     loss: float  # set loss (spec 5.1) of the chosen blocks
     optimal_loss: float | None = None
     optimal_removed: list[int] | None = None

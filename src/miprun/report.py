@@ -69,7 +69,7 @@ def summary(plan: PrunePlan) -> str:
         if s.optimal_loss is not None
         else "| exact optimum | not computed |",
         f"| gap to the optimum | {s.gap:.4f} |" if s.gap is not None else "| gap | n/a |",
-        f"| iterations / MI evaluations | {s.iterations} / {s.num_evaluations} |",
+        f"| iterations / evaluations (MI values, scores or forward passes) | {s.iterations} / {s.num_evaluations} |",
         f"| stop reason | {s.stop_reason} |",
         f"| calibration | {plan.calibration.source}: {plan.calibration.num_windows} x {plan.calibration.seq_len}"
         f" tokens, seed {plan.calibration.seed} |",
