@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
-from miprun.stats import BlockStats, CaptureSpec
+from miprun.stats import BlockStats, CaptureSpec, TokenSample
 
 
 @dataclass
@@ -45,3 +45,13 @@ class Estimator(ABC):
     def params(self) -> dict[str, Any]:
         """Hyperparameters, for the manifest."""
         return {"name": self.name, **asdict(self)}
+
+
+def require_sample(stats: BlockStats, estimator: str) -> TokenSample:
+    """The token sample a sample-based estimator reads, or an error saying how to capture it."""
+    if stats.sample is None:
+        raise ValueError(
+            f"{estimator} needs a token sample, but these BlockStats have none: capture it with this "
+            "estimator's capture_spec() (sample_tokens set)."
+        )
+    return stats.sample

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from miprun.estimators.base import Estimator
+from miprun.estimators.base import Estimator, require_sample
 from miprun.stats import BlockStats, CaptureSpec
 
 
@@ -80,10 +80,6 @@ class BinnedMI(Estimator):
 
     def mi(self, stats: BlockStats, a: int, b: int) -> float:
         """``MI(state a ; state b)`` in nats, mean over coordinates, on the first ``sample_tokens`` tokens."""
-        if stats.sample is None:
-            raise ValueError(
-                "BinnedMI needs a token sample, but these BlockStats have none: capture it with this "
-                "estimator's capture_spec() (sample_tokens set)."
-            )
+        sample = require_sample(stats, type(self).__name__)
         n = self.sample_tokens
-        return binned_mi(stats.sample.state(a)[:n], stats.sample.state(b)[:n], self.bins)
+        return binned_mi(sample.state(a)[:n], sample.state(b)[:n], self.bins)

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from miprun.estimators.base import Estimator
+from miprun.estimators.base import Estimator, require_sample
 from miprun.stats import BlockStats, CaptureSpec
 
 
@@ -98,6 +98,7 @@ class RenyiMI(Estimator):
     sample_tokens: int = 512  # tokens used (the first of a larger sample): cost grows as their cube per pair
     sample_dim: int = 0  # projected width of the sample (0 = no projection)
     shared_bandwidth: bool = False  # one kernel width (median over both sides) for input and output
+    normalize: bool = False  # RMS-normalise each token's state first
 
     def __post_init__(self) -> None:
         # Plain attributes, not dataclass fields, so they stay out of params() and comparisons.
@@ -105,8 +106,6 @@ class RenyiMI(Estimator):
         self._d2: dict[int, torch.Tensor] = {}
         self._sigma: dict[int, float] = {}
         self._entropy: dict[tuple[int, float], float] = {}
-
-    normalize: bool = False  # RMS-normalise each token's state first
 
     def capture_spec(self) -> CaptureSpec:
         """A token sample of ``sample_tokens`` positions at width ``sample_dim``."""
@@ -116,11 +115,7 @@ class RenyiMI(Estimator):
 
     def mi(self, stats: BlockStats, a: int, b: int) -> float:
         """``MI(state a ; state b)`` in nats from the first ``sample_tokens`` sampled tokens of each state."""
-        if stats.sample is None:
-            raise ValueError(
-                "RenyiMI needs a token sample, but these BlockStats have none: capture it with this "
-                "estimator's capture_spec() (sample_tokens set)."
-            )
+        require_sample(stats, type(self).__name__)
         if stats is not self._owner:  # new statistics: drop everything cached for the old ones
             self._owner, self._d2, self._sigma, self._entropy = stats, {}, {}, {}
         if self.shared_bandwidth:
