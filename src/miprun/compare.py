@@ -183,11 +183,22 @@ def plot(result: dict[str, Any], folder: Path) -> list[Path]:
     methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
     paths = []
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    # Cap the axis near the competitive methods so that a catastrophic one does not flatten the rest;
+    # its off-scale points sit on the top edge, marked with a triangle.
+    largest = max(r["num_blocks"] for r in result["rows"])
+    best = min(r["ppl"] for r in result["rows"] if r["num_blocks"] == largest)
+    top = min(max(r["ppl"] for r in result["rows"]), 6 * best)
     for m in methods:
         pts = sorted((r["num_blocks"], r["ppl"]) for r in result["rows"] if r["method"] == m)
-        ax.plot(*zip(*pts, strict=True), marker="o", label=m)
+        xs, ys = zip(*pts, strict=True)
+        off = any(y > top for y in ys)
+        ax.plot(
+            xs, [min(y, top) for y in ys], marker="^" if off else "o", label=f"{m} (off scale)" if off else m
+        )
     ax.axhline(result["dense_ppl"], color="black", linestyle=":", label="dense")
     ax.set_yscale("log")
+    ax.set_ylim(result["dense_ppl"] * 0.9, top * 1.05)
+    ax.set_xticks(sorted({r["num_blocks"] for r in result["rows"]}))
     ax.set_xlabel("blocks removed")
     ax.set_ylabel("held-out perplexity (log)")
     ax.set_title(result["model"])
@@ -198,7 +209,6 @@ def plot(result: dict[str, Any], folder: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    largest = max(r["num_blocks"] for r in result["rows"])
     times = {
         m: next(r["prune_seconds"] for r in result["rows"] if r["method"] == m and r["num_blocks"] == largest)
         for m in methods
