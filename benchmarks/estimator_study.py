@@ -17,18 +17,16 @@ import argparse
 import json
 import logging
 import math
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from miprun import estimators
-from miprun.architectures import base_model, num_blocks
+from miprun.architectures import num_blocks
 from miprun.baselines import angular_select, block_influence, shortgpt_select
 from miprun.capture import capture
+from miprun.compare import forward_pass_seconds
 from miprun.data import eval_windows, load_text, token_windows
 from miprun.identity import model_fingerprint, tensor_fingerprint
 from miprun.loading import load_model
@@ -72,19 +70,6 @@ VARIANTS = [
 ]
 
 
-def forward_seconds(model: Any, windows: torch.Tensor, batch_size: int, repeats: int) -> float:
-    """Median time of one plain forward pass of the model body over all calibration windows."""
-    body, device = base_model(model), next(model.parameters()).device
-    times = []
-    with torch.inference_mode():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for i in range(0, len(windows), batch_size):
-                body(input_ids=windows[i : i + batch_size].to(device), use_cache=False)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     damage = oracle.single_damage(total)
     best_windows = {n: oracle.best_window(total, n) for n in ns if n <= args.oracle_window_max}
 
-    fwd = forward_seconds(model, cal, args.batch_size, repeats=3)
+    fwd = forward_pass_seconds(model, cal, args.batch_size, repeats=3)
     groups: dict[tuple[bool, bool], list[Variant]] = {}
     for v in VARIANTS:
         groups.setdefault((v.normalize, v.exclude_first), []).append(v)
