@@ -283,3 +283,42 @@ def test_lm_eval_own_tasks_are_passed_through_and_fail_offline_with_a_clear_mess
         evaluate(
             loaded(tiny_tokenizer), ppl_sources=None, tasks=["lm-eval:social_iqa"], limit=2, progress=False
         )
+
+
+def test_compare_scores_each_block_set_once_and_skips_broken_models(
+    tiny_tokenizer, social_iqa_file, monkeypatch
+):
+    import miprun.evaluate as ev
+    from miprun.api import CalibrationConfig
+    from miprun.compare import CompareConfig, compare, markdown
+
+    calls: list[list[str]] = []
+    real = ev.run_tasks
+
+    def counted(lm, tasks, **kwargs):
+        calls.append(list(tasks))
+        return real(lm, tasks, **kwargs)
+
+    monkeypatch.setattr(ev, "run_tasks", counted)
+    config = CompareConfig(
+        num_blocks=(1, 2),
+        methods=("mi-prun", "mi-optimal", "angular", "last-n"),
+        calibration=CalibrationConfig(source=str(HELDOUT_TXT), samples=2, seq_len=16),
+        eval_source=str(HELDOUT_TXT),
+        eval_samples=2,
+        eval_seq_len=16,
+        tasks=("social_iqa",),
+        task_limit=3,
+        task_max_ppl_ratio=1.5,
+        forward_repeats=1,
+    )
+    result = compare(loaded(tiny_tokenizer), config, progress=False)
+    dense = result["dense_ppl"]
+    evaluated = {tuple(r["removed"]) for r in result["rows"] if r["ppl"] <= 1.5 * dense}
+    assert len(calls) == 1 + len(evaluated)  # the dense model, then each distinct block set once
+    for row in result["rows"]:
+        assert ("tasks" in row) == (row["ppl"] <= 1.5 * dense)
+        if "tasks" in row:
+            assert row["tasks"]["social_iqa"]["examples"] == 3
+    assert result["dense_tasks"]["social_iqa"]["examples"] == 3
+    assert "exceeds 1.5x dense" in markdown(result) and "social_iqa acc_norm" in markdown(result)

@@ -563,6 +563,15 @@ def compare(
         list[str] | None, typer.Option("--tasks", "-t", help="Zero-shot tasks for each pruned model.")
     ] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="Examples per task.")] = None,
+    task_max_ppl: Annotated[
+        float | None,
+        typer.Option(
+            "--task-max-ppl",
+            min=1.0,
+            help="Skip the tasks for pruned models whose held-out perplexity exceeds this multiple of dense "
+            "(they answer at chance); default: run them for every row.",
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quiet: QuietOpt = False,
@@ -587,6 +596,7 @@ def compare(
         eval_seq_len=eval_seq_len,
         tasks=_split_list(tasks),
         task_limit=limit,
+        task_max_ppl_ratio=task_max_ppl,
     )
     paths = run(model, config, out, device=device, dtype=dtype, progress=not quiet)
     out_console.print((Path(out) / "comparison.md").read_text(encoding="utf-8"))

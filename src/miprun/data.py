@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import re
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,9 +253,23 @@ def _adds_bos(tokenizer: Any) -> bool:
     return len(ids) > 0 and ids[0] == bos
 
 
-def _token_stream(tokenizer: Any, source: TextSource) -> list[int]:
-    text = "\n\n".join(source.texts)
-    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+# Token streams per tokenizer object and source fingerprint: compare, the oracle and the stability study
+# cut windows from the same source many times, and tokenizing 350 k tokens takes a second or two.
+_STREAMS: weakref.WeakKeyDictionary[Any, dict[str, tuple[int, ...]]] = weakref.WeakKeyDictionary()
+
+
+def _token_stream(tokenizer: Any, source: TextSource) -> tuple[int, ...]:
+    """The source's paragraphs joined with ``"\\n\\n"``, tokenized once per tokenizer without special tokens."""
+    try:
+        memo = _STREAMS.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable or not hashable: no memo
+        memo = {}
+    if source.fingerprint not in memo:
+        text = "\n\n".join(source.texts)
+        memo[source.fingerprint] = tuple(
+            tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        )
+    return memo[source.fingerprint]
 
 
 def _cut(tokenizer: Any, source: TextSource, seq_len: int) -> torch.Tensor:
