@@ -9,6 +9,9 @@ Also its cost, as a multiple of one plain forward pass over the same calibration
 
     python benchmarks/estimator_study.py --model smollm2-135m --out benchmarks/results/study-smollm2-135m
     python benchmarks/estimator_study.py --model gemma3-270m --out benchmarks/results/study-gemma3-270m
+
+``--variants LABEL ...`` runs only those variants and merges their rows into an existing ``study.json``
+in ``--out`` (same model and windows), so a new variant does not re-run the slow ones.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ VARIANTS = [
     Variant("coordinate", "coordinate"),
     Variant("coordinate, no first token", "coordinate", exclude_first=True),
     Variant("coordinate, rms-normalised", "coordinate", {"normalize": True}),
+    Variant("coordinate, uncentred", "coordinate", {"center": False}),
+    Variant("coordinate, uncentred, rms-normalised", "coordinate", {"center": False, "normalize": True}),
     Variant(
         "coordinate, rms-normalised, no first token", "coordinate", {"normalize": True}, exclude_first=True
     ),
@@ -89,8 +94,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     best_windows = {n: oracle.best_window(total, n) for n in ns if n <= args.oracle_window_max}
 
     fwd = forward_pass_seconds(model, cal, args.batch_size, repeats=3)
-    groups: dict[tuple[bool, bool], list[Variant]] = {}
-    for v in VARIANTS:
+    groups: dict[tuple[bool, bool], list[Variant]] = {(False, False): []}  # the baselines' capture
+    for v in VARIANTS if not args.variants else [v for v in VARIANTS if v.label in args.variants]:
         groups.setdefault((v.normalize, v.exclude_first), []).append(v)
 
     rows: list[dict[str, Any]] = []
@@ -163,6 +168,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with ``new``'s variant rows added or replaced (both from the same model and windows)."""
+    for key in ("model", "ns", "calibration", "evaluation", "single_block_damage"):
+        if old[key] != new[key]:
+            raise SystemExit(
+                f"cannot merge: {key} differs from the existing study.json ({old[key]} vs {new[key]})"
+            )
+    fresh = {r["label"] for r in new["variants"]}
+    labels = [v.label for v in VARIANTS]
+    rows = [r for r in old["variants"] if r["label"] not in fresh] + new["variants"]
+    order = {label: i for i, label in enumerate(["shortgpt (cosine)", *labels])}
+    rows.sort(key=lambda r: order.get(r["label"], len(order)))
+    return {**old, "reference": new["reference"], "variants": rows}  # int N keys, as markdown() reads
+
+
 def markdown(result: dict[str, Any]) -> str:
     ns = result["ns"]
     head = "| signal | Spearman vs damage | " + " | ".join(f"FBS N={n} | opt N={n}" for n in ns) + " |"
@@ -233,10 +253,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--variants", nargs="+", default=None, help="only these labels, merged into --out's study.json"
+    )
     args = parser.parse_args()
+    unknown = set(args.variants or ()) - {v.label for v in VARIANTS}
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; known: {[v.label for v in VARIANTS]}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = run(args)
     out = Path(args.out)
+    if args.variants and (out / "study.json").exists():
+        result = merged(json.loads((out / "study.json").read_text()), result)
     (out / "study.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     (out / "study.md").write_text(markdown(result))
     plot(result, out / "study.png")

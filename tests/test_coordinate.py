@@ -37,6 +37,24 @@ def test_matches_the_analytic_mi_of_correlated_gaussian_coordinates():
     assert got == pytest.approx(expected, rel=0.02)
 
 
+def test_uncentred_correlation_counts_a_shift_of_the_mean_as_change():
+    """Moments about zero: y = x + c has per-coordinate rho = sigma / sqrt(sigma^2 + c^2) analytically."""
+    n, d = 40_000, 4
+    x = 2.0 * torch.randn(n, d, generator=GEN, dtype=torch.float64)  # sigma = 2, mean 0
+    shift = torch.tensor([0.0, 1.0, 2.0, 6.0], dtype=torch.float64)
+    stats = coordinate_stats([x, x + shift])
+    rho = 0.95 * 2.0 / torch.sqrt(4.0 + shift**2)  # shrunk by the default 5 %, as the estimator does
+    expected = float((-0.5 * torch.log1p(-(rho**2))).mean())
+    uncentred = get("coordinate", center=False)
+    assert uncentred.mi(stats, 0, 1) == pytest.approx(expected, rel=0.03)
+    # centred, every coordinate is a perfect copy; with zero-mean data both agree
+    var_x, var_y, cov = stats.coordinates.moments(0, 1)
+    assert torch.allclose(cov / (var_x * var_y).sqrt(), torch.ones(d, dtype=torch.float64))
+    same = coordinate_stats([x, 0.5 * x + torch.randn(n, d, generator=GEN, dtype=torch.float64)])
+    assert uncentred.mi(same, 0, 1) == pytest.approx(get("coordinate").mi(same, 0, 1), rel=0.03)
+    assert get("coordinate", center=False).nmi(stats, 0, 0) == pytest.approx(1.0)
+
+
 def test_identity_scores_one_and_independence_near_zero():
     x = torch.randn(5000, 8, generator=GEN)
     est = get("coordinate")

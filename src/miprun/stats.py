@@ -240,17 +240,26 @@ class CoordinateMoments:
         zd = zc.permute(2, 1, 0)  # (dim, states, tokens): one (S x S) Gram per coordinate
         self.cross += torch.bmm(zd, zd.transpose(1, 2)).permute(1, 2, 0).to(torch.float64)
 
-    def moments(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-coordinate ``(var_a, var_b, cov_ab)``, each ``(dim,)`` float64 on CPU."""
-        if self.count < 2 or self.cross is None or self.total is None:
+    def moments(
+        self, a: int, b: int, center: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-coordinate ``(var_a, var_b, cov_ab)``, each ``(dim,)`` float64 on CPU.
+
+        With ``center=False``, second moments about zero instead (``E[z_a^2]``, ``E[z_b^2]``,
+        ``E[z_a z_b]``), which keep each coordinate's mean, as cosine similarity does.
+        """
+        if self.count < 2 or self.cross is None or self.total is None or self.shift is None:
             raise ValueError("need at least two tokens of statistics to form a covariance")
-        n, cross = self.count, self.cross
-        mean_a, mean_b = self.total[a] / n, self.total[b] / n
+        n, cross, total, shift = self.count, self.cross, self.total, self.shift
 
-        def cov(i: int, j: int, mi: torch.Tensor, mj: torch.Tensor) -> torch.Tensor:
-            return ((cross[i, j] / n - mi * mj) * (n / (n - 1))).cpu()
+        def second(i: int, j: int) -> torch.Tensor:
+            if center:
+                return ((cross[i, j] / n - (total[i] / n) * (total[j] / n)) * (n / (n - 1))).cpu()
+            # sum z_i z_j = cross + s_i total_j + s_j total_i + n s_i s_j  (z = shifted value + shift)
+            raw = cross[i, j] + shift[i] * total[j] + shift[j] * total[i]
+            return (raw / n + shift[i] * shift[j]).cpu()
 
-        return cov(a, a, mean_a, mean_a), cov(b, b, mean_b, mean_b), cov(a, b, mean_a, mean_b)
+        return second(a, a), second(b, b), second(a, b)
 
     def merge_(self, other: CoordinateMoments) -> None:
         """Fold another accumulator into this one, exactly (re-centred on this one's shift)."""

@@ -4,6 +4,8 @@ Full MI is blind to any invertible map (spec 5.2): a block that rotates its inpu
 passes it through. Pairing each coordinate with itself is not: it measures how much of every residual
 coordinate survives the block in place, which is what removing the block would preserve. Per
 coordinate, the Gaussian MI of a correlation ``rho`` is ``-0.5 log(1 - rho^2)``; the score is its mean.
+``center=False`` treats every coordinate as a zero-mean Gaussian (correlation from moments about zero),
+so a block that moves a coordinate's mean counts as changing it, as it does for cosine similarity.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class CoordinateMI(Estimator):
 
     shrinkage: float = 0.05  # correlations are scaled by (1 - shrinkage)
     normalize: bool = False  # RMS-normalise each token's state first
+    center: bool = True  # False: correlations from moments about zero (zero-mean Gaussian model)
 
     def capture_spec(self) -> CaptureSpec:
         """Per-coordinate moments of every pair of states."""
@@ -52,4 +55,4 @@ class CoordinateMI(Estimator):
                 "CoordinateMI needs per-coordinate moments, but these BlockStats have none: capture them "
                 "with this estimator's capture_spec()."
             )
-        return coordinate_mi(*stats.coordinates.moments(a, b), self.shrinkage)
+        return coordinate_mi(*stats.coordinates.moments(a, b, self.center), self.shrinkage)
