@@ -59,13 +59,16 @@ VARIANTS = [
     Variant("gaussian", "gaussian"),
     Variant("gaussian, no first token", "gaussian", exclude_first=True),
     Variant("gaussian, rms-normalised", "gaussian", {"normalize": True}),
-    Variant("coordinate", "coordinate"),
-    Variant("coordinate, no first token", "coordinate", exclude_first=True),
-    Variant("coordinate, rms-normalised", "coordinate", {"normalize": True}),
-    Variant("coordinate, uncentred", "coordinate", {"center": False}),
-    Variant("coordinate, uncentred, rms-normalised", "coordinate", {"center": False, "normalize": True}),
+    Variant("coordinate", "coordinate", {"center": False}),  # the default
+    Variant("coordinate, rms-normalised", "coordinate", {"center": False, "normalize": True}),
+    Variant("coordinate, centred", "coordinate", {"center": True}),
+    Variant("coordinate, centred, no first token", "coordinate", {"center": True}, exclude_first=True),
+    Variant("coordinate, centred, rms-normalised", "coordinate", {"center": True, "normalize": True}),
     Variant(
-        "coordinate, rms-normalised, no first token", "coordinate", {"normalize": True}, exclude_first=True
+        "coordinate, centred, rms-normalised, no first token",
+        "coordinate",
+        {"center": True, "normalize": True},
+        exclude_first=True,
     ),
     Variant("renyi", "renyi"),
     Variant("renyi, shared bandwidth", "renyi", {"shared_bandwidth": True}),

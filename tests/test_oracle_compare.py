@@ -11,7 +11,7 @@ from conftest import CALIBRATION_TXT, HELDOUT_TXT
 from tiny_models import tiny_model
 
 from miprun.api import CalibrationConfig
-from miprun.compare import CompareConfig, compare, markdown, write
+from miprun.compare import CompareConfig, compare, markdown, update, write
 from miprun.loading import LoadedModel
 from miprun.oracle import DamageOracle, spearman
 from miprun.perplexity import perplexity
@@ -70,3 +70,36 @@ def test_compare_runs_every_method_and_writes_outputs(tiny_tokenizer, tmp_path):
     }
     assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["model"] == "tiny-llama"
     assert "| shortgpt | 2 |" in markdown(result)
+
+
+def test_update_replaces_only_the_rerun_methods_and_refuses_other_data(tiny_tokenizer):
+    model, _ = tiny_model("llama")
+    loaded = LoadedModel(model, tiny_tokenizer, "tiny-llama", None)
+    config = CompareConfig(
+        num_blocks=(1, 2),
+        methods=("shortgpt", "last-n"),
+        calibration=CalibrationConfig(source=str(CALIBRATION_TXT), samples=2, seq_len=16),
+        eval_source=str(HELDOUT_TXT),
+        eval_samples=2,
+        eval_seq_len=16,
+        forward_repeats=1,
+    )
+    first = compare(loaded, config, progress=False)
+    config.methods = ("last-n", "random")
+    second = compare(loaded, config, progress=False)
+    merged = update(first, second)
+    assert sorted((r["method"], r["num_blocks"]) for r in merged["rows"]) == [
+        ("last-n", 1),
+        ("last-n", 2),
+        ("random", 1),
+        ("random", 2),
+        ("shortgpt", 1),
+        ("shortgpt", 2),
+    ]
+    assert [r for r in merged["rows"] if r["method"] == "last-n"] == [
+        r for r in second["rows"] if r["method"] == "last-n"
+    ]
+    config.calibration = CalibrationConfig(source=str(CALIBRATION_TXT), samples=3, seq_len=16)
+    other = compare(loaded, config, progress=False)
+    with pytest.raises(ValueError, match="cannot update the comparison: its calibration"):
+        update(first, other)

@@ -572,6 +572,14 @@ def compare(
             "(they answer at chance); default: run them for every row.",
         ),
     ] = None,
+    update: Annotated[
+        bool,
+        typer.Option(
+            "--update",
+            help="Replace only these methods' rows in the comparison already in --out (same model, data "
+            "and tasks); keep the other rows.",
+        ),
+    ] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quiet: QuietOpt = False,
@@ -598,7 +606,7 @@ def compare(
         task_limit=limit,
         task_max_ppl_ratio=task_max_ppl,
     )
-    paths = run(model, config, out, device=device, dtype=dtype, progress=not quiet)
+    paths = run(model, config, out, device=device, dtype=dtype, progress=not quiet, update_existing=update)
     out_console.print((Path(out) / "comparison.md").read_text(encoding="utf-8"))
     for path in paths:
         out_console.print(f"wrote {path}")

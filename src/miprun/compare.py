@@ -22,6 +22,7 @@ from miprun import api, estimators
 from miprun.architectures import base_model, num_blocks
 from miprun.data import eval_windows, load_text, token_windows
 from miprun.loading import LoadedModel, load_model
+from miprun.methods import check_method
 from miprun.oracle import DamageOracle
 from miprun.surgery import skip_blocks
 
@@ -109,7 +110,8 @@ def compare(loaded: LoadedModel, config: CompareConfig, progress: bool = True) -
                 "removed": removed,
                 "ppl": ppl,
                 "prune_seconds": prune_s,
-                "prune_x_forward": prune_s / forward_s,
+                "prune_x_forward": prune_s / forward_s,  # against this run's forward pass
+                "estimator": scores.estimator.params() if check_method(method).needs == "mi" else None,
                 "mi_set_loss": info.loss,
                 "mi_evaluations": info.num_evaluations,
             }
@@ -126,6 +128,8 @@ def compare(loaded: LoadedModel, config: CompareConfig, progress: bool = True) -
         "num_blocks_total": total,
         "dense_ppl": oracle.dense,
         "dense_tasks": dense_tasks,
+        "tasks": list(config.tasks),
+        "task_limit": config.task_limit,
         "task_max_ppl_ratio": config.task_max_ppl_ratio,
         "forward_pass_seconds": forward_s,
         "tokenize_seconds": data_s,
@@ -291,6 +295,34 @@ def write(result: dict[str, Any], folder: str | Path) -> list[Path]:
     return [folder / "comparison.json", folder / "comparison.md", *plot(result, folder)]
 
 
+# What must match for rows of two runs to share one table.
+SAME_SETUP = (
+    "model",
+    "num_blocks_total",
+    "calibration",
+    "evaluation",
+    "tasks",
+    "task_limit",
+    "task_max_ppl_ratio",
+)
+
+
+def update(previous: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """``previous`` with the rows of ``result``'s methods replaced by ``result``'s (same model and data).
+
+    Each row keeps the pruning-time ratio of its own run; the header's forward pass is the latest run's.
+    """
+    for key in SAME_SETUP:
+        if previous.get(key) != result.get(key):
+            raise ValueError(
+                f"cannot update the comparison: its {key} is {previous.get(key)!r}, this run's is "
+                f"{result.get(key)!r}; rerun every method (without --update) or use the same settings"
+            )
+    fresh = {row["method"] for row in result["rows"]}
+    rows = [row for row in previous["rows"] if row["method"] not in fresh] + result["rows"]
+    return {**result, "rows": rows}
+
+
 def run(
     model: str | None,
     config: CompareConfig,
@@ -299,7 +331,20 @@ def run(
     device: str = "auto",
     dtype: str = "auto",
     progress: bool = True,
+    update_existing: bool = False,
 ) -> list[Path]:
-    """Load ``model``, compare, write the outputs; returns their paths."""
+    """Load ``model``, compare, write the outputs; returns their paths.
+
+    With ``update_existing``, the methods run here replace their rows in ``out/comparison.json`` and the
+    other methods' rows are kept (same model, data and tasks required).
+    """
+    previous = None
+    if update_existing:
+        path = Path(out) / "comparison.json"
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"--update needs an earlier comparison in {path}: {err}") from err
     loaded = load_model(model, device=device, dtype=dtype)
-    return write(compare(loaded, config, progress=progress), out)
+    result = compare(loaded, config, progress=progress)
+    return write(update(previous, result) if previous is not None else result, out)

@@ -240,9 +240,7 @@ class CoordinateMoments:
         zd = zc.permute(2, 1, 0)  # (dim, states, tokens): one (S x S) Gram per coordinate
         self.cross += torch.bmm(zd, zd.transpose(1, 2)).permute(1, 2, 0).to(torch.float64)
 
-    def moments(
-        self, a: int, b: int, center: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def moments(self, a: int, b: int, center: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-coordinate ``(var_a, var_b, cov_ab)``, each ``(dim,)`` float64 on CPU.
 
         With ``center=False``, second moments about zero instead (``E[z_a^2]``, ``E[z_b^2]``,

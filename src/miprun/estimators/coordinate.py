@@ -4,8 +4,10 @@ Full MI is blind to any invertible map (spec 5.2): a block that rotates its inpu
 passes it through. Pairing each coordinate with itself is not: it measures how much of every residual
 coordinate survives the block in place, which is what removing the block would preserve. Per
 coordinate, the Gaussian MI of a correlation ``rho`` is ``-0.5 log(1 - rho^2)``; the score is its mean.
-``center=False`` treats every coordinate as a zero-mean Gaussian (correlation from moments about zero),
-so a block that moves a coordinate's mean counts as changing it, as it does for cosine similarity.
+By default every coordinate is treated as a zero-mean Gaussian (correlation from moments about zero),
+so a block that moves a coordinate's mean counts as changing it, as it does for cosine similarity;
+``center=True`` uses the usual centred correlation. The estimator study chose the uncentred form on
+SmolLM2 and confirmed it on Gemma (docs/estimator-study.md).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class CoordinateMI(Estimator):
 
     shrinkage: float = 0.05  # correlations are scaled by (1 - shrinkage)
     normalize: bool = False  # RMS-normalise each token's state first
-    center: bool = True  # False: correlations from moments about zero (zero-mean Gaussian model)
+    center: bool = False  # True: centred correlations; False: moments about zero (zero-mean Gaussian)
 
     def capture_spec(self) -> CaptureSpec:
         """Per-coordinate moments of every pair of states."""
