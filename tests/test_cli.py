@@ -75,6 +75,9 @@ def test_score_then_prune_with_scores(tiny_folder, tmp_path, capsys):
     scores = tmp_path / "scores.json"
     assert main(["score", "--model", str(tiny_folder), "--out", str(scores), *TINY]) == 0
     assert "scores written" in capsys.readouterr().out
+    before = scores.read_text()
+    assert main(["score", "--model", str(tiny_folder), "--out", str(scores), "--seed", "1", *TINY]) == 1
+    assert "already exists; pass --overwrite" in capsys.readouterr().err and scores.read_text() == before
     data = json.loads(scores.read_text())
     assert data["scores"]["num_blocks"] == 6 and len(data["scores"]["spans"]) == 21
     for n in ("1", "3"):

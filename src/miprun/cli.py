@@ -260,11 +260,14 @@ def score(
     no_cache: NoCacheOpt = False,
     device_map: DeviceMapOpt = None,
     sequential: SequentialOpt = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace --out if it exists (written atomically when done).")
+    ] = False,
 ) -> None:
     """Score every block and every contiguous span; `prune --scores FILE` reuses them for any N.
 
-    The file also holds the cosine statistics of shortgpt and angular; --method sleb or ppl-oneshot adds
-    the forward passes those need.
+    --method shortgpt or angular adds the cosine statistics those read; --method sleb or ppl-oneshot
+    adds the forward passes those need.
 
     Example: miprun score --out scores.json && miprun prune --scores scores.json -n 4 --out out/p4
 
@@ -274,6 +277,8 @@ def score(
     """
     from miprun import api
 
+    if out.exists() and not overwrite:  # before any work, so a long run never ends in a refusal
+        raise ValueError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
     main = _main_process()
     _setup_logging(quiet or not main)
     result = api.score(
