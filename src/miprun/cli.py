@@ -122,6 +122,10 @@ def _setup_logging(quiet: bool) -> None:
         level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)]
     )
     logging.getLogger("miprun").setLevel(level)
+    if quiet:  # transformers draws its own "Loading weights" bar otherwise
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _parse_est_opts(items: list[str] | None) -> dict[str, Any]:
