@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from miprun.api import CalibrationConfig, prune, score
 from miprun.architectures import num_blocks
 from miprun.capture import input_device
+from miprun.identity import model_fingerprint
 from miprun.loading import LoadedModel
 
 CAL = CalibrationConfig(source=str(CALIBRATION_TXT), samples=6, seq_len=24, seed=0, batch_size=4)
@@ -54,6 +55,7 @@ def test_disk_offloaded_layers_score_and_prune_as_the_plain_path(folder, tiny_to
     lm = offloaded(folder, tiny_tokenizer, {2: "disk", 3: "disk", 5: "disk"})
     assert any(p.device.type == "meta" for p in lm.model.parameters())  # really offloaded
     plain = score(str(folder), **KW)
+    assert score(lm, **KW).model["fingerprint"] == plain.model["fingerprint"]  # scores files interchange
     assert score(lm, **KW).table.to_json() == plain.table.to_json()
     assert score(lm, sequential=True, **KW).table.to_json() == plain.table.to_json()
     ev = dict(evaluate=True, eval_source=str(HELDOUT_TXT), eval_samples=2, eval_seq_len=24)
@@ -75,4 +77,6 @@ def test_input_device_sees_through_full_offload(folder, tiny_tokenizer):
         folder, device_map={"": "disk"}, offload_folder=str(folder.parent / "off2"), dtype=torch.float32
     )
     assert all(p.device.type == "meta" for p in everything.parameters())
+    plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert model_fingerprint(everything) == model_fingerprint(plain)
     assert input_device(everything) == torch.device("cpu")  # the hook's execution device, not "meta"
