@@ -9,6 +9,7 @@ so pass different files for calibration and evaluation.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -91,6 +92,11 @@ def load_text(source: str | None, split: Split) -> TextSource:
 
 def _builtin(key: str, split: Split) -> TextSource:
     path = bigbench_file(BUILTIN_SOURCES[key])
+    return _parse_builtin(path, path.stat().st_mtime_ns, key, split)
+
+
+@functools.lru_cache(maxsize=16)  # keyed by file and modification time: a changed file is read again
+def _parse_builtin(path: Path, _mtime_ns: int, key: str, split: Split) -> TextSource:
     try:
         articles = json.loads(path.read_text(encoding="utf-8"))["data"]
         units = [[p["context"] for p in article["paragraphs"]] for article in articles]

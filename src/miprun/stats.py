@@ -234,10 +234,11 @@ class CoordinateMoments:
                 self.num_states, self.num_states, self.dim, dtype=torch.float64, device=z.device
             )
         assert self.total is not None and self.cross is not None
-        zc = (z.to(torch.float64) - self.shift).to(torch.float32)
+        # One float32 pass over the batch (this runs once per batch of a pass that is meant to cost about
+        # one forward pass): shift, then one (S x S) Gram per coordinate from a contiguous copy.
+        zd = (z.float() - self.shift.to(torch.float32)).permute(2, 1, 0).contiguous()  # (dim, S, tokens)
         self.count += z.shape[0]
-        self.total += zc.sum(0, dtype=torch.float64)
-        zd = zc.permute(2, 1, 0)  # (dim, states, tokens): one (S x S) Gram per coordinate
+        self.total += zd.sum(-1, dtype=torch.float64).T
         self.cross += torch.bmm(zd, zd.transpose(1, 2)).permute(1, 2, 0).to(torch.float64)
 
     def moments(self, a: int, b: int, center: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
