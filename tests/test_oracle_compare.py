@@ -99,6 +99,8 @@ def test_update_replaces_only_the_rerun_methods_and_refuses_other_data(tiny_toke
     assert [r for r in merged["rows"] if r["method"] == "last-n"] == [
         r for r in second["rows"] if r["method"] == "last-n"
     ]
+    assert merged["earlier_forward_pass_seconds"] == {"shortgpt": first["forward_pass_seconds"]}
+    assert "timed against that run's forward pass (shortgpt" in markdown(merged)
     config.calibration = CalibrationConfig(source=str(CALIBRATION_TXT), samples=3, seq_len=16)
     other = compare(loaded, config, progress=False)
     with pytest.raises(ValueError, match="cannot update the comparison: its calibration"):

@@ -176,6 +176,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"calibration tokens: {result['forward_pass_seconds']:.2f} s (median, same run). Pruning times "
         f"exclude loading the calibration text and tokenizing it once ({result.get('tokenize_seconds', 0.0):.1f} s, "
         "shared by every method).",
+        *_earlier_note(result),
         *_task_note(result, task_names),
         "",
         "| " + " | ".join(head) + " |",
@@ -189,6 +190,14 @@ def markdown(result: dict[str, Any]) -> str:
             + f"{row['prune_seconds']:.1f} | {row['prune_x_forward']:.2f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _earlier_note(result: dict[str, Any]) -> list[str]:
+    earlier = result.get("earlier_forward_pass_seconds") or {}
+    if not earlier:
+        return []
+    runs = ", ".join(f"{m} {s:.2f} s" for m, s in sorted(earlier.items()))
+    return ["", f"Rows kept from an earlier run are timed against that run's forward pass ({runs})."]
 
 
 def _task_note(result: dict[str, Any], task_names: list[str]) -> list[str]:
@@ -320,7 +329,10 @@ def update(previous: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
             )
     fresh = {row["method"] for row in result["rows"]}
     rows = [row for row in previous["rows"] if row["method"] not in fresh] + result["rows"]
-    return {**result, "rows": rows}
+    earlier = {row["method"]: previous["forward_pass_seconds"] for row in previous["rows"]}
+    earlier.update(previous.get("earlier_forward_pass_seconds", {}))
+    kept = {m: s for m, s in earlier.items() if m not in fresh}
+    return {**result, "rows": rows, "earlier_forward_pass_seconds": kept}
 
 
 def run(
