@@ -100,7 +100,9 @@ def test_update_replaces_only_the_rerun_methods_and_refuses_other_data(tiny_toke
         r for r in second["rows"] if r["method"] == "last-n"
     ]
     assert merged["earlier_forward_pass_seconds"] == {"shortgpt": first["forward_pass_seconds"]}
-    assert "timed against that run's forward pass (shortgpt" in markdown(merged)
+    assert "The rows of shortgpt come from an earlier run and are timed against its forward" in markdown(
+        merged
+    )
     config.calibration = CalibrationConfig(source=str(CALIBRATION_TXT), samples=3, seq_len=16)
     other = compare(loaded, config, progress=False)
     with pytest.raises(ValueError, match="cannot update the comparison: its calibration"):

@@ -196,8 +196,17 @@ def _earlier_note(result: dict[str, Any]) -> list[str]:
     earlier = result.get("earlier_forward_pass_seconds") or {}
     if not earlier:
         return []
-    runs = ", ".join(f"{m} {s:.2f} s" for m, s in sorted(earlier.items()))
-    return ["", f"Rows kept from an earlier run are timed against that run's forward pass ({runs})."]
+    by_run: dict[float, list[str]] = {}
+    for method, seconds in sorted(earlier.items()):
+        by_run.setdefault(seconds, []).append(method)
+    return [
+        "",
+        *(
+            f"The rows of {', '.join(methods)} come from an earlier run and are timed against its forward "
+            f"pass ({seconds:.2f} s)."
+            for seconds, methods in by_run.items()
+        ),
+    ]
 
 
 def _task_note(result: dict[str, Any], task_names: list[str]) -> list[str]:
