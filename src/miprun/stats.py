@@ -227,8 +227,8 @@ class CoordinateMoments:
 
     def update(self, z: torch.Tensor) -> None:
         """Add tokens ``z``: ``(tokens, num_states, dim)``; products in float32, sums in float64."""
-        if self.shift is None:
-            self.shift = z.to(torch.float64).mean(0)
+        if self.shift is None:  # float32-representable, so the float32 shift below is exactly this one
+            self.shift = z.to(torch.float64).mean(0).to(torch.float32).to(torch.float64)
             self.total = torch.zeros_like(self.shift)
             self.cross = torch.zeros(
                 self.num_states, self.num_states, self.dim, dtype=torch.float64, device=z.device
