@@ -107,3 +107,16 @@ def test_update_replaces_only_the_rerun_methods_and_refuses_other_data(tiny_toke
     other = compare(loaded, config, progress=False)
     with pytest.raises(ValueError, match="cannot update the comparison: its calibration"):
         update(first, other)
+
+
+def test_update_refuses_other_tasks_before_running_anything(tiny_tokenizer, tmp_path, monkeypatch):
+    import miprun.compare as cmp
+
+    model, _ = tiny_model("llama")
+    loaded = LoadedModel(model, tiny_tokenizer, "tiny-llama", None)
+    previous = {"model": "tiny-llama", "num_blocks_total": 6, "tasks": ["social_iqa"], "task_limit": 5}
+    (tmp_path / "comparison.json").write_text(json.dumps(previous))
+    monkeypatch.setattr(cmp, "load_model", lambda *a, **k: loaded)
+    monkeypatch.setattr(cmp, "compare", lambda *a, **k: pytest.fail("compared before checking the setup"))
+    with pytest.raises(ValueError, match="cannot update the comparison: its tasks"):
+        cmp.run("tiny-llama", CompareConfig(tasks=()), tmp_path, update_existing=True)

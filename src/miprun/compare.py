@@ -325,17 +325,22 @@ SAME_SETUP = (
 )
 
 
+def _check_setup(previous: dict[str, Any], setup: dict[str, Any]) -> None:
+    """Refuse to merge into ``previous`` a run whose ``setup`` (some of :data:`SAME_SETUP`) differs."""
+    for key, value in setup.items():
+        if previous.get(key) != value:
+            raise ValueError(
+                f"cannot update the comparison: its {key} is {previous.get(key)!r}, this run's is "
+                f"{value!r}; rerun every method (without --update) or use the same settings"
+            )
+
+
 def update(previous: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
     """``previous`` with the rows of ``result``'s methods replaced by ``result``'s (same model and data).
 
     Each row keeps the pruning-time ratio of its own run; the header's forward pass is the latest run's.
     """
-    for key in SAME_SETUP:
-        if previous.get(key) != result.get(key):
-            raise ValueError(
-                f"cannot update the comparison: its {key} is {previous.get(key)!r}, this run's is "
-                f"{result.get(key)!r}; rerun every method (without --update) or use the same settings"
-            )
+    _check_setup(previous, {key: result.get(key) for key in SAME_SETUP})
     fresh = {row["method"] for row in result["rows"]}
     rows = [row for row in previous["rows"] if row["method"] not in fresh] + result["rows"]
     earlier = {row["method"]: previous["forward_pass_seconds"] for row in previous["rows"]}
@@ -367,5 +372,16 @@ def run(
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"--update needs an earlier comparison in {path}: {err}") from err
     loaded = load_model(model, device=device, dtype=dtype)
+    if previous is not None:  # what is known before the run is checked before it, not an hour later
+        _check_setup(
+            previous,
+            {
+                "model": loaded.name,
+                "num_blocks_total": num_blocks(loaded.model),
+                "tasks": list(config.tasks),
+                "task_limit": config.task_limit,
+                "task_max_ppl_ratio": config.task_max_ppl_ratio,
+            },
+        )
     result = compare(loaded, config, progress=progress)
     return write(update(previous, result) if previous is not None else result, out)
