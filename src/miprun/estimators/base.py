@@ -7,15 +7,16 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
-from miprun.stats import BlockStats, CaptureSpec, TokenSample
+from miprun.capture.statistic import CapturedStats, Statistic
 
 
 @dataclass
 class Estimator(ABC):
-    """Estimates ``MI(state a ; state b)`` from :class:`~miprun.stats.BlockStats`.
+    """Estimates ``MI(state a ; state b)`` from captured statistics.
 
-    Subclasses are dataclasses whose fields are their hyperparameters (recorded in the manifest),
-    declare what the capture pass must record (:meth:`capture_spec`) and implement :meth:`mi`.
+    Subclasses are dataclasses whose fields are their hyperparameters (recorded in the manifest, checked
+    in ``__post_init__``), declare what the capture pass must record (:meth:`statistics`) and implement
+    :meth:`mi`.
     Normalised MI divides by the geometric mean of each side's MI with itself, so an identity block
     scores 1 under every estimator (spec section 5.1).
     """
@@ -23,14 +24,14 @@ class Estimator(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def capture_spec(self) -> CaptureSpec:
+    def statistics(self) -> list[Statistic]:
         """What the capture pass must record for this estimator."""
 
     @abstractmethod
-    def mi(self, stats: BlockStats, a: int, b: int) -> float:
+    def mi(self, stats: CapturedStats, a: int, b: int) -> float:
         """``MI(state a ; state b)`` in nats (>= 0)."""
 
-    def nmi(self, stats: BlockStats, a: int, b: int) -> float:
+    def nmi(self, stats: CapturedStats, a: int, b: int) -> float:
         """MI normalised to [0, 1]: ``MI(a;b) / sqrt(MI(a;a) * MI(b;b))``; 1 means "output == input"."""
         return self.normalise(self.mi(stats, a, b), self.mi(stats, a, a), self.mi(stats, b, b))
 
@@ -47,11 +48,13 @@ class Estimator(ABC):
         return {"name": self.name, **asdict(self)}
 
 
-def require_sample(stats: BlockStats, estimator: str) -> TokenSample:
-    """The token sample a sample-based estimator reads, or an error saying how to capture it."""
-    if stats.sample is None:
-        raise ValueError(
-            f"{estimator} needs a token sample, but these BlockStats have none: capture it with this "
-            "estimator's capture_spec() (sample_tokens set)."
-        )
-    return stats.sample
+def check_range(
+    name: str, value: float, low: float, high: float | None = None, *, open_low: bool = False
+) -> None:
+    """Raise an error naming ``name`` unless ``low <= value`` (``<`` with ``open_low``) and ``value <= high``."""
+    from miprun.errors import InvalidOptionError
+
+    ok = (value > low if open_low else value >= low) and (high is None or value <= high)
+    if not ok:
+        bound = f"{'(' if open_low else '['}{low:g}, {'inf)' if high is None else f'{high:g}]'}"
+        raise InvalidOptionError(f"{name} must lie in {bound}, got {value!r}")

@@ -13,8 +13,9 @@ from typing import ClassVar
 
 import torch
 
-from miprun.estimators.base import Estimator, require_sample
-from miprun.stats import BlockStats, CaptureSpec
+from miprun.capture.statistic import CapturedStats, Statistic
+from miprun.capture.statistics import TokenSample
+from miprun.estimators.base import Estimator, check_range
 
 
 def quantile_bins(x: torch.Tensor, bins: int) -> torch.Tensor:
@@ -67,19 +68,22 @@ class BinnedMI(Estimator):
 
     bins: int = 16  # equal-frequency bins per coordinate
     sample_tokens: int = (
-        2048  # tokens used (the first of a larger sample); plug-in bias ≈ (bins-1)²/(2 tokens)
+        2048  # tokens used (evenly from a larger sample); plug-in bias ≈ (bins-1)²/(2 tokens)
     )
     sample_dim: int = 0  # projected width of the sample (0 = no projection)
     normalize: bool = False  # RMS-normalise each token's state first
 
-    def capture_spec(self) -> CaptureSpec:
-        """A token sample of ``sample_tokens`` positions at width ``sample_dim``."""
-        return CaptureSpec(
-            sample_tokens=self.sample_tokens, sample_dim=self.sample_dim or None, normalize=self.normalize
-        )
+    def __post_init__(self) -> None:
+        check_range("bins", self.bins, 2)
+        check_range("sample_tokens", self.sample_tokens, 2)
+        check_range("sample_dim", self.sample_dim, 0)
 
-    def mi(self, stats: BlockStats, a: int, b: int) -> float:
-        """``MI(state a ; state b)`` in nats, mean over coordinates, on the first ``sample_tokens`` tokens."""
-        sample = require_sample(stats, type(self).__name__)
+    def statistics(self) -> list[Statistic]:
+        """A token sample of ``sample_tokens`` positions at width ``sample_dim``."""
+        return [TokenSample(capacity=self.sample_tokens, proj_dim=self.sample_dim, normalize=self.normalize)]
+
+    def mi(self, stats: CapturedStats, a: int, b: int) -> float:
+        """``MI(state a ; state b)`` in nats, mean over coordinates, on ``sample_tokens`` tokens spread evenly."""
+        sample = stats.get(self.statistics()[0], "the binned estimator")
         n = self.sample_tokens
-        return binned_mi(sample.state(a)[:n], sample.state(b)[:n], self.bins)
+        return binned_mi(sample.state(a, n), sample.state(b, n), self.bins)

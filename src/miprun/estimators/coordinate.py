@@ -17,8 +17,9 @@ from typing import ClassVar
 
 import torch
 
-from miprun.estimators.base import Estimator
-from miprun.stats import BlockStats, CaptureSpec
+from miprun.capture.statistic import CapturedStats, Statistic
+from miprun.capture.statistics import CoordinateMoments
+from miprun.estimators.base import Estimator, check_range
 
 
 def coordinate_mi(var_x: torch.Tensor, var_y: torch.Tensor, cov_xy: torch.Tensor, shrinkage: float) -> float:
@@ -46,15 +47,15 @@ class CoordinateMI(Estimator):
     normalize: bool = False  # RMS-normalise each token's state first
     center: bool = False  # True: centred correlations; False: moments about zero (zero-mean Gaussian)
 
-    def capture_spec(self) -> CaptureSpec:
-        """Per-coordinate moments of every pair of states."""
-        return CaptureSpec(coordinates=True, normalize=self.normalize)
+    def __post_init__(self) -> None:
+        check_range("shrinkage", self.shrinkage, 0.0, 1.0, open_low=True)
 
-    def mi(self, stats: BlockStats, a: int, b: int) -> float:
+    def statistics(self) -> list[Statistic]:
+        """Per-coordinate moments of every pair of states."""
+        return [CoordinateMoments(normalize=self.normalize)]
+
+    def mi(self, stats: CapturedStats, a: int, b: int) -> float:
         """``mean_j MI(state a_j ; state b_j)`` in nats."""
-        if stats.coordinates is None:
-            raise ValueError(
-                "CoordinateMI needs per-coordinate moments, but these BlockStats have none: capture them "
-                "with this estimator's capture_spec()."
-            )
-        return coordinate_mi(*stats.coordinates.moments(a, b, self.center), self.shrinkage)
+        moments = stats.get(self.statistics()[0], "the coordinate estimator")
+        var_a, var_b, cov = moments.moments(a, b, self.center)
+        return coordinate_mi(var_a, var_b, cov, self.shrinkage)

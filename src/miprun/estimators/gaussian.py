@@ -12,8 +12,9 @@ from typing import ClassVar
 
 import torch
 
-from miprun.estimators.base import Estimator
-from miprun.stats import BlockStats, CaptureSpec
+from miprun.capture.statistic import CapturedStats, Statistic
+from miprun.capture.statistics import Moments
+from miprun.estimators.base import Estimator, check_range
 
 _EIG_FLOOR = 1e-12  # smallest eigenvalue kept when a correlation matrix is singular (shrinkage 0)
 
@@ -68,15 +69,15 @@ class GaussianMI(Estimator):
     shrinkage: float = 0.05  # weight of the diagonal in the shrunk joint covariance
     normalize: bool = False  # RMS-normalise each token's state first
 
-    def capture_spec(self) -> CaptureSpec:
-        """Second moments of every state at width ``proj_dim``."""
-        return CaptureSpec(moments_dim=self.proj_dim, normalize=self.normalize)
+    def __post_init__(self) -> None:
+        check_range("proj_dim", self.proj_dim, 0)
+        check_range("shrinkage", self.shrinkage, 0.0, 1.0)
 
-    def mi(self, stats: BlockStats, a: int, b: int) -> float:
+    def statistics(self) -> list[Statistic]:
+        """Second moments of every state at width ``proj_dim``."""
+        return [Moments(proj_dim=self.proj_dim, normalize=self.normalize)]
+
+    def mi(self, stats: CapturedStats, a: int, b: int) -> float:
         """``MI(state a ; state b)`` in nats from the captured joint covariance."""
-        if stats.moments is None:
-            raise ValueError(
-                "GaussianMI needs second moments, but these BlockStats have none: capture them with "
-                "this estimator's capture_spec() (moments_dim set)."
-            )
-        return gaussian_mi(stats.moments.covariance(a, b), stats.moments.dim, self.shrinkage)
+        moments = stats.get(self.statistics()[0], "the gaussian estimator")
+        return gaussian_mi(moments.covariance(a, b), moments.dim, self.shrinkage)

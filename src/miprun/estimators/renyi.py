@@ -13,8 +13,10 @@ from typing import ClassVar
 
 import torch
 
-from miprun.estimators.base import Estimator, require_sample
-from miprun.stats import BlockStats, CaptureSpec
+from miprun.capture.statistic import CapturedStats, Statistic
+from miprun.capture.statistics import TokenSample
+from miprun.errors import InvalidOptionError
+from miprun.estimators.base import Estimator, check_range
 
 
 def squared_distances(x: torch.Tensor) -> torch.Tensor:
@@ -95,27 +97,31 @@ class RenyiMI(Estimator):
     name: ClassVar[str] = "renyi"
 
     alpha: float = 1.01  # Rényi order; close to 1 approximates Shannon (von Neumann) entropy
-    sample_tokens: int = 512  # tokens used (the first of a larger sample): cost grows as their cube per pair
+    sample_tokens: int = 512  # tokens used (evenly from a larger sample): cost grows as their cube per pair
     sample_dim: int = 0  # projected width of the sample (0 = no projection)
     shared_bandwidth: bool = False  # one kernel width (median over both sides) for input and output
     normalize: bool = False  # RMS-normalise each token's state first
 
     def __post_init__(self) -> None:
+        check_range("sample_tokens", self.sample_tokens, 2)
+        check_range("sample_dim", self.sample_dim, 0)
+        if self.alpha <= 0 or self.alpha == 1:
+            raise InvalidOptionError(
+                f"alpha must be positive and not 1 (e.g. 1.01 for ~Shannon), got {self.alpha}"
+            )
         # Plain attributes, not dataclass fields, so they stay out of params() and comparisons.
-        self._owner: BlockStats | None = None
+        self._owner: CapturedStats | None = None
         self._d2: dict[int, torch.Tensor] = {}
         self._sigma: dict[int, float] = {}
         self._entropy: dict[tuple[int, float], float] = {}
 
-    def capture_spec(self) -> CaptureSpec:
+    def statistics(self) -> list[Statistic]:
         """A token sample of ``sample_tokens`` positions at width ``sample_dim``."""
-        return CaptureSpec(
-            sample_tokens=self.sample_tokens, sample_dim=self.sample_dim or None, normalize=self.normalize
-        )
+        return [TokenSample(capacity=self.sample_tokens, proj_dim=self.sample_dim, normalize=self.normalize)]
 
-    def mi(self, stats: BlockStats, a: int, b: int) -> float:
-        """``MI(state a ; state b)`` in nats from the first ``sample_tokens`` sampled tokens of each state."""
-        require_sample(stats, type(self).__name__)
+    def mi(self, stats: CapturedStats, a: int, b: int) -> float:
+        """``MI(state a ; state b)`` in nats from ``sample_tokens`` sampled tokens of each state, spread evenly."""
+        stats.get(self.statistics()[0], "the renyi estimator")
         if stats is not self._owner:  # new statistics: drop everything cached for the old ones
             self._owner, self._d2, self._sigma, self._entropy = stats, {}, {}, {}
         if self.shared_bandwidth:
@@ -129,8 +135,9 @@ class RenyiMI(Estimator):
 
     def _distances(self, s: int) -> torch.Tensor:
         if s not in self._d2:
-            assert self._owner is not None and self._owner.sample is not None
-            self._d2[s] = squared_distances(self._owner.sample.state(s)[: self.sample_tokens])
+            assert self._owner is not None
+            sample = self._owner.get(self.statistics()[0])
+            self._d2[s] = squared_distances(sample.state(s, self.sample_tokens))
         return self._d2[s]
 
     def _width(self, s: int) -> float:

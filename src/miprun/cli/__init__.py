@@ -1,0 +1,276 @@
+"""``miprun``: the command line, a thin layer over :mod:`miprun.api`.
+
+Options come from :mod:`miprun.options` (see :mod:`miprun.cli.params`); results are shown by
+:mod:`miprun.cli.show`. Errors print one line and exit non-zero; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from miprun.cli import show
+from miprun.cli.params import with_options
+from miprun.options import BenchOptions, CompareOptions, EvaluateOptions, PruneOptions, ScoreOptions
+
+app = typer.Typer(
+    name="miprun",
+    help="Depth-prune causal language models by mutual information (MI-PRUN).\n\n"
+    "Examples:\n\n"
+    "  miprun prune --num-blocks 3 --out out/smollm2-pruned --eval\n\n"
+    "  miprun score --model ./my-llama --out scores.json\n\n"
+    "  miprun prune --model ./my-llama --scores scores.json --ratio 0.2 --out out/llama-pruned\n\n"
+    "  miprun list methods",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Embedded name (smollm2-135m, gemma3-270m), local HF folder, .gguf file or hub name. "
+        "Default: the embedded SmolLM2-135M-Instruct.",
+    ),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log lines.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace --out if it is an earlier miprun output (or empty); never anything else. The old "
+        "output stays until the new one is complete.",
+    ),
+]
+
+
+def _setup_logging(quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(
+        level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)]
+    )
+    logging.getLogger("miprun").setLevel(level)
+    if quiet:  # transformers draws its own "Loading weights" bar otherwise
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def _main_process() -> bool:
+    """Join torchrun's process group if launched by it; whether this process prints and writes."""
+    from miprun.capture import distributed
+
+    return distributed.is_main()
+
+
+@app.command()
+@with_options(PruneOptions)
+def prune(
+    options: PruneOptions,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the pruned model and report.")],
+    model: ModelOpt = None,
+    scores: Annotated[
+        Path | None, typer.Option("--scores", help="Reuse a `miprun score` file: no calibration pass.")
+    ] = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Score blocks, remove N of them, and save a normal Hugging Face checkpoint with miprun.json and a report.
+
+    Example: miprun prune --num-blocks 3 --out out/smollm2-pruned --eval
+
+    Example (data-parallel): torchrun --nproc_per_node 4 $(which miprun) prune -n 8 --out out/p8
+    """
+    from miprun import api
+    from miprun.options import with_overrides
+
+    main = _main_process()
+    _setup_logging(quiet or not main)
+    result = api.prune(
+        model, with_overrides(options, progress=not quiet), scores=scores, out=out, overwrite=overwrite
+    )
+    if main:
+        show.prune_summary(result)
+
+
+@app.command()
+@with_options(ScoreOptions)
+def score(
+    options: ScoreOptions,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Scores file (JSON) to write.")],
+    model: ModelOpt = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace --out if it exists (written atomically when done).")
+    ] = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Score every block and every contiguous span; `prune --scores FILE` reuses them for any N.
+
+    --method shortgpt, angular or angular-mean adds the cosine statistics those read; --method sleb or
+    ppl-oneshot adds the forward passes those need.
+
+    Example: miprun score --out scores.json && miprun prune --scores scores.json -n 4 --out out/p4
+
+    Example: miprun score --method sleb --max-blocks 6 --out sleb.json
+
+    Example (70B on one GPU): miprun score --model ./llama-70b --sequential --device cuda --out s.json
+    """
+    from miprun import api
+    from miprun.atomic import check_file_output
+    from miprun.options import with_overrides
+
+    check_file_output(out, overwrite)  # before any work, so a long run never ends in a refusal
+    main = _main_process()
+    _setup_logging(quiet or not main)
+    result = api.score(model, with_overrides(options, progress=not quiet))
+    if not main:  # every process holds the same merged result; the main one writes it
+        return
+    result.write(out)
+    show.block_scores(result)
+    show.out.print(f"scores written to {out}")
+
+
+@app.command("eval")
+@with_options(EvaluateOptions)
+def eval_command(
+    options: EvaluateOptions,
+    model: ModelOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the results as JSON.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Held-out perplexity and zero-shot accuracy (acc, acc_norm through lm-evaluation-harness).
+
+    Example: miprun eval --model out/smollm2-pruned --tasks social_iqa,next_sentence --limit 200 --out eval.json
+    """
+    from miprun.atomic import check_file_output
+    from miprun.evaluation.evaluate import evaluate, write_json
+    from miprun.options import with_overrides
+
+    if out is not None:
+        check_file_output(out, overwrite)
+    _setup_logging(quiet)
+    result = evaluate(model, with_overrides(options, progress=not quiet))
+    show.evaluation(result)
+    if out is not None:
+        write_json(result, out)
+        show.out.print(f"results written to {out}")
+
+
+@app.command()
+@with_options(BenchOptions)
+def bench(
+    options: BenchOptions,
+    model: ModelOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the results as JSON.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Prefill latency, decode throughput, memory and size; with --against, pruned/dense ratios.
+
+    Example: miprun bench --model out/smollm2-pruned --against smollm2-135m --out bench.json
+    """
+    from miprun.atomic import check_file_output
+    from miprun.evaluation.bench import bench as run_bench
+    from miprun.evaluation.evaluate import write_json
+
+    if out is not None:
+        check_file_output(out, overwrite)
+    _setup_logging(quiet)
+    result = run_bench(model, options)
+    show.bench(result, options.config)
+    if out is not None:
+        write_json(result, out)
+        show.out.print(f"results written to {out}")
+
+
+@app.command()
+@with_options(CompareOptions)
+def compare(
+    options: CompareOptions,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for comparison.md/.json and plots.")],
+    model: ModelOpt = None,
+    update: Annotated[
+        bool,
+        typer.Option(
+            "--update",
+            help="Replace only these methods' rows in the comparison already in --out (same model, data "
+            "and tasks); keep the other rows.",
+        ),
+    ] = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Prune with every method at every N on the same data; evaluate (and repair); write a table and plots.
+
+    Example (about ten minutes on 2 CPU cores):
+    miprun compare -n 3 -n 6 --methods mi-prun,shortgpt,angular,sleb --samples 16 --seq-len 128 --out out/cmp
+    """
+    from miprun.evaluation.compare import run
+    from miprun.options import with_overrides
+
+    _setup_logging(quiet)
+    paths = run(model, out, with_overrides(options, progress=not quiet), update_existing=update)
+    show.out.print((Path(out) / "comparison.md").read_text(encoding="utf-8"))
+    for path in paths:
+        show.out.print(f"wrote {path}")
+
+
+@app.command("list")
+def list_command(
+    what: Annotated[str, typer.Argument(help="methods, estimators, repairs or tasks.")] = "methods",
+) -> None:
+    """What can be chosen by name, with each one's parameters and defaults.
+
+    Example: miprun list estimators
+    """
+    show.registry(what)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: one-line errors with a non-zero exit, tracebacks only with --debug."""
+    args = sys.argv[1:] if argv is None else argv
+    interrupted = (
+        "miprun: interrupted; the output folder holds what it held before (or the complete new output)"
+    )
+    try:
+        # typer turns a KeyboardInterrupt inside a command into a returned 130, not an exception
+        code = app(args=args, prog_name="miprun", standalone_mode=False)
+        if code == 130:
+            console.print(interrupted)
+            return 130
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        console.print(interrupted)
+        return 130
+    except Exception as exc:
+        if "--debug" in args:
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever the library said
+        console.print(f"miprun: error: {message}", markup=False, highlight=False, soft_wrap=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Command-line options generated from the option dataclasses of :mod:`miprun.options`.
+
+A command declares ``options: SomeOptions`` as its first parameter and is decorated with
+:func:`with_options`: every leaf field becomes one ``--flag`` (its help, bounds and default taken from the
+field), grouped in ``--help`` by the option group it belongs to, and the command receives the built,
+checked options object. Defaults and descriptions therefore live in one place for the API and the CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import click
+import typer
+
+from miprun.errors import MiprunError
+from miprun.options import Options, flag, flat_fields
+
+PANELS = {
+    "CalibrationConfig": "Calibration",
+    "EstimatorOptions": "Estimator",
+    "ScoringOptions": "Method",
+    "RepairOptions": "Repair",
+    "HeldoutOptions": "Held-out evaluation",
+    "RuntimeOptions": "Runtime",
+    "OutputOptions": "Output",
+    "BenchConfig": "Measurement",
+}
+
+
+def _owner(cls: type, path: tuple[str, ...]) -> type:
+    """The option group class that holds a leaf reached through ``path``."""
+    for name in path:
+        cls = typing.get_type_hints(cls)[name]
+    return cls
+
+
+def _cli_type(hint: Any, f: dataclasses.Field) -> Any:
+    """The type the command line reads: collections arrive as repeatable strings and are parsed after."""
+    origin = typing.get_origin(hint)
+    if origin in (list, dict) or f.metadata.get("parse") is not None:
+        return list[str] | None
+    return hint
+
+
+def _parameter(name: str, f: dataclasses.Field, hint: Any, panel: str) -> inspect.Parameter:
+    meta = f.metadata
+    flags = list(meta.get("flags") or ()) or [flag(f)]
+    kwargs: dict[str, Any] = {"help": meta.get("help", ""), "rich_help_panel": panel}
+    for bound in ("min", "max"):
+        if meta.get(bound) is not None:
+            kwargs[bound] = meta[bound]
+    cli_type = _cli_type(hint, f)
+    if typing.get_origin(hint) is dict:
+        kwargs["metavar"] = "KEY=VALUE"
+    elif typing.get_origin(hint) is list:
+        kwargs["metavar"] = "A[,B...]"
+    default: Any = None if cli_type == list[str] | None else f.default
+    if default is dataclasses.MISSING:
+        default = f.default_factory()  # type: ignore[misc,operator]
+    annotation = Annotated[cli_type, typer.Option(*flags, **kwargs)]  # type: ignore[valid-type]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def build(cls: type, values: dict[str, Any]) -> Any:
+    """An instance of the option class ``cls`` from flat leaf values (missing leaves keep their defaults)."""
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if isinstance(tp, type) and issubclass(tp, Options):
+            kwargs[f.name] = build(tp, values)
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+    return cls(**kwargs)
+
+
+def with_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Replace the command's ``options`` parameter by one CLI option per field of ``cls`` (see module doc)."""
+    leaves = {name: (path, f) for name, (path, f) in flat_fields(cls).items() if f.metadata.get("cli", True)}
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        own = list(inspect.signature(fn).parameters.values())
+        if not own or own[0].name != "options":
+            raise TypeError(f"{fn.__name__} must take `options` as its first parameter")
+        generated = []
+        for name, (path, f) in leaves.items():
+            owner = _owner(cls, path)
+            hint = typing.get_type_hints(owner)[f.name]
+            panel = PANELS.get(owner.__name__, "Options")
+            generated.append(_parameter(name, f, hint, panel))
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            values = {}
+            for name, (_, f) in leaves.items():
+                if name not in kwargs:
+                    continue
+                raw = kwargs.pop(name)
+                parse = f.metadata.get("parse")
+                values[name] = parse(raw) if parse is not None else raw
+            try:
+                options = build(cls, values)
+            except MiprunError as err:  # a bad value on the command line: usage error, exit 2
+                raise click.UsageError(str(err)) from err
+            return fn(options, **kwargs)
+
+        resolved = typing.get_type_hints(fn, include_extras=True)  # the command's own, from its module
+        params = [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=resolved.get(p.name, p.annotation))
+            for p in own[1:]
+        ] + generated
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate

@@ -1,0 +1,167 @@
+"""How the command line shows results: rich tables on stdout, one function per command."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+out = Console()
+
+
+def block_scores(result: Any) -> None:
+    """``miprun score``: per-block MI and NMI, and each method's own evidence where present."""
+    from miprun.methods.similarity import block_influence
+
+    ev = result.evidence
+    est = result.estimator.name if result.estimator is not None else "no"
+    table = Table(title=f"{result.model['name']}: scores per block ({est} MI)")
+    for name in ("block", "MI (nats)", "NMI", "ShortGPT BI"):
+        table.add_column(name, justify="right")
+    if "oneshot" in ev:
+        table.add_column("loss without it", justify="right")
+    bi = block_influence(ev["cosine"].mean_cos) if "cosine" in ev else None
+    mi = result.table.block_mi() if result.table is not None else [None] * result.num_blocks
+    nmi = result.table.block_nmi() if result.table is not None else [None] * result.num_blocks
+    for i, (m, n) in enumerate(zip(mi, nmi, strict=True)):
+        row = [str(i), _num(m), _num(n), _num(bi[i]) if bi is not None else "-"]
+        if "oneshot" in ev:
+            row.append(_num(ev["oneshot"].losses[i]))
+        table.add_row(*row)
+    out.print(table)
+    if "sleb" in ev:
+        path = ev["sleb"]
+        out.print(f"SLEB greedy order: {path.order} (losses {[round(x, 4) for x in path.losses]})")
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def prune_summary(result: Any) -> None:
+    """``miprun prune``: what was removed, how, the evaluation and the time of each phase."""
+    plan = result.plan
+    s = plan.search
+    table = Table(title=f"{plan.model['name']}: {plan.num_blocks_before} -> {plan.num_blocks_after} blocks")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("removed blocks (0-based)", str(plan.removed))
+    estimator = plan.estimator["name"] if plan.estimator else "-"
+    table.add_row("method / estimator / repair", f"{s.method} / {estimator} / {plan.repair.name}")
+    if s.loss is not None and s.optimal_loss is not None and s.gap is not None:
+        table.add_row("set loss / optimum / gap", f"{s.loss:.4f} / {s.optimal_loss:.4f} / {s.gap:.4f}")
+    table.add_row("iterations / evaluations (MI, scores or passes)", f"{s.iterations} / {s.num_evaluations}")
+    ev = plan.evaluation
+    if "dense_ppl" in ev:
+        steps = [f"{ev['dense_ppl']:.2f}"]
+        if "cut_ppl" in ev:
+            steps.append(f"{ev['cut_ppl']:.2f} (cut)")
+        steps.append(f"{ev['pruned_ppl']:.2f}")
+        table.add_row(f"held-out perplexity ({ev['windows']}x{ev['seq_len']} tok)", " -> ".join(steps))
+    for phase, seconds in plan.timings.items():
+        table.add_row(f"time: {phase}", f"{seconds:.2f} s")
+    out.print(table)
+    if result.out is not None:
+        out.print(f"pruned model: {result.out}")
+        out.print(f"manifest:     {result.out / 'miprun.json'}")
+        out.print(f"report:       {result.out / 'report.md'}  {result.out / 'report.png'}")
+
+
+def evaluation(result: dict[str, Any]) -> None:
+    """``miprun eval``: perplexities and task accuracies."""
+    info = result["model"]
+    table = Table(
+        title=f"{info['name']}: {info['num_blocks']} blocks, {info['parameters'] / 1e6:.1f} M parameters"
+    )
+    for name in ("measure", "value", "detail"):
+        table.add_column(name, justify="left" if name != "value" else "right")
+    for source, p in result["perplexity"].items():
+        table.add_row(f"perplexity {source}", f"{p['ppl']:.3f}", f"{p['windows']} x {p['seq_len']} tokens")
+    for task, t in result["tasks"].items():
+        chance = f", chance {t['chance']:.2f}" if "chance" in t else ""
+        for metric in ("acc", "acc_norm"):
+            stderr = f" ± {t[metric + '_stderr']:.3f}" if t.get(metric + "_stderr") is not None else ""
+            value = f"{t[metric]:.4f}" if t.get(metric) is not None else "-"
+            table.add_row(f"{task} {metric}", value + stderr, f"{t['examples']} examples{chance}")
+    out.print(table)
+
+
+def bench(result: dict[str, Any], config: Any) -> None:
+    """``miprun bench``: medians per model and, with a dense reference, the ratios."""
+    runs = [result["model"]] + ([result["dense"]] if "dense" in result else [])
+    table = Table(title=f"bench on {result['device']} ({result['dtype']}), medians of {config.repeats}")
+    table.add_column("measure")
+    for run in runs:
+        table.add_column(f"{run['name']} ({run['num_blocks']} blocks)", justify="right")
+    ratios = result.get("ratios", {})
+    if ratios:
+        table.add_column("speed-up or size ratio", justify="right")
+
+    def row(label: str, values: list[str], ratio: float | None = None) -> None:
+        table.add_row(label, *values, *([f"{ratio:.3f}x" if ratio is not None else "-"] if ratios else []))
+
+    row("parameters (M)", [f"{r['parameters'] / 1e6:.2f}" for r in runs], ratios.get("parameter_ratio"))
+    row(
+        f"prefill {config.prompt_len} tok (ms)",
+        [f"{r['prefill_ms']:.1f}" for r in runs],
+        ratios.get("prefill_speedup"),
+    )
+    for b in config.batch_sizes:
+        row(
+            f"decode batch {b} (tok/s)",
+            [f"{r['decode_tokens_per_s'][str(b)]:.1f}" for r in runs],
+            ratios.get("decode_speedup", {}).get(str(b)),
+        )
+    row(
+        "weights (MB)",
+        [f"{r['memory']['weights_bytes'] / 2**20:.1f}" for r in runs],
+        ratios.get("weights_bytes_ratio"),
+    )
+    if ratios:
+        table.add_row("ideal layer ratio T/(T-N)", *["" for _ in runs], f"{ratios['ideal_layer_ratio']:.3f}x")
+    out.print(table)
+    out.print(f"memory: {result['memory_kind']}")
+
+
+def registry(what: str) -> None:
+    """``miprun list``: every name of one registry, with its summary and parameters (type = default)."""
+    from miprun import estimators, methods, repair
+    from miprun.evaluation.tasks import OFFLINE_TASKS
+    from miprun.registry import Registry
+
+    registries: dict[str, Registry[Any]] = {
+        "methods": methods.REGISTRY,
+        "estimators": estimators.REGISTRY,
+        "repairs": repair.REGISTRY,
+        "tasks": OFFLINE_TASKS,
+    }
+    chosen = Registry[Registry[Any]]("list")
+    for name, reg in registries.items():
+        chosen.add(name, reg)
+    reg = chosen.get(what)
+    table = Table(title=f"miprun {what}")
+    for name in ("name", "what it does", "parameters (type = default)"):
+        table.add_column(name)
+    for name, entry in reg.items():
+        summary = getattr(entry, "summary", None) or getattr(entry, "description", None) or _first_line(entry)
+        table.add_row(name, summary, _parameters(entry))
+    out.print(table)
+
+
+def _first_line(entry: Any) -> str:
+    doc = (getattr(entry, "__doc__", None) or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
+def _parameters(entry: Any) -> str:
+    if not (isinstance(entry, type) and dataclasses.is_dataclass(entry)):
+        return ""
+    hints = typing.get_type_hints(entry)
+    return ", ".join(
+        f"{f.name}: {getattr(hints[f.name], '__name__', str(hints[f.name]))} = {f.default!r}"
+        for f in dataclasses.fields(entry)
+        if f.init
+    )

@@ -1,0 +1,8 @@
+"""Text and the token windows cut from it: the first stage of the pipeline."""
+
+from __future__ import annotations
+
+from miprun.data.sources import BUILTIN_SOURCES, DEFAULT_SOURCE, TextSource, load_text
+from miprun.data.windows import eval_windows, token_windows
+
+__all__ = ["BUILTIN_SOURCES", "DEFAULT_SOURCE", "TextSource", "eval_windows", "load_text", "token_windows"]

@@ -1,0 +1,245 @@
+"""Text sources: built-in registers of real English text, local files, and hub data sets.
+
+A source is a built-in register of real English text (paragraphs of the SQuAD-shifts files in the
+BIG-bench archive, fetched once by :mod:`miprun.assets`), a local ``.txt``/``.jsonl`` file, or a
+short name of a data set on the Hugging Face Hub. Built-in and hub sources are split so that the
+calibration and evaluation text never share a paragraph; a local file is used whole for either split,
+so pass different files for calibration and evaluation.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from miprun.assets import HubUnreachableError, bigbench_file, is_hub_unreachable
+from miprun.errors import DataError, DataNotFoundError
+
+log = logging.getLogger(__name__)
+
+Split = Literal["calibration", "evaluation"]
+SPLITS = ("calibration", "evaluation")
+DEFAULT_SOURCE = "wiki"
+EVAL_EVERY = 5  # unit index % 5 == 4 goes to evaluation: a 80/20 split at article level
+GROUP_SIZE = 10  # paragraphs per unit when a file has too few articles to split by article
+
+# Built-in registers: BIG-bench squad_shifts files (SQuAD JSON: data -> articles -> paragraphs -> context).
+BUILTIN_SOURCES: dict[str, str] = {
+    "wiki": "squad_shifts/squaddev_v1.1.json",  # SQuAD v1.1 dev: 48 Wikipedia articles
+    "new_wiki": "squad_shifts/new_wiki_v1.0.json",  # 48 newer Wikipedia articles
+    "nyt": "squad_shifts/nyt_v1.0.json",  # 797 New York Times articles
+    "reddit": "squad_shifts/reddit_v1.0.json",  # one "article" of 2035 comments
+    "amazon": "squad_shifts/amazon_reviews_v1.0.json",  # 413 products' reviews
+}
+LOCAL_SUFFIXES = (".txt", ".jsonl")
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Paragraphs of text, with a name for reports and a fingerprint of the exact content."""
+
+    name: str
+    texts: tuple[str, ...]
+    fingerprint: str
+
+    @classmethod
+    def from_texts(cls, name: str, texts: list[str] | tuple[str, ...]) -> TextSource:
+        """Build a source, computing its fingerprint (16 hex digits of a sha256 over the texts)."""
+        digest = hashlib.sha256()
+        for text in texts:
+            data = text.encode("utf-8")
+            digest.update(len(data).to_bytes(8, "little"))
+            digest.update(data)
+        return cls(name=name, texts=tuple(texts), fingerprint=digest.hexdigest()[:16])
+
+
+def load_text(source: str | None, split: Split) -> TextSource:
+    """Load a text source for ``split``.
+
+    Args:
+        source: None or a built-in name (``wiki``, ``new_wiki``, ``nyt``, ``reddit``, ``amazon``), a
+            path to a ``.txt`` (paragraphs separated by blank lines) or ``.jsonl`` file (field ``text``,
+            else the first string field), or a hub short name (``wikitext2``, ``c4``, ``alpaca``, ``pg19``).
+        split: ``"calibration"`` or ``"evaluation"``; built-in and hub sources give disjoint text.
+    """
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {SPLITS}, not {split!r}")
+    key = DEFAULT_SOURCE if source is None else source
+    if key in BUILTIN_SOURCES:
+        return _builtin(key, split)
+    if key in HUB_SOURCES:
+        return _hub(key, split)
+    path = Path(key).expanduser()
+    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+        return _local(path)
+    raise DataError(
+        f"unknown text source {key!r}. Built-in: {', '.join(BUILTIN_SOURCES)}; "
+        f"hub (needs network): {', '.join(HUB_SOURCES)}; or a path to a local .txt or .jsonl file."
+    )
+
+
+# ---------------------------------------------------------------------------------------- built-ins
+
+
+def _builtin(key: str, split: Split) -> TextSource:
+    path = bigbench_file(BUILTIN_SOURCES[key])
+    return _parse_builtin(path, path.stat().st_mtime_ns, key, split)
+
+
+@functools.lru_cache(maxsize=16)  # keyed by file and modification time: a changed file is read again
+def _parse_builtin(path: Path, _mtime_ns: int, key: str, split: Split) -> TextSource:
+    try:
+        articles = json.loads(path.read_text(encoding="utf-8"))["data"]
+        units = [[p["context"] for p in article["paragraphs"]] for article in articles]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path} is not in the SQuAD format (data -> paragraphs -> context): {exc}") from exc
+    return TextSource.from_texts(f"{key}:{split}", split_units(units, split))
+
+
+def split_units(units: list[list[str]], split: Split) -> list[str]:
+    """Deduplicated paragraphs of the units (articles) that belong to ``split``.
+
+    Unit ``i`` goes to evaluation when ``i % 5 == 4``. A file with fewer than 5 units is first cut into
+    consecutive groups of :data:`GROUP_SIZE` paragraphs. A paragraph repeated across units is kept only
+    where it first occurs, so the two splits never share a paragraph.
+    """
+    if len(units) < EVAL_EVERY:
+        flat = [p for unit in units for p in unit]
+        units = [flat[i : i + GROUP_SIZE] for i in range(0, len(flat), GROUP_SIZE)]
+    seen: set[str] = set()
+    out: list[str] = []
+    for index, unit in enumerate(units):
+        wanted = (index % EVAL_EVERY == EVAL_EVERY - 1) == (split == "evaluation")
+        for paragraph in unit:
+            text = paragraph.strip()
+            if not text or text in seen:
+                continue
+            seen.add(text)
+            if wanted:
+                out.append(text)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- local
+
+
+def _local(path: Path) -> TextSource:
+    if not path.is_file():
+        raise DataNotFoundError(f"text file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in LOCAL_SUFFIXES:
+        raise DataError(
+            f"{path}: unsupported text file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}"
+        )
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path} is not valid UTF-8 text ({exc.reason} at byte {exc.start}); re-encode it as UTF-8, "
+            f"e.g. iconv -f latin1 -t utf-8 {path.name} > fixed{suffix}"
+        ) from exc
+    texts = _jsonl_texts(path, raw) if suffix == ".jsonl" else _paragraphs(raw)
+    if not texts:
+        expected = 'one JSON object per line with a "text" field' if suffix == ".jsonl" else "paragraphs"
+        raise DataError(f"{path} holds no text; expected {expected} of real text, e.g. a few articles")
+    return TextSource.from_texts(str(path), texts)
+
+
+def _paragraphs(raw: str) -> list[str]:
+    return [p.strip() for p in re.split(r"\n\s*\n", raw) if p.strip()]
+
+
+def _jsonl_texts(path: Path, raw: str) -> list[str]:
+    texts: list[str] = []
+    for lineno, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: not a JSON object ({exc.msg})") from exc
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        text = _text_field(record)
+        if text is None:
+            raise DataError(f'{path}:{lineno}: no string field (expected "text")')
+        if text.strip():
+            texts.append(text.strip())
+    return texts
+
+
+def _text_field(record: dict[str, Any]) -> str | None:
+    if isinstance(record.get("text"), str):
+        return record["text"]
+    return next((v for v in record.values() if isinstance(v, str)), None)
+
+
+# --------------------------------------------------------------------------------------------- hub
+
+
+def _rows(dataset: Any, field: str) -> list[str]:
+    return [row[field] for row in dataset]
+
+
+def _wikitext2(load: Callable[..., Any], split: Split) -> list[str]:
+    # Raw rows, blank ones included: joined with "\n\n" this is the usual wikitext-2 perplexity text.
+    ds = load("wikitext", "wikitext-2-raw-v1", split="train" if split == "calibration" else "test")
+    return _rows(ds, "text")
+
+
+def _c4(load: Callable[..., Any], split: Split) -> list[str]:
+    shard = (
+        {"train": "en/c4-train.00000-of-01024.json.gz"}
+        if split == "calibration"
+        else {"validation": "en/c4-validation.00000-of-00008.json.gz"}
+    )
+    ds = load("allenai/c4", data_files=shard, split=next(iter(shard)))
+    return _rows(ds, "text")
+
+
+def _alpaca(load: Callable[..., Any], split: Split) -> list[str]:
+    ds = load("tatsu-lab/alpaca", split="train")  # one split only: every 5th record is held out
+    return split_units([[t] for t in _rows(ds, "text")], split)
+
+
+def _pg19(load: Callable[..., Any], split: Split) -> list[str]:
+    ds = load("deepmind/pg19", split="validation" if split == "calibration" else "test", streaming=True)
+    return [row["text"] for _, row in zip(range(10), ds, strict=False)]  # ten books are plenty
+
+
+HUB_SOURCES: dict[str, Callable[[Callable[..., Any], Split], list[str]]] = {
+    "wikitext2": _wikitext2,
+    "c4": _c4,
+    "alpaca": _alpaca,
+    "pg19": _pg19,
+}
+
+
+def _hub(key: str, split: Split) -> TextSource:
+    try:
+        from datasets import load_dataset
+    except ImportError as exc:
+        raise ImportError(
+            f"the hub source {key!r} needs the `datasets` package: pip install datasets"
+        ) from exc
+    try:
+        texts = HUB_SOURCES[key](load_dataset, split)
+    except Exception as exc:
+        if is_hub_unreachable(exc):
+            raise HubUnreachableError(
+                f"could not load the text source {key!r} from the Hugging Face Hub: the hub is unreachable "
+                f"from this machine ({type(exc).__name__}). Use a local .txt or .jsonl file, or a built-in "
+                f"source that needs no hub: {', '.join(BUILTIN_SOURCES)}."
+            ) from exc
+        raise
+    texts = [t for t in texts if t.strip()] if key != "wikitext2" else texts
+    if not any(t.strip() for t in texts):
+        raise DataError(f"the hub source {key!r} ({split}) gave no text")
+    return TextSource.from_texts(f"{key}:{split}", texts)

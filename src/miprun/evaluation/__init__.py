@@ -1,0 +1,1 @@
+"""Evaluating pruned models: held-out perplexity, zero-shot tasks, speed, and side-by-side comparisons."""

@@ -1,0 +1,242 @@
+"""Evaluate a (pruned) model: held-out perplexity and zero-shot multiple-choice accuracy.
+
+Perplexity comes from :mod:`miprun.perplexity` on non-overlapping windows of the *evaluation* split of
+each text source. Accuracy comes from the real lm-evaluation-harness, driven in-process on the loaded
+model (``HFLM(pretrained=<model object>)``): the offline tasks of :mod:`miprun.tasks` run anywhere; any
+other name is passed to lm-eval as is and needs the Hugging Face Hub for its data.
+
+import miprun.evaluate as ev
+result = ev.evaluate("out/pruned", tasks=["social_iqa", "next_sentence"], limit=200)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import functools
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from miprun.assets import HubUnreachableError, is_hub_unreachable
+from miprun.errors import UnknownNameError
+from miprun.evaluation.heldout import heldout_windows, perplexity_record
+from miprun.evaluation.tasks import OFFLINE_TASKS, write_tasks
+from miprun.model.layouts import num_blocks
+from miprun.model.loading import LoadedModel, as_loaded
+from miprun.options import EvaluateOptions, with_overrides
+from miprun.output.manifest import MANIFEST_NAME
+from miprun.versions import package_versions
+
+log = logging.getLogger(__name__)
+
+PASS_THROUGH = "lm-eval:"  # forces a name to lm-eval's own task, e.g. lm-eval:social_iqa (needs the hub)
+METRICS = ("acc", "acc_norm")
+
+
+def perplexity_on(
+    loaded: LoadedModel,
+    source: str | None,
+    *,
+    seq_len: int = 256,
+    max_windows: int | None = 64,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Perplexity on the first ``max_windows`` (all when None) windows of ``source``'s evaluation split."""
+    text, windows = heldout_windows(loaded.tokenizer, source, seq_len, max_windows)
+    return perplexity_record(loaded.model, text, windows, batch_size=batch_size, progress=progress)
+
+
+def _lm_eval() -> Any:
+    try:
+        import lm_eval
+    except ImportError as exc:
+        raise ImportError(
+            "zero-shot tasks need lm-evaluation-harness: pip install 'miprun[eval]' (or pip install lm-eval)"
+        ) from exc
+    return lm_eval
+
+
+@contextlib.contextmanager
+def _quiet(logger: str, quiet: bool) -> Iterator[None]:
+    """Raise ``logger`` to ERROR for the duration when ``quiet``."""
+    target = logging.getLogger(logger)
+    old = target.level
+    if quiet:
+        target.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        target.setLevel(old)
+
+
+def _harness_results(raw: dict[str, Any], names: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Our per-task record from lm-eval's output; ``names`` maps lm-eval task names to ours."""
+    out: dict[str, dict[str, Any]] = {}
+    for harness_name, ours in names.items():
+        metrics = raw["results"][harness_name]
+        entry: dict[str, Any] = {"harness_task": harness_name}
+        for metric in METRICS:
+            for key, field in ((f"{metric},none", metric), (f"{metric}_stderr,none", f"{metric}_stderr")):
+                value = metrics.get(key)
+                entry[field] = value if isinstance(value, (int, float)) else None
+        samples = raw.get("n-samples", {}).get(harness_name, {})
+        entry["examples"] = samples.get("effective")
+        entry["available"] = samples.get("original")
+        out[ours] = entry
+    return out
+
+
+def run_tasks(
+    loaded: LoadedModel,
+    tasks: Sequence[str],
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    task_text: str | None = None,
+    progress: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Zero-shot accuracy (``acc``, ``acc_norm``) of the in-memory model on ``tasks`` with lm-eval.
+
+    Args:
+        tasks: offline task names (see :data:`miprun.tasks.OFFLINE_TASKS`) or lm-eval task names.
+        limit: the first ``limit`` examples of each task (all when None).
+        seed: seed of the next-sentence task's distractors and answer positions.
+        task_text: held-out text the next-sentence task is built from (default: wiki).
+    """
+    lm_eval = _lm_eval()
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    offline = [t for t in tasks if t in OFFLINE_TASKS]
+    hub = [t.removeprefix(PASS_THROUGH) for t in tasks if t not in OFFLINE_TASKS]
+    if hub:
+        _check_known(hub, _default_manager().all_tasks)  # a typo fails before any task runs
+    with _quiet("lm_eval", not progress):
+        lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
+        results: dict[str, dict[str, Any]] = {}
+        if offline:
+            folder = write_tasks(offline, source=task_text, seed=seed)
+            manager = TaskManager(include_path=str(folder), include_defaults=False)  # no 10 s index scan
+            names = {OFFLINE_TASKS[t].harness_name: t for t in offline}
+            raw = lm_eval.simple_evaluate(
+                model=lm, tasks=list(names), task_manager=manager, limit=limit, log_samples=False
+            )
+            results.update(_harness_results(raw, names))
+            for name in offline:
+                results[name]["chance"] = OFFLINE_TASKS[name].chance
+        if hub:
+            try:
+                raw = lm_eval.simple_evaluate(
+                    model=lm, tasks=hub, task_manager=_default_manager(), limit=limit, log_samples=False
+                )
+            except Exception as exc:
+                if is_hub_unreachable(exc):
+                    raise HubUnreachableError(
+                        f"lm-eval task(s) {', '.join(hub)} download their data from the Hugging Face Hub, "
+                        f"which is unreachable from this machine ({type(exc).__name__}). miprun's offline "
+                        f"tasks need no hub: {', '.join(OFFLINE_TASKS)}."
+                    ) from exc
+                raise
+            results.update(_harness_results(raw, {t: t for t in hub}))
+    return {t: results[t if t in OFFLINE_TASKS else t.removeprefix(PASS_THROUGH)] for t in tasks}
+
+
+@functools.cache
+def _default_manager() -> Any:
+    """lm-eval's TaskManager over its own tasks: indexing them takes about 10 s, so once per process."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+def _check_known(names: Sequence[str], known: Sequence[str]) -> None:
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, list(dict.fromkeys([*OFFLINE_TASKS, *known])), n=3)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise UnknownNameError(
+                f"unknown task {name!r}.{hint} Offline tasks: {', '.join(OFFLINE_TASKS)}; "
+                "or any lm-eval task name (`lm-eval ls tasks`; those need the hub for their data)."
+            )
+
+
+def _pruning(loaded: LoadedModel) -> dict[str, Any] | None:
+    """What ``miprun.json`` beside the model says was removed, if the model came from a miprun folder."""
+    if loaded.path is None or not (Path(loaded.path) / MANIFEST_NAME).is_file():
+        return None
+    data = json.loads((Path(loaded.path) / MANIFEST_NAME).read_text(encoding="utf-8"))
+    return {k: data.get(k) for k in ("removed", "num_blocks_before", "num_blocks_after")}
+
+
+def evaluate(
+    model: str | LoadedModel | None = None, options: EvaluateOptions | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """Perplexity on each text (evaluation split) and accuracy on each task, as one JSON-able dict.
+
+    Args:
+        model: a model folder (e.g. ``miprun prune --out``), embedded name, ``.gguf``, hub name or LoadedModel.
+        options: :class:`~miprun.options.EvaluateOptions`; ``overrides`` replace fields by flat name
+            (``tasks=["social_iqa"]``, ``limit=200``, ``ppl=["wiki", "nyt"]``, ``no_ppl=True``).
+    """
+    opts = with_overrides(options or EvaluateOptions(), **overrides)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    loaded = as_loaded(model, opts.runtime)
+    timings["load_model"] = round(time.perf_counter() - start, 3)
+    result: dict[str, Any] = {
+        "model": {
+            "name": loaded.name,
+            "path": loaded.path,
+            "num_blocks": num_blocks(loaded.model),
+            "parameters": loaded.model.num_parameters(),
+            "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+            "pruning": _pruning(loaded),
+        },
+        "perplexity": {},
+        "tasks": {},
+    }
+    start = time.perf_counter()
+    windows = opts.ppl_windows or None
+    for source in [] if opts.no_ppl else opts.ppl:
+        result["perplexity"][source] = perplexity_on(
+            loaded,
+            source,
+            seq_len=opts.ppl_seq_len,
+            max_windows=windows,
+            batch_size=opts.batch_size,
+            progress=opts.progress,
+        )
+    timings["perplexity"] = round(time.perf_counter() - start, 3)
+    if opts.tasks:
+        start = time.perf_counter()
+        result["tasks"] = run_tasks(
+            loaded,
+            opts.tasks,
+            limit=opts.limit,
+            batch_size=opts.batch_size,
+            seed=opts.seed,
+            task_text=opts.task_text,
+            progress=opts.progress,
+        )
+        timings["tasks"] = round(time.perf_counter() - start, 3)
+    result["settings"] = {
+        "limit": opts.limit,
+        "seed": opts.seed,
+        "task_text": opts.task_text or "wiki (evaluation split)",
+    }
+    result["versions"] = package_versions()
+    result["timings"] = timings
+    return result
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> None:
+    """Write an evaluation or benchmark result as strict, indented JSON, atomically."""
+    from miprun.atomic import write_json as write
+
+    write(path, result)

@@ -1,0 +1,1 @@
+"""The model: where its blocks and their parts live (layouts), loading, placement, surgery, fingerprints."""

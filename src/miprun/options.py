@@ -1,0 +1,560 @@
+"""Every setting of a run, as typed dataclasses shared by the Python API and the command line.
+
+Each field carries its help text, command-line flags and bounds as metadata: the CLI builds its options
+from these fields (:mod:`miprun.cli.params`), so a default, a description and a check live in one place.
+Values are checked when an options object is built, before any work, with errors that name the option
+both ways (``num_blocks (--num-blocks)``).
+
+    from miprun.options import PruneOptions
+    opts = PruneOptions(num_blocks=3)                   # everything else at its default
+    opts = with_overrides(opts, method="shortgpt", samples=8)  # flat field names reach nested groups
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from miprun.errors import InvalidOptionError, InvalidTypeError
+
+T = TypeVar("T")
+
+DEFAULT_METHOD = "mi-prun"
+DEFAULT_ESTIMATOR = "coordinate"  # chosen by measurement: docs/estimator-study.md
+DEFAULT_REPAIR = "none"
+DEFAULT_COMPARE_METHODS = (
+    "mi-prun",
+    "mi-optimal",
+    "shortgpt",
+    "angular",
+    "angular-mean",
+    "sleb",
+    "ppl-oneshot",
+    "last-n",
+    "random",
+)
+
+
+def opt(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *extra_flags: str,
+    factory: Any = dataclasses.MISSING,
+    min: float | None = None,
+    max: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    cli: bool = True,
+    parse: Any = None,
+    flags: tuple[str, ...] = (),
+) -> Any:
+    """A dataclass field with its CLI flags, help and bounds (``min``/``max`` inclusive, ``above``/``below`` not).
+
+    ``parse`` turns the command line's value into the field's (e.g. ``KEY=VALUE`` items into a dict).
+    """
+    meta = {
+        "help": help,
+        "flags": flags or extra_flags,
+        "min": min,
+        "max": max,
+        "above": above,
+        "below": below,
+    }
+    meta |= {"cli": cli, "parse": parse}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def parse_key_values(items: list[str] | None) -> dict[str, str]:
+    """``["a=1", "b=x"]`` -> ``{"a": "1", "b": "x"}``; each value is typed later by what it configures."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InvalidOptionError(f"expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def flag(f: dataclasses.Field) -> str:
+    """The long command-line flag of a field (``--num-blocks``), for messages."""
+    flags = [x for x in f.metadata.get("flags", ()) if x.startswith("--")]
+    return flags[0].split("/")[0] if flags else "--" + f.name.replace("_", "-")
+
+
+class Options:
+    """Base of the option groups: checks every field's type and bounds when the object is built."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            _check_field(f, getattr(self, f.name), hints[f.name])
+        self.check()
+
+    def check(self) -> None:
+        """Checks across fields; subclasses extend it."""
+
+
+def _allowed(tp: Any) -> tuple[type, ...]:
+    """The runtime types a field annotation admits (``int | None`` -> ``(int, NoneType)``)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return tuple(t for arg in typing.get_args(tp) for t in _allowed(arg))
+    if origin is not None:
+        return (origin,)
+    if tp is Any:
+        return (object,)
+    return (tp,) if isinstance(tp, type) else (object,)
+
+
+def _check_field(f: dataclasses.Field, value: Any, tp: Any) -> None:
+    name = f"{f.name} ({flag(f)})"
+    allowed = _allowed(tp)
+    if value is None and type(None) in allowed:
+        return
+    is_bool = isinstance(value, bool)
+    ok = any(
+        (t is int and isinstance(value, int) and not is_bool)
+        or (t is float and isinstance(value, (int, float)) and not is_bool)
+        or (t not in (int, float) and isinstance(value, t))
+        for t in allowed
+    )
+    if not ok:
+        want = " or ".join(sorted({getattr(t, "__name__", str(t)) for t in allowed}))
+        raise InvalidTypeError(f"{name} must be {want}, got {value!r} ({type(value).__name__})")
+    if isinstance(value, (int, float)) and not is_bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidOptionError(f"{name} must be a finite number, got {value!r}")
+        meta = f.metadata
+        bounds = [
+            (meta.get("min"), lambda v, b: v >= b, "at least"),
+            (meta.get("max"), lambda v, b: v <= b, "at most"),
+            (meta.get("above"), lambda v, b: v > b, "greater than"),
+            (meta.get("below"), lambda v, b: v < b, "less than"),
+        ]
+        for bound, holds, words in bounds:
+            if bound is not None and not holds(value, bound):
+                raise InvalidOptionError(f"{name} must be {words} {bound:g}, got {value!r}{_hint(meta)}")
+
+
+def _hint(meta: Any) -> str:
+    text = meta.get("help", "")
+    return f" ({text[0].lower() + text[1:].rstrip('.')})" if text else ""
+
+
+def groups(obj: Any) -> list[tuple[str, Any]]:
+    """``(field name, value)`` of the nested option groups of an options object."""
+    return [
+        (f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj) if _is_group(getattr(obj, f.name))
+    ]
+
+
+def _is_group(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and isinstance(value, Options)
+
+
+def flat_fields(cls: type) -> dict[str, tuple[tuple[str, ...], dataclasses.Field]]:
+    """Every leaf field of an options class and its nested groups: flat name -> (path of groups, field)."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, tuple[tuple[str, ...], dataclasses.Field]] = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if isinstance(tp, type) and issubclass(tp, Options) and dataclasses.is_dataclass(tp):
+            for name, (path, leaf) in flat_fields(tp).items():
+                _add_unique(out, name, ((f.name, *path), leaf), cls)
+        else:
+            _add_unique(out, f.name, ((), f), cls)
+    return out
+
+
+def _add_unique(out: dict, name: str, entry: Any, cls: type) -> None:
+    if name in out:
+        raise TypeError(f"{cls.__name__}: option {name!r} is defined twice in its groups")
+    out[name] = entry
+
+
+def with_overrides(options: T, **flat: Any) -> T:
+    """A copy of ``options`` with fields replaced by flat name (``samples=8`` reaches the calibration group).
+
+    A whole group can be replaced by its own name (``calibration=CalibrationConfig(...)``).
+    """
+    if not flat:
+        return options
+    leaves = flat_fields(type(options))
+    group_names = {name for name, _ in groups(options)}
+    unknown = [k for k in flat if k not in leaves and k not in group_names]
+    if unknown:
+        known = sorted([*leaves, *group_names])
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise InvalidOptionError(
+            f"unknown option {unknown[0]!r} for {type(options).__name__}.{hint} Options: {', '.join(known)}"
+        )
+    changes: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for name, value in flat.items():
+        path = () if name in group_names else leaves[name][0]
+        if path:
+            nested.setdefault(path[0], {})[name] = value
+        else:
+            changes[name] = value
+    for group, sub in nested.items():
+        changes[group] = with_overrides(changes.get(group, getattr(options, group)), **sub)
+    return dataclasses.replace(options, **changes)  # type: ignore[type-var]
+
+
+# ----------------------------------------------------------------------------- the groups
+
+
+@dataclass
+class CalibrationConfig(Options):
+    """Which calibration text and how windows are drawn. Defaults fit a 135M model on a 2-core laptop CPU."""
+
+    source: str | None = opt(
+        None,
+        "Calibration text: wiki (default, SQuAD Wikipedia paragraphs), new_wiki, nyt, reddit, amazon, "
+        "a local .txt/.jsonl file, or a hub data set (wikitext2, c4, alpaca, pg19).",
+        "--calib",
+    )
+    samples: int = opt(32, "Calibration windows.", "--samples", "-s", min=1)
+    seq_len: int = opt(256, "Tokens per calibration window.", "--seq-len", "-l", min=2)
+    seed: int = opt(0, "Seed for window sampling, projections and token samples.", "--seed")
+    batch_size: int = opt(4, "Windows per forward pass.", "--batch-size", min=1)
+    exclude_first_token: bool = opt(
+        False, "Leave each window's first token out of the statistics.", "--exclude-first-token"
+    )
+
+
+@dataclass
+class RuntimeOptions(Options):
+    """Where and how the model runs."""
+
+    device: str = opt("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps ...", "--device")
+    dtype: str = opt(
+        "auto",
+        "Compute dtype: auto (bf16 on CUDA, else fp32), float32, bfloat16, float16. The saved model "
+        "keeps the source checkpoint's dtype unless --save-dtype says otherwise.",
+        "--dtype",
+    )
+    device_map: str | None = opt(
+        None,
+        "Spread a model larger than one device with accelerate: auto, balanced, balanced_low_0, "
+        "sequential (layers on several GPUs, the rest offloaded to CPU). Default: all on --device.",
+        "--device-map",
+    )
+    trust_remote_code: bool = opt(
+        False, "Allow model code from the hub (off by default: it runs code).", "--trust-remote-code"
+    )
+
+    def check(self) -> None:
+        from miprun.model.loading import DTYPES
+
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise InvalidOptionError(
+                f"dtype (--dtype) must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}"
+            )
+
+
+@dataclass
+class EstimatorOptions(Options):
+    """Which MI estimator scores blocks and spans."""
+
+    estimator: str = opt(
+        DEFAULT_ESTIMATOR,
+        "MI estimator: coordinate (default), gaussian, renyi, binned (see `miprun list estimators`).",
+        "--estimator",
+        "-e",
+    )
+    estimator_params: dict[str, Any] = opt(
+        help="Estimator parameter KEY=VALUE (repeatable), e.g. --est-opt center=true; typed and "
+        "checked against the estimator's parameters.",
+        factory=dict,
+        parse=parse_key_values,
+        flags=("--est-opt",),
+    )
+
+    def check(self) -> None:
+        self.build()
+
+    def build(self) -> Any:
+        from miprun import estimators
+
+        return estimators.build(self.estimator, self.estimator_params)
+
+
+@dataclass
+class ScoringOptions(Options):
+    """How blocks are scored and chosen."""
+
+    method: str = opt(DEFAULT_METHOD, "Pruning method (see `miprun list methods`).", "--method")
+    estimation: EstimatorOptions = field(default_factory=EstimatorOptions)
+    method_params: dict[str, Any] = opt(
+        help="Method parameter KEY=VALUE (repeatable), e.g. --method-opt rank=mi; typed and checked "
+        "against the method's parameters.",
+        factory=dict,
+        parse=parse_key_values,
+        flags=("--method-opt",),
+    )
+    k: int = opt(
+        5, "Fast-Block-Select candidate surplus: floor(ln L)+k windows per group (mi-prun).", "--k", min=0
+    )
+    cache: bool = opt(
+        True,
+        "Reuse (and store) scores computed before for the same model, windows and settings.",
+        "--cache/--no-cache",
+    )
+    sequential: bool = opt(
+        False,
+        "Keep the model on the CPU and calibrate one decoder layer at a time on --device "
+        "(scores equal to the whole-model pass; device memory: one layer and one batch).",
+        "--sequential",
+    )
+
+    def check(self) -> None:
+        self.build_method()  # unknown names and bad parameters fail here, before any work
+
+    def build_method(self) -> Any:
+        """The method with its parameters (``k`` goes to methods that take it)."""
+        from miprun import methods
+
+        cls = methods.REGISTRY.get(self.method)
+        params = dict(self.method_params)
+        if "k" in {f.name for f in dataclasses.fields(cls)}:
+            params.setdefault("k", self.k)
+        return methods.build(self.method, params)
+
+    def build_estimator(self) -> Any:
+        return self.estimation.build()
+
+
+@dataclass
+class HeldoutOptions(Options):
+    """Held-out text for perplexity: the evaluation split of a source, disjoint from calibration text."""
+
+    eval_source: str | None = opt(None, "Held-out text (default: wiki, its evaluation split).", "--eval-text")
+    eval_samples: int = opt(16, "Held-out windows.", "--eval-samples", min=1)
+    eval_seq_len: int = opt(256, "Held-out window length.", "--eval-seq-len", min=2)
+
+
+@dataclass
+class RepairOptions(Options):
+    """What repairs the model after the cut."""
+
+    repair: str = opt(DEFAULT_REPAIR, "Repair after the cut (see `miprun list repairs`).", "--repair")
+    repair_params: dict[str, Any] = opt(
+        help="Repair parameter KEY=VALUE (repeatable), typed and checked against the repair's parameters.",
+        factory=dict,
+        parse=parse_key_values,
+        flags=("--repair-opt",),
+    )
+
+    def check(self) -> None:
+        self.build()
+
+    def build(self) -> Any:
+        from miprun import repair
+
+        return repair.build(self.repair, self.repair_params)
+
+
+@dataclass
+class OutputOptions(Options):
+    """How the pruned model is written."""
+
+    save_dtype: str | None = opt(
+        None,
+        "dtype of the saved weights: float32, bfloat16, float16; default: the source checkpoint's.",
+        "--save-dtype",
+    )
+
+    def check(self) -> None:
+        from miprun.model.loading import DTYPES
+
+        if self.save_dtype is not None and self.save_dtype not in DTYPES:
+            raise InvalidOptionError(
+                f"save_dtype (--save-dtype) must be one of {', '.join(DTYPES)}, got {self.save_dtype!r}"
+            )
+
+
+@dataclass
+class ScoreOptions(Options):
+    """``miprun score``: one calibration pass, every block and span scored, for any later N."""
+
+    scoring: ScoringOptions = field(default_factory=ScoringOptions)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    max_blocks: int | None = opt(
+        None,
+        "Largest N the file must serve for N-dependent evidence such as sleb's (default: T/4).",
+        "--max-blocks",
+        min=1,
+    )
+    progress: bool = opt(True, "Progress bars and log lines.", cli=False)
+
+
+@dataclass
+class PruneOptions(Options):
+    """``miprun prune``: score, select, repair, cut, evaluate and save."""
+
+    num_blocks: int | None = opt(None, "Blocks to remove (N).", "--num-blocks", "-n", min=1)
+    ratio: float | None = opt(
+        None, "Fraction of blocks to remove: N = ceil(T*R).", "--ratio", "-r", above=0, below=1
+    )
+    scoring: ScoringOptions = field(default_factory=ScoringOptions)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    repair_config: RepairOptions = field(default_factory=RepairOptions)
+    evaluate: bool = opt(False, "Held-out perplexity of the dense and pruned model.", "--eval/--no-eval")
+    heldout: HeldoutOptions = field(default_factory=HeldoutOptions)
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    output: OutputOptions = field(default_factory=OutputOptions)
+    progress: bool = opt(True, "Progress bars and log lines.", cli=False)
+
+    def check_budget(self) -> None:
+        """Exactly one of ``num_blocks`` and ``ratio`` (checked when a run starts: a default object has neither)."""
+        if (self.num_blocks is None) == (self.ratio is None):
+            got = "neither" if self.num_blocks is None else f"both: {self.num_blocks} and {self.ratio}"
+            raise InvalidOptionError(
+                f"give exactly one of num_blocks (--num-blocks N) or ratio (--ratio R), got {got}; "
+                "e.g. --num-blocks 3 or --ratio 0.2"
+            )
+
+
+def split_list(items: list[str] | None) -> list[str]:
+    """Repeatable options that also accept comma-separated values: ``-t a,b -t c`` -> [a, b, c]."""
+    return [part.strip() for item in items or [] for part in str(item).split(",") if part.strip()]
+
+
+def split_ints(items: list[str] | None) -> list[int]:
+    """``-n 3 -n 6,9`` -> [3, 6, 9]; a non-integer is an error naming it."""
+    out = []
+    for part in split_list(items):
+        try:
+            out.append(int(part))
+        except ValueError:
+            raise InvalidOptionError(f"expected whole numbers like 3,6,9, got {part!r}") from None
+    return out
+
+
+@dataclass
+class EvaluateOptions(Options):
+    """``miprun eval``: held-out perplexity and zero-shot accuracy of a model."""
+
+    ppl: list[str] = opt(
+        help="Perplexity text (repeatable or comma-separated; evaluation split): wiki (default), new_wiki, nyt, "
+        "reddit, amazon, a local .txt/.jsonl file, or a hub data set.",
+        factory=lambda: ["wiki"],
+        parse=split_list,
+        flags=("--ppl",),
+    )
+    no_ppl: bool = opt(False, "Skip perplexity.", "--no-ppl")
+    ppl_seq_len: int = opt(256, "Tokens per perplexity window.", "--ppl-seq-len", min=2)
+    ppl_windows: int = opt(64, "First N windows of each text (0: all).", "--ppl-windows", min=0)
+    tasks: list[str] = opt(
+        help="Zero-shot tasks (repeatable or comma-separated): social_iqa and next_sentence run offline; any "
+        "other lm-eval task name (or lm-eval:NAME) needs the hub.",
+        factory=list,
+        parse=split_list,
+        flags=("--tasks", "-t"),
+    )
+    limit: int | None = opt(None, "First N examples per task.", "--limit", min=1)
+    task_text: str | None = opt(None, "Held-out text for next_sentence (default: wiki).", "--task-text")
+    seed: int = opt(0, "Seed of the next_sentence distractors.", "--seed")
+    batch_size: int = opt(4, "Windows (and task requests) per forward pass.", "--batch-size", min=1)
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    progress: bool = opt(True, "Progress bars and log lines.", cli=False)
+
+
+@dataclass
+class BenchConfig(Options):
+    """What ``miprun bench`` measures; defaults take about a minute for two 135M models on a 2-core CPU."""
+
+    prompt_len: int = opt(256, "Prompt tokens.", "--prompt-len", min=1)
+    new_tokens: int = opt(32, "Greedy tokens decoded per run.", "--new-tokens", min=1)
+    batch_sizes: list[int] = opt(
+        help="Decode batch sizes, comma-separated.",
+        factory=lambda: [1, 8],
+        parse=split_ints,
+        flags=("--batch-sizes",),
+    )
+    warmup: int = opt(1, "Untimed rounds first.", "--warmup", min=0)
+    repeats: int = opt(5, "Timed rounds; medians are reported.", "--repeats", min=1)
+    seed: int = opt(0, "Seed of the random prompt.", "--seed")
+
+    def check(self) -> None:
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise InvalidOptionError(
+                f"batch_sizes (--batch-sizes) must be positive integers, got {self.batch_sizes}"
+            )
+
+
+@dataclass
+class BenchOptions(Options):
+    """``miprun bench``: speed, memory and size, optionally against the dense model, interleaved."""
+
+    against: str | None = opt(None, "Dense model to compare with, measured interleaved.", "--against")
+    config: BenchConfig = field(default_factory=BenchConfig)
+    threads: int | None = opt(None, "CPU threads for torch (default: torch's choice).", "--threads", min=1)
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+
+
+@dataclass
+class CompareOptions(Options):
+    """``miprun compare``: every method (and repair) at every N on the same data, side by side."""
+
+    num_blocks: list[int] = opt(
+        help="Blocks to remove; repeat or comma-separate: -n 3 -n 6,9.",
+        factory=lambda: [3, 6, 9],
+        parse=split_ints,
+        flags=("--num-blocks", "-n"),
+    )
+    methods: list[str] = opt(
+        help="Methods to compare (repeat or comma-separate); default: every method.",
+        factory=lambda: list(DEFAULT_COMPARE_METHODS),
+        parse=split_list,
+        flags=("--methods",),
+    )
+    repairs: list[str] = opt(
+        help="Repairs to apply to every method's choice (repeat or comma-separate); default: none.",
+        factory=lambda: [DEFAULT_REPAIR],
+        parse=split_list,
+        flags=("--repairs",),
+    )
+    estimation: EstimatorOptions = field(default_factory=EstimatorOptions)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    heldout: HeldoutOptions = field(default_factory=HeldoutOptions)
+    tasks: list[str] = opt(
+        help="Zero-shot tasks for each pruned model (repeat or comma-separate).",
+        factory=list,
+        parse=split_list,
+        flags=("--tasks", "-t"),
+    )
+    limit: int | None = opt(None, "Examples per task.", "--limit", min=1)
+    task_max_ppl: float | None = opt(
+        None,
+        "Skip the tasks for pruned models whose held-out perplexity exceeds this multiple of dense (they answer "
+        "at chance); default: run them for every row.",
+        "--task-max-ppl",
+        min=1.0,
+    )
+    forward_repeats: int = opt(
+        3, "Timed plain forward passes (the pruning-time reference).", "--forward-repeats", min=1
+    )
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    progress: bool = opt(True, "Progress bars and log lines.", cli=False)
+
+    def check(self) -> None:
+        from miprun import methods, repair
+
+        if not self.num_blocks or min(self.num_blocks) < 1:
+            raise InvalidOptionError(f"num_blocks (--num-blocks) must be positive, got {self.num_blocks}")
+        for name in self.methods:
+            methods.REGISTRY.get(name)
+        for name in self.repairs:
+            repair.REGISTRY.get(name)
+        if not self.methods:
+            raise InvalidOptionError("methods (--methods) names no method")

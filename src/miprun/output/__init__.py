@@ -1,0 +1,1 @@
+"""Writing the results: the checkpoint, its manifest and report, atomically."""

@@ -1,0 +1,73 @@
+"""The pruning plan: a typed, strict-JSON record written beside the checkpoint as ``miprun.json``.
+
+It holds everything needed to understand and re-apply a pruning run: removed blocks (0-based, original
+numbering), the method, estimator and repair settings, every score, the calibration data fingerprint,
+package versions and the time of each phase. Its ``kind`` marks a folder as miprun's own output.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from miprun.errors import ScoresError
+from miprun.methods.base import SearchInfo
+from miprun.repair.base import RepairRecord
+from miprun.scores.result import CalibrationInfo
+from miprun.versions import package_versions
+
+MANIFEST_NAME = "miprun.json"
+MANIFEST_KIND = "miprun-plan"
+SCHEMA_VERSION = 2  # 2: kind, repair, optional MI fields (baselines no longer capture MI)
+
+
+@dataclass
+class PrunePlan:
+    """The record of one pruning run."""
+
+    model: dict[str, Any]  # name, path, model_type, content fingerprint
+    num_blocks_before: int
+    removed: list[int]
+    calibration: CalibrationInfo
+    search: SearchInfo
+    estimator: dict[str, Any] | None = None  # None for methods that read no MI
+    scores: dict[str, Any] | None = None  # ScoreTable.to_json() when an MI table was computed
+    repair: RepairRecord = field(default_factory=lambda: RepairRecord("none"))
+    timings: dict[str, float] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)  # files of the checkpoint besides the manifest
+    versions: dict[str, str] = field(default_factory=package_versions)
+    schema_version: int = SCHEMA_VERSION
+    kind: str = MANIFEST_KIND
+
+    @property
+    def num_blocks_after(self) -> int:
+        return self.num_blocks_before - len(self.removed)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["num_blocks_after"] = self.num_blocks_after
+        return data
+
+    def write(self, path: Path) -> None:
+        """Strict JSON (no NaN or Infinity), written atomically."""
+        from miprun.atomic import write_json
+
+        write_json(path, self.to_json())
+
+    @classmethod
+    def read(cls, path: Path) -> PrunePlan:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            data.pop("num_blocks_after", None)
+            data["calibration"] = CalibrationInfo(**data["calibration"])
+            data["search"] = SearchInfo(**data["search"])
+            data["repair"] = RepairRecord(**(data.get("repair") or {"name": "none"}))
+            data.setdefault("kind", MANIFEST_KIND)
+            return cls(**data)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ScoresError(
+                f"cannot read the pruning plan {path}: {err}. Expected the miprun.json that `miprun prune` writes"
+            ) from err

@@ -1,0 +1,28 @@
+"""Repairs after the cut, by name: one file and one registry line each."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from miprun.options import DEFAULT_REPAIR
+from miprun.registry import Registry
+from miprun.repair.base import Repair, RepairContext, RepairRecord
+from miprun.repair.identity import NoRepair
+
+REGISTRY: Registry[type[Repair]] = Registry("repair")
+REGISTRY.add("none", NoRepair)
+
+
+def build(name: str, params: Mapping[str, Any] | None = None) -> Repair:
+    """The repair ``name`` with ``params`` typed and checked against its hyperparameters."""
+    repair: Repair = REGISTRY.build(name, params)
+    return repair
+
+
+def describe() -> str:
+    """One line per repair, for help texts."""
+    return "; ".join(f"{name} ({cls.summary})" for name, cls in REGISTRY.items())
+
+
+__all__ = ["DEFAULT_REPAIR", "REGISTRY", "Repair", "RepairContext", "RepairRecord", "build", "describe"]

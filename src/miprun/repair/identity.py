@@ -1,0 +1,19 @@
+"""The identity repair: cut and change nothing else (what every depth-pruning method did before repairs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from miprun.repair.base import Repair, RepairContext, RepairRecord
+
+
+@dataclass
+class NoRepair(Repair):
+    name: ClassVar[str] = "none"
+    summary: ClassVar[str] = "cut only: no weight is changed"
+
+    def fit(self, ctx: RepairContext) -> tuple[dict[str, torch.Tensor], RepairRecord]:
+        return {}, RepairRecord(self.name)
