@@ -26,15 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from miprun import estimators
-from miprun.architectures import num_blocks
+from miprun.model.layouts import num_blocks
 from miprun.baselines import angular_select, block_influence, shortgpt_select
 from miprun.capture import capture
-from miprun.compare import forward_pass_seconds
+from miprun.evaluation.compare import forward_pass_seconds
 from miprun.data import eval_windows, load_text, token_windows
-from miprun.identity import model_fingerprint, tensor_fingerprint
-from miprun.loading import load_model
+from miprun.model.identity import model_fingerprint, tensor_fingerprint
+from miprun.model.loading import load_model
 from miprun.methods import run_method
-from miprun.oracle import DamageOracle, spearman
+from miprun.evaluation.oracle import DamageOracle, spearman
 from miprun.scores import ScoreTable
 from miprun.stats import CaptureSpec
 

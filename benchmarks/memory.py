@@ -50,7 +50,7 @@ def child(model: str, windows: int, seq_len: int, sequential: bool) -> dict[str,
     import torch
 
     from miprun.api import CalibrationConfig, score
-    from miprun.loading import load_model
+    from miprun.model.loading import load_model
 
     torch.set_num_threads(2)
     loaded = load_model(model, device="cpu", dtype="float32")

@@ -15,11 +15,11 @@ import json
 import math
 from pathlib import Path
 
-from miprun.architectures import num_blocks
+from miprun.model.layouts import num_blocks
 from miprun.data import eval_windows, load_text
-from miprun.identity import model_fingerprint, tensor_fingerprint
-from miprun.loading import load_model
-from miprun.oracle import DamageOracle
+from miprun.model.identity import model_fingerprint, tensor_fingerprint
+from miprun.model.loading import load_model
+from miprun.evaluation.oracle import DamageOracle
 
 
 def main() -> None:

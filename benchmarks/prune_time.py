@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from miprun import api, estimators
-from miprun.compare import forward_pass_seconds
+from miprun.evaluation.compare import forward_pass_seconds
 from miprun.data import load_text, token_windows
-from miprun.loading import load_model
+from miprun.model.loading import load_model
 
 
 def prune_seconds(loaded: Any, cal: api.CalibrationConfig, n: int, estimator: str) -> float:

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from miprun import estimators
-from miprun.architectures import num_blocks
+from miprun.model.layouts import num_blocks
 from miprun.baselines import block_influence, shortgpt_select, sleb_path
 from miprun.capture import capture
 from miprun.data import load_text, token_windows
-from miprun.loading import load_model
+from miprun.model.loading import load_model
 from miprun.methods import run_method
 from miprun.scores import ScoreTable
 from miprun.stats import CaptureSpec

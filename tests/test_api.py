@@ -12,10 +12,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import miprun
 from miprun.api import CalibrationConfig, ScoreResult, prune, score, select
-from miprun.architectures import decoder_layers, num_blocks
-from miprun.loading import LoadedModel
-from miprun.plan import MANIFEST_NAME, PrunePlan
+from miprun.model.layouts import decoder_layers, num_blocks
+from miprun.model.loading import LoadedModel
+from miprun.output.manifest import MANIFEST_NAME, PrunePlan
 
+pytestmark = pytest.mark.integration
 CAL = CalibrationConfig(source=str(CALIBRATION_TXT), samples=6, seq_len=24, seed=0, batch_size=3)
 
 
@@ -159,4 +160,45 @@ def test_plan_round_trips(tiny_tokenizer, tmp_path):
     path = tmp_path / MANIFEST_NAME
     result.plan.write(path)
     again = PrunePlan.read(path)
-    assert again.removed == result.plan.removed and again.search.loss == result.plan.search.loss
+    assert again.to_json() == result.plan.to_json()  # every field, not a sample of them
+    assert json.loads(path.read_text())["kind"] == "miprun-plan"
+    assert again.repair.name == "none" and again.repair.changed == []
+
+
+def test_an_options_object_and_flat_overrides_are_the_same_run(tiny_tokenizer):
+    from miprun.options import PruneOptions
+
+    opts = PruneOptions(num_blocks=2, calibration=CAL, progress=False)
+    by_object = prune(loaded("llama", tiny_tokenizer), opts)
+    by_keywords = prune(loaded("llama", tiny_tokenizer), num_blocks=2, calibration=CAL, progress=False)
+    assert by_object.plan.removed == by_keywords.plan.removed
+    assert by_object.plan.scores == by_keywords.plan.scores
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        ({"num_blocks": True}, TypeError, r"num_blocks \(--num-blocks\) must be int"),
+        ({"num_blocks": 2.7}, TypeError, r"num_blocks \(--num-blocks\) must be int"),
+        ({"num_blocks": 0}, ValueError, r"num_blocks \(--num-blocks\) must be at least 1"),
+        ({"num_blocks": 2, "k": -3}, ValueError, r"k \(--k\) must be at least 0"),
+        ({"num_blocks": 2, "batch_size": 0}, ValueError, r"batch_size \(--batch-size\) must be at least 1"),
+        ({"num_blocks": 2, "samples": "8"}, TypeError, r"samples \(--samples\) must be int"),
+        ({"ratio": 1.5}, ValueError, r"ratio \(--ratio\) must be less than 1"),
+        ({"num_blocks": 2, "sampels": 8}, ValueError, r"unknown option 'sampels'.*Did you mean 'samples'"),
+        ({"num_blocks": 2, "method": "shortgtp"}, ValueError, r"Did you mean 'shortgpt'"),
+        ({"num_blocks": 2, "estimator_params": {"center": "maybe"}}, ValueError, r"center.*true/false"),
+        ({"num_blocks": 2, "estimator": "gaussian", "estimator_params": {"proj_dim": -5}}, ValueError, "proj_dim"),
+    ],
+)
+def test_bad_options_raise_typed_errors_before_any_work(tiny_tokenizer, overrides, error, match):
+    from miprun.errors import MiprunError
+
+    lm = loaded("llama", tiny_tokenizer)
+    handle = decoder_layers(lm.model)[0].register_forward_pre_hook(lambda *_: pytest.fail("the model ran"))
+    try:
+        with pytest.raises(error, match=match) as caught:
+            prune(lm, calibration=CAL, progress=False, **overrides)
+    finally:
+        handle.remove()
+    assert isinstance(caught.value, MiprunError)

@@ -11,16 +11,21 @@ from hypothesis import strategies as st
 from tiny_models import ARCHS, NUM_LAYERS, SLIDING_WINDOW, VOCAB, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM, BertConfig, PretrainedConfig, T5Config
 
-from miprun.architectures import (
+from miprun.capture.taps import block_state_hooks
+from miprun.errors import InvalidOptionError, InvalidTypeError, MiprunError
+from miprun.model.layouts import (
     SUPPORTED,
     UnsupportedArchitectureError,
     base_model,
     decoder_layers,
+    has_part,
+    layer_part,
     layout_for,
+    mlp_adds_to_residual,
     num_blocks,
     text_config,
 )
-from miprun.surgery import remove_blocks, skip_blocks
+from miprun.model.surgery import remove_blocks, skip_blocks
 
 REMOVED = [1, 3]
 KEPT = [i for i in range(NUM_LAYERS) if i not in REMOVED]
@@ -120,8 +125,57 @@ def test_made_up_model_type_is_refused_with_a_valueerror() -> None:
     class MadeUpConfig(PretrainedConfig):
         model_type = "made_up_lm"
 
-    with pytest.raises(ValueError, match="made_up_lm"):
+    with pytest.raises(ValueError, match="made_up_lm") as info:
         layout_for(MadeUpConfig())
+    assert isinstance(info.value, MiprunError)
+
+
+def _zero_block_outputs(model: torch.nn.Module) -> None:
+    """Zero each block's attention and MLP output projections (and their biases), found through the roles."""
+    roles = layout_for(model.config).roles
+    with torch.no_grad():
+        for layer in decoder_layers(model):
+            mlp_out = [p for p in roles.mlp_out_proj if has_part(layer, p)]
+            assert mlp_out, f"no MLP output projection among {roles.mlp_out_proj}"
+            for path in (roles.attn_out_proj, mlp_out[0]):
+                layer_part(layer, path).zero_()
+                bias = path.removesuffix(".weight") + ".bias"
+                if path.endswith(".weight") and has_part(layer, bias) and layer_part(layer, bias) is not None:
+                    layer_part(layer, bias).zero_()
+
+
+def test_roles_name_the_parts_that_write_to_the_residual_stream(arch: str) -> None:
+    model, _ = tiny_model(arch)
+    roles = layout_for(model.config).roles
+    for layer in decoder_layers(model):
+        for name in ("mlp", "pre_mlp_norm", "input_norm", "post_mlp_norm", "post_attn_norm"):
+            path = getattr(roles, name)
+            if path is not None:
+                assert isinstance(layer_part(layer, path), torch.nn.Module), (name, path)
+        assert isinstance(layer_part(layer, roles.attn_out_proj), torch.nn.Parameter)
+        mlp_out = [p for p in roles.mlp_out_proj if has_part(layer, p)]
+        assert mlp_out and mlp_out[0].startswith(roles.mlp + "."), (
+            "the projection must produce the MLP's output"
+        )
+        assert isinstance(layer_part(layer, mlp_out[0]), torch.nn.Parameter)
+    assert mlp_adds_to_residual(model)  # every tiny model is pre-norm
+
+    # With both output projections zeroed every block passes its input through unchanged: the roles
+    # account for everything a block adds to the residual stream (what a repair edits).
+    def block_states() -> dict[int, torch.Tensor]:
+        states: dict[int, torch.Tensor] = {}
+        with torch.no_grad(), block_state_hooks(decoder_layers(model), lambda s, h: states.setdefault(s, h)):
+            base_model(model)(input_ids=_input_ids(), use_cache=False)
+        assert sorted(states) == list(range(NUM_LAYERS + 1))
+        return states
+
+    dense = block_states()
+    assert all((dense[s] - dense[0]).abs().max() > 1e-3 for s in range(1, NUM_LAYERS + 1))
+    _zero_block_outputs(model)
+    states = block_states()
+    for s in range(1, NUM_LAYERS + 1):
+        torch.testing.assert_close(states[s], states[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(states[0], dense[0], atol=0, rtol=0)  # the embeddings are untouched
 
 
 # --- remove_blocks ----------------------------------------------------------------------------------
@@ -232,16 +286,25 @@ def test_save_and_reload_gives_same_model(arch: str, tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
-    "removed",
-    [[1, 1], [NUM_LAYERS], [-1], list(range(NUM_LAYERS)), [0.5], [True]],
+    ("removed", "error", "message"),
+    [
+        ([1, 1], InvalidOptionError, r"unique; \[1\] appear more than once"),
+        ([NUM_LAYERS], InvalidOptionError, rf"must lie in \[0, {NUM_LAYERS - 1}\].*got \[{NUM_LAYERS}\]"),
+        ([-1], InvalidOptionError, "Negative indices are not accepted"),
+        (list(range(NUM_LAYERS)), InvalidOptionError, f"Cannot remove all {NUM_LAYERS} blocks"),
+        ([0.5], InvalidTypeError, r"must be integers, got 0\.5 \(float\)"),
+        ([True], InvalidTypeError, "must be integers, got the bool True"),
+    ],
     ids=["duplicate", "out-of-range", "negative", "all", "float", "bool"],
 )
-def test_invalid_removal_sets_raise_and_leave_model_alone(removed: list) -> None:
+def test_invalid_removal_sets_raise_and_leave_model_alone(removed: list, error: type, message: str) -> None:
     model, _ = tiny_model("llama")
-    with pytest.raises(ValueError):
+    layers = decoder_layers(model)
+    with pytest.raises(error, match=message):
         remove_blocks(model, removed)
-    with pytest.raises(ValueError), skip_blocks(model, removed):
+    with pytest.raises(error, match=message), skip_blocks(model, removed):
         pass
+    assert decoder_layers(model) is layers
     assert num_blocks(model) == NUM_LAYERS == model.config.num_hidden_layers
 
 

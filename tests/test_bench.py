@@ -9,10 +9,10 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from miprun.bench import BenchConfig, bench, cache_bytes, greedy_decode, weight_bytes
+from miprun.evaluation.bench import BenchConfig, bench, cache_bytes, greedy_decode, weight_bytes
 from miprun.cli import main
-from miprun.loading import LoadedModel
-from miprun.surgery import remove_blocks
+from miprun.model.loading import LoadedModel
+from miprun.model.surgery import remove_blocks
 
 SMALL = BenchConfig(prompt_len=12, new_tokens=4, batch_sizes=(1, 3), warmup=1, repeats=3)
 

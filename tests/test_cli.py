@@ -32,10 +32,27 @@ def test_help_documents_every_option(command, capsys):
     if command == "prune":
         for flag in ("--num-blocks", "--ratio", "--method", "--overwrite", "--scores", "--eval"):
             assert flag in text
-        assert "mi-prun" in text and "mi-optimal" in text
-    # every option line carries a description
-    options = re.findall(r"^\s+(--[a-z-]+)", text, flags=re.M)
-    assert options
+    # every option carries a description: the text between one option and the next is never empty
+    entries = re.split(r"^\s{2}(?=-)", text.split("Options:", 1)[1], flags=re.M)[1:]
+    assert len(entries) > 20
+    for entry in entries:
+        first, *rest = entry.strip().splitlines()
+        described = re.sub(r"^(-\w, )?--[a-z-]+(/ --[a-z-]+)?( [^ ]+)?", "", first).strip() or "".join(rest).strip()
+        assert described, f"no description for {first!r}"
+
+
+@pytest.mark.parametrize(("registry", "flag"), [("methods", "--method"), ("estimators", "--estimator"), ("repairs", "--repair")])
+def test_help_names_every_registered_choice(registry, flag, capsys):
+    """The choices written in --help are the registry's, no more and no fewer."""
+    from miprun import estimators, methods, repair
+
+    names = {"methods": methods.REGISTRY, "estimators": estimators.REGISTRY, "repairs": repair.REGISTRY}[registry]
+    assert main(["prune", "--help"]) == 0
+    text = re.sub(r"(\w)- (\w)", r"\1-\2", " ".join(capsys.readouterr().out.split()))  # undo hyphen wraps
+    block = text.split(f"{flag} ", 1)[1].split(" --", 1)[0]
+    assert all(name in block for name in names), block
+    listed = set(re.findall(r"\b([a-z]+(?:-[a-z]+)*) \(default\)|, ([a-z]+(?:-[a-z]+)*)", block))
+    assert {n for pair in listed for n in pair if n} <= set(names)
 
 
 def test_prune_through_the_cli(tiny_folder, tmp_path, capsys):

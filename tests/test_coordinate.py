@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -9,21 +10,34 @@ import torch
 from tiny_models import tiny_model
 
 from miprun.capture import capture
+from miprun.capture.statistic import BatchInfo, CaptureContext, CapturedStats, Statistic, combine
+from miprun.capture.statistics import CoordinateMoments, Moments
 from miprun.estimators import get
-from miprun.stats import BlockStats, CaptureSpec, CoordinateMoments
 
 GEN = torch.Generator().manual_seed(0)
 
 
-def coordinate_stats(states: list[torch.Tensor]) -> BlockStats:
-    """BlockStats holding per-coordinate moments of the given (tokens, dim) states."""
+def fold(stat: Statistic, states: list[torch.Tensor], cuts: tuple[int, ...]) -> Statistic:
+    """Feed the ``(tokens, dim)`` states to ``stat`` as the capture pass does, in batches cut at ``cuts``."""
     n, d = states[0].shape
-    stats = BlockStats(num_blocks=len(states) - 1, hidden_size=d)
-    stats.coordinates = CoordinateMoments(num_states=len(states), dim=d)
-    z = torch.stack(states, dim=1)
-    stats.coordinates.update(z[: n // 3])
-    stats.coordinates.update(z[n // 3 :])
-    return stats
+    mask = torch.ones(n, 1, dtype=torch.bool)  # one window per token
+    ctx = CaptureContext(num_blocks=len(states) - 1, hidden_size=d, seed=0, token_mask=mask)
+    stat.start(ctx)
+    bounds = [0, *cuts, n]
+    for lo, hi in itertools.pairwise(bounds):
+        batch = BatchInfo(lo, hi, mask[lo:hi].reshape(-1), lo, torch.arange(hi - lo))
+        parts = [stat.reduce(tap, states[tap.state][lo:hi].float(), batch) for tap in stat.taps(ctx)]
+        stat.update(parts, batch)
+    return stat
+
+
+def coordinate_stats(states: list[torch.Tensor], *extra: Statistic) -> CapturedStats:
+    """Captured per-coordinate moments (and any ``extra`` statistics) of the given (tokens, dim) states."""
+    n, d = states[0].shape
+    requests = combine([CoordinateMoments(), *extra])
+    for stat in requests:
+        fold(stat, states, (n // 3,))
+    return CapturedStats(num_blocks=len(states) - 1, hidden_size=d, num_tokens=n, statistics=requests)
 
 
 def test_matches_the_analytic_mi_of_correlated_gaussian_coordinates():
@@ -49,7 +63,7 @@ def test_uncentred_correlation_counts_a_shift_of_the_mean_as_change():
     assert uncentred.mi(stats, 0, 1) == pytest.approx(expected, rel=0.03)
     # centred, every coordinate is a perfect copy; with zero-mean data both agree
     assert get("coordinate", center=True).nmi(stats, 0, 1) == pytest.approx(1.0)
-    var_x, var_y, cov = stats.coordinates.moments(0, 1)
+    var_x, var_y, cov = stats.get(CoordinateMoments()).moments(0, 1)
     assert torch.allclose(cov / (var_x * var_y).sqrt(), torch.ones(d, dtype=torch.float64))
     same = coordinate_stats([x, 0.5 * x + torch.randn(n, d, generator=GEN, dtype=torch.float64)])
     assert uncentred.mi(same, 0, 1) == pytest.approx(get("coordinate", center=True).mi(same, 0, 1), rel=0.03)
@@ -72,45 +86,68 @@ def test_a_rotation_is_not_redundant_although_full_mi_says_it_is():
     rotation, _ = torch.linalg.qr(torch.randn(d, d, generator=GEN))
     near_identity = x + 0.1 * torch.randn(n, d, generator=GEN)
     rotated = x @ rotation.T
-    stats = coordinate_stats([x, near_identity, rotated])
+    full = get("gaussian", proj_dim=0)
+    stats = coordinate_stats([x, near_identity, rotated], *full.statistics())
     coord = get("coordinate")
     assert coord.nmi(stats, 0, 1) > 0.8 > 0.3 > coord.nmi(stats, 0, 2)
     # the full-covariance Gaussian estimator cannot tell them apart: both are near-deterministic maps
-    from miprun.stats import Moments
-
-    stats.moments = Moments(num_states=3, dim=d)
-    stats.moments.update(torch.cat([x, near_identity, rotated], dim=1))
-    full = get("gaussian", proj_dim=0)
     assert full.nmi(stats, 0, 2) >= full.nmi(stats, 0, 1) - 0.05
 
 
-def test_coordinate_moments_merge_exactly():
+@pytest.mark.parametrize("center", [True, False])
+def test_coordinate_moments_merge_exactly(center: bool):
     z = torch.randn(600, 3, 4, generator=GEN) * 2 + 5
-    whole, left, right = (CoordinateMoments(3, 4) for _ in range(3))
-    whole.update(z)
-    left.update(z[:250])
-    right.update(z[250:])
+    states = [z[:, s] for s in range(3)]
+    whole = fold(CoordinateMoments(), states, (200, 400))
+    left = fold(CoordinateMoments(), [s[:250] for s in states], ())
+    right = fold(CoordinateMoments(), [s[250:] for s in states], ())
     left.merge_(right)
-    for got, want in zip(left.moments(0, 2), whole.moments(0, 2), strict=True):
+    assert left.count == whole.count == 600
+    for got, want in zip(left.moments(0, 2, center), whole.moments(0, 2, center), strict=True):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    # and both agree with the moments computed directly in float64
+    var_0, var_2, cov = whole.moments(0, 2, center)
+    a, b = z[:, 0].double(), z[:, 2].double()
+    if center:
+        a, b = a - a.mean(0), b - b.mean(0)
+    scale = (599 / 600) if center else 1.0  # centred moments are the unbiased (n - 1) estimates
+    assert torch.allclose(var_0 * scale, (a * a).mean(0), rtol=1e-5)
+    assert torch.allclose(var_2 * scale, (b * b).mean(0), rtol=1e-5)
+    assert torch.allclose(cov * scale, (a * b).mean(0), rtol=1e-4, atol=1e-5)
 
 
 def test_capture_fills_coordinates_and_normalises_tokens():
     model, _ = tiny_model("llama")
     ids = torch.randint(3, 128, (4, 10), generator=GEN)
-    stats = capture(model, ids, CaptureSpec(coordinates=True, moments_dim=0, normalize=True), progress=False)
-    assert stats.coordinates is not None and stats.moments is not None and stats.normalized
-    var_a, _var_b, cov = stats.coordinates.moments(1, 3)
-    full = stats.moments.covariance(1, 3)
+    requests = [CoordinateMoments(normalize=True), Moments(proj_dim=0, normalize=True)]
+    stats = capture(model, ids, requests, progress=False)
+    coords, moments = stats.get(requests[0]), stats.get(requests[1])
+    assert stats.num_tokens == coords.count == moments.count == 40
+    var_a, _var_b, cov = coords.moments(1, 3)
+    full = moments.covariance(1, 3)
     d = stats.hidden_size
+    assert moments.dim == d  # proj_dim=0: no projection
     assert torch.allclose(var_a, full.diagonal()[:d], rtol=1e-4, atol=1e-6)
     assert torch.allclose(cov, full[:d, d:].diagonal(), rtol=1e-4, atol=1e-6)
     # every token's state has unit RMS after normalisation: mean of squares over coordinates is ~1
-    mean = stats.moments.total / stats.moments.count + stats.moments.shift
-    second = full.diagonal()[:d] * (stats.moments.count - 1) / stats.moments.count + mean[d : 2 * d] ** 2
+    mean = moments.total / moments.count + moments.shift
+    second = full.diagonal()[:d] * (moments.count - 1) / moments.count + mean[d : 2 * d] ** 2
     assert float(second.mean()) == pytest.approx(1.0, rel=1e-3)
+    assert float(coords.moments(1, 1, center=False)[0].mean()) == pytest.approx(1.0, rel=1e-3)
 
 
-def test_estimators_that_disagree_on_normalisation_cannot_share_a_capture():
-    with pytest.raises(ValueError, match="capture them separately"):
-        get("coordinate", normalize=True).capture_spec().merge(get("gaussian").capture_spec())
+def test_estimators_that_disagree_on_normalisation_read_separate_statistics_of_one_pass():
+    normed, raw = get("coordinate", normalize=True), get("coordinate")
+    requests = combine([*normed.statistics(), *raw.statistics(), *normed.statistics()])
+    assert [s.config() for s in requests] == [("CoordinateMoments", True), ("CoordinateMoments", False)]
+    model, _ = tiny_model("llama")
+    ids = torch.randint(3, 128, (4, 10), generator=GEN)
+    stats = capture(model, ids, requests, progress=False)
+    assert len(stats.statistics) == 2
+    unit = stats.get(normed.statistics()[0]).moments(2, 2, center=False)[0]
+    plain = stats.get(raw.statistics()[0]).moments(2, 2, center=False)[0]
+    assert float(unit.mean()) == pytest.approx(1.0, rel=1e-3)
+    assert float(plain.mean()) != pytest.approx(1.0, rel=0.1)  # the raw states really are not normalised
+    for est in (normed, raw):
+        assert 0.0 < est.nmi(stats, 0, 3) < 1.0
+    assert normed.nmi(stats, 0, 3) != pytest.approx(raw.nmi(stats, 0, 3), rel=1e-6)

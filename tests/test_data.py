@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 
 from miprun.assets import HubUnreachableError, bigbench_file, cache_dir
 from miprun.data import BUILTIN_SOURCES, TextSource, eval_windows, load_text, token_windows
-from miprun.loading import load_model, resolve_device, resolve_dtype
-from miprun.perplexity import mean_nll, perplexity
+from miprun.model.loading import load_model, resolve_device, resolve_dtype
+from miprun.model.perplexity import mean_nll, perplexity
 
 # --------------------------------------------------------------------------------------------- fixtures
 

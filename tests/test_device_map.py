@@ -9,10 +9,10 @@ from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM
 
 from miprun.api import CalibrationConfig, prune, score
-from miprun.architectures import num_blocks
-from miprun.capture import input_device
-from miprun.identity import model_fingerprint
-from miprun.loading import LoadedModel
+from miprun.model.identity import model_fingerprint
+from miprun.model.layouts import num_blocks
+from miprun.model.loading import LoadedModel
+from miprun.model.placement import input_device
 
 CAL = CalibrationConfig(source=str(CALIBRATION_TXT), samples=6, seq_len=24, seed=0, batch_size=4)
 KW = dict(
@@ -45,12 +45,28 @@ def offloaded(folder, tokenizer, where: dict[int, str]) -> LoadedModel:
     return LoadedModel(model, tokenizer, "tiny-offloaded", str(folder))
 
 
-def test_device_map_auto_scores_as_the_plain_path(folder):
+@pytest.mark.integration
+def test_device_map_auto_scores_as_the_plain_path(folder, monkeypatch):
+    import miprun.model.loading as loading
+
+    maps: list[str | None] = []
+    real = loading.load_model
+
+    def spy(*args, **kwargs):
+        maps.append(kwargs.get("device_map"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_model", spy)
     plain = score(str(folder), **KW)
     mapped = score(str(folder), device_map="auto", **KW)
     assert mapped.table.to_json() == plain.table.to_json()
+    assert maps == [
+        None,
+        "auto",
+    ]  # the option reached the loader (on a CPU-only machine it places all on CPU)
 
 
+@pytest.mark.integration
 def test_disk_offloaded_layers_score_and_prune_as_the_plain_path(folder, tiny_tokenizer):
     lm = offloaded(folder, tiny_tokenizer, {2: "disk", 3: "disk", 5: "disk"})
     assert any(p.device.type == "meta" for p in lm.model.parameters())  # really offloaded

@@ -13,12 +13,19 @@ import torch.multiprocessing as mp
 from conftest import CALIBRATION_TXT
 from tiny_models import tiny_model
 
-from miprun.capture import capture, share_range
-from miprun.distributed import merge_stats, recentre
-from miprun.stats import BlockStats, CaptureSpec, Moments
+from helpers import assert_same_stats
+
+from miprun.capture.batches import share_range
+from miprun.capture.distributed import merge_stats
+from miprun.capture.engine import capture
+from miprun.capture.statistic import CapturedStats
+from miprun.capture.statistics import CoordinateMoments, CosineSums, Moments, TokenSample
+from miprun.capture.statistics.moments import recentre
+from miprun.options import CalibrationConfig
 
 WINDOWS = torch.randint(3, 128, (7, 12), generator=torch.Generator().manual_seed(0))
-SPEC = CaptureSpec(moments_dim=16, sample_tokens=40, cosine=True, coordinates=True)
+SPEC = [Moments(proj_dim=16), TokenSample(capacity=40), CosineSums(), CoordinateMoments()]
+CAL = CalibrationConfig(batch_size=2, seed=3)
 
 
 def _free_port() -> int:
@@ -55,7 +62,7 @@ def test_recentring_is_exact(ndim):
 
 
 def test_merge_is_a_no_op_in_one_process():
-    stats = BlockStats(num_blocks=1, hidden_size=2, moments=Moments(2, 2))
+    stats = CapturedStats(num_blocks=1, hidden_size=2, statistics=[Moments(2)])
     assert merge_stats(stats) is stats
 
 
@@ -82,13 +89,16 @@ def _rank_worker(rank: int, world: int, port: int, folder: str) -> None:
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     os.environ.update(HF_HUB_OFFLINE="1", MIPRUN_CACHE=str(Path(folder) / "cache"))
     torch.set_num_threads(1)
-    from miprun import distributed
+    from accelerate import PartialState
+
+    from miprun.capture import distributed
     from miprun.cli import main
 
-    assert distributed.init_from_env() and distributed.world_size() == world
+    PartialState._reset_state()  # forked from a process that may have made its own single-process state
+    assert distributed.is_distributed() and distributed.share(len(WINDOWS)) == (rank, world)
     model, _ = tiny_model("qwen2")
     share = distributed.share(len(WINDOWS))
-    stats = capture(model, WINDOWS, SPEC, batch_size=2, seed=3, share=share, progress=False)
+    stats = capture(model, WINDOWS, SPEC, CAL, share=share, progress=False)
     torch.save(merge_stats(stats), Path(folder) / f"rank{rank}.pt")
     code = main(_prune_args(Path(folder) / "model", Path(folder) / "dp"))
     (Path(folder) / f"rank{rank}.rc").write_text(str(code))
@@ -109,27 +119,25 @@ def two_ranks(tmp_path_factory) -> Path:
 
 def test_two_ranks_merge_to_the_single_process_statistics(two_ranks):
     a, b = (torch.load(two_ranks / f"rank{r}.pt", weights_only=False) for r in range(2))
-    single = capture(tiny_model("qwen2")[0], WINDOWS, SPEC, batch_size=2, seed=3, progress=False)
-    # every rank holds bit-identical merged statistics
+    single = capture(tiny_model("qwen2")[0], WINDOWS, SPEC, CAL, progress=False)
     assert a.num_tokens == b.num_tokens == single.num_tokens == WINDOWS.numel()
-    for acc, names in [("moments", ["total", "gram", "shift"]), ("coordinates", ["total", "cross", "shift"])]:
-        for name in names:
-            assert torch.equal(getattr(getattr(a, acc), name), getattr(getattr(b, acc), name))
-    assert torch.equal(a.cosine.cos, b.cosine.cos) and a.cosine.count == single.cosine.count
+    assert_same_stats(a, b, exact=True)  # every rank holds bit-identical merged statistics
     # ... equal to one process's up to the float32 rounding of each batch's products (other shifts)
+    moments = [x.get(Moments(proj_dim=16)) for x in (a, single)]
     for s, t in [(0, 1), (2, 6), (0, 6)]:
-        assert torch.allclose(
-            a.moments.covariance(s, t), single.moments.covariance(s, t), rtol=1e-5, atol=1e-5
-        )
-    for got, want in zip(a.coordinates.moments(1, 4), single.coordinates.moments(1, 4), strict=True):
+        assert torch.allclose(moments[0].covariance(s, t), moments[1].covariance(s, t), rtol=1e-5, atol=1e-5)
+    coords = [x.get(CoordinateMoments()) for x in (a, single)]
+    for got, want in zip(coords[0].moments(1, 4), coords[1].moments(1, 4), strict=True):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(a.cosine.cos, single.cosine.cos, rtol=1e-9, atol=1e-9)
-    assert torch.allclose(a.cosine.angle, single.cosine.angle, rtol=1e-9, atol=1e-9)
+    cosines = [x.get(CosineSums()) for x in (a, single)]
+    assert cosines[0].count == cosines[1].count
+    assert torch.allclose(cosines[0].cos, cosines[1].cos, rtol=1e-9, atol=1e-9)
+    assert torch.allclose(cosines[0].angle, cosines[1].angle, rtol=1e-9, atol=1e-9)
     # the global seeded token sample, in the single-process order
-    assert a.sample.count == single.sample.count == 40
+    samples = [x.get(TokenSample(capacity=40)) for x in (a, single)]
+    assert samples[0].count == samples[1].count == 40
     for s in range(single.num_states):
-        assert torch.equal(a.sample.state(s), b.sample.state(s))
-        assert torch.allclose(a.sample.state(s), single.sample.state(s), atol=1e-6)
+        assert torch.allclose(samples[0].state(s), samples[1].state(s), atol=1e-6)
 
 
 def test_data_parallel_prune_selects_the_blocks_of_one_process(two_ranks, tmp_path):

@@ -8,8 +8,8 @@ import pytest
 
 from miprun.assets import DEFAULT_MODEL, embedded_model_dir
 from miprun.data import eval_windows, load_text
-from miprun.loading import load_model
-from miprun.perplexity import mean_nll
+from miprun.model.loading import load_model
+from miprun.model.perplexity import mean_nll
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ def test_pruning_smollm2_end_to_end(tmp_path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from miprun.api import CalibrationConfig, prune
-    from miprun.perplexity import perplexity
+    from miprun.model.perplexity import perplexity
 
     out = tmp_path / "smollm2-pruned"
     result = prune(

@@ -21,11 +21,11 @@ from transformers import BertConfig, PreTrainedModel, T5Config
 
 import miprun.api
 from miprun.api import CalibrationConfig, ScoreResult, prune, select
-from miprun.architectures import decoder_layers
+from miprun.model.layouts import decoder_layers
 from miprun.assets import cache_dir
 from miprun.cli import main
-from miprun.loading import LoadedModel, load_model
-from miprun.plan import MANIFEST_NAME
+from miprun.model.loading import LoadedModel, load_model
+from miprun.output.manifest import MANIFEST_NAME
 
 FAST = ["--estimator", "gaussian", "--est-opt", "proj_dim=16", "--quiet"]
 TINY = ["--calib", str(CALIBRATION_TXT), "--samples", "4", "--seq-len", "24", *FAST]

@@ -11,39 +11,79 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import miprun.estimators as estimators
-from miprun.estimators import BinnedMI, GaussianMI, RenyiMI
+from miprun.capture.batches import plan_batches
+from miprun.capture.statistic import CaptureContext, CapturedStats, Statistic, Tap, combine
+from miprun.capture.statistics.sample import even_rows
+from miprun.errors import InvalidOptionError, InvalidTypeError, UnknownNameError
 from miprun.estimators.base import Estimator
-from miprun.estimators.binned import binned_mi, quantile_bins
-from miprun.estimators.gaussian import gaussian_mi
-from miprun.estimators.renyi import gram_matrix, median_distance, renyi_entropy, renyi_mi, squared_distances
-from miprun.stats import BlockStats, CaptureSpec, Moments, TokenSample
+from miprun.estimators.binned import BinnedMI, binned_mi, quantile_bins
+from miprun.estimators.coordinate import CoordinateMI
+from miprun.estimators.gaussian import GaussianMI, gaussian_mi
+from miprun.estimators.renyi import (
+    RenyiMI,
+    gram_matrix,
+    median_distance,
+    renyi_entropy,
+    renyi_mi,
+    squared_distances,
+)
 
 
-def make_stats(states: list[torch.Tensor]) -> BlockStats:
-    """BlockStats holding unprojected moments and a full token sample of ``states`` (each ``(n, d)``)."""
+def make_stats(states: list[torch.Tensor], *ests: Estimator) -> CapturedStats:
+    """Captured statistics of ``states`` (each ``(n, d)``) serving ``ests`` (default: every estimator here).
+
+    The states go through the statistic protocol as the capture pass drives it: each token is a window of
+    one token, the windows are folded in two batches, and equal or widenable requests are combined.
+    """
+    requests = combine([s for est in ests or all_estimators() for s in est.statistics()])
+    return fold(states, requests)
+
+
+def fold(states: list[torch.Tensor], requests: list[Statistic], batches: int = 2) -> CapturedStats:
+    """Run ``requests`` over ``states`` through start / reduce / update, in ``batches`` forward passes."""
     n, d = states[0].shape
-    moments = Moments(num_states=len(states), dim=d)
-    moments.update(torch.cat(states, dim=1))  # (n, num_states * d)
-    sample = TokenSample(num_states=len(states), capacity=n)
-    sample.update(torch.stack(states))  # (num_states, n, d)
-    return BlockStats(num_blocks=len(states) - 1, hidden_size=d, num_tokens=n, moments=moments, sample=sample)
+    mask = torch.ones(n, 1, dtype=torch.bool)  # n windows of one token each
+    ctx = CaptureContext(num_blocks=len(states) - 1, hidden_size=d, seed=0, token_mask=mask)
+    out = CapturedStats(num_blocks=len(states) - 1, hidden_size=d, num_tokens=n, statistics=requests)
+    for stat in requests:
+        stat.start(ctx)
+    for batch in plan_batches(mask, -(-n // batches)):
+        for stat in requests:
+            taps = stat.taps(ctx)
+            assert taps == [Tap(state=s) for s in range(len(states))]
+            parts = [stat.reduce(t, states[t.state][batch.start : batch.stop].float(), batch) for t in taps]
+            stat.update(parts, batch)
+    return out
 
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+# One of each registered estimator, configured for the small synthetic samples used here.
+CONFIGS: dict[str, dict] = {
+    "coordinate": {},
+    "gaussian": {"proj_dim": 0},
+    "renyi": {"sample_tokens": 256},
+    "binned": {"bins": 8, "sample_tokens": 512},
+}
+ESTIMATOR_IDS = list(CONFIGS)
+
+
 def all_estimators() -> list[Estimator]:
-    """One of each estimator, configured for the small synthetic samples used here."""
-    return [GaussianMI(proj_dim=0), RenyiMI(sample_tokens=256), BinnedMI(bins=8, sample_tokens=512)]
+    return [estimators.get(name, **params) for name, params in CONFIGS.items()]
 
 
-ESTIMATOR_IDS = ["gaussian", "renyi", "binned"]
+def test_the_contract_tests_cover_every_registered_estimator() -> None:
+    assert sorted(CONFIGS) == sorted(estimators.REGISTRY.names())
+    assert estimators.DEFAULT in CONFIGS
+
+
 NOISE_SCALES = (0.1, 0.3, 1.0, 3.0)
 
 
 @pytest.fixture(scope="module")
-def noisy_chain() -> BlockStats:
+def noisy_chain() -> CapturedStats:
     """State 0 is ``x``; state ``k + 1`` is ``x + NOISE_SCALES[k] * eps`` with one shared noise draw."""
     g = gen(0)
     x = torch.randn(512, 4, generator=g)
@@ -52,7 +92,7 @@ def noisy_chain() -> BlockStats:
 
 
 @pytest.fixture(scope="module")
-def block_kinds() -> BlockStats:
+def block_kinds() -> CapturedStats:
     """State 0 is ``x``; then a near-identity block, a large nonlinear update, mostly new information."""
     g = gen(1)
     n, d = 512, 8
@@ -89,7 +129,8 @@ def test_gaussian_estimator_matches_analytic_mi_from_samples(d: int) -> None:
     noise = 0.5
     x = torch.randn(20_000, d, generator=g, dtype=torch.float64)
     y = x @ a.T + noise * torch.randn(20_000, d, generator=g, dtype=torch.float64)
-    got = GaussianMI(proj_dim=0, shrinkage=0.0).mi(make_stats([x, y]), 0, 1)
+    est = GaussianMI(proj_dim=0, shrinkage=0.0)
+    got = est.mi(make_stats([x, y], est), 0, 1)
     assert got == pytest.approx(analytic_mi(a, noise), rel=0.03)
 
 
@@ -136,10 +177,15 @@ def test_gaussian_mi_decreases_with_shrinkage(seed: int, dx: int, dy: int) -> No
     assert values == sorted(values, reverse=True)
 
 
-def test_gaussian_requires_moments() -> None:
-    stats = BlockStats(num_blocks=1, hidden_size=4)
-    with pytest.raises(ValueError, match="second moments"):
-        GaussianMI().mi(stats, 0, 1)
+def test_gaussian_requires_moments_of_its_own_width() -> None:
+    with pytest.raises(ValueError, match=r"gaussian estimator needs \('Moments', 128, False\)"):
+        GaussianMI().mi(CapturedStats(num_blocks=1, hidden_size=4), 0, 1)
+    # moments captured at another width are not silently read in place of the ones asked for
+    x = torch.randn(64, 4, generator=gen(13))
+    unprojected = make_stats([x, x + 1.0], GaussianMI(proj_dim=0))
+    assert GaussianMI(proj_dim=0).mi(unprojected, 0, 1) > 0
+    with pytest.raises(ValueError, match="did not record"):
+        GaussianMI(proj_dim=2).mi(unprojected, 0, 1)
 
 
 # --- Rényi ----------------------------------------------------------------------------------------
@@ -194,21 +240,37 @@ def test_renyi_estimator_matches_the_pure_function_and_resets_its_cache() -> Non
     med = [median_distance(squared_distances(v)) for v in (x, y)]
     pooled = median_distance(squared_distances(x), squared_distances(y))
     est, shared = RenyiMI(), RenyiMI(shared_bandwidth=True)
-    assert est.mi(make_stats([x, y]), 0, 1) == pytest.approx(renyi_mi(x, y, 1.01, *med), rel=1e-12)
-    assert shared.mi(make_stats([x, y]), 0, 1) == pytest.approx(
+    assert est.mi(make_stats([x, y], est), 0, 1) == pytest.approx(renyi_mi(x, y, 1.01, *med), rel=1e-12)
+    assert shared.mi(make_stats([x, y], shared), 0, 1) == pytest.approx(
         renyi_mi(x, y, 1.01, pooled, pooled), rel=1e-12
     )
     # New statistics with the same shapes must not be served from the cache of the old ones.
-    assert est.mi(make_stats([x, x]), 0, 1) == pytest.approx(renyi_mi(x, x, 1.01, med[0], med[0]), rel=1e-12)
+    assert est.mi(make_stats([x, x], est), 0, 1) == pytest.approx(
+        renyi_mi(x, x, 1.01, med[0], med[0]), rel=1e-12
+    )
 
 
-def test_renyi_uses_only_the_first_sample_tokens() -> None:
+def test_even_rows_spread_over_the_whole_sample() -> None:
+    assert even_rows(5, 8).tolist() == [0, 1, 2, 3, 4]  # a smaller sample is used whole
+    assert even_rows(10, 4).tolist() == [0, 3, 6, 9]
+    rows = even_rows(128, 64)
+    assert len(rows) == 64 and rows[0] == 0 and rows[-1] == 127
+    assert bool((rows.diff() > 0).all())  # distinct, in window order
+
+
+def test_renyi_reads_an_even_subsample_of_a_larger_sample() -> None:
+    # One capture serves several sample sizes: a smaller reader takes tokens spread over every window,
+    # not the first ones (which would all come from the first windows of the calibration text).
     g = gen(11)
     x = torch.randn(128, 2, generator=g)
     y = x + torch.randn(128, 2, generator=g)
-    med = [median_distance(squared_distances(v[:64])) for v in (x, y)]
-    got = RenyiMI(sample_tokens=64).mi(make_stats([x, y]), 0, 1)
-    assert got == pytest.approx(renyi_mi(x[:64], y[:64], 1.01, *med), rel=1e-12)
+    stats = make_stats([x, y], RenyiMI(sample_tokens=128))
+    rows = even_rows(128, 64)
+    med = [median_distance(squared_distances(v[rows])) for v in (x, y)]
+    got = RenyiMI(sample_tokens=64).mi(stats, 0, 1)
+    assert got == pytest.approx(renyi_mi(x[rows], y[rows], 1.01, *med), rel=1e-12)
+    first = [median_distance(squared_distances(v[:64])) for v in (x, y)]
+    assert got != pytest.approx(renyi_mi(x[:64], y[:64], 1.01, *first), rel=1e-6)
 
 
 # --- binned ---------------------------------------------------------------------------------------
@@ -218,9 +280,8 @@ def test_renyi_uses_only_the_first_sample_tokens() -> None:
 def test_binned_identity_is_log_bins(bins: int) -> None:
     x = torch.randn(2048, 8, generator=gen(6))
     assert binned_mi(x, x, bins) == pytest.approx(math.log(bins), rel=1e-12)
-    assert BinnedMI(bins=bins).mi(make_stats([x, x.clone()]), 0, 1) == pytest.approx(
-        math.log(bins), rel=1e-12
-    )
+    est = BinnedMI(bins=bins)
+    assert est.mi(make_stats([x, x.clone()], est), 0, 1) == pytest.approx(math.log(bins), rel=1e-12)
 
 
 def test_quantile_bins_are_equal_frequency() -> None:
@@ -244,12 +305,14 @@ def test_binned_independent_matches_plugin_bias() -> None:
     assert binned_mi(x, y, bins) == pytest.approx((bins - 1) ** 2 / (2 * n), rel=0.3)
 
 
-def test_binned_uses_only_the_first_sample_tokens() -> None:
+def test_binned_reads_an_even_subsample_of_a_larger_sample() -> None:
     g = gen(12)
     x = torch.randn(256, 3, generator=g)
     y = x + torch.randn(256, 3, generator=g)
-    got = BinnedMI(bins=4, sample_tokens=100).mi(make_stats([x, y]), 0, 1)
-    assert got == pytest.approx(binned_mi(x[:100], y[:100], 4), rel=1e-12)
+    got = BinnedMI(bins=4, sample_tokens=100).mi(make_stats([x, y], BinnedMI(sample_tokens=256)), 0, 1)
+    rows = even_rows(256, 100)
+    assert got == pytest.approx(binned_mi(x[rows], y[rows], 4), rel=1e-12)
+    assert got != pytest.approx(binned_mi(x[:100], y[:100], 4), rel=1e-6)
     assert got != pytest.approx(binned_mi(x, y, 4), rel=1e-6)
 
 
@@ -271,29 +334,67 @@ def test_independent_states_score_near_zero(est: Estimator) -> None:
 
 
 @pytest.mark.parametrize("est", all_estimators(), ids=ESTIMATOR_IDS)
-def test_mi_decreases_as_noise_grows(est: Estimator, noisy_chain: BlockStats) -> None:
+def test_mi_decreases_as_noise_grows(est: Estimator, noisy_chain: CapturedStats) -> None:
     values = [est.mi(noisy_chain, 0, k) for k in range(1, len(NOISE_SCALES) + 1)]
     assert all(a > b for a, b in itertools.pairwise(values)), values
 
 
 @pytest.mark.parametrize("est", all_estimators(), ids=ESTIMATOR_IDS)
 def test_near_identity_block_scores_higher_than_a_transforming_block(
-    est: Estimator, block_kinds: BlockStats
+    est: Estimator, block_kinds: CapturedStats
 ) -> None:
     near, transformed, replaced = (est.nmi(block_kinds, 0, k) for k in (1, 2, 3))
-    assert near > transformed > replaced, (near, transformed, replaced)
-    assert near > 0.75
+    assert near > 0.75 and near > transformed and near > replaced, (near, transformed, replaced)
+    if est.name == "coordinate":
+        # It measures what survives in place: an update four times the input's size rewrites every
+        # coordinate as thoroughly as new information does, although the input could be decoded from it.
+        assert transformed < 0.1 and replaced < 0.1, (transformed, replaced)
+    else:
+        assert transformed > replaced, (near, transformed, replaced)
     for s in range(4):
         assert est.nmi(block_kinds, s, s) == pytest.approx(1.0, abs=1e-9)
 
 
 def test_registry_suggests_the_closest_name() -> None:
-    with pytest.raises(ValueError, match="Did you mean 'gaussian'"):
+    with pytest.raises(UnknownNameError, match="Did you mean 'gaussian'") as err:
         estimators.get("gausian")
+    assert isinstance(err.value, ValueError)  # callers catching ValueError keep working
+    assert "Available: binned, coordinate, gaussian, renyi" in str(err.value)
     assert isinstance(estimators.get("renyi", alpha=2.0), RenyiMI)
+    assert isinstance(estimators.get(estimators.DEFAULT), CoordinateMI)
 
 
-def test_params_and_capture_specs() -> None:
+def test_build_types_string_parameters_strictly() -> None:
+    # values from --est-opt KEY=VALUE arrive as strings and are typed by the estimator's fields
+    est = estimators.build("gaussian", {"proj_dim": "16", "shrinkage": "0.1", "normalize": "no"})
+    assert est == GaussianMI(proj_dim=16, shrinkage=0.1, normalize=False)
+    assert estimators.build("coordinate", {"center": "on"}).center is True
+    with pytest.raises(InvalidOptionError, match=r"'normalize' must be bool, got 'maybe'"):
+        estimators.build("gaussian", {"normalize": "maybe"})
+    with pytest.raises(InvalidOptionError, match=r"'proj_dim' must be int, got '1\.5'"):
+        estimators.build("gaussian", {"proj_dim": "1.5"})
+    with pytest.raises(InvalidOptionError, match=r"proj_dim must lie in \[0, inf\), got -5"):
+        estimators.build("gaussian", {"proj_dim": -5})
+    with pytest.raises(InvalidOptionError, match=r"shrinkage must lie in \(0, 1\]"):
+        estimators.get("coordinate", shrinkage=0.0)
+    with pytest.raises(InvalidOptionError, match="alpha must be positive and not 1"):
+        estimators.build("renyi", {"alpha": "1"})
+    with pytest.raises(InvalidOptionError, match=r"no parameter 'bin'\. Did you mean 'bins'\?"):
+        estimators.build("binned", {"bin": "8"})
+    # Python values are not converted: a bool is not a number and a string is not a bool
+    with pytest.raises(InvalidTypeError, match="'proj_dim' must be int, got True"):
+        estimators.get("gaussian", proj_dim=True)
+    with pytest.raises(InvalidTypeError, match=r"'bins' must be int, got 8\.0"):
+        estimators.get("binned", bins=8.0)
+
+
+def test_params_and_requested_statistics() -> None:
+    assert CoordinateMI().params() == {
+        "name": "coordinate",
+        "shrinkage": 0.05,
+        "normalize": False,
+        "center": False,
+    }
     assert GaussianMI().params() == {
         "name": "gaussian",
         "proj_dim": 128,
@@ -301,7 +402,7 @@ def test_params_and_capture_specs() -> None:
         "normalize": False,
     }
     renyi = RenyiMI(sample_dim=64)
-    renyi.mi(make_stats([torch.randn(16, 2), torch.randn(16, 2)]), 0, 1)  # fills the cache
+    renyi.mi(make_stats([torch.randn(16, 2), torch.randn(16, 2)], renyi), 0, 1)  # fills the cache
     assert renyi.params() == {
         "name": "renyi",
         "alpha": 1.01,
@@ -317,12 +418,22 @@ def test_params_and_capture_specs() -> None:
         "sample_dim": 0,
         "normalize": False,
     }
-    assert GaussianMI(proj_dim=64).capture_spec() == CaptureSpec(moments_dim=64)
-    assert renyi.capture_spec() == CaptureSpec(sample_tokens=512, sample_dim=64)
-    assert BinnedMI().capture_spec() == CaptureSpec(sample_tokens=2048, sample_dim=None)
+
+    def configs(est: Estimator) -> list[tuple]:
+        return [s.config() for s in est.statistics()]
+
+    assert configs(CoordinateMI(normalize=True)) == [("CoordinateMoments", True)]
+    assert configs(GaussianMI(proj_dim=64)) == [("Moments", 64, False)]
+    assert configs(renyi) == [("TokenSample", 512, 64, False)]
+    assert configs(BinnedMI()) == [("TokenSample", 2048, 0, False)]
+    # estimators sharing a capture pass: equal requests once, a smaller token sample served by the larger
+    both = combine([*RenyiMI().statistics(), *BinnedMI().statistics(), *GaussianMI().statistics()])
+    assert [s.config() for s in both] == [("TokenSample", 2048, 0, False), ("Moments", 128, False)]
 
 
 @pytest.mark.parametrize("est", [RenyiMI(), BinnedMI()], ids=["renyi", "binned"])
 def test_sample_estimators_require_a_sample(est: Estimator) -> None:
-    with pytest.raises(ValueError, match="token sample"):
-        est.mi(BlockStats(num_blocks=1, hidden_size=4), 0, 1)
+    with pytest.raises(
+        ValueError, match=rf"the {est.name} estimator needs \('TokenSample', .* did not record"
+    ):
+        est.mi(CapturedStats(num_blocks=1, hidden_size=4), 0, 1)

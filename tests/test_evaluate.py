@@ -16,10 +16,10 @@ from tiny_models import tiny_model
 from miprun.assets import HubUnreachableError
 from miprun.cli import main
 from miprun.data import eval_windows, load_text
-from miprun.evaluate import evaluate
-from miprun.loading import LoadedModel
-from miprun.perplexity import perplexity
-from miprun.tasks import (
+from miprun.evaluation.evaluate import evaluate
+from miprun.model.loading import LoadedModel
+from miprun.model.perplexity import perplexity
+from miprun.evaluation.tasks import (
     HARNESS_PREFIX,
     next_sentence_records,
     render_yaml,
@@ -219,7 +219,7 @@ def test_unknown_and_hub_tasks_fail_with_a_clear_message(tiny_tokenizer, tmp_pat
     (tmp_path / "hub_task.yaml").write_text(HUB_TASK)
     # lm-eval's own index takes 10-30 s to build: a one-task index stands in for it (the slow test uses it)
     manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
-    monkeypatch.setattr("miprun.evaluate._default_manager", lambda: manager)
+    monkeypatch.setattr("miprun.evaluation.evaluate._default_manager", lambda: manager)
     lm = loaded(tiny_tokenizer)
     with pytest.raises(ValueError, match="Did you mean 'hub_task'"):
         evaluate(lm, ppl_sources=None, tasks=["hub_tsk"], progress=False)
@@ -288,9 +288,9 @@ def test_lm_eval_own_tasks_are_passed_through_and_fail_offline_with_a_clear_mess
 def test_compare_scores_each_block_set_once_and_skips_broken_models(
     tiny_tokenizer, social_iqa_file, monkeypatch
 ):
-    import miprun.evaluate as ev
+    import miprun.evaluation.evaluate as ev
     from miprun.api import CalibrationConfig
-    from miprun.compare import CompareConfig, compare, markdown
+    from miprun.evaluation.compare import CompareConfig, compare, markdown
 
     calls: list[list[str]] = []
     real = ev.run_tasks

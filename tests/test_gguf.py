@@ -28,7 +28,7 @@ from miprun.output.gguf import GgufReport, gguf_block_count, requantize, to_gguf
 try:  # the module moves in the current refactor
     from miprun.model.surgery import remove_blocks
 except ImportError:  # pragma: no cover
-    from miprun.surgery import remove_blocks  # type: ignore[no-redef]
+    from miprun.model.surgery import remove_blocks  # type: ignore[no-redef]
 
 VOCAB = 128
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"

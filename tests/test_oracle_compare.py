@@ -11,11 +11,11 @@ from conftest import CALIBRATION_TXT, HELDOUT_TXT
 from tiny_models import tiny_model
 
 from miprun.api import CalibrationConfig
-from miprun.compare import CompareConfig, compare, markdown, update, write
-from miprun.loading import LoadedModel
-from miprun.oracle import DamageOracle, spearman
-from miprun.perplexity import perplexity
-from miprun.surgery import remove_blocks
+from miprun.evaluation.compare import CompareConfig, compare, markdown, update, write
+from miprun.model.loading import LoadedModel
+from miprun.evaluation.oracle import DamageOracle, spearman
+from miprun.model.perplexity import perplexity
+from miprun.model.surgery import remove_blocks
 
 IDS = torch.randint(3, 128, (3, 16), generator=torch.Generator().manual_seed(0))
 
@@ -110,7 +110,7 @@ def test_update_replaces_only_the_rerun_methods_and_refuses_other_data(tiny_toke
 
 
 def test_update_refuses_other_tasks_before_running_anything(tiny_tokenizer, tmp_path, monkeypatch):
-    import miprun.compare as cmp
+    import miprun.evaluation.compare as cmp
 
     model, _ = tiny_model("llama")
     loaded = LoadedModel(model, tiny_tokenizer, "tiny-llama", None)

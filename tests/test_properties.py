@@ -11,14 +11,15 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_models import VOCAB, tiny_variant
 from transformers import AutoModelForCausalLM
 
-from miprun.architectures import decoder_layers, num_blocks, text_config
-from miprun.surgery import remove_blocks
+from miprun.model.layouts import decoder_layers, num_blocks, text_config
+from miprun.model.surgery import remove_blocks
 
 ARCHS = ["llama", "qwen2", "gemma3_text", "phi3", "gpt2", "opt", "gpt_neox"]  # mixed layer types included
 ATOL = 1e-5
@@ -71,6 +72,7 @@ def greedy(model: torch.nn.Module, prompt: torch.Tensor, use_cache: bool) -> tor
     )
 
 
+@pytest.mark.integration  # builds, prunes, saves and reloads 20 models
 @settings(max_examples=20, deadline=None)
 @given(case=cases(), seed=st.integers(0, 2**16))
 def test_removal_matches_skipping_and_survives_save_reload(case, seed):

@@ -10,9 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from miprun.selection import (
+from miprun.errors import InvalidOptionError
+from miprun.methods.search import (
     brute_force_select,
     candidate_count,
+    check_n,
     conflict_free_select,
     fast_block_select,
     optimal_select,
@@ -128,8 +130,16 @@ def test_worked_example_of_the_paper():
     assert len({s for s in evaluated if s[0] != s[1]}) == 17
 
 
-def test_too_many_or_too_few_blocks_is_an_error():
-    with pytest.raises(ValueError, match="between 1 and 3"):
-        optimal_select(4, 4, lambda a, b: 1.0)
-    with pytest.raises(ValueError, match="between 1 and 3"):
-        fast_block_select([1.0] * 4, lambda a, b: 1.0, 0)
+@pytest.mark.parametrize("n", [0, 4, -1])
+def test_too_many_or_too_few_blocks_is_an_error(n):
+    message = rf"can remove between 1 and 3 of 4 blocks, not {n}$"
+    with pytest.raises(InvalidOptionError, match=message):
+        optimal_select(4, n, lambda a, b: 1.0)
+    with pytest.raises(InvalidOptionError, match=message):
+        fast_block_select([1.0] * 4, lambda a, b: 1.0, n)
+    with pytest.raises(InvalidOptionError, match=message):
+        brute_force_select(4, n, lambda a, b: 1.0)
+    with pytest.raises(InvalidOptionError, match=message):
+        check_n(4, n)
+    check_n(4, 3)  # the bounds themselves are allowed
+    check_n(4, 1)

@@ -7,64 +7,60 @@ import torch
 from conftest import CALIBRATION_TXT
 from tiny_models import ARCHS, tiny_model
 
-from miprun.api import CalibrationConfig, prune, score
-from miprun.architectures import decoder_layers
-from miprun.capture import capture
-from miprun.loading import LoadedModel
-from miprun.sequential import capture_sequential, catch_layer_inputs
-from miprun.stats import BlockStats, CaptureSpec
+from helpers import EVERY_STATISTIC, assert_same_stats
+
+from miprun.api import prune, score
+from miprun.capture import sequential
+from miprun.capture.engine import capture
+from miprun.capture.sequential import capture_sequential, catch_layer_inputs
+from miprun.capture.statistics import CosineSums, Moments, TokenSample
+from miprun.model.layouts import decoder_layers
+from miprun.model.loading import LoadedModel
+from miprun.options import CalibrationConfig
 
 WINDOWS = torch.randint(3, 128, (7, 12), generator=torch.Generator().manual_seed(0))
-SPEC = CaptureSpec(moments_dim=16, sample_tokens=30, cosine=True, coordinates=True)
+SPEC = EVERY_STATISTIC
 CAL = CalibrationConfig(source=str(CALIBRATION_TXT), samples=6, seq_len=24, seed=0, batch_size=4)
+pytestmark = pytest.mark.integration
 
 
-def assert_same_stats(a: BlockStats, b: BlockStats) -> None:
-    """Equal to float32 rounding (in practice bit for bit on the CPU: same kernels, same order)."""
-    assert a.num_tokens == b.num_tokens and a.num_states == b.num_states
-    assert a.moments is not None and b.moments is not None and a.moments.count == b.moments.count
-    assert torch.allclose(a.moments.gram, b.moments.gram, rtol=1e-6, atol=1e-6)
-    assert torch.allclose(a.moments.total, b.moments.total, rtol=1e-6, atol=1e-6)
-    assert a.sample is not None and b.sample is not None and a.sample.count == b.sample.count > 0
-    for s in range(a.num_states):
-        assert torch.allclose(a.sample.state(s), b.sample.state(s), atol=1e-6)
-    assert a.cosine is not None and b.cosine is not None and a.cosine.cos is not None
-    assert torch.allclose(a.cosine.cos, b.cosine.cos, atol=1e-6)
-    assert a.coordinates is not None and b.coordinates is not None and a.coordinates.cross is not None
-    assert torch.allclose(a.coordinates.cross, b.coordinates.cross, rtol=1e-6, atol=1e-6)
+def cal(**kw) -> CalibrationConfig:
+    return CalibrationConfig(**kw)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sequential_equals_the_whole_model_pass(arch):
     model, _ = tiny_model(arch)
     # 7 windows in batches of 3: a short last batch, and the global token sample spans batches
-    whole = capture(model, WINDOWS, SPEC, batch_size=3, seed=2, progress=False)
-    layered = capture_sequential(model, WINDOWS, SPEC, batch_size=3, seed=2, progress=False)
+    whole = capture(model, WINDOWS, SPEC, cal(batch_size=3, seed=2), progress=False)
+    layered = capture_sequential(model, WINDOWS, SPEC, cal(batch_size=3, seed=2), progress=False)
     assert_same_stats(whole, layered)
 
 
-def test_sweep_size_changes_nothing_but_the_weight_traffic():
+def test_sweep_size_changes_nothing_but_the_weight_traffic(monkeypatch):
     model, _ = tiny_model("gpt_neox")
     moves = []
     layer = decoder_layers(model)[0]
     original_to = layer.to
     layer.to = lambda *a, **k: (moves.append(a), original_to(*a, **k))[1]  # type: ignore[method-assign]
-    one_per_sweep = capture_sequential(model, WINDOWS, SPEC, batch_size=2, park_bytes=1, progress=False)
+    monkeypatch.setattr(sequential, "PARK_BYTES", 1)
+    one_per_sweep = capture_sequential(model, WINDOWS, SPEC, cal(batch_size=2), progress=False)
     assert len(moves) == 2 * 4  # 4 batches, one sweep each: to the device and back
     moves.clear()
-    two_sweeps = capture_sequential(model, WINDOWS, SPEC, batch_size=2, progress=False)
+    monkeypatch.undo()
+    two_sweeps = capture_sequential(model, WINDOWS, SPEC, cal(batch_size=2), progress=False)
     assert len(moves) == 2 * 2  # a first one-batch sweep measures, the rest fit in the budget
     assert_same_stats(one_per_sweep, two_sweeps)
-    assert_same_stats(one_per_sweep, capture(model, WINDOWS, SPEC, batch_size=2, progress=False))
+    assert_same_stats(one_per_sweep, capture(model, WINDOWS, SPEC, cal(batch_size=2), progress=False))
 
 
 def test_sequential_respects_padding_and_the_first_token_option():
     model, _ = tiny_model("qwen2")
     mask = torch.ones_like(WINDOWS)
     mask[:3, 8:] = 0  # right padding in some windows
-    kw = dict(attention_mask=mask, batch_size=4, seed=1, exclude_first_token=True, progress=False)
-    whole = capture(model, WINDOWS, SPEC, **kw)
-    layered = capture_sequential(model, WINDOWS, SPEC, **kw)
+    settings = cal(batch_size=4, seed=1, exclude_first_token=True)
+    whole = capture(model, WINDOWS, SPEC, settings, attention_mask=mask, progress=False)
+    layered = capture_sequential(model, WINDOWS, SPEC, settings, attention_mask=mask, progress=False)
     assert whole.num_tokens == int(mask.sum()) - len(WINDOWS)
     assert_same_stats(whole, layered)
 
@@ -120,14 +116,12 @@ def test_api_sequential_gives_the_same_scores_and_blocks(tiny_tokenizer):
 @pytest.mark.slow
 def test_sequential_equals_the_whole_model_pass_on_smollm2():
     from miprun.data import load_text, token_windows
-    from miprun.loading import load_model
+    from miprun.model.loading import load_model
 
     lm = load_model("smollm2-135m", device="cpu", dtype="float32")
     windows = token_windows(lm.tokenizer, load_text("wiki", "calibration"), 4, 32, seed=0)
-    spec = CaptureSpec(moments_dim=64, sample_tokens=50, cosine=True)
-    whole = capture(lm.model, windows, spec, batch_size=2, progress=False)
-    layered = capture_sequential(lm.model, windows, spec, batch_size=2, progress=False)
+    spec = [Moments(proj_dim=64), TokenSample(capacity=50), CosineSums()]
+    whole = capture(lm.model, windows, spec, cal(batch_size=2), progress=False)
+    layered = capture_sequential(lm.model, windows, spec, cal(batch_size=2), progress=False)
     assert whole.num_states == 31
-    assert torch.equal(whole.moments.gram, layered.moments.gram)
-    assert torch.equal(whole.cosine.cos, layered.cosine.cos)
-    assert all(torch.equal(whole.sample.state(s), layered.sample.state(s)) for s in range(31))
+    assert_same_stats(whole, layered, exact=True)

@@ -11,11 +11,29 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["CalibrationConfig", "apply_plan", "prune", "score", "select"]
+__all__ = [
+    "CalibrationConfig",
+    "MiprunError",
+    "PruneOptions",
+    "ScoreOptions",
+    "apply_plan",
+    "prune",
+    "score",
+    "select",
+]
+_OPTIONS = {"CalibrationConfig", "PruneOptions", "ScoreOptions"}
 
 
 def __getattr__(name: str) -> Any:
     # The API pulls in torch and transformers; import it on first use so `miprun --help` stays quick.
+    if name in _OPTIONS:
+        from miprun import options
+
+        return getattr(options, name)
+    if name == "MiprunError":
+        from miprun.errors import MiprunError
+
+        return MiprunError
     if name in __all__:
         from miprun import api
 

@@ -26,7 +26,7 @@ from miprun.model.loading import LoadedModel, as_loaded, resolve_dtype
 from miprun.model.perplexity import perplexity
 from miprun.model.placement import input_device
 from miprun.model.surgery import remove_blocks, skip_blocks
-from miprun.options import PruneOptions, ScoreOptions, with_overrides
+from miprun.options import CalibrationConfig, PruneOptions, ScoreOptions, with_overrides
 from miprun.output.manifest import PrunePlan
 from miprun.pipeline import (
     RunSettings,
@@ -41,6 +41,8 @@ from miprun.pipeline import (
 from miprun.scores import ScoreResult
 
 log = logging.getLogger(__name__)
+
+__all__ = ["CalibrationConfig", "PruneOptions", "PruneResult", "ScoreOptions", "apply_plan", "prune", "score", "select"]
 
 
 @dataclass
@@ -144,9 +146,8 @@ def prune(
     if out_path is not None and loaded.path is not None:
         check_output(out_path, overwrite, inputs=(*inputs, Path(loaded.path)))
     n = blocks_to_remove(info["num_blocks"], opts.num_blocks, opts.ratio)
-    settings = RunSettings(
-        opts.calibration, opts.runtime, progress, sc.cache, sc.sequential, n, False, timings
-    )
+    spans = method.exact  # the exact optimum reads every span anyway: keep them all in the manifest
+    settings = RunSettings(opts.calibration, opts.runtime, progress, sc.cache, sc.sequential, n, spans, timings)
     if scores is None:
         result = score_model(loaded, method, estimator if method.uses_mi else None, settings)
     else:

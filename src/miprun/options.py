@@ -125,7 +125,8 @@ def _check_field(f: dataclasses.Field, value: Any, tp: Any) -> None:
         for t in allowed
     )
     if not ok:
-        want = " or ".join(sorted({getattr(t, "__name__", str(t)) for t in allowed}))
+        names = sorted({getattr(t, "__name__", str(t)) for t in allowed if t is not type(None)})
+        want = " or ".join(names) + (" (or None)" if type(None) in allowed else "")
         raise InvalidTypeError(f"{name} must be {want}, got {value!r} ({type(value).__name__})")
     if isinstance(value, (int, float)) and not is_bool:
         if isinstance(value, float) and not math.isfinite(value):
@@ -291,7 +292,12 @@ class EstimatorOptions(Options):
 class ScoringOptions(Options):
     """How blocks are scored and chosen."""
 
-    method: str = opt(DEFAULT_METHOD, "Pruning method (see `miprun list methods`).", "--method")
+    method: str = opt(
+        DEFAULT_METHOD,
+        "Pruning method: mi-prun (default), mi-optimal, shortgpt, angular, angular-mean, sleb, ppl-oneshot, "
+        "last-n, random; `miprun list methods` says what each does and reads.",
+        "--method",
+    )
     estimation: EstimatorOptions = field(default_factory=EstimatorOptions)
     method_params: dict[str, Any] = opt(
         help="Method parameter KEY=VALUE (repeatable), e.g. --method-opt rank=mi; typed and checked "
@@ -345,7 +351,11 @@ class HeldoutOptions(Options):
 class RepairOptions(Options):
     """What repairs the model after the cut."""
 
-    repair: str = opt(DEFAULT_REPAIR, "Repair after the cut (see `miprun list repairs`).", "--repair")
+    repair: str = opt(
+        DEFAULT_REPAIR,
+        "Repair after the cut: none (default); `miprun list repairs` says what each does.",
+        "--repair",
+    )
     repair_params: dict[str, Any] = opt(
         help="Repair parameter KEY=VALUE (repeatable), typed and checked against the repair's parameters.",
         factory=dict,

@@ -113,7 +113,12 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(raw: Any, tp: Any, what: str) -> Any:
-    """``raw`` as a value of annotation ``tp`` (bool, int, float, str, or ``X | None``)."""
+    """``raw`` as a value of annotation ``tp`` (bool, int, float, str, a ``Literal``, or ``X | None``)."""
+    if typing.get_origin(tp) is typing.Literal:
+        choices = typing.get_args(tp)
+        if raw not in choices:
+            raise InvalidOptionError(f"{what} must be one of {', '.join(map(repr, choices))}, got {raw!r}")
+        return raw
     args = typing.get_args(tp)
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), tp) if args else tp

@@ -25,7 +25,7 @@ import re
 import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,7 @@ class GgufReport:
     tensor_types: dict[str, str]  # output tensor name -> GGML type name
     replaced: tuple[ReplacedTensor, ...] = ()
     trimmed_keys: tuple[str, ...] = ()  # per-layer metadata arrays cut to the kept blocks
-    layer_pattern_changed: tuple[int, ...] = field(default=())  # new indices whose positional role changed
+    layer_pattern_changed: tuple[int, ...] = ()  # new indices whose position-derived role changed
 
     @property
     def type_counts(self) -> dict[str, int]:
@@ -215,8 +215,8 @@ def _hf_to_gguf_names(hf_names: Sequence[str], arch: str, total: int) -> dict[st
     model_arch = next((key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == arch), None)
     if model_arch is None:
         raise ValueError(
-            f"The gguf package ({gguf.__name__}) has no name map for architecture {arch!r}, so replaced "
-            "tensors cannot be named; upgrade gguf, or prune without `replaced`."
+            f"The installed gguf package has no name map for architecture {arch!r}, so replaced tensors "
+            "cannot be named; upgrade gguf, or prune without `replaced`."
         )
     name_map = gguf.get_tensor_name_map(model_arch, total)
     names = {}
@@ -254,18 +254,26 @@ def _is_transposed(arch: str, gguf_name: str) -> bool:
     return gguf_name.endswith(_TRANSPOSED.get(arch, ()))
 
 
-def to_gguf_layout(values: np.ndarray, arch: str, gguf_name: str, n_head: int, n_head_kv: int) -> np.ndarray:
+def to_gguf_layout(
+    values: np.ndarray, arch: str, gguf_name: str, n_head: int | None = None, n_head_kv: int | None = None
+) -> np.ndarray:
     """A Hugging Face parameter in the layout llama.cpp stores it in, inverting transformers' GGUF loader.
 
+    `n_head` and `n_head_kv` (the file's attention head counts) are needed for llama's Q and K only.
+
     Raises:
-        ValueError: the loader transforms this architecture's tensors in a way not inverted here.
+        ValueError: the loader transforms this architecture's tensors in a way not inverted here, or a
+            head count needed for that is missing.
     """
     if arch in _PERMUTED_QK:
-        if ".attn_q." in gguf_name:
-            return _permute_qk(values, n_head)
-        if ".attn_k." in gguf_name:
-            return _permute_qk(values, n_head_kv)
-        return values
+        if ".attn_q." not in gguf_name and ".attn_k." not in gguf_name:
+            return values
+        heads = n_head if ".attn_q." in gguf_name else (n_head_kv or n_head)
+        if not heads:
+            raise ValueError(
+                f"Writing {gguf_name!r} needs the {arch}.attention.head_count key, which the source GGUF lacks."
+            )
+        return _permute_qk(values, heads)
     if arch in _PLUS_ONE_NORMS:
         return values + 1 if "norm.weight" in gguf_name else values
     if arch in _TRANSPOSED:
@@ -356,8 +364,8 @@ def _encode_replaced(
             f"holds {expected}; pass it in the Hugging Face model's own shape and orientation."
         )
     block = _block_index(tensor.name) or 0
-    n_head = _head_count(reader, gguf.Keys.Attention.HEAD_COUNT.format(arch=arch), block) or 1
-    n_head_kv = _head_count(reader, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch), block) or n_head
+    n_head = _head_count(reader, gguf.Keys.Attention.HEAD_COUNT.format(arch=arch), block)
+    n_head_kv = _head_count(reader, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch), block)
     values = to_gguf_layout(values, arch, tensor.name, n_head, n_head_kv)
     return requantize(np.ascontiguousarray(values, dtype=np.float32), tensor.tensor_type)
 

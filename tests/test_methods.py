@@ -1,5 +1,5 @@
-"""Baselines (shortgpt, angular, sleb, ppl-oneshot, last-n, random): each one's defining behaviour on tiny
-models, checked against a direct computation, plus the API and CLI paths every method shares."""
+"""Methods: the contract every registered method keeps, each baseline's defining behaviour on tiny models
+checked against a direct computation, and the API and CLI paths every method shares."""
 
 from __future__ import annotations
 
@@ -13,18 +13,25 @@ from conftest import CALIBRATION_TXT
 from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM
 
-from miprun import baselines as bl
-from miprun.api import CalibrationConfig, ScoreResult, prune, score, select
-from miprun.architectures import decoder_layers, num_blocks
-from miprun.capture import block_state_hooks, capture
+from miprun import methods
+from miprun.api import prune, score, select
+from miprun.capture.engine import capture
+from miprun.capture.statistics import CoordinateMoments, CosineSums, Moments
+from miprun.capture.taps import block_state_hooks
 from miprun.cli import main
-from miprun.loading import LoadedModel
-from miprun.methods import METHODS, MissingEvidenceError
-from miprun.perplexity import mean_nll
-from miprun.stats import CaptureSpec
-from miprun.surgery import remove_blocks
+from miprun.errors import InvalidOptionError, MissingEvidenceError, UnknownNameError
+from miprun.methods import forward as fw
+from miprun.methods import naive
+from miprun.methods import similarity as sim
+from miprun.model.layouts import decoder_layers, num_blocks
+from miprun.model.loading import LoadedModel
+from miprun.model.perplexity import mean_nll
+from miprun.model.surgery import remove_blocks
+from miprun.options import CalibrationConfig
+from miprun.scores import ScoreResult
 
-BASELINES = ["shortgpt", "angular", "sleb", "ppl-oneshot", "last-n", "random"]
+BASELINES = ["shortgpt", "angular", "angular-mean", "sleb", "ppl-oneshot", "last-n", "random"]
+pytestmark = pytest.mark.integration
 WINDOWS = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
 CAL = CalibrationConfig(source=str(CALIBRATION_TXT), samples=4, seq_len=24, seed=0, batch_size=2)
 GAUSS = {"proj_dim": 16}
@@ -52,36 +59,92 @@ def loss_without(model: torch.nn.Module, removed: list[int]) -> float:
     return mean_nll(pruned, WINDOWS, batch_size=2)[0]
 
 
+# ----------------------------------------------------------------------------- the contract
+
+
+@pytest.fixture(scope="module")
+def full_scores(tiny_tokenizer) -> ScoreResult:
+    """Scores holding every method's evidence: MI spans, both cosine matrices, the SLEB path, one-shot losses."""
+    lm = loaded(tiny_tokenizer, "qwen2")
+    result = score(lm, calibration=CAL, estimator="gaussian", estimator_params=GAUSS, method="sleb", max_blocks=3)
+    for name in ("shortgpt", "angular", "ppl-oneshot"):
+        extra = score(lm, calibration=CAL, estimator="gaussian", estimator_params=GAUSS, method=name)
+        result.evidence.update(extra.evidence)
+    return result
+
+
+@pytest.mark.parametrize("name", methods.REGISTRY.names())
+def test_every_method_keeps_the_contract(name, full_scores):
+    """Built with defaults, each method removes N distinct blocks in range, the same each time, and declares
+    the evidence it reads (and nothing captured for it is left unread)."""
+    method = methods.build(name)
+    assert method.name == name and method.summary
+    for n in (1, 2, 3):
+        first, info = methods.run(method, methods.Evidence(6, full_scores.table, dict(full_scores.evidence)), n, 0)
+        again, _ = methods.run(method, methods.Evidence(6, full_scores.table, dict(full_scores.evidence)), n, 0)
+        assert first == again == sorted(set(first)) and len(first) == n and all(0 <= b < 6 for b in first)
+        assert info.method == name and info.num_evaluations >= 0 and info.loss is not None
+    for key in method.evidence_keys:
+        assert key in methods.EVIDENCE  # a scores file can carry it
+    if method.uses_mi:
+        with pytest.raises(MissingEvidenceError):
+            methods.run(method, methods.Evidence(6), 2, 0)
+    for key in method.evidence_keys:
+        without = {k: v for k, v in full_scores.evidence.items() if k != key}
+        with pytest.raises(MissingEvidenceError, match=f"--method {name}"):
+            methods.run(method, methods.Evidence(6, full_scores.table, without), 3, 0)
+
+
+def test_method_parameters_are_typed_and_checked():
+    assert methods.build("mi-prun", {"k": "7", "rank": "mi"}).params() == {"k": 7, "rank": "mi"}
+    with pytest.raises(InvalidOptionError, match="no parameter 'kk'.*Did you mean 'k'"):
+        methods.build("mi-prun", {"kk": 3})
+    with pytest.raises(InvalidOptionError, match="k .*at least 0"):
+        methods.build("mi-prun", {"k": -3})
+    with pytest.raises(UnknownNameError, match="Did you mean 'shortgpt'"):
+        methods.build("shortgtp")
+
+
 # ----------------------------------------------------------------------------- cosine-based
 
 
 def test_cosine_sums_equal_the_hooked_states_and_do_not_depend_on_batching():
     model, _ = tiny_model("qwen2")
-    one = capture(model, WINDOWS, CaptureSpec(cosine=True), batch_size=1, progress=False)
-    many = capture(model, WINDOWS, CaptureSpec(moments_dim=8, cosine=True), batch_size=3, progress=False)
+    one = capture(model, WINDOWS, [CosineSums()], CalibrationConfig(batch_size=1), progress=False)
+    many = capture(model, WINDOWS, [Moments(8), CosineSums()], CalibrationConfig(batch_size=3), progress=False)
     states = hooked_states(model, WINDOWS)
-    assert one.cosine is not None and many.cosine is not None and one.cosine.count == WINDOWS.numel()
-    assert one.cosine.cos is not None and one.cosine.cos.shape == (7, 7)  # bounded: S x S, any token count
+    ones, manys = one.get(CosineSums()), many.get(CosineSums())
+    assert ones.count == WINDOWS.numel() and ones.cos.shape == (7, 7)  # bounded: S x S, any token count
     for a, b in [(0, 1), (2, 3), (0, 6), (1, 5)]:
         cos = direct_cos(states[a], states[b])
-        assert one.cosine.mean_cos()[a, b] == pytest.approx(float(cos.mean()), abs=1e-5)
+        assert ones.mean_cos()[a, b] == pytest.approx(float(cos.mean()), abs=1e-5)
         angle = torch.arccos(cos.clamp(-1, 1)) / math.pi
-        assert one.cosine.mean_angle()[a, b] == pytest.approx(float(angle.mean()), abs=1e-4)
-    assert torch.allclose(one.cosine.mean_cos(), many.cosine.mean_cos(), atol=1e-6)
-    assert CaptureSpec(moments_dim=4).merge(CaptureSpec(cosine=True)).cosine
+        assert ones.mean_angle()[a, b] == pytest.approx(float(angle.mean()), abs=1e-4)
+    assert torch.allclose(ones.mean_cos(), manys.mean_cos(), atol=1e-6)
+
+
+def test_last_token_cosine_reads_each_windows_last_token_only():
+    model, _ = tiny_model("llama")
+    last = capture(model, WINDOWS, [CosineSums(positions="last")], CalibrationConfig(batch_size=3), progress=False)
+    sums = last.get(CosineSums(positions="last"))
+    assert sums.count == len(WINDOWS)
+    with torch.no_grad():
+        hidden = model(input_ids=WINDOWS, output_hidden_states=True).hidden_states
+    direct = direct_cos(hidden[1][:, -1].double(), hidden[4][:, -1].double())
+    angle = torch.arccos(direct.clamp(-1, 1)) / math.pi
+    assert sums.mean_angle()[1, 4] == pytest.approx(float(angle.mean()), abs=1e-5)
 
 
 def test_shortgpt_removes_the_lowest_block_influence_from_direct_states(tiny_tokenizer):
     lm = loaded(tiny_tokenizer)
     states = hooked_states(lm.model, WINDOWS)
     direct = [1.0 - float(direct_cos(states[i], states[i + 1]).mean()) for i in range(len(states) - 1)]
-    stats = capture(lm.model, WINDOWS, CaptureSpec(cosine=True), progress=False)
-    assert stats.cosine is not None
-    influence = bl.block_influence(stats.cosine.mean_cos())
+    stats = capture(lm.model, WINDOWS, [CosineSums()], progress=False)
+    influence = sim.block_influence(stats.get(CosineSums()).mean_cos())
     assert influence == pytest.approx(direct, abs=1e-5)
     for n in (1, 2, 4):
         expected = sorted(sorted(range(len(direct)), key=lambda i: direct[i])[:n])
-        assert bl.shortgpt_select(influence, n) == expected
+        assert sim.shortgpt_select(influence, n) == expected
     result = score(lm, calibration=CAL, estimator="gaussian", estimator_params=GAUSS, method="shortgpt")
     removed, info = select(result, 2, method="shortgpt")
     bi = info.params["scores"]
@@ -91,9 +154,8 @@ def test_shortgpt_removes_the_lowest_block_influence_from_direct_states(tiny_tok
 def test_angular_removes_the_contiguous_window_of_least_angular_distance(tiny_tokenizer):
     lm = loaded(tiny_tokenizer, "mistral")
     states = hooked_states(lm.model, WINDOWS)
-    stats = capture(lm.model, WINDOWS, CaptureSpec(cosine=True), progress=False)
-    assert stats.cosine is not None
-    angle = stats.cosine.mean_angle()
+    stats = capture(lm.model, WINDOWS, [CosineSums()], progress=False)
+    angle = stats.get(CosineSums()).mean_angle()
     for n in range(1, 6):
         brute = {
             start: float(
@@ -102,12 +164,12 @@ def test_angular_removes_the_contiguous_window_of_least_angular_distance(tiny_to
             for start in range(6 - n + 1)
         }
         best = min(brute, key=lambda s: brute[s])
-        removed = bl.angular_select(angle, n)
+        removed = sim.angular_select(angle, n)
         assert removed == list(range(best, best + n))  # contiguous, and the brute-force argmin
-        assert bl.window_distances(angle, n) == pytest.approx([brute[s] for s in sorted(brute)], abs=1e-4)
-    result = score(lm, calibration=CAL, estimator="gaussian", estimator_params=GAUSS, method="angular")
+        assert sim.window_distances(angle, n) == pytest.approx([brute[s] for s in sorted(brute)], abs=1e-4)
+    result = score(lm, calibration=CAL, estimator="gaussian", estimator_params=GAUSS, method="angular-mean")
     for n in (2, 3):
-        removed, info = select(result, n, method="angular")
+        removed, info = select(result, n, method="angular-mean")
         assert removed == list(range(removed[0], removed[0] + n)) and info.num_evaluations == 6 - n + 1
 
 
@@ -115,9 +177,22 @@ def test_mi_scores_do_not_capture_cosine_and_say_how_to_get_it(tiny_tokenizer):
     """Cosine sums cost a batch of full-width unit vectors per layer: only captured for methods that read them."""
     lm = loaded(tiny_tokenizer, "llama")
     result = score(lm, calibration=CAL, estimator="gaussian", estimator_params=GAUSS, cache=False)
-    assert result.baselines.cosine is None
+    assert result.evidence == {}
     with pytest.raises(MissingEvidenceError, match="miprun score --method shortgpt"):
         select(result, 2, method="shortgpt")
+
+
+def test_a_baseline_pays_only_for_what_it_reads(tiny_tokenizer, monkeypatch):
+    """prune --method shortgpt captures cosine sums only: no MI statistics, no MI optimum."""
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the MI statistics must not be captured for a method that does not read them")
+
+    monkeypatch.setattr(CoordinateMoments, "update", refuse)
+    result = prune(loaded(tiny_tokenizer), num_blocks=2, method="shortgpt", calibration=CAL, cache=False, progress=False)
+    plan = result.plan
+    assert plan.estimator is None and plan.scores is None and plan.search.loss is None
+    assert plan.search.params["scores"] and len(plan.removed) == 2
 
 
 # ----------------------------------------------------------------------------- model-driven
@@ -128,7 +203,7 @@ def test_sleb_matches_brute_force_for_one_block_and_greedy_for_two():
     ids = torch.tensor([[5, 9, 17, 33, 4, 8]])
     with torch.no_grad():
         before = model(ids).logits
-    path = bl.sleb_path(model, WINDOWS, 2, batch_size=2)
+    path = fw.sleb_path(model, WINDOWS, 2, batch_size=2)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)  # skip_blocks restored the model exactly
     single = {b: loss_without(model, [b]) for b in range(6)}
@@ -138,17 +213,17 @@ def test_sleb_matches_brute_force_for_one_block_and_greedy_for_two():
     second = min(pairs, key=lambda b: pairs[b])
     assert path.order[1] == second and path.losses[1] == pytest.approx(pairs[second], rel=1e-5)
     assert path.forward_passes == [6, 5] and path.removed(2) == sorted([first, second])
-    with pytest.raises(ValueError, match="holds 1 to 2"):
+    with pytest.raises(MissingEvidenceError, match="it holds 2 steps"):
         path.removed(3)
 
 
 def test_ppl_oneshot_equals_the_loss_of_each_block_removed_alone():
     model, _ = tiny_model("qwen3")
-    one = bl.ppl_oneshot_losses(model, WINDOWS, batch_size=2)
+    one = fw.ppl_oneshot_losses(model, WINDOWS, batch_size=2)
     direct = [loss_without(model, [b]) for b in range(6)]
     assert one.losses == pytest.approx(direct, rel=1e-5) and one.forward_passes == 6
     for n in (1, 3):
-        assert bl.lowest(one.losses, n) == sorted(sorted(range(6), key=lambda b: direct[b])[:n])
+        assert sim.lowest(one.losses, n) == sorted(sorted(range(6), key=lambda b: direct[b])[:n])
 
 
 # ----------------------------------------------------------------------------- naive references
@@ -157,22 +232,16 @@ def test_ppl_oneshot_equals_the_loss_of_each_block_removed_alone():
 def test_last_n_never_removes_the_final_block():
     for total in range(3, 12):
         for n in range(1, total - 1):
-            removed = bl.last_n(total, n)
+            removed = naive.last_n(total, n)
             assert len(removed) == n and total - 1 not in removed and removed[-1] == total - 2
             assert removed == list(range(removed[0], removed[0] + n))
         with pytest.raises(ValueError, match="keeps the final block"):
-            bl.last_n(total, total - 1)
-
-
-def test_registry_declares_what_each_method_needs():
-    assert set(BASELINES) | {"mi-prun", "mi-optimal"} == set(METHODS)
-    for method in METHODS.values():
-        assert (method.gather is not None) == (method.needs == "model"), method.name
+            naive.last_n(total, total - 1)
 
 
 def test_random_is_seeded_and_differs_across_seeds():
-    assert bl.random_select(30, 5, seed=7) == bl.random_select(30, 5, seed=7)
-    sets = {tuple(bl.random_select(30, 5, seed=s)) for s in range(5)}
+    assert naive.random_select(30, 5, seed=7) == naive.random_select(30, 5, seed=7)
+    sets = {tuple(naive.random_select(30, 5, seed=s)) for s in range(5)}
     assert len(sets) > 1 and all(len(set(s)) == 5 and all(0 <= b < 30 for b in s) for s in sets)
 
 
@@ -197,13 +266,14 @@ def test_every_baseline_prunes_to_a_checkpoint_that_reloads(method, tiny_tokeniz
     expected_evaluations = {
         "shortgpt": 6,
         "angular": 5,
+        "angular-mean": 5,
         "sleb": 6 + 5,
         "ppl-oneshot": 6,
         "last-n": 0,
         "random": 0,
     }
     assert search.num_evaluations == expected_evaluations[method]
-    assert search.gap is not None and search.gap >= -1e-12  # every method is placed against the MI optimum
+    assert search.gap is None and result.plan.estimator is None  # no MI capture for a baseline
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert num_blocks(reloaded) == 4
     ids = torch.tensor([[5, 9, 17, 33, 4, 8]])
@@ -216,7 +286,7 @@ def _no_forward(*_args, **_kwargs):
     raise AssertionError("the model must not run when scores are reused")
 
 
-@pytest.mark.parametrize("method", ["shortgpt", "angular", "sleb", "ppl-oneshot"])
+@pytest.mark.parametrize("method", ["shortgpt", "angular", "angular-mean", "sleb", "ppl-oneshot"])
 def test_scores_file_serves_baselines_without_a_forward_pass(method, tiny_tokenizer, tmp_path):
     lm = loaded(tiny_tokenizer, "qwen2")
     first = score(
@@ -252,16 +322,17 @@ def test_missing_evidence_names_the_command_that_makes_it(tiny_tokenizer):
         select(result, 2, method="shortgtp")
     # methods that need nothing, or only the capture pass, work from any scores
     assert select(result, 2, method="last-n")[0] == [3, 4]
-    assert select(result, 2, method="random", seed=3)[0] == bl.random_select(6, 2, 3)
+    assert select(result, 2, method="random", seed=3)[0] == naive.random_select(6, 2, 3)
 
 
 def test_cli_score_and_prune_with_a_baseline(tiny_tokenizer, tmp_path, capsys):
     folder = tmp_path / "tiny"
     tiny_model("llama")[0].save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
-    assert main(["prune", "--help"]) == 0 and main(["score", "--help"]) == 0
+    assert main(["list", "methods"]) == 0
     text = capsys.readouterr().out
-    assert all(text.count(name) >= 2 for name in METHODS)  # listed in both commands' help
+    assert all(name in text for name in methods.REGISTRY)  # every method with its summary
+    assert main(["prune", "--help"]) == 0 and "miprun list methods" in capsys.readouterr().out
     tiny = ["--calib", str(CALIBRATION_TXT), "--samples", "4", "--seq-len", "24", "--quiet"]
     scores = tmp_path / "scores.json"
     assert (
@@ -281,7 +352,7 @@ def test_cli_score_and_prune_with_a_baseline(tiny_tokenizer, tmp_path, capsys):
         )
         == 0
     )
-    assert len(json.loads(scores.read_text())["baselines"]["sleb"]["order"]) == 2
+    assert len(json.loads(scores.read_text())["evidence"]["sleb"]["order"]) == 2
     out = tmp_path / "pruned"
     args = [
         "prune",

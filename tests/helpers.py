@@ -1,0 +1,37 @@
+"""Test helpers shared by several files: comparing captured statistics statistic by statistic."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from miprun.capture.statistic import CapturedStats
+from miprun.capture.statistics import CoordinateMoments, CosineSums, Moments, TokenSample
+
+# One of every statistic kind (the registry's), at small sizes: what the equivalence tests capture.
+EVERY_STATISTIC = [Moments(proj_dim=16), TokenSample(capacity=30), CosineSums(), CoordinateMoments()]
+ACCUMULATORS = ("total", "gram", "cross", "cos", "angle")  # what is summed over tokens
+
+
+def assert_same_stats(a: CapturedStats, b: CapturedStats, rtol: float = 1e-6, atol: float = 1e-6, exact: bool = False) -> None:
+    """Equal statistic by statistic: counts exactly, sums to ``rtol``/``atol`` (or bit for bit with ``exact``)."""
+    assert a.num_tokens == b.num_tokens and a.num_states == b.num_states
+    assert [s.config() for s in a] == [s.config() for s in b]
+    for x, y in zip(a, b, strict=True):
+        for name in ("count", "num_states", "dim"):
+            assert getattr(x, name, None) == getattr(y, name, None), name
+        for name in ACCUMULATORS:
+            _same(getattr(x, name, None), getattr(y, name, None), rtol, atol, exact, name)
+        if isinstance(x, TokenSample):
+            assert x.count == y.count > 0
+            for s in range(a.num_states):
+                _same(x.state(s), y.state(s), rtol, atol, exact, f"sample state {s}")
+
+
+def _same(u: Any, v: Any, rtol: float, atol: float, exact: bool, what: str) -> None:
+    if u is None or v is None:
+        assert u is None and v is None, what
+        return
+    ok = torch.equal(u, v) if exact else torch.allclose(u, v, rtol=rtol, atol=atol)
+    assert ok, what
