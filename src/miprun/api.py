@@ -42,7 +42,16 @@ from miprun.scores import ScoreResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CalibrationConfig", "PruneOptions", "PruneResult", "ScoreOptions", "apply_plan", "prune", "score", "select"]
+__all__ = [
+    "CalibrationConfig",
+    "PruneOptions",
+    "PruneResult",
+    "ScoreOptions",
+    "apply_plan",
+    "prune",
+    "score",
+    "select",
+]
 
 
 @dataclass
@@ -147,7 +156,9 @@ def prune(
         check_output(out_path, overwrite, inputs=(*inputs, Path(loaded.path)))
     n = blocks_to_remove(info["num_blocks"], opts.num_blocks, opts.ratio)
     spans = method.exact  # the exact optimum reads every span anyway: keep them all in the manifest
-    settings = RunSettings(opts.calibration, opts.runtime, progress, sc.cache, sc.sequential, n, spans, timings)
+    settings = RunSettings(
+        opts.calibration, opts.runtime, progress, sc.cache, sc.sequential, n, spans, timings
+    )
     if scores is None:
         result = score_model(loaded, method, estimator if method.uses_mi else None, settings)
     else:

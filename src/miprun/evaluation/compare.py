@@ -248,6 +248,8 @@ def plot(result: dict[str, Any], folder: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from miprun.output.report import write_figure
+
     methods = list(dict.fromkeys(_label(r) for r in result["rows"]))
     paths = []
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -273,8 +275,7 @@ def plot(result: dict[str, Any], folder: Path) -> list[Path]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(folder / "comparison_ppl.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    write_figure(fig, paths[-1])
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     times = {
@@ -292,8 +293,7 @@ def plot(result: dict[str, Any], folder: Path) -> list[Path]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(folder / "comparison_time.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    write_figure(fig, paths[-1])
 
     task_names = sorted({t for r in result["rows"] for t in r.get("tasks", {})})
     if task_names:
@@ -315,8 +315,7 @@ def plot(result: dict[str, Any], folder: Path) -> list[Path]:
         axes[0][0].legend(fontsize=8)
         fig.tight_layout()
         paths.append(folder / "comparison_accuracy.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        write_figure(fig, paths[-1])
     return paths
 
 

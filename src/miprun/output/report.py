@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -10,6 +12,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
 
+from miprun.atomic import atomic_write_bytes, atomic_write_text
 from miprun.output.manifest import PrunePlan
 
 PLOT_NAME = "report.png"
@@ -61,8 +64,7 @@ def plot(plan: PrunePlan, path: Path) -> None:
         ax_spans.set_title(f"span NMI ({int(np.isfinite(grid).sum())} spans evaluated)")
         fig.colorbar(im, ax=ax_spans, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    write_figure(fig, path)
 
 
 def summary(plan: PrunePlan) -> str:
@@ -106,4 +108,12 @@ def summary(plan: PrunePlan) -> str:
 def write_report(plan: PrunePlan, folder: Path) -> None:
     """Write ``report.png`` and ``report.md`` into ``folder``."""
     plot(plan, folder / PLOT_NAME)
-    (folder / SUMMARY_NAME).write_text(summary(plan), encoding="utf-8")
+    atomic_write_text(folder / SUMMARY_NAME, summary(plan))
+
+
+def write_figure(fig: Any, path: Path, dpi: int = 110) -> None:
+    """Save a matplotlib figure as PNG atomically, and close it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
