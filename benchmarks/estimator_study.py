@@ -25,18 +25,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from miprun import estimators
-from miprun.model.layouts import num_blocks
-from miprun.baselines import angular_select, block_influence, shortgpt_select
-from miprun.capture import capture
-from miprun.evaluation.compare import forward_pass_seconds
+from miprun import estimators, methods
+from miprun.atomic import atomic_write_text, write_json
+from miprun.capture.engine import capture
+from miprun.capture.statistics import CosineSums
 from miprun.data import eval_windows, load_text, token_windows
-from miprun.model.identity import model_fingerprint, tensor_fingerprint
-from miprun.model.loading import load_model
-from miprun.methods import run_method
+from miprun.evaluation.compare import forward_pass_seconds
 from miprun.evaluation.oracle import DamageOracle, spearman
+from miprun.methods.similarity import angular_select, block_influence, shortgpt_select
+from miprun.model.identity import model_fingerprint, tensor_fingerprint
+from miprun.model.layouts import num_blocks
+from miprun.model.loading import load_model
+from miprun.options import CalibrationConfig
+from miprun.output.report import write_figure
 from miprun.scores import ScoreTable
-from miprun.stats import CaptureSpec
 
 log = logging.getLogger("estimator_study")
 
@@ -103,21 +105,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     rows: list[dict[str, Any]] = []
     baselines: dict[str, dict[int, list[int]]] = {}
-    for (normalize, exclude_first), variants in groups.items():
+    for (_normalize, exclude_first), variants in groups.items():
         ests = {v: estimators.get(v.estimator, **v.params) for v in variants}
-        spec = CaptureSpec(cosine=True, normalize=normalize)
-        for est in ests.values():
-            spec = spec.merge(est.capture_spec())
+        # Estimators of one group share one capture; a larger token sample serves a smaller one, each
+        # estimator reading an even subsample of it across every window.
+        requests = [CosineSums(), CosineSums(positions="last")]
+        requests += [stat for est in ests.values() for stat in est.statistics()]
+        settings = CalibrationConfig(batch_size=args.batch_size, seed=args.seed, exclude_first_token=exclude_first)
         start = time.perf_counter()
-        stats = capture(
-            model, cal, spec, batch_size=args.batch_size, seed=args.seed, exclude_first_token=exclude_first
-        )
+        stats = capture(model, cal, requests, settings)
         capture_s = time.perf_counter() - start
-        if (normalize, exclude_first) == (False, False):
-            assert stats.cosine is not None
-            bi = block_influence(stats.cosine.mean_cos())
+        if (_normalize, exclude_first) == (False, False):
+            bi = block_influence(stats.get(CosineSums()).mean_cos())
             baselines["shortgpt"] = {n: shortgpt_select(bi, n) for n in ns}
-            baselines["angular"] = {n: angular_select(stats.cosine.mean_angle(), n) for n in ns}
+            last = stats.get(CosineSums(positions="last")).mean_angle()
+            baselines["angular"] = {n: angular_select(last, n) for n in ns}
+            baselines["angular-mean"] = {n: angular_select(stats.get(CosineSums()).mean_angle(), n) for n in ns}
             rows.append({"label": "shortgpt (cosine)", "spearman": spearman(bi, damage), "block_score": bi})
         for v, est in ests.items():
             table = ScoreTable(num_blocks=total, estimator=est, stats=stats)
@@ -134,7 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "block_scores_s": block_s,
             }
             for n in ns:
-                removed, info = run_method(table, n, "mi-prun")
+                removed, info = methods.run(methods.build("mi-prun"), methods.Evidence(total, table), n)
                 row[f"fbs_{n}"] = {"removed": removed, "ppl": oracle(removed), "evals": info.num_evaluations}
                 row[f"fbs_{n}"]["seconds"] = info.seconds
                 row[f"opt_{n}"] = {"removed": info.optimal_removed, "ppl": oracle(info.optimal_removed or [])}
@@ -142,10 +145,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(row)
     reference = {
         "shortgpt": {n: {"removed": r, "ppl": oracle(r)} for n, r in baselines["shortgpt"].items()},
-        "angular": {n: {"removed": r, "ppl": oracle(r)} for n, r in baselines["angular"].items()},
+        "angular (last token)": {n: {"removed": r, "ppl": oracle(r)} for n, r in baselines["angular"].items()},
+        "angular-mean (all tokens)": {
+            n: {"removed": r, "ppl": oracle(r)} for n, r in baselines["angular-mean"].items()
+        },
         "oracle best window": {
-            n: {"removed": w, "ppl": p} if n in best_windows else {"removed": None, "ppl": math.nan}
-            for n, (w, p) in {n: best_windows.get(n, ([], math.nan)) for n in ns}.items()
+            n: {"removed": w, "ppl": p} if n in best_windows else {"removed": None, "ppl": None}
+            for n, (w, p) in {n: best_windows.get(n, ([], None)) for n in ns}.items()
         },
         "oracle N least damaging blocks": {
             n: {"removed": sorted(sorted(range(total), key=lambda i: damage[i])[:n])} for n in ns
@@ -183,7 +189,20 @@ def merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     rows = [r for r in old["variants"] if r["label"] not in fresh] + new["variants"]
     order = {label: i for i, label in enumerate(["shortgpt (cosine)", *labels])}
     rows.sort(key=lambda r: order.get(r["label"], len(order)))
-    return {**old, "reference": new["reference"], "variants": rows}  # int N keys, as markdown() reads
+    reference = {**{k: {int(n): v for n, v in e.items()} for k, e in old["reference"].items()}, **new["reference"]}
+    reference.pop("angular", None)  # renamed: the all-token distance is "angular-mean", the paper's is last-token
+    return {**old, "reference": reference, "variants": rows}  # int N keys, as markdown() reads
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN/Inf float replaced by None: study files are strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(v) for v in value]
+    return value
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -204,7 +223,8 @@ def markdown(result: dict[str, Any]) -> str:
     for name, entries in result["reference"].items():
         cells = [f"*{name}*", ""]
         for n in ns:
-            cells += [f"{entries[n]['ppl']:.1f}", ""]
+            ppl = entries[n]["ppl"]
+            cells += [f"{ppl:.1f}" if ppl is not None and math.isfinite(ppl) else "", ""]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
@@ -234,8 +254,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("block")
     fig.suptitle(f"{result['model']}: block importance vs true damage")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    write_figure(fig, path, dpi=100)
 
 
 def main() -> None:
@@ -268,8 +287,8 @@ def main() -> None:
     out = Path(args.out)
     if args.variants and (out / "study.json").exists():
         result = merged(json.loads((out / "study.json").read_text()), result)
-    (out / "study.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    (out / "study.md").write_text(markdown(result))
+    write_json(out / "study.json", finite_or_none(json.loads(json.dumps(result, default=str))), indent=1)
+    atomic_write_text(out / "study.md", markdown(result))
     plot(result, out / "study.png")
     print(markdown(result))
     if any(math.isnan(r["spearman"]) for r in result["variants"]):

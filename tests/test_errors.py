@@ -20,12 +20,17 @@ from tiny_models import tiny_model
 from transformers import BertConfig, PreTrainedModel, T5Config
 
 import miprun.api
-from miprun.api import CalibrationConfig, ScoreResult, prune, select
-from miprun.model.layouts import decoder_layers
+import miprun.model.loading
+from miprun.api import CalibrationConfig, prune, select
 from miprun.assets import cache_dir
+from miprun.capture.engine import NonFiniteHiddenStateError, non_finite_message
+from miprun.capture.statistic import Tap
 from miprun.cli import main
+from miprun.errors import MiprunError, NonFiniteError
+from miprun.model.layouts import decoder_layers
 from miprun.model.loading import LoadedModel, load_model
 from miprun.output.manifest import MANIFEST_NAME
+from miprun.scores import ScoreResult
 
 FAST = ["--estimator", "gaussian", "--est-opt", "proj_dim=16", "--quiet"]
 TINY = ["--calib", str(CALIBRATION_TXT), "--samples", "4", "--seq-len", "24", *FAST]
@@ -47,12 +52,16 @@ def tiny_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return save_tiny(tmp_path_factory.mktemp("models") / "tiny-llama", tiny_tokenizer)
 
 
+EARLIER = {"schema_version": 2, "removed": [1], "num_blocks_before": 6}
+
+
 @pytest.fixture
 def previous(tmp_path) -> Path:
-    """An earlier output folder that must survive every failed run."""
+    """An earlier miprun output (so ``--overwrite`` may replace it) that must survive every failed run."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("earlier result")
+    (out / MANIFEST_NAME).write_text(json.dumps(EARLIER))
     return out
 
 
@@ -72,13 +81,17 @@ def prune_args(model: Path, out: Path, *extra: str) -> list[str]:
 
 
 def assert_intact(out: Path) -> None:
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", MANIFEST_NAME]
     assert (out / "keep.txt").read_text() == "earlier result"
+    assert json.loads((out / MANIFEST_NAME).read_text()) == EARLIER
 
 
 def assert_no_temp_folders(parent: Path) -> None:
-    leftovers = [p.name for p in parent.iterdir() if p.name.startswith(".")]
+    """Nothing left beside the outputs but their (released, empty) lock files ``.NAME.lock``."""
+    leftovers = [p.name for p in parent.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")]
     assert leftovers == [], leftovers
+    for lock in parent.glob(".*.lock"):
+        assert lock.is_file() and lock.stat().st_size == 0
 
 
 def no_forward(*_args, **_kwargs):
@@ -130,34 +143,52 @@ def test_out_may_not_replace_the_model_folder(capsys, tmp_path, tiny_tokenizer):
     before = (folder / "model.safetensors").read_bytes()
     for out in (folder, tmp_path):  # the folder itself, or a folder that holds it
         code, err = run_cli(capsys, *prune_args(folder, out, "-n", "1", "--overwrite"))
-        assert code == 1 and "would replace the model folder" in err
+        assert code == 1 and f"--out {out.resolve()} contains the input {folder.resolve()}" in err
+        assert "choose an output folder apart from the inputs" in err
+    code, err = run_cli(capsys, *prune_args(folder, folder / "pruned", "-n", "1"))  # nor lie inside it
+    assert code == 1 and f"lies inside the input {folder.resolve()}" in err
     assert (folder / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------------------- the budget
 
 
+# A value the command line can judge alone is a usage error (exit 2) naming the option; one that needs the
+# model (its block count) or the combination of options is a run error (exit 1).
 @pytest.mark.parametrize(
-    ("flags", "message"),
+    ("flags", "code", "message"),
     [
-        (["-n", "0"], "must be at least 1"),
-        (["-n", "-2"], "must be at least 1"),
-        (["-n", "6"], "between 1 and 5 of the model's 6 blocks"),
-        (["-n", "40"], "between 1 and 5 of the model's 6 blocks"),
-        (["--ratio", "0.99"], "ratio 0.99 gives ceil(6 * 0.99) = 6"),
-        (["--ratio", "1.5"], "strictly between 0 and 1, got 1.5"),
-        (["--ratio", "0"], "strictly between 0 and 1, got 0.0"),
-        (["--ratio", "-0.2"], "strictly between 0 and 1"),
+        (["-n", "0"], 2, r"(--num-blocks|'-n').*(at least 1|greater than or equal to 1)"),
+        (["-n", "-2"], 2, r"(--num-blocks|'-n').*(at least 1|greater than or equal to 1)"),
+        (["-n", "two"], 2, r"(--num-blocks|'-n')"),
+        (["-n", "6"], 1, re.escape("between 1 and 5 of the model's 6 blocks")),
+        (["-n", "40"], 1, re.escape("between 1 and 5 of the model's 6 blocks")),
+        (["--ratio", "0.99"], 1, re.escape("ratio 0.99 gives ceil(6 * 0.99) = 6")),
+        (["--ratio", "1.5"], 2, re.escape("ratio (--ratio) must be less than 1, got 1.5")),
+        (["--ratio", "0"], 2, re.escape("ratio (--ratio) must be greater than 0, got 0.0")),
+        (["--ratio", "-0.2"], 2, re.escape("ratio (--ratio) must be greater than 0, got -0.2")),
         (
             ["-n", "2", "--ratio", "0.2"],
-            "exactly one of num_blocks (--num-blocks N) or ratio (--ratio R), got both",
+            1,
+            re.escape("exactly one of num_blocks (--num-blocks N) or ratio (--ratio R), got both"),
         ),
-        ([], "exactly one of num_blocks (--num-blocks N) or ratio (--ratio R), got neither"),
+        ([], 1, re.escape("exactly one of num_blocks (--num-blocks N) or ratio (--ratio R), got neither")),
     ],
 )
-def test_bad_budget(capsys, tmp_path, tiny_dir, previous, flags, message):
-    code, err = run_cli(capsys, *prune_args(tiny_dir, previous, "--overwrite", *flags))
-    assert code == 1 and message in err
+def test_bad_budget(capsys, tmp_path, tiny_dir, previous, flags, code, message):
+    got, err = run_cli(capsys, *prune_args(tiny_dir, previous, "--overwrite", *flags))
+    assert got == code and re.search(message, err), err
+    if code == 2:  # shown as click shows usage errors, not as a run's one-line error
+        assert "Error: " in err and "miprun: error:" not in err
     assert_intact(previous)
 
 
@@ -229,7 +260,8 @@ def test_scores_for_another_calibration(capsys, tmp_path, tiny_dir, scores_file)
     [
         ("this is not json", "cannot read scores file"),
         ('{"some": "json"}', "is not a miprun scores file"),
-        ('{"kind": "miprun-scores", "model": {}}', "incomplete or incompatible miprun scores file"),
+        ('{"kind": "miprun-scores", "model": {}}', "incomplete, invalid or incompatible miprun scores file"),
+        ('{"kind": "miprun-scores", "version": 2, "x": NaN}', "non-finite number NaN"),
     ],
 )
 def test_bad_scores_file(capsys, tmp_path, tiny_dir, content, message):
@@ -252,8 +284,22 @@ def test_non_finite_hidden_states_name_the_block(capsys, tmp_path, tiny_tokenize
     model.save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     code, err = run_cli(capsys, *prune_args(folder, tmp_path / "out", "-n", "1"))
-    assert code == 1 and "NaN/Inf" in err and "block 2" in err and "--dtype float32" in err
+    assert code == 1 and "NaN/Inf in the hidden states produced by block 2 in torch.float32" in err
+    assert "non-finite weights: model.layers.2.mlp.down_proj.weight" in err
+    assert "--dtype float32" not in err  # already float32: a higher precision would not help
     assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_message_advises_float32_only_for_half_precision():
+    model, _ = tiny_model("llama")
+    for dtype in (torch.bfloat16, torch.float16):
+        message = non_finite_message(Tap(state=3), dtype, model)
+        assert message.startswith("NaN/Inf in the hidden states produced by block 2")
+        assert f"overflows in {dtype}" in message and "Run with --dtype float32" in message
+    message = non_finite_message(Tap(state=0), torch.float32, model)
+    assert "the embeddings (input of block 0)" in message and "--dtype" not in message
+    assert "non-finite weights" not in message  # the weights are finite: not blamed
+    assert issubclass(NonFiniteHiddenStateError, MiprunError) and NonFiniteHiddenStateError is NonFiniteError
 
 
 def test_debug_shows_the_traceback(tmp_path, tiny_dir):
@@ -300,11 +346,19 @@ def test_interrupt_while_saving(capsys, monkeypatch, tmp_path, tiny_dir, previou
     assert_no_temp_folders(tmp_path)
 
 
-def test_overwrite_replaces_only_a_complete_output(capsys, tmp_path, tiny_dir, previous):
+def test_overwrite_replaces_an_earlier_output_but_nothing_else(capsys, tmp_path, tiny_dir, previous):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"not miprun's")
+    code, err = run_cli(capsys, *prune_args(tiny_dir, foreign, "-n", "1", "--overwrite"))
+    assert code == 1 and "holds files miprun did not write (holiday.jpg)" in err
+    assert "--overwrite will not replace it" in err
+    assert [p.name for p in foreign.iterdir()] == ["holiday.jpg"]
     code, _ = run_cli(capsys, *prune_args(tiny_dir, previous, "-n", "1", "--overwrite"))
     assert code == 0
     names = {p.name for p in previous.iterdir()}
     assert "keep.txt" not in names and {"model.safetensors", MANIFEST_NAME, "report.md"} <= names
+    assert json.loads((previous / MANIFEST_NAME).read_text())["num_blocks_before"] == 6
     assert_no_temp_folders(tmp_path)
 
 
@@ -348,9 +402,10 @@ def test_cli_passes_trust_remote_code(capsys, monkeypatch, tmp_path):
         seen.append(kwargs["trust_remote_code"])
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(miprun.api, "load_model", fake_load)
-    run_cli(capsys, *prune_args(tmp_path / "m", tmp_path / "o", "-n", "1"))
-    run_cli(capsys, *prune_args(tmp_path / "m", tmp_path / "o", "-n", "1", "--trust-remote-code"))
+    monkeypatch.setattr(miprun.model.loading, "load_model", fake_load)
+    for flags in ([], ["--trust-remote-code"]):
+        code, err = run_cli(capsys, *prune_args(tmp_path / "m", tmp_path / "o", "-n", "1", *flags))
+        assert code == 1 and "stop here" in err
     assert seen == [False, True]
 
 
@@ -396,6 +451,11 @@ def test_same_inputs_give_byte_identical_runs(capsys, tmp_path, tiny_dir):
     assert all(span in cached["scores"]["spans"] for span in fresh["scores"]["spans"])
 
 
+def cached_entry(path: Path) -> ScoreResult:
+    """The result stored in a scores-cache entry (``{"sha256": ..., "result": <scores file content>}``)."""
+    return ScoreResult.from_json(json.loads(path.read_text())["result"])
+
+
 def _tiny_loaded(tokenizer) -> LoadedModel:
     return LoadedModel(tiny_model("llama")[0], tokenizer, "tiny-llama", None)
 
@@ -405,7 +465,7 @@ def test_second_prune_reuses_cached_scores(caplog, tmp_path, tiny_tokenizer):
     first = prune(_tiny_loaded(tiny_tokenizer), num_blocks=1, calibration=CAL, **EST, progress=False)
     cached = list((cache_dir() / "scores").glob("*.json"))
     assert len(cached) == 1 and "reusing cached scores" not in caplog.text
-    assert ScoreResult.read(cached[0]).table.to_json() == first.plan.scores
+    assert cached_entry(cached[0]).table.to_json() == first.plan.scores
 
     lm = _tiny_loaded(tiny_tokenizer)
     handle = decoder_layers(lm.model)[0].register_forward_pre_hook(no_forward)
@@ -417,7 +477,7 @@ def test_second_prune_reuses_cached_scores(caplog, tmp_path, tiny_tokenizer):
     fresh = prune(
         _tiny_loaded(tiny_tokenizer), num_blocks=2, calibration=CAL, **EST, cache=False, progress=False
     )
-    assert again.plan.removed == fresh.plan.removed == select(ScoreResult.read(cached[0]), 2)[0]
+    assert again.plan.removed == fresh.plan.removed == select(cached_entry(cached[0]), 2)[0]
     assert again.plan.search.loss == fresh.plan.search.loss
 
 
@@ -429,13 +489,29 @@ def test_other_settings_miss_the_cache(tmp_path, tiny_tokenizer):
     assert len(list((cache_dir() / "scores").glob("*.json"))) == 3
 
 
-def test_unreadable_cache_entry_is_recomputed(caplog, tiny_tokenizer):
-    prune(_tiny_loaded(tiny_tokenizer), num_blocks=1, calibration=CAL, **EST, progress=False)
+def _truncate(text: str) -> str:
+    return text[: len(text) // 2]  # a crash or a full disk
+
+
+def _edit(text: str) -> str:
+    entry = json.loads(text)  # a hand edit (or bit rot) that keeps valid JSON but not the hash
+    entry["result"]["scores"]["blocks"][0]["nmi"] = 0.5
+    return json.dumps(entry)
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [(_truncate, "Unterminated string|Expecting"), (_edit, "its content does not match its hash")],
+    ids=["truncated", "edited"],
+)
+def test_damaged_cache_entry_is_recomputed(caplog, tiny_tokenizer, damage, reason):
+    first = prune(_tiny_loaded(tiny_tokenizer), num_blocks=1, calibration=CAL, **EST, progress=False)
     (entry,) = (cache_dir() / "scores").glob("*.json")
-    entry.write_text('{"kind": "miprun-scores"')  # truncated by a crash or a full disk
+    entry.write_text(damage(entry.read_text()))
     result = prune(_tiny_loaded(tiny_tokenizer), num_blocks=1, calibration=CAL, **EST, progress=False)
-    assert "ignoring an unreadable cached scores file" in caplog.text and "capture" in result.plan.timings
-    assert ScoreResult.read(entry).table.num_blocks == 6  # rewritten whole
+    assert re.search(rf"ignoring a damaged cached scores file .*\(({reason})", caplog.text), caplog.text
+    assert "capture" in result.plan.timings and result.plan.scores == first.plan.scores
+    assert cached_entry(entry).table.to_json() == first.plan.scores  # rewritten whole
 
 
 def test_interrupted_run_resumes_without_a_forward_pass(monkeypatch, tmp_path, tiny_tokenizer):
@@ -457,23 +533,31 @@ def test_interrupted_run_resumes_without_a_forward_pass(monkeypatch, tmp_path, t
 # ------------------------------------------------------------------------------- as a real process
 
 
-def _subprocess(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+LAUNCHERS = {
+    "console-script": [str(Path(sys.executable).with_name("miprun"))],  # what `pip install` puts on PATH
+    "python-m": [sys.executable, "-m", "miprun.cli"],
+}
+
+
+def _subprocess(tmp_path: Path, launcher: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MIPRUN_CACHE": str(tmp_path / "cache")}
-    return subprocess.run(
-        [sys.executable, "-m", "miprun.cli", *args], capture_output=True, text=True, env=env, timeout=120
-    )
+    return subprocess.run([*LAUNCHERS[launcher], *args], capture_output=True, text=True, env=env, timeout=120)
 
 
-def test_a_real_process_prints_one_line_and_exits_non_zero(tmp_path):
+@pytest.mark.integration  # each process imports torch and transformers: seconds apiece
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_a_real_process_prints_one_line_and_exits_non_zero(tmp_path, launcher):
+    if launcher == "console-script" and not Path(LAUNCHERS[launcher][0]).is_file():
+        pytest.skip("miprun is not installed as a console script in this environment")
+    missing = tmp_path / "missing"
     proc = _subprocess(
-        tmp_path, "prune", "--model", str(tmp_path / "missing"), "-n", "1", "-o", str(tmp_path / "o")
+        tmp_path, launcher, "prune", "--model", str(missing), "-n", "1", "-o", str(tmp_path / "o")
     )
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(
-        f"miprun: error: model not found: {tmp_path / 'missing'}. "
-    )
-    debug = _subprocess(
-        tmp_path, "prune", "--model", str(tmp_path / "missing"), "-n", "1", "-o", "o", "--debug"
-    )
-    assert debug.returncode == 1 and "Traceback" in debug.stderr and "FileNotFoundError" in debug.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"miprun: error: model not found: {missing}. "), lines
+    if launcher == "python-m":
+        return  # one process is enough to show that this way in works; --debug needs no second look
+    debug = _subprocess(tmp_path, launcher, "prune", "--model", str(missing), "-n", "1", "-o", "o", "--debug")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+    assert "miprun.errors.ModelNotFoundError: model not found" in debug.stderr

@@ -32,9 +32,12 @@ from miprun.pipeline import (
     RunSettings,
     blocks_to_remove,
     check_scores_match,
+    estimator_of,
     evidence_of,
+    method_of,
     model_info,
     repair_model,
+    repair_of,
     score_model,
     timed,
 )
@@ -81,7 +84,7 @@ def score(
     """
     opts = with_overrides(options or ScoreOptions(), **overrides)
     sc = opts.scoring
-    method, estimator = sc.build_method(), sc.build_estimator()
+    method, estimator = method_of(sc), estimator_of(sc.estimation)
     progress, cache = opts.progress and distributed.is_main(), sc.cache
     timings: dict[str, float] = {}
     with timed(timings, "load_model"):
@@ -141,7 +144,7 @@ def prune(
     opts = with_overrides(options or PruneOptions(), **overrides)
     opts.check_budget()
     sc = opts.scoring
-    method, estimator, repair = sc.build_method(), sc.build_estimator(), opts.repair_config.build()
+    method, estimator, repair = method_of(sc), estimator_of(sc.estimation), repair_of(opts.repair_config)
     main = distributed.is_main()
     progress = opts.progress and main
     out_path = Path(out) if out is not None else None

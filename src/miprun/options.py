@@ -23,6 +23,7 @@ from miprun.errors import InvalidOptionError, InvalidTypeError
 
 T = TypeVar("T")
 
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
 DEFAULT_METHOD = "mi-prun"
 DEFAULT_ESTIMATOR = "coordinate"  # chosen by measurement: docs/estimator-study.md
 DEFAULT_REPAIR = "none"
@@ -253,11 +254,9 @@ class RuntimeOptions(Options):
     )
 
     def check(self) -> None:
-        from miprun.model.loading import DTYPES
-
-        if self.dtype != "auto" and self.dtype not in DTYPES:
+        if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
             raise InvalidOptionError(
-                f"dtype (--dtype) must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}"
+                f"dtype (--dtype) must be auto or one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}"
             )
 
 
@@ -278,14 +277,6 @@ class EstimatorOptions(Options):
         parse=parse_key_values,
         flags=("--est-opt",),
     )
-
-    def check(self) -> None:
-        self.build()
-
-    def build(self) -> Any:
-        from miprun import estimators
-
-        return estimators.build(self.estimator, self.estimator_params)
 
 
 @dataclass
@@ -321,22 +312,6 @@ class ScoringOptions(Options):
         "--sequential",
     )
 
-    def check(self) -> None:
-        self.build_method()  # unknown names and bad parameters fail here, before any work
-
-    def build_method(self) -> Any:
-        """The method with its parameters (``k`` goes to methods that take it)."""
-        from miprun import methods
-
-        cls = methods.REGISTRY.get(self.method)
-        params = dict(self.method_params)
-        if "k" in {f.name for f in dataclasses.fields(cls)}:
-            params.setdefault("k", self.k)
-        return methods.build(self.method, params)
-
-    def build_estimator(self) -> Any:
-        return self.estimation.build()
-
 
 @dataclass
 class HeldoutOptions(Options):
@@ -363,14 +338,6 @@ class RepairOptions(Options):
         flags=("--repair-opt",),
     )
 
-    def check(self) -> None:
-        self.build()
-
-    def build(self) -> Any:
-        from miprun import repair
-
-        return repair.build(self.repair, self.repair_params)
-
 
 @dataclass
 class OutputOptions(Options):
@@ -383,11 +350,9 @@ class OutputOptions(Options):
     )
 
     def check(self) -> None:
-        from miprun.model.loading import DTYPES
-
-        if self.save_dtype is not None and self.save_dtype not in DTYPES:
+        if self.save_dtype is not None and self.save_dtype not in DTYPE_NAMES:
             raise InvalidOptionError(
-                f"save_dtype (--save-dtype) must be one of {', '.join(DTYPES)}, got {self.save_dtype!r}"
+                f"save_dtype (--save-dtype) must be one of {', '.join(DTYPE_NAMES)}, got {self.save_dtype!r}"
             )
 
 
@@ -558,13 +523,7 @@ class CompareOptions(Options):
     progress: bool = opt(True, "Progress bars and log lines.", cli=False)
 
     def check(self) -> None:
-        from miprun import methods, repair
-
         if not self.num_blocks or min(self.num_blocks) < 1:
             raise InvalidOptionError(f"num_blocks (--num-blocks) must be positive, got {self.num_blocks}")
-        for name in self.methods:
-            methods.REGISTRY.get(name)
-        for name in self.repairs:
-            repair.REGISTRY.get(name)
         if not self.methods:
             raise InvalidOptionError("methods (--methods) names no method")

@@ -8,6 +8,7 @@ Nothing here parses options or prints: :mod:`miprun.api` decides what runs, :mod
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from miprun import estimators, methods, repair
 from miprun.capture import distributed
 from miprun.capture.engine import capture
 from miprun.capture.sequential import capture_sequential
@@ -29,7 +31,14 @@ from miprun.methods import Evidence, GatherContext, Method
 from miprun.model.identity import model_fingerprint, tensor_fingerprint
 from miprun.model.layouts import layout_for, num_blocks
 from miprun.model.loading import LoadedModel, resolve_device
-from miprun.options import CalibrationConfig, RuntimeOptions
+from miprun.options import (
+    CalibrationConfig,
+    EstimatorOptions,
+    RepairOptions,
+    RuntimeOptions,
+    ScoringOptions,
+    groups,
+)
 from miprun.repair import Repair, RepairContext, RepairRecord
 from miprun.scores import CalibrationInfo, ScoreResult, ScoreTable
 from miprun.scores import cache as scores_cache
@@ -59,6 +68,43 @@ class RunSettings:
     max_blocks: int = 1  # the largest N that N-dependent evidence (SLEB's path) must serve
     all_spans: bool = False  # score every span, not only those the method asks for
     timings: dict[str, float] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- named parts of a run
+
+
+def method_of(scoring: ScoringOptions) -> Method:
+    """The method the options name, with its parameters (``k`` goes to methods that take one)."""
+    cls = methods.REGISTRY.get(scoring.method)
+    params = dict(scoring.method_params)
+    if "k" in {f.name for f in dataclasses.fields(cls)}:
+        params.setdefault("k", scoring.k)
+    return methods.build(scoring.method, params)
+
+
+def estimator_of(estimation: EstimatorOptions) -> Estimator:
+    return estimators.build(estimation.estimator, estimation.estimator_params)
+
+
+def repair_of(options: RepairOptions) -> Repair:
+    return repair.build(options.repair, options.repair_params)
+
+
+def check(options: Any) -> None:
+    """Build every named part an options object names (method, estimator, repairs) so that an unknown name
+    or a bad parameter fails before any work, with the registry's "did you mean"."""
+    for value in [options, *(v for _, v in groups(options))]:
+        if isinstance(value, ScoringOptions):
+            method_of(value)
+            check(value)
+        elif isinstance(value, EstimatorOptions):
+            estimator_of(value)
+        elif isinstance(value, RepairOptions):
+            repair_of(value)
+    for name in getattr(options, "methods", []):
+        methods.REGISTRY.get(name)
+    for name in getattr(options, "repairs", []):
+        repair.REGISTRY.get(name)
 
 
 # ----------------------------------------------------------------------------- budget and identity

@@ -106,6 +106,9 @@ def with_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]
                 values[name] = parse(raw) if parse is not None else raw
             try:
                 options = build(cls, values)
+                from miprun.pipeline import check  # names are checked against the registries, too
+
+                check(options)
             except MiprunError as err:  # a bad value on the command line: usage error, exit 2
                 raise click.UsageError(str(err)) from err
             return fn(options, **kwargs)

@@ -26,7 +26,15 @@ from miprun.model.loading import LoadedModel, as_loaded
 from miprun.model.placement import input_device
 from miprun.model.surgery import skip_blocks
 from miprun.options import CompareOptions, with_overrides
-from miprun.pipeline import RunSettings, blocks_to_remove, calibration_windows, repaired, score_model
+from miprun.pipeline import (
+    RunSettings,
+    blocks_to_remove,
+    calibration_windows,
+    check,
+    estimator_of,
+    repaired,
+    score_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +73,7 @@ def compare(loaded: LoadedModel, options: CompareOptions) -> dict[str, Any]:
     forward_s = forward_pass_seconds(loaded.model, windows, cal.batch_size, opts.forward_repeats)
     dense_tasks = _tasks(loaded, [], opts) if opts.tasks else {}
     task_memo: dict[tuple[Any, ...], dict[str, Any]] = {((), "none"): dense_tasks}
-    estimator = opts.estimation.build()
+    estimator = estimator_of(opts.estimation)
     run = RunSettings(cal, opts.runtime, opts.progress, cache=False, max_blocks=max(ns))
     rows: list[dict[str, Any]] = []
     for name in opts.methods:
@@ -391,6 +399,7 @@ def run(
     other methods' rows are kept (same model, data and tasks required).
     """
     opts = with_overrides(options or CompareOptions(), **overrides)
+    check(opts)
     previous = None
     if update_existing:
         path = Path(out) / "comparison.json"

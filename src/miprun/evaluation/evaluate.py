@@ -5,7 +5,7 @@ each text source. Accuracy comes from the real lm-evaluation-harness, driven in-
 model (``HFLM(pretrained=<model object>)``): the offline tasks of :mod:`miprun.tasks` run anywhere; any
 other name is passed to lm-eval as is and needs the Hugging Face Hub for its data.
 
-import miprun.evaluate as ev
+import miprun.evaluation.evaluate as ev
 result = ev.evaluate("out/pruned", tasks=["social_iqa", "next_sentence"], limit=200)
 """
 

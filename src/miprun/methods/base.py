@@ -19,8 +19,8 @@ from torch import nn
 
 from miprun.capture.statistic import CapturedStats, Statistic
 from miprun.errors import MissingEvidenceError
+from miprun.estimators.table import ScoreTable
 from miprun.methods.search import optimal_select, set_loss
-from miprun.scores.table import ScoreTable
 
 
 @dataclass

@@ -21,10 +21,11 @@ from miprun.assets import (
 )
 from miprun.errors import InvalidOptionError, ModelLoadError, ModelNotFoundError
 from miprun.model.layouts import layout_for
+from miprun.options import DTYPE_NAMES
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 

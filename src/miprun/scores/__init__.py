@@ -1,8 +1,8 @@
-"""Scores: the span MI table, a scoring run's result and its file format, and the scores cache."""
+"""Scores: what a scoring run produced (span MI and each method's evidence), its file format and cache."""
 
 from __future__ import annotations
 
+from miprun.estimators.table import ScoreTable, SpanScore
 from miprun.scores.result import CalibrationInfo, ScoreResult
-from miprun.scores.table import ScoreTable, SpanScore
 
 __all__ = ["CalibrationInfo", "ScoreResult", "ScoreTable", "SpanScore"]

@@ -15,7 +15,7 @@ from typing import Any
 
 from miprun.errors import ScoresError
 from miprun.estimators import Estimator
-from miprun.scores.table import ScoreTable
+from miprun.estimators.table import ScoreTable
 
 SCORES_KIND = "miprun-scores"
 SCORES_VERSION = 2  # 1: baselines kept raw cosine sums under "baselines"

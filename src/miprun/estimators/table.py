@@ -1,4 +1,4 @@
-"""Block and span scores: estimator outputs, memoised, counted, and serialisable for reuse.
+"""The span MI table: estimator outputs for blocks and spans, memoised, counted, and serialisable for reuse.
 
 Block ``i`` is the span ``(i, i)``; span ``(a, b)`` compares state ``a`` (input of block ``a``) with
 state ``b + 1`` (output of block ``b``), all from the one dense capture pass.
@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from miprun.capture.statistic import CapturedStats
 from miprun.errors import ScoresError
-from miprun.estimators import Estimator
+from miprun.estimators.base import Estimator
 
 
 @dataclass
