@@ -29,7 +29,7 @@ test: lint typecheck
 	$(BIN)/python -m pytest -q
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not integration"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 
 from miprun.assets import HubUnreachableError, bigbench_file, cache_dir
 from miprun.data import BUILTIN_SOURCES, TextSource, eval_windows, load_text, token_windows
+from miprun.errors import DataError, DataNotFoundError, InvalidOptionError, ModelLoadError, ModelNotFoundError
 from miprun.model.loading import load_model, resolve_device, resolve_dtype
 from miprun.model.perplexity import mean_nll, perplexity
 
@@ -104,7 +105,7 @@ def test_jsonl_text_field_then_first_string(tmp_path: Path) -> None:
 def test_jsonl_bad_line_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "a.jsonl"
     path.write_text('{"text": "ok"}\nnot json\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"a\.jsonl:2"):
+    with pytest.raises(DataError, match=r"a\.jsonl:2: not a JSON object"):
         load_text(str(path), "calibration")
 
 
@@ -112,24 +113,25 @@ def test_jsonl_bad_line_names_file_and_line(tmp_path: Path) -> None:
 def test_empty_file_is_a_clear_error(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / ("e.jsonl" if content.startswith(b"{") else "e.txt")
     path.write_bytes(content)
-    with pytest.raises(ValueError, match=path.name):
+    with pytest.raises(DataError, match=path.name):
         load_text(str(path), "calibration")
 
 
 def test_non_utf8_file_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "latin1.txt"
     path.write_bytes("caf\xe9 au lait".encode("latin-1"))
-    with pytest.raises(ValueError, match=r"latin1\.txt.*UTF-8"):
+    with pytest.raises(DataError, match=r"latin1\.txt.*UTF-8"):
         load_text(str(path), "calibration")
 
 
 def test_missing_file_and_unknown_source() -> None:
-    with pytest.raises(FileNotFoundError, match=r"nope\.txt"):
+    with pytest.raises(DataNotFoundError, match=r"text file not found: nope\.txt"):
         load_text("nope.txt", "calibration")
-    with pytest.raises(ValueError, match=r"wiki.*nyt.*reddit"):
+    with pytest.raises(DataError, match=r"unknown text source 'no-such-source'.*wiki.*nyt.*reddit"):
         load_text("no-such-source", "calibration")
-    with pytest.raises(ValueError, match="split"):
+    with pytest.raises(DataError, match="split"):
         load_text("wiki", "train")  # type: ignore[arg-type]
+    assert issubclass(DataNotFoundError, FileNotFoundError) and issubclass(DataError, ValueError)
 
 
 def test_fingerprint_tracks_content() -> None:
@@ -162,7 +164,8 @@ def test_builtin_single_article_is_split_by_paragraph_groups(no_download: None) 
 
 
 def test_missing_builtin_without_download_is_a_clear_error(no_download: None) -> None:
-    with pytest.raises(FileNotFoundError, match="MIPRUN_BIGBENCH_ARCHIVE"):
+    # a data error like any other: `except MiprunError` (and the CLI's one-line message) catch it
+    with pytest.raises(DataNotFoundError, match=r"MIPRUN_BIGBENCH_ARCHIVE points at .*no-such-archive"):
         load_text("nyt", "calibration")
 
 
@@ -212,7 +215,7 @@ def test_token_windows_too_short_says_what_to_change(
 ) -> None:
     available = eval_windows(tiny_tokenizer, long_text, 64).shape[0]
     token_windows(tiny_tokenizer, long_text, available, 64, seed=0)
-    with pytest.raises(ValueError, match=rf"{available} windows of 64.*{available + 1} were asked.*Lower"):
+    with pytest.raises(DataError, match=rf"{available} windows of 64.*{available + 1} were asked.*Lower"):
         token_windows(tiny_tokenizer, long_text, available + 1, 64, seed=0)
 
 
@@ -220,7 +223,7 @@ def test_eval_windows_are_consecutive(tiny_tokenizer: PreTrainedTokenizerFast, l
     ids = tiny_tokenizer("\n\n".join(long_text.texts), add_special_tokens=False)["input_ids"]
     w = eval_windows(tiny_tokenizer, long_text, 10, max_windows=3)
     assert w.tolist() == [ids[0:10], ids[10:20], ids[20:30]]
-    with pytest.raises(ValueError, match="shorter than one window"):
+    with pytest.raises(DataError, match="shorter than one window"):
         eval_windows(tiny_tokenizer, TextSource.from_texts("s", ["a"]), 10)
 
 
@@ -266,16 +269,53 @@ def test_load_local_folder(tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFa
     assert not loaded.model.training
     assert loaded.tokenizer.pad_token == "</s>"  # pad falls back to eos
     assert loaded.path == str(tmp_path / "m") and loaded.model.dtype == torch.float32
-    assert load_model(str(tmp_path / "m"), device="cpu", dtype="bfloat16").model.dtype == torch.bfloat16
+    assert loaded.gguf is None and loaded.source_dtype == torch.float32
+    half = load_model(str(tmp_path / "m"), device="cpu", dtype="bfloat16")
+    assert half.model.dtype == torch.bfloat16
+    assert half.source_dtype == torch.float32  # what a saved pruned model keeps, whatever the compute dtype
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("drop", r"weights 1 missing \(model\.norm\.weight\)"),
+        ("add", r"weights 1 unexpected \(model\.extra\.weight\)"),
+        # transformers refuses this one itself; miprun names the folder
+        ("reshape", r"of the wrong shape \(model\.norm\.weight\)|could not load the model folder .*/m: "),
+    ],
+)
+def test_incomplete_checkpoint_is_refused_not_filled_with_random_weights(
+    tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFast, edit: str, message: str
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "m"
+    _tiny_llama(vocab=len(tiny_tokenizer)).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    weights = load_file(folder / "model.safetensors")
+    if edit == "drop":
+        del weights["model.norm.weight"]
+    elif edit == "add":
+        weights["model.extra.weight"] = torch.ones(3)
+    else:
+        weights["model.norm.weight"] = torch.ones(7)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=message) as info:
+        load_model(str(folder), device="cpu")
+    if edit != "reshape":
+        assert "does not match its config" in str(info.value) and "random values" in str(info.value)
 
 
 def test_missing_local_paths_are_file_not_found(tmp_path: Path) -> None:
     for name in (str(tmp_path / "nothing"), "./nothing", "weights.gguf", "a/b/c"):
-        with pytest.raises(FileNotFoundError, match="not found"):
+        with pytest.raises(ModelNotFoundError, match="not found"):
             load_model(name)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+    with pytest.raises(ModelNotFoundError, match=r"config\.json"):
         load_model(str(tmp_path / "empty"))
+    assert issubclass(ModelNotFoundError, FileNotFoundError) and issubclass(
+        ModelNotFoundError, ModelLoadError
+    )
 
 
 def test_hub_names_fail_clearly_offline(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -298,5 +338,8 @@ def test_resolve_device_and_dtype() -> None:
     assert resolve_dtype("auto", "cpu") == torch.float32
     assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
     assert resolve_dtype(torch.float16, "cpu") == torch.float16
-    with pytest.raises(ValueError, match="float32"):
+    with pytest.raises(InvalidOptionError, match=r"unknown dtype 'fp8'.*float32"):
         resolve_dtype("fp8", "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidOptionError, match="CUDA is not available"):
+            resolve_device("cuda")

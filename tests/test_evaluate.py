@@ -16,9 +16,8 @@ from tiny_models import tiny_model
 from miprun.assets import HubUnreachableError
 from miprun.cli import main
 from miprun.data import eval_windows, load_text
+from miprun.errors import InvalidOptionError, InvalidTypeError, UnknownNameError
 from miprun.evaluation.evaluate import evaluate
-from miprun.model.loading import LoadedModel
-from miprun.model.perplexity import perplexity
 from miprun.evaluation.tasks import (
     HARNESS_PREFIX,
     next_sentence_records,
@@ -27,6 +26,8 @@ from miprun.evaluation.tasks import (
     split_sentences,
     write_tasks,
 )
+from miprun.model.loading import LoadedModel
+from miprun.model.perplexity import perplexity
 
 WORDS = [
     *("age", "wisdom", "times", "season", "light", "darkness", "hope"),
@@ -150,13 +151,38 @@ def test_social_iqa_conversion_and_rendered_yaml(tmp_path):
 
 def test_perplexity_through_evaluate_equals_the_perplexity_module(tiny_tokenizer):
     lm = loaded(tiny_tokenizer)
-    result = evaluate(lm, ppl_sources=[str(HELDOUT_TXT)], seq_len=24, max_windows=None, progress=False)
+    result = evaluate(lm, ppl=[str(HELDOUT_TXT)], ppl_seq_len=24, ppl_windows=0, progress=False)  # 0: all
     got = result["perplexity"][str(HELDOUT_TXT)]
     windows = eval_windows(tiny_tokenizer, load_text(str(HELDOUT_TXT), "evaluation"), 24)
     assert got["ppl"] == pytest.approx(perplexity(lm.model, windows), rel=1e-9)
-    assert got["windows"] == windows.shape[0] > 1 and got["seq_len"] == 24
+    assert got["windows"] == windows.shape[0] > 3 and got["seq_len"] == 24
     assert got["predicted_tokens"] == windows.shape[0] * 23
     assert result["model"]["num_blocks"] == 6 and result["tasks"] == {}
+    assert result["model"]["pruning"] is None  # not a miprun output folder
+    first = evaluate(lm, ppl=[str(HELDOUT_TXT)], ppl_seq_len=24, ppl_windows=3, batch_size=2, progress=False)
+    assert first["perplexity"][str(HELDOUT_TXT)]["windows"] == 3
+    assert first["perplexity"][str(HELDOUT_TXT)]["ppl"] == pytest.approx(
+        perplexity(lm.model, windows[:3]), rel=1e-9
+    )
+    assert evaluate(lm, no_ppl=True, progress=False)["perplexity"] == {}
+
+
+def test_evaluate_checks_its_options_before_loading_anything(monkeypatch):
+    import miprun.evaluation.evaluate as ev
+
+    monkeypatch.setattr(ev, "as_loaded", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(
+        InvalidOptionError, match=r"unknown option 'seq_len' for EvaluateOptions\. Did you mean 'ppl_seq_len'"
+    ):
+        evaluate("tiny", seq_len=24)
+    with pytest.raises(InvalidOptionError, match=r"ppl_windows \(--ppl-windows\) must be at least 0, got -1"):
+        evaluate("tiny", ppl_windows=-1)
+    with pytest.raises(InvalidOptionError, match=r"limit \(--limit\) must be at least 1, got 0"):
+        evaluate("tiny", limit=0)
+    with pytest.raises(InvalidTypeError, match=r"ppl_seq_len \(--ppl-seq-len\) must be int, got 24.5"):
+        evaluate("tiny", ppl_seq_len=24.5)
+    with pytest.raises(InvalidOptionError, match=r"dtype \(--dtype\) must be auto or one of"):
+        evaluate("tiny", dtype="fp8")
 
 
 # ------------------------------------------------------------------------------------- lm-eval
@@ -182,14 +208,13 @@ def _expected_accuracy(model, tokenizer, records: list[dict]) -> tuple[float, fl
     return acc / len(records), acc_norm / len(records)
 
 
+@pytest.mark.integration
 def test_lm_eval_scores_our_offline_tasks_on_the_in_memory_model(
     tiny_tokenizer, paragraph_file, social_iqa_file
 ):
     lm = loaded(tiny_tokenizer)
     tasks = ["social_iqa", "next_sentence"]
-    result = evaluate(
-        lm, ppl_sources=None, tasks=tasks, limit=5, task_text=str(paragraph_file), progress=False
-    )
+    result = evaluate(lm, no_ppl=True, tasks=tasks, limit=5, task_text=str(paragraph_file), progress=False)
     assert list(result["tasks"]) == tasks and result["perplexity"] == {}
     folder = write_tasks(tasks, source=str(paragraph_file), seed=0)  # the same files evaluate used
     for name in tasks:
@@ -221,20 +246,23 @@ def test_unknown_and_hub_tasks_fail_with_a_clear_message(tiny_tokenizer, tmp_pat
     manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
     monkeypatch.setattr("miprun.evaluation.evaluate._default_manager", lambda: manager)
     lm = loaded(tiny_tokenizer)
-    with pytest.raises(ValueError, match="Did you mean 'hub_task'"):
-        evaluate(lm, ppl_sources=None, tasks=["hub_tsk"], progress=False)
-    with pytest.raises(ValueError, match="Did you mean 'social_iqa'"):
-        evaluate(lm, ppl_sources=None, tasks=["next_sentence", "social_iq"], progress=False)
+    with pytest.raises(UnknownNameError, match="Did you mean 'hub_task'"):
+        evaluate(lm, no_ppl=True, tasks=["hub_tsk"], progress=False)
+    with pytest.raises(UnknownNameError, match="Did you mean 'social_iqa'"):
+        evaluate(lm, no_ppl=True, tasks=["next_sentence", "social_iq"], progress=False)
     assert not (Path(os.environ["MIPRUN_CACHE"]) / "tasks").exists()  # failed before any task was built
     with pytest.raises(HubUnreachableError, match=r"hub_task .*unreachable.*social_iqa, next_sentence"):
-        evaluate(lm, ppl_sources=None, tasks=["hub_task"], limit=2, progress=False)
+        evaluate(lm, no_ppl=True, tasks=["hub_task"], limit=2, progress=False)
 
 
+@pytest.mark.integration
 def test_eval_through_the_cli(tiny_tokenizer, tmp_path, paragraph_file, capsys):
     folder = tmp_path / "tiny-llama"
     model, _ = tiny_model("llama")
     model.save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
+    pruning = {"removed": [1, 4], "num_blocks_before": 8, "num_blocks_after": 6}  # as if miprun wrote it
+    (folder / "miprun.json").write_text(json.dumps({"schema_version": 2, **pruning}))
     out = tmp_path / "eval.json"
     args = [
         "eval",
@@ -266,11 +294,12 @@ def test_eval_through_the_cli(tiny_tokenizer, tmp_path, paragraph_file, capsys):
     assert ppl["windows"] == 2 and ppl["seq_len"] == 24 and math.isfinite(ppl["ppl"])
     assert data["tasks"]["next_sentence"]["examples"] == 3
     assert data["model"]["path"] == str(folder) and data["versions"]["lm_eval"]
+    assert data["model"]["pruning"] == pruning and data["model"]["num_blocks"] == 6
 
 
 @pytest.mark.slow
 def test_social_iqa_runs_on_smollm2():
-    result = evaluate("smollm2-135m", ppl_sources=None, tasks=["social_iqa"], limit=20, progress=False)
+    result = evaluate("smollm2-135m", no_ppl=True, tasks=["social_iqa"], limit=20, progress=False)
     got = result["tasks"]["social_iqa"]
     assert got["examples"] == 20 and 0.0 <= got["acc"] <= 1.0 and 0.0 <= got["acc_norm"] <= 1.0
 
@@ -280,17 +309,16 @@ def test_lm_eval_own_tasks_are_passed_through_and_fail_offline_with_a_clear_mess
     tiny_tokenizer, hub_offline
 ):
     with pytest.raises(HubUnreachableError, match="social_iqa download their data"):
-        evaluate(
-            loaded(tiny_tokenizer), ppl_sources=None, tasks=["lm-eval:social_iqa"], limit=2, progress=False
-        )
+        evaluate(loaded(tiny_tokenizer), no_ppl=True, tasks=["lm-eval:social_iqa"], limit=2, progress=False)
 
 
+@pytest.mark.integration
 def test_compare_scores_each_block_set_once_and_skips_broken_models(
     tiny_tokenizer, social_iqa_file, monkeypatch
 ):
     import miprun.evaluation.evaluate as ev
-    from miprun.api import CalibrationConfig
-    from miprun.evaluation.compare import CompareConfig, compare, markdown
+    from miprun.evaluation.compare import compare, markdown
+    from miprun.options import CalibrationConfig, CompareOptions, HeldoutOptions
 
     calls: list[list[str]] = []
     real = ev.run_tasks
@@ -300,19 +328,19 @@ def test_compare_scores_each_block_set_once_and_skips_broken_models(
         return real(lm, tasks, **kwargs)
 
     monkeypatch.setattr(ev, "run_tasks", counted)
-    config = CompareConfig(
-        num_blocks=(1, 2),
-        methods=("mi-prun", "mi-optimal", "angular", "last-n"),
+    options = CompareOptions(
+        num_blocks=[1, 2],
+        methods=["mi-prun", "mi-optimal", "angular", "last-n"],
         calibration=CalibrationConfig(source=str(HELDOUT_TXT), samples=2, seq_len=16),
-        eval_source=str(HELDOUT_TXT),
-        eval_samples=2,
-        eval_seq_len=16,
-        tasks=("social_iqa",),
-        task_limit=3,
-        task_max_ppl_ratio=1.5,
+        heldout=HeldoutOptions(eval_source=str(HELDOUT_TXT), eval_samples=2, eval_seq_len=16),
+        tasks=["social_iqa"],
+        limit=3,
+        task_max_ppl=1.5,
         forward_repeats=1,
+        progress=False,
     )
-    result = compare(loaded(tiny_tokenizer), config, progress=False)
+    result = compare(loaded(tiny_tokenizer), options)
+    assert len(result["rows"]) == 4 * 2 and {r["repair"] for r in result["rows"]} == {"none"}
     dense = result["dense_ppl"]
     evaluated = {tuple(r["removed"]) for r in result["rows"] if r["ppl"] <= 1.5 * dense}
     assert len(calls) == 1 + len(evaluated)  # the dense model, then each distinct block set once

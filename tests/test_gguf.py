@@ -23,12 +23,8 @@ from conftest import train_tiny_tokenizer
 from gguf import GGMLQuantizationType as Q
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from miprun.model.surgery import remove_blocks
 from miprun.output.gguf import GgufReport, gguf_block_count, requantize, to_gguf_layout, write_pruned_gguf
-
-try:  # the module moves in the current refactor
-    from miprun.model.surgery import remove_blocks
-except ImportError:  # pragma: no cover
-    from miprun.model.surgery import remove_blocks  # type: ignore[no-redef]
 
 VOCAB = 128
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"

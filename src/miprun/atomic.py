@@ -333,10 +333,15 @@ def interrupts_as_keyboard_interrupt() -> Iterator[None]:
     """
 
     def raise_interrupted(signum: int, _frame: object) -> None:
+        global last_signal
+        last_signal = signum
         raise Interrupted(signum)
 
     with _replaced_handlers(_TERMINATING, raise_interrupted):
         yield
+
+
+last_signal: int | None = None  # the last SIGTERM/SIGHUP turned into Interrupted (libraries may catch it)
 
 
 @contextmanager

@@ -93,10 +93,9 @@ def repair_of(options: RepairOptions) -> Repair:
 def check(options: Any) -> None:
     """Build every named part an options object names (method, estimator, repairs) so that an unknown name
     or a bad parameter fails before any work, with the registry's "did you mean"."""
-    for value in [options, *(v for _, v in groups(options))]:
+    for value in _walk(options):
         if isinstance(value, ScoringOptions):
             method_of(value)
-            check(value)
         elif isinstance(value, EstimatorOptions):
             estimator_of(value)
         elif isinstance(value, RepairOptions):
@@ -105,6 +104,13 @@ def check(options: Any) -> None:
         methods.REGISTRY.get(name)
     for name in getattr(options, "repairs", []):
         repair.REGISTRY.get(name)
+
+
+def _walk(options: Any) -> Iterator[Any]:
+    """An options object and every option group nested in it."""
+    yield options
+    for _, group in groups(options):
+        yield from _walk(group)
 
 
 # ----------------------------------------------------------------------------- budget and identity

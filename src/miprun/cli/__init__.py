@@ -7,6 +7,7 @@ Options come from :mod:`miprun.options` (see :mod:`miprun.cli.params`); results 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -243,25 +244,42 @@ def list_command(
     show.registry(what)
 
 
+INTERRUPTED = (
+    "miprun: interrupted ({why}); the output holds its previous content or the complete new output, "
+    "never a partial one"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: one-line errors with a non-zero exit, tracebacks only with --debug."""
+    """Console entry point: one-line errors with a non-zero exit, tracebacks only with --debug.
+
+    SIGTERM and SIGHUP (``timeout``, Slurm, ``docker stop``) stop a run the way Ctrl-C does: the same
+    cleanup runs, and the exit code is 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM).
+    """
+    from miprun import atomic
+    from miprun.atomic import Interrupted, interrupts_as_keyboard_interrupt
+
     args = sys.argv[1:] if argv is None else argv
-    interrupted = (
-        "miprun: interrupted; the output folder holds what it held before (or the complete new output)"
-    )
+    atomic.last_signal = None
     try:
-        # typer turns a KeyboardInterrupt inside a command into a returned 130, not an exception
-        code = app(args=args, prog_name="miprun", standalone_mode=False)
+        with interrupts_as_keyboard_interrupt():
+            # typer turns a KeyboardInterrupt inside a command into a returned 130, not an exception
+            code = app(args=args, prog_name="miprun", standalone_mode=False)
         if code == 130:
-            console.print(interrupted)
-            return 130
+            signum = atomic.last_signal
+            why = "Ctrl-C" if signum is None else f"stopped by {signal.Signals(signum).name}"
+            console.print(INTERRUPTED.format(why=why))
+            return 130 if signum is None else 128 + signum
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
+    except Interrupted as exc:
+        console.print(INTERRUPTED.format(why=str(exc)))
+        return 128 + exc.signum
     except (KeyboardInterrupt, click.exceptions.Abort):
-        console.print(interrupted)
+        console.print(INTERRUPTED.format(why="Ctrl-C"))
         return 130
     except Exception as exc:
         if "--debug" in args:
