@@ -14,7 +14,9 @@ EVERY_STATISTIC = [Moments(proj_dim=16), TokenSample(capacity=30), CosineSums(),
 ACCUMULATORS = ("total", "gram", "cross", "cos", "angle")  # what is summed over tokens
 
 
-def assert_same_stats(a: CapturedStats, b: CapturedStats, rtol: float = 1e-6, atol: float = 1e-6, exact: bool = False) -> None:
+def assert_same_stats(
+    a: CapturedStats, b: CapturedStats, rtol: float = 1e-6, atol: float = 1e-6, exact: bool = False
+) -> None:
     """Equal statistic by statistic: counts exactly, sums to ``rtol``/``atol`` (or bit for bit with ``exact``)."""
     assert a.num_tokens == b.num_tokens and a.num_states == b.num_states
     assert [s.config() for s in a] == [s.config() for s in b]

@@ -188,7 +188,11 @@ def test_an_options_object_and_flat_overrides_are_the_same_run(tiny_tokenizer):
         ({"num_blocks": 2, "sampels": 8}, ValueError, r"unknown option 'sampels'.*Did you mean 'samples'"),
         ({"num_blocks": 2, "method": "shortgtp"}, ValueError, r"Did you mean 'shortgpt'"),
         ({"num_blocks": 2, "estimator_params": {"center": "maybe"}}, ValueError, r"center.*true/false"),
-        ({"num_blocks": 2, "estimator": "gaussian", "estimator_params": {"proj_dim": -5}}, ValueError, "proj_dim"),
+        (
+            {"num_blocks": 2, "estimator": "gaussian", "estimator_params": {"proj_dim": -5}},
+            ValueError,
+            "proj_dim",
+        ),
     ],
 )
 def test_bad_options_raise_typed_errors_before_any_work(tiny_tokenizer, overrides, error, match):

@@ -105,7 +105,9 @@ def test_memory_is_bounded_by_the_requests_not_the_token_count():
 
 def test_equal_requests_are_captured_once_and_a_larger_sample_serves_a_smaller_one():
     model, _ = tiny_model("llama")
-    stats = capture(model, WINDOWS, [TokenSample(capacity=10), Moments(8), Moments(8), TokenSample(capacity=40)])
+    stats = capture(
+        model, WINDOWS, [TokenSample(capacity=10), Moments(8), Moments(8), TokenSample(capacity=40)]
+    )
     assert len(stats.statistics) == 2
     sample = stats.get(TokenSample(capacity=10))
     assert sample.capacity == 40 and sample.count == 40

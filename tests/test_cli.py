@@ -37,16 +37,22 @@ def test_help_documents_every_option(command, capsys):
     assert len(entries) > 20
     for entry in entries:
         first, *rest = entry.strip().splitlines()
-        described = re.sub(r"^(-\w, )?--[a-z-]+(/ --[a-z-]+)?( [^ ]+)?", "", first).strip() or "".join(rest).strip()
+        described = (
+            re.sub(r"^(-\w, )?--[a-z-]+(/ --[a-z-]+)?( [^ ]+)?", "", first).strip() or "".join(rest).strip()
+        )
         assert described, f"no description for {first!r}"
 
 
-@pytest.mark.parametrize(("registry", "flag"), [("methods", "--method"), ("estimators", "--estimator"), ("repairs", "--repair")])
+@pytest.mark.parametrize(
+    ("registry", "flag"), [("methods", "--method"), ("estimators", "--estimator"), ("repairs", "--repair")]
+)
 def test_help_names_every_registered_choice(registry, flag, capsys):
     """The choices written in --help are the registry's, no more and no fewer."""
     from miprun import estimators, methods, repair
 
-    names = {"methods": methods.REGISTRY, "estimators": estimators.REGISTRY, "repairs": repair.REGISTRY}[registry]
+    names = {"methods": methods.REGISTRY, "estimators": estimators.REGISTRY, "repairs": repair.REGISTRY}[
+        registry
+    ]
     assert main(["prune", "--help"]) == 0
     text = re.sub(r"(\w)- (\w)", r"\1-\2", " ".join(capsys.readouterr().out.split()))  # undo hyphen wraps
     block = text.split(f"{flag} ", 1)[1].split(" --", 1)[0]

@@ -14,7 +14,7 @@ from tiny_models import tiny_model
 import miprun
 from miprun import methods, repair
 from miprun.capture import statistics
-from miprun.capture.statistic import BatchInfo, CaptureContext, Statistic, Tap
+from miprun.capture.statistic import BatchInfo, Statistic, Tap
 from miprun.methods.base import Choice, Evidence, GatherContext, Method
 from miprun.methods.similarity import lowest
 from miprun.model.layouts import decoder_layers
@@ -67,7 +67,9 @@ class NormGrowth(Method):
 
     def choose(self, evidence: Evidence, n: int, seed: int) -> Choice:
         growth = evidence.require("norm_growth", self.name).values
-        return Choice(lowest(growth, n), len(growth), stop_reason="least norm growth", record={"scores": growth})
+        return Choice(
+            lowest(growth, n), len(growth), stop_reason="least norm growth", record={"scores": growth}
+        )
 
 
 @dataclass

@@ -34,7 +34,9 @@ def _close(got: object, want: object) -> bool:
     if isinstance(want, list):
         return isinstance(got, list) and len(got) == len(want) and all(map(_close, got, want))
     if isinstance(want, dict):
-        return isinstance(got, dict) and got.keys() == want.keys() and all(_close(got[k], want[k]) for k in want)
+        return (
+            isinstance(got, dict) and got.keys() == want.keys() and all(_close(got[k], want[k]) for k in want)
+        )
     return got == want
 
 
@@ -47,8 +49,12 @@ def models(tiny_tokenizer):
 @pytest.mark.parametrize("estimator", list(ESTIMATORS))
 def test_mi_scores_and_choices_are_unchanged(models, arch, estimator):
     result = miprun.score(
-        models[arch], calibration=CAL, estimator=estimator, estimator_params=ESTIMATORS[estimator],
-        cache=False, progress=False,
+        models[arch],
+        calibration=CAL,
+        estimator=estimator,
+        estimator_params=ESTIMATORS[estimator],
+        cache=False,
+        progress=False,
     )
     assert _close(result.table.to_json(), GOLDEN[f"{arch}/{estimator}/spans"])
     for method in ("mi-prun", "mi-optimal"):
@@ -61,7 +67,9 @@ def test_mi_scores_and_choices_are_unchanged(models, arch, estimator):
 @pytest.mark.parametrize("recorded", ["shortgpt", "angular", "sleb", "ppl-oneshot", "last-n", "random"])
 def test_baseline_choices_and_scores_are_unchanged(models, arch, recorded):
     method = RENAMED.get(recorded, recorded)
-    result = miprun.score(models[arch], calibration=CAL, method=method, max_blocks=3, cache=False, progress=False)
+    result = miprun.score(
+        models[arch], calibration=CAL, method=method, max_blocks=3, cache=False, progress=False
+    )
     for n in (1, 2, 3):
         removed, info = miprun.select(result, n, method=method, seed=CAL.seed)
         want = GOLDEN[f"{arch}/{recorded}/{n}"]

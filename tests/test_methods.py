@@ -66,7 +66,9 @@ def loss_without(model: torch.nn.Module, removed: list[int]) -> float:
 def full_scores(tiny_tokenizer) -> ScoreResult:
     """Scores holding every method's evidence: MI spans, both cosine matrices, the SLEB path, one-shot losses."""
     lm = loaded(tiny_tokenizer, "qwen2")
-    result = score(lm, calibration=CAL, estimator="gaussian", estimator_params=GAUSS, method="sleb", max_blocks=3)
+    result = score(
+        lm, calibration=CAL, estimator="gaussian", estimator_params=GAUSS, method="sleb", max_blocks=3
+    )
     for name in ("shortgpt", "angular", "ppl-oneshot"):
         extra = score(lm, calibration=CAL, estimator="gaussian", estimator_params=GAUSS, method=name)
         result.evidence.update(extra.evidence)
@@ -80,8 +82,12 @@ def test_every_method_keeps_the_contract(name, full_scores):
     method = methods.build(name)
     assert method.name == name and method.summary
     for n in (1, 2, 3):
-        first, info = methods.run(method, methods.Evidence(6, full_scores.table, dict(full_scores.evidence)), n, 0)
-        again, _ = methods.run(method, methods.Evidence(6, full_scores.table, dict(full_scores.evidence)), n, 0)
+        first, info = methods.run(
+            method, methods.Evidence(6, full_scores.table, dict(full_scores.evidence)), n, 0
+        )
+        again, _ = methods.run(
+            method, methods.Evidence(6, full_scores.table, dict(full_scores.evidence)), n, 0
+        )
         assert first == again == sorted(set(first)) and len(first) == n and all(0 <= b < 6 for b in first)
         assert info.method == name and info.num_evaluations >= 0 and info.loss is not None
     for key in method.evidence_keys:
@@ -111,7 +117,9 @@ def test_method_parameters_are_typed_and_checked():
 def test_cosine_sums_equal_the_hooked_states_and_do_not_depend_on_batching():
     model, _ = tiny_model("qwen2")
     one = capture(model, WINDOWS, [CosineSums()], CalibrationConfig(batch_size=1), progress=False)
-    many = capture(model, WINDOWS, [Moments(8), CosineSums()], CalibrationConfig(batch_size=3), progress=False)
+    many = capture(
+        model, WINDOWS, [Moments(8), CosineSums()], CalibrationConfig(batch_size=3), progress=False
+    )
     states = hooked_states(model, WINDOWS)
     ones, manys = one.get(CosineSums()), many.get(CosineSums())
     assert ones.count == WINDOWS.numel() and ones.cos.shape == (7, 7)  # bounded: S x S, any token count
@@ -125,7 +133,9 @@ def test_cosine_sums_equal_the_hooked_states_and_do_not_depend_on_batching():
 
 def test_last_token_cosine_reads_each_windows_last_token_only():
     model, _ = tiny_model("llama")
-    last = capture(model, WINDOWS, [CosineSums(positions="last")], CalibrationConfig(batch_size=3), progress=False)
+    last = capture(
+        model, WINDOWS, [CosineSums(positions="last")], CalibrationConfig(batch_size=3), progress=False
+    )
     sums = last.get(CosineSums(positions="last"))
     assert sums.count == len(WINDOWS)
     with torch.no_grad():
@@ -189,7 +199,9 @@ def test_a_baseline_pays_only_for_what_it_reads(tiny_tokenizer, monkeypatch):
         raise AssertionError("the MI statistics must not be captured for a method that does not read them")
 
     monkeypatch.setattr(CoordinateMoments, "update", refuse)
-    result = prune(loaded(tiny_tokenizer), num_blocks=2, method="shortgpt", calibration=CAL, cache=False, progress=False)
+    result = prune(
+        loaded(tiny_tokenizer), num_blocks=2, method="shortgpt", calibration=CAL, cache=False, progress=False
+    )
     plan = result.plan
     assert plan.estimator is None and plan.scores is None and plan.search.loss is None
     assert plan.search.params["scores"] and len(plan.removed) == 2
