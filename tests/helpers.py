@@ -6,12 +6,29 @@ from typing import Any
 
 import torch
 
-from miprun.capture.statistic import CapturedStats
-from miprun.capture.statistics import CoordinateMoments, CosineSums, Moments, TokenSample
+from miprun.capture.statistic import CapturedStats, Tap
+from miprun.capture.statistics import (
+    REGISTRY,
+    CoordinateMoments,
+    CosineSums,
+    LinearFitSums,
+    Moments,
+    TokenSample,
+)
 
 # One of every statistic kind (the registry's), at small sizes: what the equivalence tests capture.
-EVERY_STATISTIC = [Moments(proj_dim=16), TokenSample(capacity=30), CosineSums(), CoordinateMoments()]
-ACCUMULATORS = ("total", "gram", "cross", "cos", "angle")  # what is summed over tokens
+EVERY_STATISTIC = [
+    Moments(proj_dim=16),
+    TokenSample(capacity=30),
+    CosineSums(),
+    CosineSums(positions="last"),
+    CoordinateMoments(),
+    LinearFitSums(Tap(block=1, role="mlp"), base=2, target=4),  # reads a module inside a block
+]
+assert {type(s) for s in EVERY_STATISTIC} == set(dict(REGISTRY.items()).values()), (
+    "a statistic is not covered"
+)
+ACCUMULATORS = ("total", "gram", "cross", "cos", "angle", "xtx", "xtd", "dtd")  # what is summed over tokens
 
 
 def assert_same_stats(

@@ -18,13 +18,19 @@ from helpers import assert_same_stats
 from miprun.capture.batches import share_range
 from miprun.capture.distributed import merge_stats
 from miprun.capture.engine import capture
-from miprun.capture.statistic import CapturedStats
-from miprun.capture.statistics import CoordinateMoments, CosineSums, Moments, TokenSample
+from miprun.capture.statistic import CapturedStats, Tap
+from miprun.capture.statistics import CoordinateMoments, CosineSums, LinearFitSums, Moments, TokenSample
 from miprun.capture.statistics.moments import recentre
 from miprun.options import CalibrationConfig
 
 WINDOWS = torch.randint(3, 128, (7, 12), generator=torch.Generator().manual_seed(0))
-SPEC = [Moments(proj_dim=16), TokenSample(capacity=40), CosineSums(), CoordinateMoments()]
+SPEC = [
+    Moments(proj_dim=16),
+    TokenSample(capacity=40),
+    CosineSums(),
+    CoordinateMoments(),
+    LinearFitSums(Tap(block=2, role="mlp"), base=3, target=5),
+]
 CAL = CalibrationConfig(batch_size=2, seed=3)
 
 
@@ -133,6 +139,11 @@ def test_two_ranks_merge_to_the_single_process_statistics(two_ranks):
     assert cosines[0].count == cosines[1].count
     assert torch.allclose(cosines[0].cos, cosines[1].cos, rtol=1e-9, atol=1e-9)
     assert torch.allclose(cosines[0].angle, cosines[1].angle, rtol=1e-9, atol=1e-9)
+    fits = [x.get(SPEC[-1]) for x in (a, single)]
+    assert fits[0].count == fits[1].count == WINDOWS.numel()
+    assert torch.allclose(fits[0].xtx, fits[1].xtx, rtol=1e-9) and torch.allclose(
+        fits[0].xtd, fits[1].xtd, rtol=1e-9
+    )
     # the global seeded token sample, in the single-process order
     samples = [x.get(TokenSample(capacity=40)) for x in (a, single)]
     assert samples[0].count == samples[1].count == 40

@@ -328,7 +328,7 @@ class RepairOptions(Options):
 
     repair: str = opt(
         DEFAULT_REPAIR,
-        "Repair after the cut: none (default); `miprun list repairs` says what each does.",
+        "Repair after the cut: none (default), linear; `miprun list repairs` says what each does.",
         "--repair",
     )
     repair_params: dict[str, Any] = opt(

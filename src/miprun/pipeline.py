@@ -312,8 +312,9 @@ def fit_repair(
     requests = repair.statistics(loaded.model, removed)
     stats = windows = None
     if requests:
-        _, windows = calibration_windows(loaded, run.calibration)
-        stats = capture_pass(loaded, windows, requests, run)
+        fit_run = replace(run, calibration=repair.calibration(run.calibration))
+        _, windows = calibration_windows(loaded, fit_run.calibration)
+        stats = capture_pass(loaded, windows, requests, fit_run)
     edits, record = repair.fit(RepairContext(loaded.model, removed, stats, windows, run.progress))
     record.seconds = round(time.perf_counter() - start, 3)
     return edits, record

@@ -9,9 +9,11 @@ from miprun.options import DEFAULT_REPAIR
 from miprun.registry import Registry
 from miprun.repair.base import Repair, RepairContext, RepairRecord
 from miprun.repair.identity import NoRepair
+from miprun.repair.linear import LinearRepair
 
 REGISTRY: Registry[type[Repair]] = Registry("repair")
 REGISTRY.add("none", NoRepair)
+REGISTRY.add("linear", LinearRepair)
 
 
 def build(name: str, params: Mapping[str, Any] | None = None) -> Repair:

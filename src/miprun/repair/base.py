@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from miprun.capture.statistic import CapturedStats, Statistic
+from miprun.options import CalibrationConfig
 
 
 @dataclass
@@ -55,6 +56,10 @@ class Repair(ABC):
     def statistics(self, model: nn.Module, removed: list[int]) -> list[Statistic]:
         """What the repair's calibration pass must record for this removal set (none: no extra pass)."""
         return []
+
+    def calibration(self, cal: CalibrationConfig) -> CalibrationConfig:
+        """The windows of the repair's own pass (by default the scoring windows)."""
+        return cal
 
     @abstractmethod
     def fit(self, ctx: RepairContext) -> tuple[dict[str, torch.Tensor], RepairRecord]:

@@ -5,12 +5,24 @@ from __future__ import annotations
 from miprun.capture.statistic import Statistic
 from miprun.capture.statistics.coordinates import CoordinateMoments
 from miprun.capture.statistics.cosine import CosineSums
+from miprun.capture.statistics.linear_fit import LinearFitSums
 from miprun.capture.statistics.moments import Moments
 from miprun.capture.statistics.sample import TokenSample
 from miprun.registry import Registry
 
 REGISTRY: Registry[type[Statistic]] = Registry("statistic")
-for _cls in (Moments, CoordinateMoments, TokenSample, CosineSums):
-    REGISTRY.add(_cls.name, _cls)
+REGISTRY.add("moments", Moments)
+REGISTRY.add("coordinates", CoordinateMoments)
+REGISTRY.add("sample", TokenSample)
+REGISTRY.add("cosine", CosineSums)
+REGISTRY.add("linear-fit", LinearFitSums)
 
-__all__ = ["REGISTRY", "CoordinateMoments", "CosineSums", "Moments", "Statistic", "TokenSample"]
+__all__ = [
+    "REGISTRY",
+    "CoordinateMoments",
+    "CosineSums",
+    "LinearFitSums",
+    "Moments",
+    "Statistic",
+    "TokenSample",
+]

@@ -1,0 +1,170 @@
+"""The linear repair (ReplaceMe, arXiv 2505.02819): per removed run, a least-squares map folded into the
+block before it, so the cut model keeps its parameter count and stays a stock checkpoint.
+
+For a run ``[a..b]`` the dense model passed ``Y`` (state ``b + 1``) on; the cut model passes the output of
+block ``a - 1``, which is ``B = (its residual) + X`` with ``X`` that block's MLP output. Replacing ``X`` by
+``X T`` with ``T = argmin ||X T - (Y - B + X)||^2 + ridge`` restores the part of ``Y`` a linear map of
+``X`` can explain, and ``T`` folds into the MLP output projection. Where the MLP output passes through a
+norm before the add (Gemma 2/3's post-feedforward norm) only a per-coordinate map folds (into that norm's
+weight); a run that starts at block 0 folds into an untied embedding, and is left unrepaired (and says
+so) when the embedding is tied to the LM head.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from miprun.capture.statistic import Statistic, Tap
+from miprun.capture.statistics import LinearFitSums
+from miprun.errors import InvalidOptionError, UnsupportedArchitectureError
+from miprun.methods.search import runs
+from miprun.model.layouts import decoder_layers, layer_part, layout_for, mlp_adds_to_residual, model_config
+from miprun.options import CalibrationConfig
+from miprun.repair.base import Repair, RepairContext, RepairRecord
+from miprun.repair.fold import embeddings_tied, fold_into_embedding, fold_into_mlp_output, parameter_name
+
+Fold = Literal["auto", "full", "diagonal"]
+
+
+def solve_map(xtx: torch.Tensor, xty: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``(X^T X + ridge * mean(diag X^T X) I)^-1 X^T Y`` in float64: the least-squares map ``(d, d)``."""
+    d = xtx.shape[0]
+    scale = float(xtx.diagonal().mean()) if d else 1.0
+    gram = xtx + ridge * max(scale, 1e-12) * torch.eye(d, dtype=xtx.dtype, device=xtx.device)
+    return torch.linalg.solve(gram, xty)
+
+
+def solve_diagonal(xtx: torch.Tensor, xty: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Per-coordinate least squares ``t_j = (X_j . Y_j) / (X_j . X_j + ridge)``: the diagonal map ``(d,)``."""
+    diag = xtx.diagonal()
+    return xty.diagonal() / (diag + ridge * max(float(diag.mean()), 1e-12))
+
+
+def residual_fraction(xtx: torch.Tensor, xtr: torch.Tensor, rtr: torch.Tensor, T: torch.Tensor) -> float:
+    """``||X T - R||^2 / ||R||^2`` from the sums: the share of the target the map leaves unexplained."""
+    err = rtr.sum() - 2.0 * (T * xtr).sum() + (T * (xtx @ T)).sum()
+    return float(err / rtr.sum().clamp_min(1e-300))
+
+
+@dataclass
+class LinearRepair(Repair):
+    """A least-squares map per removed run, fitted on calibration activations and folded into weights."""
+
+    name: ClassVar[str] = "linear"
+    summary: ClassVar[str] = (
+        "least-squares map per removed run, folded into the MLP output projection of the block before it "
+        "(per-coordinate into the post-MLP norm on Gemma 2/3)"
+    )
+
+    tokens: int = 65536  # calibration tokens of the fit (its own pass; d x d sums, any number of tokens)
+    ridge: float = 1e-4  # relative to the mean diagonal of X^T X
+    fold: Fold = "auto"  # auto: full map where the MLP output is added as is, per-coordinate otherwise
+
+    def __post_init__(self) -> None:
+        if self.tokens < 0:
+            raise InvalidOptionError(f"tokens must be at least 0 (0: the scoring windows), got {self.tokens}")
+        if not (math.isfinite(self.ridge) and self.ridge >= 0):
+            raise InvalidOptionError(f"ridge must be a finite number >= 0, got {self.ridge}")
+        if self.fold not in ("auto", "full", "diagonal"):
+            raise InvalidOptionError(f"fold must be 'auto', 'full' or 'diagonal', got {self.fold!r}")
+
+    def calibration(self, cal: CalibrationConfig) -> CalibrationConfig:
+        """``tokens`` worth of windows of the scoring text (the same first windows, then more)."""
+        if self.tokens == 0:
+            return cal
+        return replace(cal, samples=max(1, math.ceil(self.tokens / cal.seq_len)))
+
+    def _mode(self, model: nn.Module) -> Literal["full", "diagonal"]:
+        roles = layout_for(model_config(model)).roles
+        if not mlp_adds_to_residual(model):
+            raise UnsupportedArchitectureError(
+                f"model_type {model_config(model).model_type!r} normalises after the residual add here, so a "
+                "map folded into a block cannot restore a removed run; use --repair none"
+            )
+        if self.fold == "auto":
+            return "diagonal" if roles.post_mlp_norm is not None else "full"
+        if self.fold == "full" and roles.post_mlp_norm is not None:
+            raise UnsupportedArchitectureError(
+                "this family normalises the MLP output before the residual add, so a full map does not fold "
+                "into its weights; use fold=diagonal (folded into the norm) or fold=auto"
+            )
+        return self.fold
+
+    def _source(self, model: nn.Module, a: int) -> Tap:
+        """What the fold rescales for a run starting at ``a``: the normalised MLP output where there is a
+        post-MLP norm, else the MLP output; the embedding (state 0) for ``a == 0``."""
+        if a == 0:
+            return Tap(state=0)
+        roles = layout_for(model_config(model)).roles
+        return Tap(block=a - 1, role="post_mlp_norm" if roles.post_mlp_norm is not None else "mlp")
+
+    def statistics(self, model: nn.Module, removed: list[int]) -> list[Statistic]:
+        self._mode(model)  # an unsupported family fails before the extra pass
+        return [LinearFitSums(self._source(model, a), base=a, target=b + 1) for a, b in runs(removed)]
+
+    def fit(self, ctx: RepairContext) -> tuple[dict[str, torch.Tensor], RepairRecord]:
+        assert ctx.stats is not None
+        mode = self._mode(ctx.model)
+        edits: dict[str, torch.Tensor] = {}
+        record = RepairRecord(self.name, self.params(), replay="refit", tokens=ctx.stats.num_tokens)
+        for a, b in runs(ctx.removed):
+            sums = ctx.stats.get(
+                LinearFitSums(self._source(ctx.model, a), base=a, target=b + 1), "the linear repair"
+            )
+            run: dict[str, Any] = {"first": a, "last": b}
+            if a == 0 and embeddings_tied(ctx.model):
+                run["skipped"] = (
+                    "the run starts at block 0 and the embedding is tied to the LM head: a map folded into it "
+                    "would change the output layer too"
+                )
+            else:
+                run.update(self._fit_run(ctx.model, a, sums, mode, edits))
+            record.runs.append(run)
+        record.changed = sorted(edits)
+        return edits, record
+
+    def _fit_run(
+        self, model: nn.Module, a: int, sums: LinearFitSums, mode: str, edits: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        assert sums.xtx is not None and sums.xtd is not None and sums.dtd is not None
+        xtr = sums.xtd + sums.xtx  # X^T (Y - B + X)
+        rtr_diag = sums.dtd + 2 * sums.xtd.diagonal() + sums.xtx.diagonal()  # per-coordinate ||R||^2
+        if a == 0:
+            T = solve_map(sums.xtx, xtr, self.ridge)
+            edits.update(fold_into_embedding(model, T))
+            return {"fold": "embedding", "unexplained": residual_fraction(sums.xtx, xtr, rtr_diag, T)}
+        if mode == "diagonal":
+            t = solve_diagonal(sums.xtx, xtr, self.ridge)
+            edits.update(self._fold_into_norm(model, a - 1, t))
+            return {
+                "fold": "post-mlp norm (per coordinate)",
+                "unexplained": residual_fraction(sums.xtx, xtr, rtr_diag, torch.diag(t)),
+            }
+        T = solve_map(sums.xtx, xtr, self.ridge)
+        for name, value in fold_into_mlp_output(model, a - 1, T).items():
+            edits[name] = value
+        return {"fold": "mlp output projection", "unexplained": residual_fraction(sums.xtx, xtr, rtr_diag, T)}
+
+    def _fold_into_norm(self, model: nn.Module, block: int, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The post-MLP norm's weight scaled per coordinate by ``t`` (Gemma stores the scale as ``1 + w``)."""
+        roles = layout_for(model_config(model)).roles
+        assert roles.post_mlp_norm is not None
+        norm = layer_part(decoder_layers(model)[block], roles.post_mlp_norm)
+        weight = norm.weight
+        offset = 1.0 if _adds_one(norm) else 0.0
+        new = (weight.detach().to(torch.float64) + offset) * t.to(weight.device) - offset
+        return {parameter_name(model, weight): new.to(weight.dtype)}
+
+
+def _adds_one(norm: Any) -> bool:
+    """Whether an RMS norm scales by ``1 + weight`` (Gemma) rather than ``weight``: probed on a unit input."""
+    weight: torch.Tensor = norm.weight
+    with torch.no_grad():
+        out = norm(torch.ones(1, weight.shape[0], dtype=weight.dtype, device=weight.device))[0]
+        plus_one = torch.allclose(out, 1.0 + weight, atol=1e-3, rtol=1e-3)
+        return bool(plus_one) and not bool(torch.allclose(out, weight, atol=1e-3, rtol=1e-3))

@@ -1,0 +1,187 @@
+"""Repairs: a folded map equals the unfolded reference on every family, the identity map changes nothing,
+the least-squares fit is the least-squares fit, and a repaired checkpoint is a stock one."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import CALIBRATION_TXT
+from tiny_models import ARCHS, tiny_model
+from transformers import AutoModelForCausalLM
+
+import miprun
+from miprun.capture.taps import role_module
+from miprun.errors import InvalidOptionError, UnsupportedArchitectureError
+from miprun.model.layouts import decoder_layers, layer_part, layout_for, num_blocks
+from miprun.model.loading import LoadedModel
+from miprun.options import CalibrationConfig
+from miprun.repair import build
+from miprun.repair.fold import embeddings_tied, fold_into_embedding, fold_into_mlp_output
+from miprun.repair.linear import LinearRepair, residual_fraction, solve_diagonal, solve_map
+
+IDS = torch.randint(3, 120, (2, 9), generator=torch.Generator().manual_seed(0))
+GEMMA = ("gemma2", "gemma3_text", "gemma3")
+CAL = CalibrationConfig(source=str(CALIBRATION_TXT), samples=4, seq_len=24, batch_size=2)
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def with_edits(model: torch.nn.Module, edits: dict[str, torch.Tensor]) -> torch.nn.Module:
+    out = copy.deepcopy(model)
+    params = dict(out.named_parameters())
+    with torch.no_grad():
+        for name, value in edits.items():
+            params[name].copy_(value)
+    return out
+
+
+def block_output(model: torch.nn.Module, block: int, windows: torch.Tensor) -> torch.Tensor:
+    """The output of decoder layer ``block`` over ``windows``, float64."""
+    seen = []
+    handle = decoder_layers(model)[block].register_forward_hook(
+        lambda _m, _a, out: seen.append(out[0] if isinstance(out, tuple) else out)
+    )
+    with torch.no_grad():
+        model(input_ids=windows)
+    handle.remove()
+    return seen[0].double()
+
+
+def random_map(d: int, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.eye(d) + 0.3 * torch.randn(d, d, generator=gen) / d**0.5
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in GEMMA])
+def test_a_folded_map_equals_the_map_applied_to_the_mlp_output(arch):
+    model, _ = tiny_model(arch)
+    d = model.get_input_embeddings().weight.shape[1]
+    T = random_map(d)
+    reference = copy.deepcopy(model)
+
+    def apply_map(_m, _a, out):
+        if isinstance(out, tuple):
+            return (out[0] @ T, *out[1:])
+        return out @ T
+
+    handle = role_module(reference, 2, "mlp").register_forward_hook(apply_map)
+    expected = logits(reference)
+    handle.remove()
+    folded = with_edits(model, fold_into_mlp_output(model, 2, T))
+    assert torch.allclose(logits(folded), expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(logits(folded), logits(model), atol=1e-3)  # the map did something
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_identity_map_changes_nothing(arch):
+    model, _ = tiny_model(arch)
+    d = model.get_input_embeddings().weight.shape[1]
+    edits = fold_into_mlp_output(model, 1, torch.eye(d))
+    params = dict(model.named_parameters())
+    assert edits and all(torch.allclose(v, params[k], atol=1e-6) for k, v in edits.items())
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("arch", GEMMA)
+def test_gemma_folds_a_per_coordinate_map_into_the_post_mlp_norm(arch):
+    model, config = tiny_model(arch)
+    d = model.get_input_embeddings().weight.shape[1]
+    t = 1.0 + 0.2 * torch.randn(d, generator=torch.Generator().manual_seed(2))
+    repair = LinearRepair()
+    with pytest.raises(UnsupportedArchitectureError, match="full map does not fold"):
+        LinearRepair(fold="full").statistics(model, [3])
+    reference = copy.deepcopy(model)
+    norm = layer_part(decoder_layers(reference)[2], layout_for(config).roles.post_mlp_norm)
+    handle = norm.register_forward_hook(lambda _m, _a, out: out * t)
+    expected = logits(reference)
+    handle.remove()
+    folded = with_edits(model, repair._fold_into_norm(model, 2, t))
+    assert torch.allclose(logits(folded), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.integration
+def test_a_run_at_block_zero_folds_into_an_untied_embedding():
+    model, _ = tiny_model("llama")
+    assert not embeddings_tied(model)
+    d = model.get_input_embeddings().weight.shape[1]
+    T = random_map(d, seed=3)
+    reference = copy.deepcopy(model)
+    handle = reference.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out @ T)
+    expected = logits(reference)
+    handle.remove()
+    assert torch.allclose(logits(with_edits(model, fold_into_embedding(model, T))), expected, atol=1e-4)
+
+
+def test_solve_map_is_least_squares_and_the_ridge_shrinks_it():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 6, generator=gen, dtype=torch.float64)
+    true = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    y = x @ true + 0.01 * torch.randn(500, 6, generator=gen, dtype=torch.float64)
+    T = solve_map(x.T @ x, x.T @ y, ridge=0.0)
+    assert torch.allclose(T, torch.linalg.lstsq(x, y).solution, atol=1e-10)
+    assert residual_fraction(x.T @ x, x.T @ y, (y * y).sum(0), T) == pytest.approx(
+        float(((x @ T - y) ** 2).sum() / (y**2).sum()), rel=1e-9
+    )
+    assert solve_map(x.T @ x, x.T @ y, ridge=10.0).norm() < T.norm()
+    t = solve_diagonal(x.T @ x, x.T @ y, ridge=0.0)
+    assert torch.allclose(t, (x * y).sum(0) / (x * x).sum(0), atol=1e-12)
+
+
+def test_linear_repair_parameters_are_checked():
+    assert build("linear", {"tokens": "4096", "ridge": "0.01"}).params() == {
+        "tokens": 4096,
+        "ridge": 0.01,
+        "fold": "auto",
+    }
+    for bad in ({"tokens": -1}, {"ridge": -1.0}, {"fold": "half"}):
+        with pytest.raises(InvalidOptionError):
+            build("linear", bad)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3_moe", "gemma3_text"])
+def test_linear_repair_lowers_the_loss_it_was_fitted_on_and_saves_a_stock_checkpoint(
+    arch, tiny_tokenizer, tmp_path
+):
+    from miprun.data import load_text, token_windows
+    from miprun.model.surgery import remove_blocks
+
+    dense = tiny_model(arch)[0]
+    out = tmp_path / "out"
+    result = miprun.prune(
+        LoadedModel(copy.deepcopy(dense), tiny_tokenizer, f"tiny-{arch}", None),
+        miprun.PruneOptions(num_blocks=2, calibration=CAL, progress=False),
+        out=out,
+        method="last-n",
+        repair="linear",
+        repair_params={"tokens": 0},  # fit on the calibration windows themselves
+    )
+    plan = result.plan
+    assert plan.removed == [3, 4] and plan.repair.name == "linear" and plan.repair.changed
+    assert all(run["unexplained"] < 1.0 for run in plan.repair.runs)
+    # on the windows it was fitted on, the stream after the cut is closer to what the dense model passed on
+    windows = token_windows(tiny_tokenizer, load_text(str(CALIBRATION_TXT), "calibration"), 4, 24, 0)
+    plain = remove_blocks(copy.deepcopy(dense), plan.removed)
+    target = block_output(dense, 4, windows)  # what the dense model's last removed block passed on
+    repaired_error = (block_output(result.model, 2, windows) - target).pow(2).sum()
+    plain_error = (block_output(plain, 2, windows) - target).pow(2).sum()
+    # (a per-coordinate map, all that folds on Gemma, restores less than a full one)
+    assert repaired_error < (0.99 if arch in GEMMA else 0.9) * plain_error
+    # a stock checkpoint: the plain cut's parameters, reloaded with identical logits
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert num_blocks(reloaded) == num_blocks(dense) - 2
+    assert reloaded.num_parameters() == plain.num_parameters() == result.model.num_parameters()
+    assert [n for n, _ in reloaded.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert torch.allclose(logits(reloaded), logits(result.model), atol=1e-5)
+    manifest = json.loads((out / "miprun.json").read_text())
+    assert manifest["repair"]["name"] == "linear" and manifest["repair"]["replay"] == "refit"
+    with pytest.raises(InvalidOptionError, match="load the pruned folder itself"):
+        miprun.apply_plan(copy.deepcopy(dense), out / "miprun.json")
