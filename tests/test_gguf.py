@@ -8,6 +8,7 @@ file loaded by transformers with the same blocks removed by `remove_blocks`.
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import json
 import re
@@ -421,3 +422,51 @@ def test_smollm2_q4_1_pruned_gguf_generates_like_the_source_with_blocks_removed(
         got = pruned.generate(**prompt, max_new_tokens=20, do_sample=False)
     assert got.tolist() == expected.tolist()
     assert "Paris" in tokenizer.decode(got[0])
+
+
+@pytest.mark.integration
+def test_prune_writes_a_gguf_and_a_card_that_readers_load(
+    sources: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
+    """`prune --out-format both --repair linear` from a GGUF source: the GGUF loads in transformers with the
+    logits of the pruned transformers model whose repaired tensors are quantised the same way."""
+    from conftest import CALIBRATION_TXT
+    from huggingface_hub import ModelCard
+
+    import miprun
+
+    monkeypatch.setenv("MIPRUN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    result = miprun.prune(
+        str(sources["qwen2"]),
+        num_blocks=2,
+        method="last-n",
+        repair="linear",
+        repair_params={"tokens": 0},
+        out_format="both",
+        source=str(CALIBRATION_TXT),
+        samples=4,
+        seq_len=24,
+        out=out,
+        progress=False,
+    )
+    plan = result.plan
+    assert plan.removed == [3, 4] and plan.repair.changed == ["model.layers.2.mlp.down_proj.weight"]
+    assert {"model.gguf", "model.safetensors", "README.md", "miprun.json"} <= {p.name for p in out.iterdir()}
+    pruned_gguf = _load(out / "model.gguf")
+    expected = copy.deepcopy(result.model)
+    source_type = _tensors(sources["qwen2"])["blk.2.ffn_down.weight"].tensor_type
+    weight = dict(expected.named_parameters())["model.layers.2.mlp.down_proj.weight"]
+    with torch.no_grad():  # what the GGUF holds: the repaired weight quantised to its source type
+        roundtrip = gguf.quants.dequantize(gguf.quants.quantize(weight.numpy(), source_type), source_type)
+        weight.copy_(torch.from_numpy(roundtrip))
+        assert torch.allclose(pruned_gguf(IDS).logits, expected(IDS).logits, atol=1e-4)
+        assert not torch.allclose(
+            pruned_gguf(IDS).logits, result.model(IDS).logits, atol=1e-6
+        )  # it was quantised
+    card = ModelCard.load(out / "README.md")
+    assert (
+        card.data.library_name == "transformers" and "gguf" in card.data.tags and "pruned" in card.data.tags
+    )
+    assert card.data.base_model is None  # a local file, not a hub id
+    assert "[3, 4]" in card.text or "3, 4" in card.text

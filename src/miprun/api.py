@@ -139,7 +139,8 @@ def prune(
     share and selects the same blocks; only the main process evaluates, saves and shows progress.
     """
     from miprun.atomic import check_output
-    from miprun.output.save import save
+    from miprun.output.gguf import check_pruned_gguf
+    from miprun.output.save import SaveSettings, check_gguf_source, save
 
     opts = with_overrides(options or PruneOptions(), **overrides)
     opts.check_budget()
@@ -156,7 +157,10 @@ def prune(
         loaded = as_loaded(model, opts.runtime, sc.sequential and scores is None)
         info = model_info(loaded)
     if out_path is not None and loaded.path is not None:
-        check_output(out_path, overwrite, inputs=(*inputs, Path(loaded.path)))
+        inputs = (*inputs, Path(loaded.path))
+        check_output(out_path, overwrite, inputs=inputs)
+    if out_path is not None:
+        check_gguf_source(loaded, opts.output.out_format)
     n = blocks_to_remove(info["num_blocks"], opts.num_blocks, opts.ratio)
     spans = method.exact  # the exact optimum reads every span anyway: keep them all in the manifest
     settings = RunSettings(
@@ -171,6 +175,8 @@ def prune(
         for phase, seconds in result.timings.items():
             timings.setdefault(phase, seconds)
     removed, search = run(method, evidence_of(result), n, opts.calibration.seed)
+    if out_path is not None and opts.output.out_format != "transformers" and loaded.gguf is not None:
+        check_pruned_gguf(loaded.gguf, removed)  # before the repair and the cut, not after them
     timings["selection"] = search.seconds
     timings["optimum_for_comparison"] = search.optimum_seconds
     evaluation = _evaluate_before(loaded, opts, removed, repair.name != "none", main, timings)
@@ -196,9 +202,8 @@ def prune(
     target = out_path if main else None  # one writer under torchrun: the main process
     if target is not None:
         save_dtype = resolve_dtype(opts.output.save_dtype, "cpu") if opts.output.save_dtype else None
-        save(
-            loaded, plan, target, overwrite=overwrite, progress=progress, save_dtype=save_dtype, inputs=inputs
-        )
+        writing = SaveSettings(overwrite, progress, save_dtype, opts.output.out_format, inputs)
+        save(loaded, plan, target, writing)
     return PruneResult(loaded.model, loaded.tokenizer, plan, target)
 
 

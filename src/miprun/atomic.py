@@ -109,19 +109,20 @@ def _fsync_dir(folder: Path) -> None:
 
 
 @contextmanager
-def atomic_file(path: str | Path) -> Iterator[IO[bytes]]:
-    """A binary file handle whose content appears at ``path`` only when the ``with`` block completes.
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that wants a file name; moved over ``path`` on success.
 
-    Written to a temp file beside ``path``, fsynced, renamed over it; any exception (or interrupt)
-    removes the temp file and leaves ``path`` as it was. For large files written in pieces.
+    The file is fsynced, gets umask permissions and replaces ``path`` in one rename; any exception (or
+    interrupt) removes it and leaves ``path`` as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask
         os.replace(tmp, path)
@@ -130,6 +131,13 @@ def atomic_file(path: str | Path) -> Iterator[IO[bytes]]:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[IO[bytes]]:
+    """A binary file handle whose content appears at ``path`` only when the ``with`` block completes."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        yield f
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

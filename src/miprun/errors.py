@@ -55,3 +55,7 @@ class ModelNotFoundError(ModelLoadError, FileNotFoundError):
 
 class DataNotFoundError(DataError, FileNotFoundError):
     """``--calib`` / ``--eval-text`` names a file that is not there."""
+
+
+class GgufError(MiprunError, ValueError):
+    """A GGUF file cannot be written as asked (its format cannot express the cut, or a name has no match)."""

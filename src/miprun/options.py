@@ -17,7 +17,7 @@ import difflib
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from miprun.errors import InvalidOptionError, InvalidTypeError
 
@@ -115,6 +115,12 @@ def _allowed(tp: Any) -> tuple[type, ...]:
 
 def _check_field(f: dataclasses.Field, value: Any, tp: Any) -> None:
     name = f"{f.name} ({flag(f)})"
+    if typing.get_origin(tp) is Literal:
+        if value not in typing.get_args(tp):
+            raise InvalidOptionError(
+                f"{name} must be one of {', '.join(map(str, typing.get_args(tp)))}, got {value!r}"
+            )
+        return
     allowed = _allowed(tp)
     if value is None and type(None) in allowed:
         return
@@ -343,6 +349,12 @@ class RepairOptions(Options):
 class OutputOptions(Options):
     """How the pruned model is written."""
 
+    out_format: Literal["transformers", "gguf", "both"] = opt(
+        "transformers",
+        "transformers (safetensors folder, default), gguf (model.gguf from a GGUF source: quantised tensors "
+        "copied as they are), or both.",
+        "--out-format",
+    )
     save_dtype: str | None = opt(
         None,
         "dtype of the saved weights: float32, bfloat16, float16; default: the source checkpoint's.",

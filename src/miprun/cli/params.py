@@ -55,7 +55,7 @@ def _parameter(name: str, f: dataclasses.Field, hint: Any, panel: str) -> inspec
     for bound in ("min", "max"):
         if meta.get(bound) is not None:
             kwargs[bound] = meta[bound]
-    cli_type = _cli_type(hint, f)
+    cli_type = _cli_type(hint, f)  # typer reads Literal[...] as a choice
     if typing.get_origin(hint) is dict:
         kwargs["metavar"] = "KEY=VALUE"
     elif typing.get_origin(hint) is list:

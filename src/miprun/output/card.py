@@ -8,9 +8,7 @@ to load it. Uploading is left to the hub's own CLI (`hf upload`); miprun has no 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +16,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from miprun import __version__
+from miprun.atomic import atomic_write_text
+from miprun.versions import package_versions
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +74,7 @@ class CardFacts:
     calibration: Calibration | None = None
     results: Sequence[Result] = ()
     files: Sequence[OutputFile] = ()
-    miprun_version: str = __version__
+    miprun_version: str = field(default_factory=lambda: package_versions()["miprun"])
     name: str | None = None  # the card's title; defaults to "<base> pruned to <n> blocks"
 
     @property
@@ -265,19 +264,8 @@ def model_card(facts: CardFacts) -> ModelCard:
 
 
 def write_model_card(folder: Path | str, facts: CardFacts) -> Path:
-    """Write `folder/README.md` atomically (temporary file, fsync, rename) and return its path."""
-    folder = Path(folder)
-    path = folder / "README.md"
-    text = str(model_card(facts))
-    fd, name = tempfile.mkstemp(prefix=".README.md.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
+    """Write `folder/README.md` atomically and return its path."""
+    path = Path(folder) / "README.md"
+    atomic_write_text(path, str(model_card(facts)))
     log.info("Wrote the model card %s.", path)
     return path

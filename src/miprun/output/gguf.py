@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import logging
 import operator
-import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +31,9 @@ import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
+
+from miprun.atomic import atomic_path
+from miprun.errors import GgufError
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def _field_value(reader: GGUFReader, key: str) -> Any:
 def _architecture(reader: GGUFReader, path: Path) -> str:
     arch = _field_value(reader, gguf.Keys.General.ARCHITECTURE)
     if not isinstance(arch, str):
-        raise ValueError(f"{path} has no general.architecture key; is it a GGUF model file?")
+        raise GgufError(f"{path} has no general.architecture key; is it a GGUF model file?")
     return arch
 
 
@@ -117,7 +118,7 @@ def _block_count(reader: GGUFReader, arch: str, path: Path) -> int:
     key = gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)
     count = _field_value(reader, key)
     if not isinstance(count, int) or count <= 0:
-        raise ValueError(
+        raise GgufError(
             f"{path} (architecture {arch!r}) has no positive {key} key (found {count!r}), so its blocks cannot be "
             "counted or removed. Only decoder-stack GGUF models with a block count can be pruned."
         )
@@ -141,21 +142,21 @@ def _check_removed(removed: Sequence[int], total: int) -> list[int]:
     indices = []
     for raw in removed:
         if isinstance(raw, bool):
-            raise ValueError(f"Block indices must be integers, got the bool {raw!r}.")
+            raise GgufError(f"Block indices must be integers, got the bool {raw!r}.")
         try:
             indices.append(operator.index(raw))
         except TypeError:
-            raise ValueError(f"Block indices must be integers, got {raw!r} ({type(raw).__name__}).") from None
+            raise GgufError(f"Block indices must be integers, got {raw!r} ({type(raw).__name__}).") from None
     duplicates = sorted({i for i in indices if indices.count(i) > 1})
     if duplicates:
-        raise ValueError(f"Block indices must be unique; {duplicates} appear more than once in {indices}.")
+        raise GgufError(f"Block indices must be unique; {duplicates} appear more than once in {indices}.")
     bad = [i for i in indices if not 0 <= i < total]
     if bad:
-        raise ValueError(
+        raise GgufError(
             f"Block indices are 0-based and must lie in [0, {total - 1}] for this {total}-block GGUF; got {bad}."
         )
     if len(indices) >= total:
-        raise ValueError(f"Cannot remove all {total} blocks; keep at least one.")
+        raise GgufError(f"Cannot remove all {total} blocks; keep at least one.")
     return sorted(indices)
 
 
@@ -204,7 +205,7 @@ def _check_tail_blocks(reader: GGUFReader, arch: str, total: int, drop: list[int
     """Refuse removing the multi-token-prediction blocks that some files count as the last blocks."""
     nextn = _field_value(reader, f"{arch}.nextn_predict_layers")
     if isinstance(nextn, int) and nextn > 0 and any(i >= total - nextn for i in drop):
-        raise ValueError(
+        raise GgufError(
             f"Blocks {total - nextn}..{total - 1} of this {arch} GGUF are its {nextn} multi-token-prediction "
             f"block(s), not decoder blocks; remove only blocks below {total - nextn}."
         )
@@ -214,7 +215,7 @@ def _hf_to_gguf_names(hf_names: Sequence[str], arch: str, total: int) -> dict[st
     """GGUF tensor name (original numbering) for each Hugging Face parameter name, via gguf's own name map."""
     model_arch = next((key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == arch), None)
     if model_arch is None:
-        raise ValueError(
+        raise GgufError(
             f"The installed gguf package has no name map for architecture {arch!r}, so replaced tensors "
             "cannot be named; upgrade gguf, or prune without `replaced`."
         )
@@ -226,7 +227,7 @@ def _hf_to_gguf_names(hf_names: Sequence[str], arch: str, total: int) -> dict[st
         found = (name_map.get_name(name, try_suffixes=(".weight", ".bias")) for name in candidates)
         gguf_name = next((name for name in found if name is not None), None)
         if gguf_name is None:
-            raise ValueError(
+            raise GgufError(
                 f"Replaced tensor {hf_name!r} has no GGUF counterpart for architecture {arch!r} in gguf's name "
                 "map; pass Hugging Face parameter names in the original block numbering, such as "
                 "'model.layers.3.mlp.down_proj.weight'."
@@ -270,7 +271,7 @@ def to_gguf_layout(
             return values
         heads = n_head if ".attn_q." in gguf_name else (n_head_kv or n_head)
         if not heads:
-            raise ValueError(
+            raise GgufError(
                 f"Writing {gguf_name!r} needs the {arch}.attention.head_count key, which the source GGUF lacks."
             )
         return _permute_qk(values, heads)
@@ -280,7 +281,7 @@ def to_gguf_layout(
         return np.ascontiguousarray(values.T) if _is_transposed(arch, gguf_name) else values
     if arch in _NO_TRANSFORM:
         return values
-    raise ValueError(
+    raise GgufError(
         f"miprun does not know how transformers' GGUF loader lays out {arch!r} tensors, so it cannot write the "
         f"replaced tensor {gguf_name!r}. Prune without `replaced`, or save the repaired model as safetensors."
     )
@@ -334,16 +335,16 @@ def _match_replaced(
     by_gguf: dict[str, str] = {}
     for hf_name, gguf_name in _hf_to_gguf_names(hf_names, arch, total).items():
         if gguf_name in by_gguf:
-            raise ValueError(
+            raise GgufError(
                 f"Replaced tensors {by_gguf[gguf_name]!r} and {hf_name!r} both map to {gguf_name!r}; pass one."
             )
         if gguf_name not in tensors:
-            raise ValueError(
+            raise GgufError(
                 f"Replaced tensor {hf_name!r} maps to GGUF tensor {gguf_name!r}, which the source file does not "
                 "have (tied embeddings have no output.weight); replace the tensor the file stores instead."
             )
         if _new_name(gguf_name, new_index) is None:
-            raise ValueError(
+            raise GgufError(
                 f"Replaced tensor {hf_name!r} belongs to a removed block; pass only tensors of kept blocks."
             )
         by_gguf[gguf_name] = hf_name
@@ -359,7 +360,7 @@ def _encode_replaced(
     if _is_transposed(arch, tensor.name):
         expected = expected[::-1]
     if values.shape != expected:
-        raise ValueError(
+        raise GgufError(
             f"Replaced tensor {hf_name!r} has shape {tuple(values.shape)} but {tensor.name} in the source file "
             f"holds {expected}; pass it in the Hugging Face model's own shape and orientation."
         )
@@ -407,12 +408,8 @@ def _copy_metadata(reader: GGUFReader, writer: gguf.GGUFWriter, changed: Mapping
 def _write_atomically(
     reader: GGUFReader, arch: str, changed: Mapping[str, Any], planned: list[_Planned], out: Path
 ) -> None:
-    """Write the GGUF to a temporary file beside `out`, fsync it, then move it over `out` in one step."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    """Write the GGUF beside `out` and move it into place in one step (:func:`miprun.atomic.atomic_path`)."""
+    with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
         alignment = _field_value(reader, gguf.Keys.General.ALIGNMENT)
         if isinstance(alignment, int):
@@ -426,20 +423,28 @@ def _write_atomically(
         for item in planned:
             writer.write_tensor_data(item.data, tensor_endianess=reader.endianess if item.raw else None)
         writer.close()
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable; not every platform lets a folder be opened
-        dir_fd = os.open(out.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+
+
+def check_pruned_gguf(source: Path | str, removed: Sequence[int]) -> None:
+    """Raise the error :func:`write_pruned_gguf` would raise for this removal, without writing anything."""
+    reader = GGUFReader(Path(source))
+    arch = _architecture(reader, Path(source))
+    total = _block_count(reader, arch, Path(source))
+    drop = _check_removed(removed, total)
+    _check_tail_blocks(reader, arch, total, drop)
+    period = _period(reader, arch)
+    shifted = pattern_changes([i for i in range(total) if i not in set(drop)], period) if period else []
+    if shifted:
+        raise GgufError(_pattern_message(arch, period, drop, shifted))
+
+
+def _pattern_message(arch: str, period: int | None, drop: Sequence[int], shifted: Sequence[int]) -> str:
+    return (
+        f"{arch} gives every {period}th layer a different role by its position, with no GGUF key to say "
+        f"otherwise, so removing {list(drop)} would change the role of the blocks that become {list(shifted)}; "
+        f"readers would run a different model from the pruned one. Remove runs of {period} consecutive blocks "
+        "or only trailing blocks, or save as transformers (--out-format transformers) instead."
+    )
 
 
 def write_pruned_gguf(
@@ -462,12 +467,12 @@ def write_pruned_gguf(
     """
     source, out = Path(source), Path(out)
     if out.resolve() == source.resolve():
-        raise ValueError(f"out {out} is the source GGUF itself; write the pruned file to another path.")
+        raise GgufError(f"out {out} is the source GGUF itself; write the pruned file to another path.")
     reader = GGUFReader(source)
     arch = _architecture(reader, source)
     split = _field_value(reader, "split.count")
     if isinstance(split, int) and split > 1:
-        raise ValueError(
+        raise GgufError(
             f"{source} is shard 1 of a {split}-file split GGUF; merge it first (llama-gguf-split --merge) and "
             "prune the merged file."
         )
@@ -478,12 +483,7 @@ def write_pruned_gguf(
     period = _period(reader, arch)
     shifted = pattern_changes(kept, period) if period else []
     if shifted and not allow_layer_pattern_change:
-        raise ValueError(
-            f"{arch} gives every {period}th layer a different role by its position, with no GGUF key to say "
-            f"otherwise, so removing {drop} would change the role of the blocks that become {shifted}; readers "
-            f"would run a different model from the pruned one. Remove runs of {period} consecutive blocks or "
-            "only trailing blocks, save as safetensors instead, or pass allow_layer_pattern_change=True."
-        )
+        raise GgufError(_pattern_message(arch, period, drop, shifted))
     changed, trimmed = _metadata(reader, arch, total, kept)
     new_index = {old: new for new, old in enumerate(kept)}
     planned, replaced_report = _plan_tensors(reader, arch, total, new_index, replaced or {})

@@ -1,18 +1,35 @@
-"""Saving a pruned model: weights in the source checkpoint's dtype, tokenizer, manifest, report, in one
-atomic folder (see :mod:`miprun.atomic`)."""
+"""Saving a pruned model into one atomic folder (see :mod:`miprun.atomic`): the checkpoint in the source
+checkpoint's dtype and/or a pruned GGUF, the tokenizer, ``miprun.json``, the report and a model card."""
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from miprun.errors import GgufError
+from miprun.model.layouts import layout_for, model_config
 from miprun.output.manifest import MANIFEST_NAME, PrunePlan
 
 if TYPE_CHECKING:
     from miprun.model.loading import LoadedModel
+
+GGUF_NAME = "model.gguf"
+
+
+@dataclass
+class SaveSettings:
+    """How the output folder is written."""
+
+    overwrite: bool = False
+    progress: bool = True
+    save_dtype: torch.dtype | None = None  # None: the source checkpoint's dtype
+    out_format: str = "transformers"  # transformers, gguf or both
+    inputs: tuple[Path, ...] = ()  # what the run read: the output may neither be nor contain it
 
 
 def save_weights(model: Any, folder: Path, dtype: torch.dtype | None) -> None:
@@ -27,56 +44,136 @@ def save_weights(model: Any, folder: Path, dtype: torch.dtype | None) -> None:
 
 
 def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
-    import json
-
     from miprun.atomic import write_json
 
     config = json.loads(path.read_text(encoding="utf-8"))
     name = str(dtype).removeprefix("torch.")
-    for key in ("dtype", "torch_dtype"):
-        if key in config:
-            config[key] = name
-    if isinstance(config.get("text_config"), dict):
-        for key in ("dtype", "torch_dtype"):
-            if key in config["text_config"]:
-                config["text_config"][key] = name
+    for holder in (config, config.get("text_config")):
+        if isinstance(holder, dict):
+            for key in ("dtype", "torch_dtype"):
+                if key in holder:
+                    holder[key] = name
     write_json(path, config)
 
 
-def save(
-    loaded: LoadedModel,
-    plan: PrunePlan,
-    out: Path,
-    *,
-    overwrite: bool = False,
-    progress: bool = True,
-    save_dtype: torch.dtype | None = None,
-    inputs: tuple[Path, ...] = (),
-) -> None:
-    """Write weights (safetensors), tokenizer, ``miprun.json`` and the report, atomically.
+def check_gguf_source(loaded: LoadedModel, out_format: str) -> None:
+    """Refuse ``--out-format gguf/both`` before any work when the model did not come from a GGUF file."""
+    if out_format != "transformers" and loaded.gguf is None:
+        raise GgufError(
+            f"--out-format {out_format} writes a pruned copy of the model's GGUF file, but {loaded.name} was "
+            "loaded from a transformers folder; pass the .gguf file (or an embedded model) as --model, or save "
+            "as transformers and convert the folder with llama.cpp's convert_hf_to_gguf.py"
+        )
 
-    The weights keep the source checkpoint's dtype (``loaded.source_dtype``) unless ``save_dtype`` is
-    given. ``plan.timings["save"]`` records the time up to the manifest (weights and tokenizer: nearly all).
+
+def renumbered(name: str, layers_path: str, removed: list[int]) -> str:
+    """A parameter name of the dense model (original numbering) as it is named after ``removed`` are cut."""
+    prefix = layers_path + "."
+    if not name.startswith(prefix):
+        return name
+    index, _, rest = name[len(prefix) :].partition(".")
+    old = int(index)
+    return f"{prefix}{old - sum(1 for r in removed if r < old)}.{rest}"
+
+
+def write_gguf(loaded: LoadedModel, plan: PrunePlan, folder: Path) -> Any:
+    """The source GGUF without the removed blocks; tensors a repair changed are written from the model."""
+    from miprun.output.gguf import write_pruned_gguf
+
+    assert loaded.gguf is not None
+    layers_path = layout_for(model_config(loaded.model)).layers_path
+    params = dict(loaded.model.named_parameters())
+    replaced = {
+        name: params[renumbered(name, layers_path, plan.removed)].detach() for name in plan.repair.changed
+    }
+    return write_pruned_gguf(loaded.gguf, folder / GGUF_NAME, plan.removed, replaced=replaced)
+
+
+def save(loaded: LoadedModel, plan: PrunePlan, out: Path, settings: SaveSettings | None = None) -> None:
+    """Write the pruned model, ``miprun.json``, the report and a model card (``README.md``), atomically.
+
+    ``plan.timings["save"]`` records the time up to the manifest (the weights: nearly all of it).
     """
     from miprun.atomic import write_steps
     from miprun.output.report import write_report  # matplotlib is only imported when a report is written
 
+    opts = settings or SaveSettings()
     start = time.perf_counter()
-    dtype = save_dtype or loaded.source_dtype
+    dtype = opts.save_dtype or loaded.source_dtype
+    written: dict[str, Any] = {}
 
     def manifest(folder: Path) -> None:
         plan.timings["save"] = round(time.perf_counter() - start, 3)
         plan.outputs = sorted(p.name for p in folder.iterdir())
         plan.write(folder / MANIFEST_NAME)
 
-    write_steps(
-        out,
-        [
+    steps = []
+    if opts.out_format in ("transformers", "both"):
+        steps += [
             ("weights", lambda d: save_weights(loaded.model, d, dtype)),
             ("tokenizer", lambda d: loaded.tokenizer.save_pretrained(d)),
-            ("manifest", manifest),
-            ("report", lambda d: write_report(plan, d)),
-        ],
-        overwrite=overwrite,
-        progress=progress,
+        ]
+    if opts.out_format in ("gguf", "both"):
+        steps.append(("gguf", lambda d: written.__setitem__("gguf", write_gguf(loaded, plan, d))))
+    steps += [
+        ("manifest", manifest),
+        ("report", lambda d: write_report(plan, d)),
+        ("model card", lambda d: write_card(loaded, plan, d, written.get("gguf"))),
+    ]
+    write_steps(out, steps, overwrite=opts.overwrite, progress=opts.progress, inputs=opts.inputs)
+
+
+def write_card(loaded: LoadedModel, plan: PrunePlan, folder: Path, gguf_report: Any) -> None:
+    """``README.md``: a Hugging Face model card built from the plan (see :mod:`miprun.output.card`)."""
+    from miprun.output.card import write_model_card
+
+    write_model_card(folder, card_facts(loaded, plan, folder, gguf_report))
+
+
+def card_facts(loaded: LoadedModel, plan: PrunePlan, folder: Path, gguf_report: Any) -> Any:
+    from miprun.output.card import Calibration, CardFacts, OutputFile, Result, source_license
+
+    files = [OutputFile(p.name) for p in sorted(folder.glob("*.safetensors"))]
+    if gguf_report is not None:
+        files.append(OutputFile(GGUF_NAME, gguf_report.type_counts))
+    ev = plan.evaluation
+    results = []
+    if "pruned_ppl" in ev:
+        text = f"held-out text ({ev['source']}, {ev['windows']} x {ev['seq_len']} tokens)"
+        results.append(
+            Result(text, "perplexity", ev["pruned_ppl"], ev.get("dense_ppl"), lower_is_better=True)
+        )
+        if "cut_ppl" in ev:
+            results.append(
+                Result(f"{text}, cut before repair", "perplexity", ev["cut_ppl"], ev.get("dense_ppl"), True)
+            )
+    cal = plan.calibration
+    return CardFacts(
+        base_model=loaded.name,
+        layers_before=plan.num_blocks_before,
+        removed=plan.removed,
+        method=plan.search.method,
+        estimator=plan.estimator["name"] if plan.estimator else None,
+        estimator_params={k: v for k, v in (plan.estimator or {}).items() if k != "name"},
+        license=_license(loaded, source_license),
+        repair=plan.repair.name if plan.repair.name != "none" else None,
+        repaired=plan.repair.changed,
+        calibration=Calibration(cal.source, cal.num_windows, cal.seq_len, cal.tokens),
+        results=results,
+        files=files,
     )
+
+
+def _license(loaded: LoadedModel, source_license: Any) -> str | None:
+    """The source's license, when it declares one: its model card, its GGUF metadata, or the embedded model's."""
+    from miprun.assets import EMBEDDED_MODELS
+
+    if loaded.path is not None and (found := source_license(loaded.path)):
+        return str(found)
+    if loaded.gguf is not None:
+        from miprun.output.gguf import gguf_license
+
+        if found := gguf_license(loaded.gguf):
+            return str(found)
+    spec = EMBEDDED_MODELS.get(loaded.name)
+    return spec.license_id if spec is not None else None

@@ -11,7 +11,6 @@ resumes from it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -30,8 +29,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from miprun.atomic import atomic_write_bytes, interrupts_as_keyboard_interrupt
-from miprun.data import load_text, token_windows
-from miprun.errors import DataError, InvalidOptionError, InvalidTypeError, MiprunError
+from miprun.data import eval_windows, load_text, token_windows
+from miprun.errors import InvalidOptionError, InvalidTypeError, MiprunError
 from miprun.model.identity import model_fingerprint, tensor_fingerprint
 from miprun.model.layouts import decoder_layers, layers_parent
 from miprun.model.loading import LoadedModel
@@ -239,17 +238,25 @@ def _check_pair(student: nn.Module, teacher: nn.Module) -> None:
 
 
 def _windows(tokenizer: Any, config: HealConfig) -> tuple[torch.Tensor, str]:
-    """The run's calibration windows (steps * batch_size, seq_len) and the text's fingerprint."""
+    """The run's calibration windows (steps * batch_size, seq_len) and the text's fingerprint.
+
+    Seeded draws without replacement; a text too short for the budget is read again in a new order
+    (seed + 1, ...) each time, with a warning.
+    """
     text = load_text(config.source, "calibration")
     count = config.steps * config.batch_size
-    try:
-        return token_windows(tokenizer, text, count, config.seq_len, config.seed), text.fingerprint
-    except DataError as exc:
-        raise DataError(
-            f"healing with tokens={config.tokens} needs {count} calibration windows of {config.seq_len} "
-            f"tokens, more than {text.name} holds ({exc}); lower --tokens or --seq-len, or pass a larger "
-            "text with --calib"
-        ) from None
+    available = eval_windows(tokenizer, text, config.seq_len).shape[0]
+    epochs = math.ceil(count / available)
+    if epochs > 1:
+        log.warning(
+            "%s holds %d windows of %d tokens and healing reads %d, so it reads the text %d times; pass "
+            "a larger text with --calib (or fewer --tokens) to train on fresh text",
+            text.name, available, config.seq_len, count, epochs,
+        )  # fmt: skip
+    draws = [
+        token_windows(tokenizer, text, available, config.seq_len, config.seed + e) for e in range(epochs)
+    ]
+    return torch.cat(draws)[:count].contiguous(), text.fingerprint
 
 
 @contextmanager
@@ -298,7 +305,7 @@ def _train(
 ) -> None:
     """Run the remaining steps, checkpointing every ``checkpoint_every`` steps and at the end."""
     total, per_step = config.steps, config.batch_size * config.seq_len
-    s_dev, t_dev = input_device(model), input_device(teacher)
+    s_dev, t_dev = input_device(model.get_base_model()), input_device(teacher)
     with tqdm(
         total=total * per_step, initial=run.step * per_step, desc="healing", unit="tok", disable=not progress
     ) as bar:
@@ -361,9 +368,7 @@ def _save(path: Path, run: _Run, params: dict[str, nn.Parameter], optimizer: tor
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata={"miprun_heal": json.dumps(meta)}))
 
 
-def _resume(
-    path: Path, run: _Run, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer
-) -> bool:
+def _resume(path: Path, run: _Run, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> bool:
     """Load the checkpoint at ``path`` into the run if there is one for the same key; False if none."""
     if not path.is_file():
         return False
@@ -411,8 +416,3 @@ def _mismatch(path: Path, found: Any, wanted: dict[str, Any]) -> str:
         "same student, teacher and settings to resume it, or another --work-dir (or delete the file) to "
         "start over"
     )
-
-
-def key_digest(key: dict[str, Any]) -> str:
-    """A short digest of a run's key, for logs and file names."""
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
