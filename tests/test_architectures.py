@@ -356,6 +356,7 @@ def test_stale_layer_idx_breaks_cached_generation() -> None:
 _removal_sets = st.sets(st.integers(0, NUM_LAYERS - 1), max_size=NUM_LAYERS - 1).map(sorted)
 
 
+@pytest.mark.integration  # 8 random removal sets per family, each pruned and generated from
 @pytest.mark.parametrize("name", ["llama", "gemma3_text"])
 @settings(max_examples=8, deadline=None)
 @given(removed=_removal_sets)

@@ -9,12 +9,13 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from miprun.evaluation.bench import BenchConfig, bench, cache_bytes, greedy_decode, weight_bytes
 from miprun.cli import main
+from miprun.errors import InvalidOptionError, InvalidTypeError
+from miprun.evaluation.bench import BenchConfig, bench, cache_bytes, greedy_decode, weight_bytes
 from miprun.model.loading import LoadedModel
 from miprun.model.surgery import remove_blocks
 
-SMALL = BenchConfig(prompt_len=12, new_tokens=4, batch_sizes=(1, 3), warmup=1, repeats=3)
+SMALL = BenchConfig(prompt_len=12, new_tokens=4, batch_sizes=[1, 3], warmup=1, repeats=3)
 
 
 def _positive(x: float) -> bool:
@@ -46,6 +47,7 @@ def test_cache_and_weight_bytes_known_answers():
     assert cache_bytes(object()) is None
 
 
+@pytest.mark.integration
 def test_bench_pruned_against_dense(tiny_tokenizer):
     dense = LoadedModel(tiny_model("llama")[0], tiny_tokenizer, "dense", None)
     pruned_model = remove_blocks(tiny_model("llama")[0], [2])
@@ -71,12 +73,45 @@ def test_bench_pruned_against_dense(tiny_tokenizer):
     assert json.loads(json.dumps(result)) == result  # JSON-able as is
 
 
-def test_bench_rejects_a_bad_config(tiny_tokenizer):
+def test_bench_rejects_a_bad_config_before_running(tiny_tokenizer, monkeypatch):
+    import miprun.evaluation.bench as bench_module
+
+    with pytest.raises(InvalidOptionError, match=r"new_tokens \(--new-tokens\) must be at least 1, got 0"):
+        BenchConfig(new_tokens=0)
+    with pytest.raises(
+        InvalidOptionError, match=r"batch_sizes \(--batch-sizes\) must be positive integers, got \[1, 0\]"
+    ):
+        BenchConfig(batch_sizes=[1, 0])
+    with pytest.raises(InvalidOptionError, match="must be positive integers, got \\[\\]"):
+        BenchConfig(batch_sizes=[])
+    with pytest.raises(InvalidTypeError, match=r"batch_sizes \(--batch-sizes\) must be list"):
+        BenchConfig(batch_sizes=(1, 3))
     lm = LoadedModel(tiny_model("llama")[0], tiny_tokenizer, "m", None)
-    with pytest.raises(ValueError, match="positive"):
-        bench(lm, config=BenchConfig(new_tokens=0))
+    monkeypatch.setattr(bench_module, "_Runner", lambda *a, **k: pytest.fail("measured despite a bad option"))
+    with pytest.raises(InvalidOptionError, match=r"repeats \(--repeats\) must be at least 1, got 0"):
+        bench(lm, repeats=0)  # flat names reach the config group
+    with pytest.raises(
+        InvalidOptionError, match=r"unknown option 'repeat' for BenchOptions\. Did you mean 'repeats'"
+    ):
+        bench(lm, repeat=2)
 
 
+def test_bench_flat_overrides_reach_the_config(tiny_tokenizer):
+    lm = LoadedModel(tiny_model("llama")[0], tiny_tokenizer, "m", None)
+    result = bench(lm, prompt_len=6, new_tokens=2, batch_sizes=[2], warmup=0, repeats=1)
+    assert result["config"] == {
+        "prompt_len": 6,
+        "new_tokens": 2,
+        "batch_sizes": [2],
+        "warmup": 0,
+        "repeats": 1,
+        "seed": 0,
+    }
+    assert set(result["model"]["decode_tokens_per_s"]) == {"2"} and "dense" not in result
+    assert [len(v) for v in result["model"]["times_s"].values()] == [1, 1]
+
+
+@pytest.mark.integration
 def test_bench_through_the_cli(tiny_tokenizer, tmp_path, capsys):
     folders = {}
     for name, removed in (("dense", []), ("pruned", [1, 4])):
@@ -103,5 +138,12 @@ def test_bench_through_the_cli(tiny_tokenizer, tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["ratios"]["ideal_layer_ratio"] == pytest.approx(1.5)
     assert data["model"]["path"] == str(folders["pruned"]) and data["dense"]["num_blocks"] == 6
-    bad = ["bench", "--model", str(folders["pruned"]), "--batch-sizes", "1,x", "-q"]
-    assert main(bad) != 0
+    capsys.readouterr()
+    for flags, message in (
+        (["--batch-sizes", "1,x"], "expected whole numbers like 3,6,9, got 'x'"),
+        (["--batch-sizes", "0"], "batch_sizes (--batch-sizes) must be positive integers, got [0]"),
+        (["--repeats", "0"], "'--repeats'"),
+    ):
+        # a bad value on the command line is a usage error (exit 2) naming it, before any model is loaded
+        assert main(["bench", "--model", str(tmp_path / "not-there"), *flags, "-q"]) == 2, flags
+        assert message in capsys.readouterr().err

@@ -38,8 +38,9 @@ def test_pruning_smollm2_end_to_end(tmp_path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from miprun.api import CalibrationConfig, prune
+    from miprun.api import CalibrationConfig, apply_plan, prune
     from miprun.model.perplexity import perplexity
+    from miprun.output.manifest import MANIFEST_NAME, PrunePlan
 
     out = tmp_path / "smollm2-pruned"
     result = prune(
@@ -52,15 +53,26 @@ def test_pruning_smollm2_end_to_end(tmp_path) -> None:
         progress=False,
     )
     assert len(result.plan.removed) == 3 and result.plan.num_blocks_after == 27
+    plan = PrunePlan.read(out / MANIFEST_NAME)
+    assert plan.schema_version == 2 and plan.removed == result.plan.removed and plan.repair.name == "none"
+    assert plan.search.method == "mi-prun" and plan.estimator is not None
+    assert plan.estimator["name"] == "coordinate" and plan.scores is not None  # the defaults
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert reloaded.config.num_hidden_layers == 27 and len(reloaded.model.layers) == 27
 
     dense = load_model(None, device="cpu", dtype="float32")
+    # computed in float32, saved in the checkpoint's own dtype
+    assert dense.source_dtype is not None and next(reloaded.parameters()).dtype == dense.source_dtype
     windows = eval_windows(dense.tokenizer, load_text("wiki", "evaluation"), 256, max_windows=4)
     dense_ppl = perplexity(dense.model, windows)
     pruned_ppl = perplexity(reloaded, windows)
     assert math.isfinite(pruned_ppl) and pruned_ppl > dense_ppl
+    # the plan alone turns the dense model into the pruned one
+    in_memory = perplexity(result.model, windows)
+    assert perplexity(apply_plan(dense.model, out / MANIFEST_NAME), windows) == pytest.approx(
+        in_memory, rel=1e-6
+    )
 
     prompt = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():

@@ -141,6 +141,7 @@ def test_unsupported_architecture_before_reading_weights(capsys, tmp_path, confi
 def test_out_may_not_replace_the_model_folder(capsys, tmp_path, tiny_tokenizer):
     folder = save_tiny(tmp_path / "model", tiny_tokenizer)
     before = (folder / "model.safetensors").read_bytes()
+    listing = sorted(os.listdir(folder))
     for out in (folder, tmp_path):  # the folder itself, or a folder that holds it
         code, err = run_cli(capsys, *prune_args(folder, out, "-n", "1", "--overwrite"))
         assert code == 1 and f"--out {out.resolve()} contains the input {folder.resolve()}" in err
@@ -148,15 +149,7 @@ def test_out_may_not_replace_the_model_folder(capsys, tmp_path, tiny_tokenizer):
     code, err = run_cli(capsys, *prune_args(folder, folder / "pruned", "-n", "1"))  # nor lie inside it
     assert code == 1 and f"lies inside the input {folder.resolve()}" in err
     assert (folder / "model.safetensors").read_bytes() == before
-    assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [
-            "config.json",
-            "generation_config.json",
-            "model.safetensors",
-            "tokenizer.json",
-            "tokenizer_config.json",
-        ]
-    )
+    assert sorted(os.listdir(folder)) == listing  # nothing added, nothing removed
 
 
 # ----------------------------------------------------------------------------------------- the budget
@@ -237,6 +230,7 @@ def scores_file(tmp_path_factory, tiny_dir) -> Path:
     return path
 
 
+@pytest.mark.integration
 def test_scores_for_another_model(capsys, tmp_path, tiny_tokenizer, scores_file, previous):
     other = save_tiny(tmp_path / "other", tiny_tokenizer, seed=1)
     code, err = run_cli(
@@ -246,6 +240,7 @@ def test_scores_for_another_model(capsys, tmp_path, tiny_tokenizer, scores_file,
     assert_intact(previous)
 
 
+@pytest.mark.integration
 def test_scores_for_another_calibration(capsys, tmp_path, tiny_dir, scores_file):
     args = ["prune", "--model", tiny_dir, "--scores", scores_file, "-n", "1", "-o", tmp_path / "out"]
     code, err = run_cli(capsys, *args, "--calib", HELDOUT_TXT)
@@ -324,6 +319,7 @@ def _failing_save(exc: BaseException):
     return save_pretrained
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("existing", [False, True])
 def test_full_disk_while_saving(capsys, monkeypatch, tmp_path, tiny_dir, previous, existing):
     out = previous if existing else tmp_path / "fresh"
@@ -337,6 +333,7 @@ def test_full_disk_while_saving(capsys, monkeypatch, tmp_path, tiny_dir, previou
     assert_no_temp_folders(tmp_path)
 
 
+@pytest.mark.integration
 def test_interrupt_while_saving(capsys, monkeypatch, tmp_path, tiny_dir, previous):
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", _failing_save(KeyboardInterrupt()))
     code = main(prune_args(tiny_dir, previous, "-n", "1", "--overwrite"))
@@ -346,6 +343,7 @@ def test_interrupt_while_saving(capsys, monkeypatch, tmp_path, tiny_dir, previou
     assert_no_temp_folders(tmp_path)
 
 
+@pytest.mark.integration
 def test_overwrite_replaces_an_earlier_output_but_nothing_else(capsys, tmp_path, tiny_dir, previous):
     foreign = tmp_path / "photos"
     foreign.mkdir()
@@ -434,6 +432,7 @@ def manifest_bytes(out: Path) -> str:
     return json.dumps(_without_times(json.loads((out / MANIFEST_NAME).read_text())), indent=2)
 
 
+@pytest.mark.integration
 def test_same_inputs_give_byte_identical_runs(capsys, tmp_path, tiny_dir):
     outs = {name: tmp_path / name for name in ("cached1", "cached2", "fresh1", "fresh2")}
     for name, out in outs.items():
@@ -460,6 +459,7 @@ def _tiny_loaded(tokenizer) -> LoadedModel:
     return LoadedModel(tiny_model("llama")[0], tokenizer, "tiny-llama", None)
 
 
+@pytest.mark.integration
 def test_second_prune_reuses_cached_scores(caplog, tmp_path, tiny_tokenizer):
     caplog.set_level(logging.INFO, logger="miprun")
     first = prune(_tiny_loaded(tiny_tokenizer), num_blocks=1, calibration=CAL, **EST, progress=False)
@@ -481,6 +481,7 @@ def test_second_prune_reuses_cached_scores(caplog, tmp_path, tiny_tokenizer):
     assert again.plan.search.loss == fresh.plan.search.loss
 
 
+@pytest.mark.integration
 def test_other_settings_miss_the_cache(tmp_path, tiny_tokenizer):
     for seed in (0, 1):
         cal = CalibrationConfig(str(CALIBRATION_TXT), samples=4, seq_len=24, seed=seed, batch_size=2)
@@ -499,6 +500,7 @@ def _edit(text: str) -> str:
     return json.dumps(entry)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("damage", "reason"),
     [(_truncate, "Unterminated string|Expecting"), (_edit, "its content does not match its hash")],
@@ -514,6 +516,7 @@ def test_damaged_cache_entry_is_recomputed(caplog, tiny_tokenizer, damage, reaso
     assert cached_entry(entry).table.to_json() == first.plan.scores  # rewritten whole
 
 
+@pytest.mark.integration
 def test_interrupted_run_resumes_without_a_forward_pass(monkeypatch, tmp_path, tiny_tokenizer):
     out = tmp_path / "out"
     with monkeypatch.context() as patch:

@@ -30,6 +30,7 @@ from miprun.options import CalibrationConfig, PruneOptions, ScoreOptions, with_o
 from miprun.output.manifest import PrunePlan
 from miprun.pipeline import (
     RunSettings,
+    attach_live,
     blocks_to_remove,
     check_scores_match,
     estimator_of,
@@ -174,7 +175,10 @@ def prune(
         log.info("reusing scores from %s: no calibration pass", scores)
         for phase, seconds in result.timings.items():
             timings.setdefault(phase, seconds)
-    removed, search = run(method, evidence_of(result), n, opts.calibration.seed)
+    evidence = evidence_of(result)
+    with timed(timings, "live_evidence"):
+        attach_live(loaded, method, evidence, repair, settings)
+    removed, search = run(method, evidence, n, opts.calibration.seed)
     if out_path is not None and opts.output.out_format != "transformers" and loaded.gguf is not None:
         check_pruned_gguf(loaded.gguf, removed)  # before the repair and the cut, not after them
     timings["selection"] = search.seconds

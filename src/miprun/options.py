@@ -511,6 +511,13 @@ class CompareOptions(Options):
         parse=split_list,
         flags=("--repairs",),
     )
+    repair_params: dict[str, Any] = opt(
+        help="Repair parameter KEY=VALUE (repeatable), given to every repair that has that parameter, "
+        "e.g. --repair-opt tokens=8192.",
+        factory=dict,
+        parse=parse_key_values,
+        flags=("--repair-opt",),
+    )
     estimation: EstimatorOptions = field(default_factory=EstimatorOptions)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     heldout: HeldoutOptions = field(default_factory=HeldoutOptions)

@@ -90,6 +90,12 @@ def repair_of(options: RepairOptions) -> Repair:
     return repair.build(options.repair, options.repair_params)
 
 
+def repair_with(name: str, params: dict[str, Any]) -> Repair:
+    """The repair ``name`` with those of ``params`` it has (one --repair-opt set serves several repairs)."""
+    fields = {f.name for f in dataclasses.fields(repair.REGISTRY.get(name))}
+    return repair.build(name, {k: v for k, v in params.items() if k in fields})
+
+
 def check(options: Any) -> None:
     """Build every named part an options object names (method, estimator, repairs) so that an unknown name
     or a bad parameter fails before any work, with the registry's "did you mean"."""
@@ -101,9 +107,16 @@ def check(options: Any) -> None:
         elif isinstance(value, RepairOptions):
             repair_of(value)
     for name in getattr(options, "methods", []):
-        methods.REGISTRY.get(name)
-    for name in getattr(options, "repairs", []):
-        repair.REGISTRY.get(name)
+        methods.build(name)
+    names = getattr(options, "repairs", [])
+    for name in names:
+        repair_with(name, getattr(options, "repair_params", {}))
+    known = {f.name for name in names for f in dataclasses.fields(repair.REGISTRY.get(name))}
+    unused = sorted(set(getattr(options, "repair_params", {}) if names else ()) - known)
+    if unused:
+        raise InvalidOptionError(
+            f"no repair among {', '.join(names)} has the parameter(s) {', '.join(unused)}"
+        )
 
 
 def _walk(options: Any) -> Iterator[Any]:
@@ -325,6 +338,41 @@ def repair_model(loaded: LoadedModel, repair: Repair, removed: list[int], run: R
     edits, record = fit_repair(loaded, repair, removed, run)
     repair.apply(loaded.model, edits)
     return record
+
+
+class RepairHook:
+    """Lets a method measure candidate sets after the run's repair: one extra pass captures what every
+    candidate's repair reads, then each candidate's edits are fitted from it."""
+
+    def __init__(self, loaded: LoadedModel, repair: Repair, run: RunSettings) -> None:
+        self.loaded, self.repair = loaded, repair
+        self.run = replace(run, calibration=repair.calibration(run.calibration))
+        self.stats: CapturedStats | None = None
+        self.windows: torch.Tensor | None = None
+
+    def prepare(self, sets: list[list[int]]) -> None:
+        requests = [stat for removed in sets for stat in self.repair.statistics(self.loaded.model, removed)]
+        if requests:
+            _, self.windows = calibration_windows(self.loaded, self.run.calibration)
+            self.stats = capture_pass(self.loaded, self.windows, requests, self.run)
+
+    def edits(self, removed: list[int]) -> dict[str, torch.Tensor]:
+        ctx = RepairContext(self.loaded.model, removed, self.stats, self.windows, False)
+        return self.repair.fit(ctx)[0]
+
+
+def attach_live(
+    loaded: LoadedModel, method: Method, evidence: Evidence, repair: Repair | None, run: RunSettings
+) -> None:
+    """Add a method's live evidence (it measures with the model at choice time) to ``evidence``."""
+    if not method.live_keys:
+        return
+    _, windows = calibration_windows(loaded, run.calibration)
+    hook = RepairHook(loaded, repair, run) if repair is not None and repair.name != "none" else None
+    ctx = GatherContext(
+        loaded.model, windows, None, run.calibration.batch_size, run.max_blocks, run.progress, hook
+    )
+    evidence.extras.update(method.attach(ctx))
 
 
 @contextmanager

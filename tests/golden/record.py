@@ -41,14 +41,18 @@ def record() -> dict:
     for arch in ARCHS:
         lm = LoadedModel(tiny_model(arch)[0], tokenizer, f"tiny-{arch}", None)
         for est, params in ESTIMATORS.items():
-            result = score(lm, calibration=cal, estimator=est, estimator_params=params, cache=False, progress=False)
+            result = score(
+                lm, calibration=cal, estimator=est, estimator_params=params, cache=False, progress=False
+            )
             out[f"{arch}/{est}/spans"] = result.table.to_json()
             for method in ("mi-prun", "mi-optimal"):
                 for n in NS:
                     removed, _ = select(result, n, method=method)
                     out[f"{arch}/{est}/{method}/{n}"] = {"removed": removed}
         for method in METHODS[2:]:
-            result = score(lm, calibration=cal, method=method, max_blocks=max(NS), cache=False, progress=False)
+            result = score(
+                lm, calibration=cal, method=method, max_blocks=max(NS), cache=False, progress=False
+            )
             for n in NS:
                 removed, info = select(result, n, method=method, seed=cal.seed)
                 out[f"{arch}/{method}/{n}"] = {"removed": removed, "record": info.params}

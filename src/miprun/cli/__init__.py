@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -270,15 +269,19 @@ def main(argv: list[str] | None = None) -> int:
             why = "Ctrl-C" if signum is None else f"stopped by {signal.Signals(signum).name}"
             console.print(INTERRUPTED.format(why=why))
             return 130 if signum is None else 128 + signum
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except typer.TyperException as exc:  # a command-line mistake: typer prints the usage line and why
+        show_error = getattr(exc, "show", None)
+        if show_error is not None:
+            show_error()
+        else:
+            console.print(f"miprun: error: {exc.format_message()}", markup=False, highlight=False)
+        return int(exc.exit_code)
     except Interrupted as exc:
         console.print(INTERRUPTED.format(why=str(exc)))
         return 128 + exc.signum
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         console.print(INTERRUPTED.format(why="Ctrl-C"))
         return 130
     except Exception as exc:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import re
 import typing
 from collections.abc import Callable
 from typing import Annotated, Any
 
-import click
 import typer
 
 from miprun.errors import MiprunError
@@ -96,28 +96,38 @@ def with_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]
             generated.append(_parameter(name, f, hint, panel))
 
         @functools.wraps(fn)
-        def command(**kwargs: Any) -> Any:
+        def command(cli_context: typer.Context, **kwargs: Any) -> Any:
             values = {}
-            for name, (_, f) in leaves.items():
-                if name not in kwargs:
-                    continue
-                raw = kwargs.pop(name)
-                parse = f.metadata.get("parse")
-                values[name] = parse(raw) if parse is not None else raw
             try:
+                for name, (_, f) in leaves.items():
+                    if name not in kwargs:
+                        continue
+                    raw = kwargs.pop(name)
+                    parse = f.metadata.get("parse")
+                    try:
+                        values[name] = parse(raw) if parse is not None else raw
+                    except MiprunError as err:  # name the option whose value did not parse
+                        raise typer.BadParameter(str(err), ctx=cli_context, param_hint=flag(f)) from err
                 options = build(cls, values)
                 from miprun.pipeline import check  # names are checked against the registries, too
 
                 check(options)
             except MiprunError as err:  # a bad value on the command line: usage error, exit 2
-                raise click.UsageError(str(err)) from err
+                flag_named = re.search(r"\((--[a-z][a-z-]*)\)", str(err))
+                hint = flag_named.group(1) if flag_named else None
+                raise typer.BadParameter(str(err), ctx=cli_context, param_hint=hint) from err
             return fn(options, **kwargs)
 
         resolved = typing.get_type_hints(fn, include_extras=True)  # the command's own, from its module
-        params = [
-            p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=resolved.get(p.name, p.annotation))
-            for p in own[1:]
-        ] + generated
+        context = inspect.Parameter("cli_context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+        params = (
+            [context]
+            + [
+                p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=resolved.get(p.name, p.annotation))
+                for p in own[1:]
+            ]
+            + generated
+        )
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in params}
         return command

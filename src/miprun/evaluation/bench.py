@@ -201,19 +201,25 @@ def _eval_mode(*models: torch.nn.Module) -> Iterator[None]:
 
 
 def bench(
-    model: str | LoadedModel | None, options: BenchOptions | None = None, **overrides: Any
+    model: str | LoadedModel | None,
+    options: BenchOptions | None = None,
+    *,
+    against: str | LoadedModel | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Prefill latency, decode throughput, memory and size of ``model`` (and of ``against``, with ratios).
 
     Both models run on the same device with the same random prompt, interleaved; see the module docstring.
-    ``overrides`` replace :class:`~miprun.options.BenchOptions` fields by flat name (``repeats=3``).
+    ``overrides`` replace :class:`~miprun.options.BenchOptions` fields by flat name (``repeats=3``);
+    ``against`` may also be a model already loaded.
     """
     opts = with_overrides(options or BenchOptions(), **overrides)
+    reference = against if against is not None else opts.against
     cfg = opts.config
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     loaded = [as_loaded(model, opts.runtime)] + (
-        [as_loaded(opts.against, opts.runtime)] if opts.against else []
+        [as_loaded(reference, opts.runtime)] if reference is not None else []
     )
     dev = next(loaded[0].model.parameters()).device
     if any(next(x.model.parameters()).device != dev for x in loaded):

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from miprun import methods, repair
+from miprun import methods
 from miprun.errors import InvalidOptionError
 from miprun.evaluation.heldout import heldout_windows
 from miprun.evaluation.oracle import DamageOracle
@@ -28,10 +28,12 @@ from miprun.model.surgery import skip_blocks
 from miprun.options import CompareOptions, with_overrides
 from miprun.pipeline import (
     RunSettings,
+    attach_live,
     blocks_to_remove,
     calibration_windows,
     check,
     estimator_of,
+    repair_with,
     repaired,
     score_model,
 )
@@ -74,6 +76,7 @@ def compare(loaded: LoadedModel, options: CompareOptions) -> dict[str, Any]:
     dense_tasks = _tasks(loaded, [], opts) if opts.tasks else {}
     task_memo: dict[tuple[Any, ...], dict[str, Any]] = {((), "none"): dense_tasks}
     estimator = estimator_of(opts.estimation)
+    fixes = {name: repair_with(name, opts.repair_params) for name in opts.repairs}
     run = RunSettings(cal, opts.runtime, opts.progress, cache=False, max_blocks=max(ns))
     rows: list[dict[str, Any]] = []
     for name in opts.methods:
@@ -81,15 +84,18 @@ def compare(loaded: LoadedModel, options: CompareOptions) -> dict[str, Any]:
         start = time.perf_counter()
         scores = score_model(loaded, method, estimator if method.uses_mi else None, run)
         score_s = time.perf_counter() - start
-        evidence = methods.Evidence(scores.num_blocks, scores.table, dict(scores.evidence))
-        for n in ns:
-            removed, info = methods.run(method, evidence, n, cal.seed)
-            prune_s = score_s + info.seconds
-            for repair_name in opts.repairs:
-                row = _row(loaded, oracle, (name, n, removed, info, repair_name), run, opts)
-                row.update(prune_seconds=prune_s, prune_x_forward=prune_s / forward_s)
+        for repair_name, fix in fixes.items():
+            evidence = methods.Evidence(scores.num_blocks, scores.table, dict(scores.evidence))
+            start = time.perf_counter()
+            attach_live(loaded, method, evidence, fix, run)  # a method that measures sets does so after `fix`
+            live_s = time.perf_counter() - start
+            for n in ns:
+                removed, info = methods.run(method, evidence, n, cal.seed)
+                prune_s = score_s + live_s + info.seconds
+                row = _row(loaded, oracle, (name, n, removed, info, fix), run)
+                row.update(prune_seconds=prune_s, prune_x_forward=prune_s / forward_s, search=info.params)
                 row["estimator"] = scores.estimator.params() if method.uses_mi and scores.estimator else None
-                _add_tasks(row, loaded, oracle, opts, task_memo)
+                _add_tasks(row, loaded, oracle, opts, task_memo, fix)
                 log.info(
                     "%s N=%d %s removed %s: held-out ppl %.2f", name, n, repair_name, removed, row["ppl"]
                 )
@@ -121,20 +127,15 @@ def compare(loaded: LoadedModel, options: CompareOptions) -> dict[str, Any]:
 
 
 def _row(
-    loaded: LoadedModel,
-    oracle: DamageOracle,
-    choice: tuple[str, int, list[int], Any, str],
-    run: RunSettings,
-    opts: CompareOptions,
+    loaded: LoadedModel, oracle: DamageOracle, choice: tuple[str, int, list[int], Any, Any], run: RunSettings
 ) -> dict[str, Any]:
-    """One row: the method's choice at N, evaluated cut only or under ``repair_name`` (fitted, then undone)."""
-    name, n, removed, info, repair_name = choice
-    row: dict[str, Any] = {"method": name, "num_blocks": n, "removed": removed, "repair": repair_name}
+    """One row: the method's choice at N, evaluated cut only or under the repair ``fix`` (fitted, then undone)."""
+    name, n, removed, info, fix = choice
+    row: dict[str, Any] = {"method": name, "num_blocks": n, "removed": removed, "repair": fix.name}
     row.update(mi_set_loss=info.loss, mi_evaluations=info.num_evaluations)
-    if repair_name == "none":
+    if fix.name == "none":
         row["ppl"] = oracle(removed)
         return row
-    fix = repair.build(repair_name)
     start = time.perf_counter()
     with repaired(loaded, fix, removed, run) as record, skip_blocks(loaded.model, removed):
         row["repair_seconds"] = time.perf_counter() - start
@@ -149,6 +150,7 @@ def _add_tasks(
     oracle: DamageOracle,
     opts: CompareOptions,
     memo: dict[tuple[Any, ...], Any],
+    fix: Any,
 ) -> None:
     """Zero-shot tasks for the row's model, once per (block set, repair), unless it is far worse than dense."""
     ratio = opts.task_max_ppl
@@ -160,7 +162,7 @@ def _add_tasks(
             memo[key] = _tasks(loaded, row["removed"], opts)
         else:
             run = RunSettings(opts.calibration, opts.runtime, False, cache=False)
-            with repaired(loaded, repair.build(row["repair"]), row["removed"], run):
+            with repaired(loaded, fix, row["removed"], run):
                 memo[key] = _tasks(loaded, row["removed"], opts)
     row["tasks"] = memo[key]
 

@@ -15,12 +15,14 @@ from miprun.methods.forward import OneShotLosses, PplOneshot, Sleb, SlebPath
 from miprun.methods.mi import MiOptimal, MiPrun
 from miprun.methods.naive import LastN, Random
 from miprun.methods.similarity import Angular, AngularMean, CosineMatrices, ShortGPT
+from miprun.methods.verified import MiVerified
 from miprun.options import DEFAULT_METHOD
 from miprun.registry import Registry
 
 REGISTRY: Registry[type[Method]] = Registry("method")
 REGISTRY.add("mi-prun", MiPrun)
 REGISTRY.add("mi-optimal", MiOptimal)
+REGISTRY.add("mi-verified", MiVerified)
 REGISTRY.add("shortgpt", ShortGPT)
 REGISTRY.add("angular", Angular)
 REGISTRY.add("angular-mean", AngularMean)

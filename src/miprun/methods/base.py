@@ -29,10 +29,11 @@ class GatherContext:
 
     model: nn.Module
     windows: torch.Tensor  # (num_windows, seq_len) calibration token ids
-    stats: CapturedStats
+    stats: CapturedStats | None = None  # None for live evidence (attached after the scores exist)
     batch_size: int = 4
     max_blocks: int = 1  # the largest N the evidence must serve
     progress: bool = False
+    repair: Any = None  # a pipeline.RepairHook, when candidates are to be measured after the run's repair
 
 
 @dataclass
@@ -102,6 +103,7 @@ class Method(ABC):
     exact: ClassVar[bool] = False  # its choice is the optimum of the MI set loss
     evidence_keys: ClassVar[tuple[str, ...]] = ()  # what gather() adds to Evidence.extras
     n_dependent: ClassVar[bool] = False  # its evidence serves only N up to the max_blocks it was gathered for
+    live_keys: ClassVar[tuple[str, ...]] = ()  # evidence that runs the model at choice time (never cached)
 
     def statistics(self) -> list[Statistic]:
         """What the capture pass must record for this method (besides the estimator's, for MI methods)."""
@@ -109,6 +111,11 @@ class Method(ABC):
 
     def gather(self, ctx: GatherContext) -> dict[str, Any]:
         """Evidence this method measures or derives itself, by key (forward passes, cosine matrices)."""
+        return {}
+
+    def attach(self, ctx: GatherContext) -> dict[str, Any]:
+        """Live evidence (it keeps the model to measure with at choice time): attached to every run, cached
+        or not, and never written to a scores file."""
         return {}
 
     @abstractmethod

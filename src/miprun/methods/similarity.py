@@ -101,6 +101,7 @@ class _CosineMethod(Method):
         return [CosineSums(positions=self.positions)]
 
     def gather(self, ctx: GatherContext) -> dict[str, Any]:
+        assert ctx.stats is not None
         return {self.key(): CosineMatrices.of(ctx.stats.get(self.statistics()[0], self.name))}
 
     def matrices(self, evidence: Evidence) -> CosineMatrices:

@@ -1,0 +1,149 @@
+"""Held-out perplexity of a healed model against the time spent healing (the target: 1.3x dense in 15 min).
+
+Prunes SmolLM2-135M by 6 of 30 blocks once (kept in ``--pruned``), then for each ``--run`` heals a fresh
+copy toward the dense model and measures held-out perplexity (8 x 256 tokens of the wiki evaluation split)
+every ``--eval-every`` steps. The clock covers everything ``heal`` does (fingerprints, windows, adapters,
+training, merging) and leaves the measurements out: wall time and process CPU time (all threads) of the
+healing alone. Intermediate points are read from a run with the budget's cosine schedule, so they are a
+little pessimistic for a run given that smaller budget.
+
+    python benchmarks/heal.py --out benchmarks/results/heal-smollm2-135m \\
+        --run lr=2e-3,rank=8,tokens=65536 --run lr=5e-4,rank=8,tokens=65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import miprun
+from miprun.evaluation.heldout import heldout_windows
+from miprun.model.loading import as_loaded
+from miprun.model.perplexity import perplexity
+from miprun.repair.heal import HealConfig, heal
+
+log = logging.getLogger("benchmarks.heal")
+
+
+class Clock:
+    """Wall and process CPU seconds since start, less the time spent in measurements."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        self.paused_wall = self.paused_cpu = 0.0
+
+    def now(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall - self.paused_wall, time.process_time() - self.cpu - self.paused_cpu
+
+    def measure(self, fn: Any) -> Any:
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            return fn()
+        finally:
+            self.paused_wall += time.perf_counter() - wall
+            self.paused_cpu += time.process_time() - cpu
+
+
+def parse_run(text: str) -> HealConfig:
+    """``lr=2e-3,rank=8,tokens=65536`` -> a HealConfig (fields typed by their defaults)."""
+    config = HealConfig()
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=", 1)
+        default = getattr(config, key)
+        setattr(config, key, type(default)(float(value)) if isinstance(default, int) else float(value))
+    return config
+
+
+def heal_curve(pruned: str, teacher: Any, windows: torch.Tensor, config: HealConfig, every: int) -> dict:
+    """Heal a fresh copy of ``pruned`` with ``config``, measuring perplexity every ``every`` steps."""
+    student = as_loaded(pruned)
+    points = [{"step": 0, "tokens": 0, "wall_s": 0.0, "cpu_s": 0.0, "ppl": perplexity(student.model, windows)}]
+    log.info("%s: start ppl %.2f", config, points[0]["ppl"])
+    clock = Clock()
+
+    def on_step(step: int, loss: float, model: Any) -> None:
+        if step % every == 0 and step < config.steps:
+            wall, cpu = clock.now()
+            ppl = clock.measure(lambda: perplexity(model, windows))
+            tokens = step * config.batch_size * config.seq_len
+            points.append({"step": step, "tokens": tokens, "wall_s": wall, "cpu_s": cpu, "ppl": ppl, "kl": loss})
+            log.info("step %d: %.1f min wall, %.1f min CPU, ppl %.2f, kl %.4f", step, wall / 60, cpu / 60, ppl, loss)
+
+    with tempfile.TemporaryDirectory() as work:
+        report = heal(student, teacher, config, work_dir=Path(work), progress=False, on_step=on_step)
+    wall, cpu = clock.now()
+    points.append(
+        {"step": report.steps, "tokens": report.tokens, "wall_s": wall, "cpu_s": cpu,
+         "ppl": perplexity(student.model, windows), "kl": report.loss_end}
+    )  # fmt: skip
+    log.info("done: %.1f min wall, %.1f min CPU, ppl %.2f", wall / 60, cpu / 60, points[-1]["ppl"])
+    return {"config": dataclasses.asdict(config), "points": points, "losses": report.losses}
+
+
+def at_minutes(points: list[dict], minutes: float, key: str = "wall_s") -> float | None:
+    """The perplexity of the last measurement taken within ``minutes`` (None if the run ended before)."""
+    if points[-1][key] < minutes * 60 * 0.9:
+        return None
+    within = [p for p in points if p[key] <= minutes * 60]
+    return within[-1]["ppl"] if within else None
+
+
+def markdown(results: dict) -> str:
+    """The runs as a table: settings, perplexity at 5/10/15 minutes of wall time, and at the end."""
+    dense = results["dense_ppl"]
+    lines = [
+        f"# Healing SmolLM2-135M pruned by 6 of 30 blocks (dense ppl {dense:.2f}, target {1.3 * dense:.2f})",
+        "",
+        "| tokens | lr | rank | ppl @5 min | @10 min | @15 min | end ppl | end wall min | end CPU min |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in results["runs"]:
+        c, pts = run["config"], run["points"]
+        cells = [at_minutes(pts, m) for m in (5, 10, 15)]
+        shown = " | ".join("—" if v is None else f"{v:.2f}" for v in cells)
+        end = pts[-1]
+        lines.append(
+            f"| {c['tokens']} | {c['lr']:g} | {c['rank']} | {shown} | {end['ppl']:.2f} | "
+            f"{end['wall_s'] / 60:.1f} | {end['cpu_s'] / 60:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pruned", default=str(Path(tempfile.gettempdir()) / "miprun-heal-bench-pruned"))
+    parser.add_argument("--run", action="append", default=[], help="KEY=VALUE,... of HealConfig fields")
+    parser.add_argument("--eval-every", type=int, default=8, help="steps between measurements")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (Path(args.pruned) / "miprun.json").is_file():
+        miprun.prune("smollm2-135m", num_blocks=6, progress=False, out=args.pruned, overwrite=True)
+    teacher = as_loaded("smollm2-135m")
+    _, windows = heldout_windows(teacher.tokenizer, "wiki", 256, 8)
+    path = out / "heal.json"
+    results = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+    results["dense_ppl"] = perplexity(teacher.model, windows)
+    results["threads"] = args.threads
+    for text in args.run or [""]:
+        results["runs"].append(heal_curve(args.pruned, teacher, windows, parse_run(text), args.eval_every))
+        path.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+        (out / "heal.md").write_text(markdown(results))
+    log.info("\n%s", markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""``python -m miprun``: the same as the ``miprun`` command."""
+
+from miprun.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,230 @@
+"""``mi-verified``: MI proposes, the model decides.
+
+Span MI ranks every removal set in milliseconds; this method takes the few it ranks best (the K best sets
+by the MI set loss, Fast-Block-Select's choice, and their neighbours) and measures each with the model on
+a small token budget: the KL divergence of the pruned model's next-token distribution from the dense
+model's (or the calibration loss), after the repair when one is chosen. Each candidate runs only from its
+first changed block on, from cached dense states (:mod:`miprun.model.replay`). The best measured wins.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+
+from miprun.errors import InvalidOptionError
+from miprun.methods.base import Choice, Evidence, GatherContext, Method
+from miprun.methods.candidates import propose
+from miprun.methods.search import fast_block_select, set_loss
+from miprun.model.layouts import decoder_layers, layout_for, model_config
+from miprun.model.replay import BoundaryCache, layers_run, logits_from
+
+Objective = Literal["kl", "nll"]
+
+
+@dataclass
+class DenseTargets:
+    """The dense model's next-token distribution on the verification windows, kept as its top-k plus a tail."""
+
+    values: list[torch.Tensor]  # per batch (batch, seq, k) log-probabilities
+    indices: list[torch.Tensor]  # per batch (batch, seq, k) token ids
+    tail: list[torch.Tensor]  # per batch (batch, seq) log of the probability outside the top k
+
+
+def coarse_kl(
+    logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor
+) -> torch.Tensor:
+    """Mean KL(dense || pruned) over positions, on the dense top-k tokens plus one bucket for the rest.
+
+    Merging the tail into one outcome can only lower the KL (data processing), so this is a lower bound
+    that is exact when k is the vocabulary.
+    """
+    logq = F.log_softmax(logits.float(), dim=-1)
+    top_q = logq.gather(-1, indices)
+    q_tail = torch.log1p(-top_q.exp().sum(-1).clamp(max=1 - 1e-7))
+    p = values.exp()
+    kl = (p * (values - top_q)).sum(-1) + tail.exp() * (tail - q_tail)
+    return kl.mean()
+
+
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean NLL of every next token of ``ids`` (the first of each window is context only)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten().to(logits.device))
+
+
+@dataclass
+class Verifier:
+    """Measures removal sets with the model itself, on a few windows, from cached dense states."""
+
+    model: Any
+    windows: torch.Tensor  # (num_windows, seq_len) verification token ids
+    objective: Objective = "kl"
+    kl_topk: int = 256
+    budget_bytes: int = 1 << 30
+    batch_size: int = 4
+    repair: Any = None  # a pipeline.RepairHook: fit a repair for a set and fold it in temporarily
+    cache: BoundaryCache | None = field(default=None, init=False)
+    dense: DenseTargets | None = field(default=None, init=False)
+    layer_runs: int = field(default=0, init=False)  # decoder layers run over the windows, all candidates
+    seconds: float = field(default=0.0, init=False)
+
+    def _prepare(self) -> BoundaryCache:
+        if self.cache is None:
+            self.cache = BoundaryCache(self.model, self.windows, self.budget_bytes, self.batch_size)
+            self.layer_runs += len(decoder_layers(self.model))
+            if self.objective == "kl":
+                self.dense = self._dense_targets()
+        return self.cache
+
+    @torch.inference_mode()
+    def _dense_targets(self) -> DenseTargets:
+        assert self.cache is not None
+        k = min(self.kl_topk, self.model.get_output_embeddings().weight.shape[0])
+        values, indices, tails = [], [], []
+        for logits in logits_from(self.model, self.cache, [], len(decoder_layers(self.model))):
+            logp = F.log_softmax(logits.float(), dim=-1)
+            top = logp.topk(k, dim=-1)
+            values.append(top.values.cpu())
+            indices.append(top.indices.cpu())
+            tails.append(torch.log1p(-top.values.exp().sum(-1).clamp(max=1 - 1e-7)).cpu())
+        return DenseTargets(values, indices, tails)
+
+    def measure(self, sets: list[list[int]]) -> list[float]:
+        """The objective of every set (lower is better), each after the repair when there is one."""
+        start = time.perf_counter()
+        cache = self._prepare()
+        if self.repair is not None:
+            self.repair.prepare(sets)  # one pass captures what every candidate's repair reads
+        scores = [self._one(cache, removed) for removed in sets]
+        self.seconds += time.perf_counter() - start
+        return scores
+
+    @torch.inference_mode()
+    def _one(self, cache: BoundaryCache, removed: list[int]) -> float:
+        edits = self.repair.edits(removed) if self.repair is not None else {}
+        first = min([min(removed), *(_block_of(self.model, name) for name in edits)])
+        total = len(decoder_layers(self.model))
+        self.layer_runs += layers_run(total, removed, cache.start_for(first))
+        values = []
+        with _edited(self.model, edits):
+            for b, logits in enumerate(logits_from(self.model, cache, removed, first)):
+                if self.objective == "kl":
+                    assert self.dense is not None
+                    dense = self.dense
+                    values.append(
+                        coarse_kl(
+                            logits,
+                            dense.values[b].to(logits.device),
+                            dense.indices[b].to(logits.device),
+                            dense.tail[b].to(logits.device),
+                        )
+                    )
+                else:
+                    values.append(
+                        next_token_nll(
+                            logits, cache.windows[cache.batch_size * b : cache.batch_size * (b + 1)]
+                        )
+                    )
+        return float(torch.stack(values).mean())
+
+
+def _block_of(model: Any, name: str) -> int:
+    """The decoder block a parameter belongs to (0 for anything before the first block, e.g. the embedding)."""
+    prefix = layout_for(model_config(model)).layers_path + "."
+    return int(name[len(prefix) :].split(".")[0]) if name.startswith(prefix) else 0
+
+
+class _edited:
+    """Inside the ``with`` block the model carries ``edits``; afterwards its own weights again."""
+
+    def __init__(self, model: Any, edits: dict[str, torch.Tensor]) -> None:
+        self.params = dict(model.named_parameters())
+        self.edits = edits
+        self.saved: dict[str, torch.Tensor] = {}
+
+    def __enter__(self) -> None:
+        with torch.no_grad():
+            for name, value in self.edits.items():
+                self.saved[name] = self.params[name].detach().clone()
+                self.params[name].copy_(value)
+
+    def __exit__(self, *exc: object) -> None:
+        with torch.no_grad():
+            for name, value in self.saved.items():
+                self.params[name].copy_(value)
+
+
+@dataclass
+class MiVerified(Method):
+    """Span MI proposes ``candidates`` removal sets; the model measures each on ``tokens`` tokens; the best wins."""
+
+    name: ClassVar[str] = "mi-verified"
+    summary: ClassVar[str] = (
+        "MI proposes candidate sets (K best by MI set loss, Fast-Block-Select's, neighbours), the model "
+        "measures each (KL to dense, after the repair) on a small token budget, the best wins"
+    )
+    uses_mi: ClassVar[bool] = True
+    live_keys: ClassVar[tuple[str, ...]] = ("verifier",)
+
+    candidates: int = 12  # removal sets measured
+    tokens: int = 2048  # verification tokens, from the calibration windows
+    objective: Objective = "kl"
+    kl_topk: int = 256  # dense tokens kept per position for the KL (the rest is one bucket)
+    memory_mb: int = 1024  # bound on the cached dense states (and targets)
+    k: int = 5  # Fast-Block-Select's candidate surplus, for its own proposal
+
+    def __post_init__(self) -> None:
+        for field_name, low in (("candidates", 1), ("tokens", 2), ("kl_topk", 1), ("memory_mb", 1), ("k", 0)):
+            if getattr(self, field_name) < low:
+                raise InvalidOptionError(
+                    f"{field_name} must be at least {low}, got {getattr(self, field_name)}"
+                )
+        if self.objective not in ("kl", "nll"):
+            raise InvalidOptionError(f"objective must be 'kl' or 'nll', got {self.objective!r}")
+
+    def attach(self, ctx: GatherContext) -> dict[str, Any]:
+        """The verifier: live evidence (it runs the model), never written to a scores file."""
+        seq = ctx.windows.shape[1]
+        rows = min(len(ctx.windows), max(1, math.ceil(self.tokens / seq)))
+        verifier = Verifier(
+            ctx.model,
+            ctx.windows[:rows],
+            self.objective,
+            self.kl_topk,
+            self.memory_mb << 20,
+            ctx.batch_size,
+            ctx.repair,
+        )
+        return {"verifier": verifier}
+
+    def choose(self, evidence: Evidence, n: int, seed: int) -> Choice:
+        table = evidence.mi_table(self.name)
+        verifier: Verifier = evidence.require("verifier", self.name)
+        fbs = fast_block_select(table.block_nmi(), table.span_nmi, n, k=self.k).removed
+        sets = propose(table.num_blocks, n, table.span_nmi, self.candidates, seeds=[fbs])
+        losses = [set_loss(s, table.span_nmi) for s in sets]
+        mi_rank = {tuple(s): 1 + sorted(losses).index(loss) for s, loss in zip(sets, losses, strict=True)}
+        runs_before = verifier.layer_runs
+        scores = verifier.measure(sets)
+        best = min(range(len(sets)), key=lambda i: (scores[i], losses[i]))
+        total = table.num_blocks
+        record = {
+            "objective": self.objective,
+            "verification_tokens": int(verifier.windows.numel()),
+            "candidates": [
+                {"removed": s, "mi_set_loss": loss, "mi_rank": mi_rank[tuple(s)], "measured": score}
+                for s, loss, score in zip(sets, losses, scores, strict=True)
+            ],
+            "chosen_mi_rank": mi_rank[tuple(sets[best])],
+            "fast_block_select": fbs,
+            "verification_layer_passes": (verifier.layer_runs - runs_before) / total,
+            "cached_boundaries": len(verifier.cache.checkpoints) if verifier.cache is not None else 0,
+            "cache_bytes": verifier.cache.bytes if verifier.cache is not None else 0,
+            "verify_seconds": round(verifier.seconds, 3),
+        }
+        return Choice(sets[best], len(sets), stop_reason=f"lowest measured {self.objective}", record=record)

@@ -1,0 +1,118 @@
+"""Running a pruned variant of a model from its first changed block onward, from cached dense states.
+
+Blocks before the first removed (or repaired) block ``s`` compute exactly what the dense model computes,
+so a candidate only needs the dense state entering block ``s``. :class:`BoundaryCache` keeps the dense
+states at a bounded set of block boundaries for a few windows (every boundary when they fit the memory
+budget, else evenly spaced checkpoints; a candidate then starts at the nearest checkpoint at or before
+``s``), and :func:`logits_from` runs the rest: the model's own body and head, with the layers before the
+checkpoint skipped and the last of them replaced by a stand-in that returns the cached state. Masks,
+position embeddings and final norms are the model's own, so the result equals a full forward pass of
+the pruned model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from miprun.capture.taps import block_state_hooks
+from miprun.model.layouts import decoder_layers, layers_parent
+from miprun.model.placement import input_device
+from miprun.model.surgery import skip_blocks
+
+
+class _Replay(nn.Module):
+    """Stands in for decoder layer ``index``: returns the cached state of the batch being run.
+
+    Attributes the body reads off a layer (Gemma's ``attention_type``) come from the real layer.
+    """
+
+    def __init__(self, layer: nn.Module, state: torch.Tensor) -> None:
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)
+        self.state = state
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
+
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.state.to(hidden.device, hidden.dtype)
+
+
+class BoundaryCache:
+    """Dense block-boundary states of ``windows`` at checkpoints chosen to fit ``budget_bytes``."""
+
+    def __init__(self, model: Any, windows: torch.Tensor, budget_bytes: int, batch_size: int = 4) -> None:
+        self.windows, self.batch_size = windows, batch_size
+        total = len(decoder_layers(model))
+        hidden = model.get_input_embeddings().weight.shape[1]
+        per_state = windows.numel() * hidden * 4  # float32
+        keep = max(1, min(total, budget_bytes // max(per_state, 1)))
+        step = max(1, math.ceil(total / keep))
+        self.checkpoints = sorted({*range(1, total, step)})  # state s = input of block s (s >= 1)
+        self.states: dict[int, list[torch.Tensor]] = {s: [] for s in self.checkpoints}
+        self.bytes = per_state * len(self.checkpoints)
+        with torch.inference_mode(), block_state_hooks(decoder_layers(model), self._keep):
+            for ids in self.batches(input_device(model)):
+                model(input_ids=ids, use_cache=False)
+
+    def _keep(self, s: int, hidden: torch.Tensor) -> None:
+        if s in self.states:
+            self.states[s].append(hidden.detach().float().cpu())
+
+    def batches(self, device: torch.device) -> Iterator[torch.Tensor]:
+        for start in range(0, len(self.windows), self.batch_size):
+            yield self.windows[start : start + self.batch_size].to(device)
+
+    def start_for(self, first_changed: int) -> int:
+        """The checkpoint a variant whose first changed block is ``first_changed`` starts from (0: from scratch)."""
+        usable = [s for s in self.checkpoints if s <= first_changed]
+        return max(usable) if usable else 0
+
+
+@contextmanager
+def _replaying(model: nn.Module, start: int, removed: Sequence[int], state: torch.Tensor) -> Iterator[None]:
+    """The model without ``removed`` and without blocks ``0 .. start-2``; block ``start-1`` returns ``state``."""
+    skipped = sorted(set(range(start - 1)) | set(removed))
+    with skip_blocks(model, skipped):
+        layers = decoder_layers(model)
+        parent, attr = layers_parent(model)
+        replaced = nn.ModuleList([_Replay(layers[0], state), *list(layers)[1:]])
+        setattr(parent, attr, replaced)
+        try:
+            yield
+        finally:
+            setattr(parent, attr, layers)
+
+
+@torch.inference_mode()
+def logits_from(
+    model: nn.Module, cache: BoundaryCache, removed: Sequence[int], first_changed: int
+) -> Iterator[torch.Tensor]:
+    """Logits ``(batch, seq, vocab)`` of the model without ``removed``, batch by batch, from the cache.
+
+    ``first_changed`` is the first block whose output differs from the dense model's (the first removed
+    or repaired block); the model's current weights are used from the chosen checkpoint on.
+    """
+    start = cache.start_for(first_changed)
+    device = input_device(model)
+    for b, ids in enumerate(cache.batches(device)):
+        if start == 0:
+            with skip_blocks(model, removed):
+                yield model(input_ids=ids, use_cache=False).logits
+            continue
+        with _replaying(model, start, removed, cache.states[start][b]):
+            yield model(input_ids=ids, use_cache=False).logits
+
+
+def layers_run(total: int, removed: Sequence[int], start: int) -> int:
+    """How many decoder layers a replayed variant runs (for its cost in forward-pass units)."""
+    return sum(1 for i in range(start, total) if i not in set(removed))

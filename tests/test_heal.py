@@ -1,0 +1,229 @@
+"""Healing: the distillation loss, and real short runs on tiny pruned models (llama, GPT-2's Conv1D)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import CALIBRATION_TXT, HELDOUT_TXT
+from safetensors import safe_open
+from tiny_models import tiny_model
+from transformers import AutoModelForCausalLM
+
+from miprun.atomic import atomic_file
+from miprun.data import eval_windows, load_text
+from miprun.errors import InvalidOptionError, InvalidTypeError
+from miprun.model.loading import LoadedModel
+from miprun.model.surgery import remove_blocks
+from miprun.repair import heal as heal_module
+from miprun.repair.heal import (
+    CHECKPOINT_NAME,
+    HealCheckpointError,
+    HealConfig,
+    distill_loss,
+    heal,
+    linear_modules,
+    lr_at,
+)
+
+# 10 steps of 2 windows of 32 tokens: the 20 windows the fixture text holds, each read once.
+SMALL = HealConfig(tokens=640, seq_len=32, batch_size=2, lr=1e-2, rank=4, checkpoint_every=4)
+SMALL.source = str(CALIBRATION_TXT)
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+def test_distill_loss_is_the_token_mean_of_kl_teacher_to_student() -> None:
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    expected = F.kl_div(
+        F.log_softmax(student / 2, -1), F.log_softmax(teacher / 2, -1), log_target=True, reduction="none"
+    ).sum(-1)  # (2, 5)
+    assert distill_loss(student, teacher, 2.0).item() == pytest.approx(expected.mean().item(), rel=1e-5)
+    assert distill_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    masked = expected[mask.bool()].mean().item()
+    assert distill_loss(student, teacher, 2.0, mask).item() == pytest.approx(masked, rel=1e-5)
+
+
+def test_distill_loss_is_float32_for_half_precision_logits() -> None:
+    logits = torch.randn(1, 3, 7).to(torch.bfloat16)
+    assert distill_loss(logits, logits.flip(-1)).dtype == torch.float32
+
+
+def test_learning_rate_decays_from_lr_to_a_tenth() -> None:
+    rates = [lr_at(step, 10, 1.0) for step in range(10)]
+    assert rates[0] == pytest.approx(1.0) and rates[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
+    assert lr_at(0, 1, 0.5) == pytest.approx(0.5)  # a single step runs at the full rate
+
+
+def test_config_counts_whole_batches_and_refuses_bad_values() -> None:
+    assert HealConfig(tokens=1025, seq_len=256, batch_size=4).steps == 2
+    with pytest.raises(InvalidOptionError, match=r"rank \(--rank\) must be at least 1"):
+        HealConfig(rank=0).check()
+    with pytest.raises(InvalidTypeError, match=r"tokens \(--tokens\) must be an integer"):
+        HealConfig(tokens=2.5).check()  # type: ignore[arg-type]
+    with pytest.raises(InvalidOptionError, match=r"lr \(--lr\)"):
+        HealConfig(lr=0.0).check()
+
+
+# ----------------------------------------------------------------------------- real runs on tiny models
+
+
+def _pair(arch: str, tokenizer: Any, removed: tuple[int, ...] = (2, 3)) -> tuple[LoadedModel, LoadedModel]:
+    """A tiny dense teacher and a student with ``removed`` blocks cut out of a copy of it."""
+    teacher = tiny_model(arch)[0]
+    student = remove_blocks(copy.deepcopy(teacher), list(removed))
+    return LoadedModel(student, tokenizer, "student", None), LoadedModel(teacher, tokenizer, "teacher", None)
+
+
+def _heldout_kl(student: Any, teacher: Any, tokenizer: Any) -> float:
+    """KL(teacher || student) on the held-out fixture text, which healing never reads."""
+    ids = eval_windows(tokenizer, load_text(str(HELDOUT_TXT), "evaluation"), 32)
+    with torch.no_grad():
+        return distill_loss(student(input_ids=ids).logits, teacher(input_ids=ids).logits).item()
+
+
+def _weights(model: Any) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_heal_lowers_the_kl_and_leaves_a_stock_checkpoint(
+    arch: str, tiny_tokenizer: Any, tmp_path: Path
+) -> None:
+    student, teacher = _pair(arch, tiny_tokenizer)
+    shapes = {name: p.shape for name, p in student.model.named_parameters()}
+    teacher_before = _weights(teacher.model)
+    before = _heldout_kl(student.model, teacher.model, tiny_tokenizer)
+
+    report = heal(student, teacher, SMALL, work_dir=tmp_path / "work", progress=False)
+
+    assert _heldout_kl(student.model, teacher.model, tiny_tokenizer) < 0.8 * before
+    assert report.loss_end < report.loss_start and len(report.losses) == report.steps == 10
+    assert report.tokens == 640 and not report.resumed and report.trainable_parameters > 0
+    assert {name: p.shape for name, p in student.model.named_parameters()} == shapes  # no new parameter
+    assert all(torch.equal(p, teacher_before[n]) for n, p in teacher.model.named_parameters())
+    student.model.save_pretrained(tmp_path / "healed")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "healed").eval()
+    ids = torch.randint(3, 100, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, student.model(input_ids=ids).logits)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("arch", "suffixes"), [("llama", {"q_proj", "down_proj"}), ("gpt2", {"c_attn"})])
+def test_targets_are_the_linear_layers_of_every_block(arch: str, suffixes: set[str]) -> None:
+    model = tiny_model(arch)[0]
+    names = linear_modules(model)
+    assert suffixes <= {name.rsplit(".", 1)[-1] for name in names}
+    assert {int(name.split(".")[2]) for name in names} == set(range(6))  # model.layers.I..., transformer.h.I...
+    assert not any("lm_head" in name or "embed" in name for name in names)
+
+
+@pytest.mark.integration
+def test_resume_after_an_interrupt_ends_with_the_uninterrupted_weights(
+    tiny_tokenizer: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    whole, teacher = _pair("llama", tiny_tokenizer)
+    heal(whole, teacher, SMALL, work_dir=tmp_path / "whole", progress=False)
+
+    student, _ = _pair("llama", tiny_tokenizer)
+    original = _weights(student.model)
+
+    def stop_after_step_6(step: int, loss: float, model: Any) -> None:
+        if step == 6:  # the checkpoint at step 4 is on disk; steps 5 and 6 are lost
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        heal(student, teacher, SMALL, work_dir=tmp_path / "cut", progress=False, on_step=stop_after_step_6)
+    assert _checkpoint_step(tmp_path / "cut") == 4
+    assert _weights(student.model).keys() == original.keys()  # adapters removed, nothing merged
+    assert all(torch.equal(p, original[n]) for n, p in student.model.named_parameters())
+
+    with caplog.at_level(logging.INFO, logger="miprun.repair.heal"):
+        report = heal(student, teacher, SMALL, work_dir=tmp_path / "cut", progress=False)
+    assert report.resumed and report.resumed_at_step == 4 and report.steps == 10
+    assert "resuming the healing run" in caplog.text
+    # Same windows, same adapters and Adam moments restored exactly, no dropout: bit for bit.
+    healed = dict(whole.model.named_parameters())
+    assert all(torch.equal(p, healed[n]) for n, p in student.model.named_parameters())
+
+
+@pytest.mark.integration
+def test_an_interrupt_while_checkpointing_keeps_the_previous_checkpoint(
+    tiny_tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    student, teacher = _pair("llama", tiny_tokenizer)
+    real, calls = heal_module.atomic_write_bytes, []
+
+    def interrupted_second_write(path: Path, data: bytes) -> None:
+        calls.append(path)
+        if len(calls) < 2:
+            return real(path, data)
+        with atomic_file(path) as f:  # the real atomic write, stopped half way through the step-8 one
+            f.write(data[: len(data) // 2])
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(heal_module, "atomic_write_bytes", interrupted_second_write)
+    with pytest.raises(KeyboardInterrupt):
+        heal(student, teacher, SMALL, work_dir=tmp_path, progress=False)
+    assert _checkpoint_step(tmp_path) == 4
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]  # no temp file left behind
+
+
+@pytest.mark.integration
+def test_a_checkpoint_for_other_settings_or_models_is_refused(tiny_tokenizer: Any, tmp_path: Path) -> None:
+    student, teacher = _pair("llama", tiny_tokenizer)
+    few = HealConfig(**{**SMALL.__dict__, "tokens": 256})  # 4 steps: one checkpoint
+    heal(copy.deepcopy(student), teacher, few, work_dir=tmp_path, progress=False)
+
+    other_lr = HealConfig(**{**few.__dict__, "lr": 1e-3})
+    with pytest.raises(HealCheckpointError, match=r"lr: checkpoint 0.01, now 0.001.*another --work-dir"):
+        heal(copy.deepcopy(student), teacher, other_lr, work_dir=tmp_path, progress=False)
+    other_cut, _ = _pair("llama", tiny_tokenizer, removed=(1, 2))
+    with pytest.raises(HealCheckpointError, match="student: checkpoint"):
+        heal(other_cut, teacher, few, work_dir=tmp_path, progress=False)
+    # checkpoint_every changes nothing in the result, so it may differ on resume
+    report = heal(student, teacher, HealConfig(**{**few.__dict__, "checkpoint_every": 1}), work_dir=tmp_path)
+    assert report.resumed and report.resumed_at_step == 4
+
+
+@pytest.mark.integration
+def test_a_teacher_that_cannot_be_the_parent_is_refused(tiny_tokenizer: Any, tmp_path: Path) -> None:
+    student, teacher = _pair("llama", tiny_tokenizer)
+    with pytest.raises(InvalidOptionError, match="same model object"):
+        heal(teacher, teacher, SMALL, work_dir=tmp_path)
+    teacher.model.resize_token_embeddings(200)
+    with pytest.raises(InvalidOptionError, match="predicts 128 tokens and the teacher 200"):
+        heal(student, teacher, SMALL, work_dir=tmp_path)
+
+
+def _checkpoint_step(work_dir: Path) -> int:
+    with safe_open(str(work_dir / CHECKPOINT_NAME), framework="pt") as f:
+        return int(json.loads(f.metadata()["miprun_heal"])["step"])
+
+
+@pytest.mark.slow
+def test_heal_lowers_the_heldout_perplexity_of_pruned_smollm2(tmp_path: Path) -> None:
+    from miprun.evaluation.heldout import heldout_windows
+    from miprun.model.loading import as_loaded
+    from miprun.model.perplexity import perplexity
+
+    teacher = as_loaded("smollm2-135m")
+    student = LoadedModel(
+        remove_blocks(copy.deepcopy(teacher.model), list(range(13, 19))), teacher.tokenizer, "cut", None
+    )
+    _, windows = heldout_windows(teacher.tokenizer, "wiki", 256, 4)
+    before = perplexity(student.model, windows)
+    heal(student, teacher, HealConfig(tokens=2048, lr=5e-3), work_dir=tmp_path, progress=False)
+    assert perplexity(student.model, windows) < 0.95 * before
