@@ -110,27 +110,23 @@ class Verifier:
         first = min([min(removed), *(_block_of(self.model, name) for name in edits)])
         total = len(decoder_layers(self.model))
         self.layer_runs += layers_run(total, removed, cache.start_for(first))
-        values = []
+        total_value, count = 0.0, 0
         with _edited(self.model, edits):
             for b, logits in enumerate(logits_from(self.model, cache, removed, first)):
                 if self.objective == "kl":
                     assert self.dense is not None
-                    dense = self.dense
-                    values.append(
-                        coarse_kl(
-                            logits,
-                            dense.values[b].to(logits.device),
-                            dense.indices[b].to(logits.device),
-                            dense.tail[b].to(logits.device),
-                        )
+                    dense, dev = self.dense, logits.device
+                    value = coarse_kl(
+                        logits, dense.values[b].to(dev), dense.indices[b].to(dev), dense.tail[b].to(dev)
                     )
+                    positions = logits.shape[0] * logits.shape[1]
                 else:
-                    values.append(
-                        next_token_nll(
-                            logits, cache.windows[cache.batch_size * b : cache.batch_size * (b + 1)]
-                        )
-                    )
-        return float(torch.stack(values).mean())
+                    ids = cache.windows[cache.batch_size * b : cache.batch_size * (b + 1)]
+                    value = next_token_nll(logits, ids)
+                    positions = ids.shape[0] * (ids.shape[1] - 1)
+                total_value += float(value) * positions  # batches may differ in size: weigh by positions
+                count += positions
+        return total_value / count
 
 
 def _block_of(model: Any, name: str) -> int:

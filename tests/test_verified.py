@@ -1,0 +1,120 @@
+"""mi-verified: candidates from span MI, measured by the model from cached dense states; the best wins."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from conftest import CALIBRATION_TXT
+from tiny_models import tiny_model
+
+import miprun
+from miprun.methods.candidates import k_best_sets, propose, shifted
+from miprun.methods.search import brute_force_select, set_loss
+from miprun.methods.verified import Verifier, coarse_kl, next_token_nll
+from miprun.model.loading import LoadedModel
+from miprun.model.replay import BoundaryCache, logits_from
+from miprun.model.surgery import remove_blocks
+from miprun.options import CalibrationConfig
+
+WINDOWS = torch.randint(3, 120, (6, 16), generator=torch.Generator().manual_seed(0))
+CAL = CalibrationConfig(source=str(CALIBRATION_TXT), samples=6, seq_len=24, batch_size=2)
+
+
+def span_nmi_table(total: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    table = {(a, b): float(torch.rand(1, generator=gen)) for a in range(total) for b in range(a, total)}
+    return lambda a, b: table[(a, b)]
+
+
+@pytest.mark.parametrize(("total", "n", "k"), [(6, 2, 5), (7, 3, 10), (8, 4, 12)])
+def test_k_best_sets_are_the_k_best_by_brute_force(total, n, k):
+    nmi = span_nmi_table(total, seed=total)
+    everything = sorted((set_loss(c, nmi), list(c)) for c in itertools.combinations(range(total), n))
+    got = k_best_sets(total, n, nmi, k)
+    assert [s for _, s in got] == [s for _, s in everything[:k]]
+    assert all(abs(a - b) < 1e-12 for (a, _), (b, _) in zip(got, everything[:k], strict=True))
+    assert got[0][1] == brute_force_select(total, n, nmi).removed
+
+
+def test_proposals_keep_the_seed_first_are_distinct_and_sized():
+    nmi = span_nmi_table(10, seed=3)
+    sets = propose(10, 3, nmi, 8, seeds=[[0, 5, 9]])
+    assert sets[0] == [0, 5, 9] and len(sets) == 8
+    assert len({tuple(s) for s in sets}) == 8 and all(len(s) == 3 for s in sets)
+    assert shifted([2, 3, 7], 10) == [[1, 2, 7], [3, 4, 7], [2, 3, 6], [2, 3, 8]]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
+@pytest.mark.parametrize("budget", [1 << 30, 1])  # every boundary cached, or one checkpoint only
+def test_replaying_from_cached_states_equals_a_full_pass_of_the_pruned_model(arch, budget):
+    model, _ = tiny_model(arch)
+    cache = BoundaryCache(model, WINDOWS, budget, batch_size=4)
+    assert len(cache.checkpoints) == (5 if budget > 1 else 1)
+    for removed in ([3, 4], [1], [2, 5], [0, 3]):
+        pruned = remove_blocks(copy.deepcopy(model), removed)
+        with torch.no_grad():
+            expected = pruned(input_ids=WINDOWS).logits
+        got = torch.cat(list(logits_from(model, cache, removed, min(removed))))
+        assert torch.allclose(got, expected, atol=1e-5), removed
+    with torch.no_grad():  # and the model itself is untouched
+        assert torch.allclose(model(input_ids=WINDOWS).logits, tiny_model(arch)[0](input_ids=WINDOWS).logits)
+
+
+def test_coarse_kl_is_exact_with_the_whole_vocabulary_and_a_lower_bound_otherwise():
+    gen = torch.Generator().manual_seed(0)
+    p_logits, q_logits = torch.randn(2, 5, 40, generator=gen), torch.randn(2, 5, 40, generator=gen)
+    logp, logq = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
+    exact = (logp.exp() * (logp - logq)).sum(-1).mean()
+    for k in (40, 10):
+        top = logp.topk(k, dim=-1)
+        tail = torch.log1p(-top.values.exp().sum(-1).clamp(max=1 - 1e-7))
+        value = coarse_kl(q_logits, top.values, top.indices, tail)
+        assert value <= exact + 1e-5 and (k < 40 or abs(value - exact) < 1e-5)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("objective", ["kl", "nll"])
+def test_the_verifier_measures_what_a_full_pass_of_the_pruned_model_gives(objective):
+    model, _ = tiny_model("qwen2")
+    verifier = Verifier(model, WINDOWS, objective=objective, kl_topk=128, budget_bytes=1, batch_size=4)
+    sets = [[4, 5], [1, 2], [0, 3]]
+    measured = verifier.measure(sets)
+    with torch.no_grad():
+        dense = model(input_ids=WINDOWS).logits
+        for removed, value in zip(sets, measured, strict=True):
+            logits = remove_blocks(copy.deepcopy(model), removed)(input_ids=WINDOWS).logits
+            if objective == "kl":
+                logp, logq = dense.log_softmax(-1), logits.log_softmax(-1)
+                direct = float((logp.exp() * (logp - logq)).sum(-1).mean())  # kl_topk = the vocabulary
+            else:
+                direct = float(next_token_nll(logits, WINDOWS))
+            assert value == pytest.approx(direct, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("repair", ["none", "linear"])
+def test_mi_verified_picks_the_candidate_with_the_best_measured_objective(repair, tiny_tokenizer):
+    lm = LoadedModel(tiny_model("llama")[0], tiny_tokenizer, "tiny-llama", None)
+    result = miprun.prune(
+        lm,
+        num_blocks=2,
+        method="mi-verified",
+        method_params={"candidates": 6, "tokens": 96},
+        repair=repair,
+        repair_params={"tokens": 0} if repair == "linear" else {},
+        calibration=CAL,
+        cache=False,
+        progress=False,
+    )
+    record = result.plan.search.params
+    candidates = record["candidates"]
+    assert len(candidates) == 6 and record["verification_tokens"] == 96
+    best = min(candidates, key=lambda c: (c["measured"], c["mi_set_loss"]))
+    assert result.plan.removed == best["removed"]
+    assert record["fast_block_select"] == candidates[0]["removed"]  # Fast-Block-Select's set is measured too
+    assert sorted(c["mi_rank"] for c in candidates)[0] == 1
+    assert record["verification_layer_passes"] > 0 and result.plan.search.num_evaluations == 6
