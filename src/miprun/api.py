@@ -33,6 +33,7 @@ from miprun.pipeline import (
     attach_live,
     blocks_to_remove,
     check_scores_match,
+    check_seq_len,
     estimator_of,
     evidence_of,
     method_of,
@@ -232,6 +233,14 @@ def _evaluate_before(
     ev = opts.heldout
     if not (opts.evaluate and main):
         return {}
+    check_seq_len(loaded, ev.eval_seq_len, "--eval-seq-len")
+    same = opts.calibration.source is not None and opts.calibration.source == ev.eval_source
+    if same and Path(str(ev.eval_source)).expanduser().is_file():
+        log.warning(
+            "%s is both the calibration and the held-out text: a local file is used whole for either, so the "
+            "held-out perplexity is measured on calibration text; pass another file with --eval-text",
+            ev.eval_source,
+        )
     with timed(timings, "evaluation"):
         text, windows = heldout_windows(loaded.tokenizer, ev.eval_source, ev.eval_seq_len, ev.eval_samples)
         out: dict[str, Any] = {

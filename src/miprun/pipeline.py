@@ -29,7 +29,7 @@ from miprun.errors import InvalidOptionError, InvalidTypeError, ScoresError
 from miprun.estimators import Estimator
 from miprun.methods import Evidence, GatherContext, Method
 from miprun.model.identity import model_fingerprint, tensor_fingerprint
-from miprun.model.layouts import layout_for, num_blocks
+from miprun.model.layouts import layout_for, max_positions, num_blocks
 from miprun.model.loading import LoadedModel, resolve_device
 from miprun.options import (
     CalibrationConfig,
@@ -144,6 +144,10 @@ def blocks_to_remove(total: int, num_blocks: int | None, ratio: float | None) ->
             f"ratio (--ratio) must be strictly between 0 and 1, got {ratio}; "
             "e.g. 0.2 removes ceil(0.2 * T) of the model's T blocks"
         )
+    if total < 2:
+        raise InvalidOptionError(
+            f"the model has {total} decoder block(s): depth pruning needs at least 2, to remove one and keep one"
+        )
     n = math.ceil(total * ratio) if ratio is not None else num_blocks
     assert n is not None
     if not 0 < n < total:
@@ -171,8 +175,19 @@ def model_info(loaded: LoadedModel) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- windows and capture
 
 
+def check_seq_len(loaded: LoadedModel, seq_len: int, flag: str) -> None:
+    """Refuse windows longer than the model's positions, before any text is read."""
+    limit = max_positions(loaded.model)
+    if limit is not None and seq_len > limit:
+        raise InvalidOptionError(
+            f"{flag} {seq_len} is longer than the {limit} positions {loaded.name} was built for; "
+            f"use {flag} {limit} or less"
+        )
+
+
 def calibration_windows(loaded: LoadedModel, cal: CalibrationConfig) -> tuple[TextSource, torch.Tensor]:
     """The calibration text and the token windows drawn from it."""
+    check_seq_len(loaded, cal.seq_len, "--seq-len")
     text = load_text(cal.source, "calibration")
     return text, token_windows(loaded.tokenizer, text, cal.samples, cal.seq_len, cal.seed)
 

@@ -103,6 +103,8 @@ def with_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]
                     if name not in kwargs:
                         continue
                     raw = kwargs.pop(name)
+                    if raw is None and (f.default_factory is not dataclasses.MISSING):  # type: ignore[misc]
+                        continue  # a collection not given on the command line keeps its default
                     parse = f.metadata.get("parse")
                     try:
                         values[name] = parse(raw) if parse is not None else raw

@@ -65,8 +65,8 @@ def load_text(source: str | None, split: Split) -> TextSource:
 
     Args:
         source: None or a built-in name (``wiki``, ``new_wiki``, ``nyt``, ``reddit``, ``amazon``), a
-            path to a ``.txt`` (paragraphs separated by blank lines) or ``.jsonl`` file (field ``text``,
-            else the first string field), or a hub short name (``wikitext2``, ``c4``, ``alpaca``, ``pg19``).
+            path to a ``.txt`` (paragraphs separated by blank lines) or ``.jsonl`` file (field ``text``),
+            or a hub short name (``wikitext2``, ``c4``, ``alpaca``, ``pg19``).
         split: ``"calibration"`` or ``"evaluation"``; built-in and hub sources give disjoint text.
     """
     if split not in SPLITS:
@@ -131,6 +131,10 @@ def split_units(units: list[list[str]], split: Split) -> list[str]:
 
 
 def _local(path: Path) -> TextSource:
+    if path.is_dir():
+        raise DataError(
+            f"{path} is a folder; pass a .txt or .jsonl file of text (or a built-in name such as wiki)"
+        )
     if not path.is_file():
         raise DataNotFoundError(f"text file not found: {path}")
     suffix = path.suffix.lower()
@@ -145,6 +149,11 @@ def _local(path: Path) -> TextSource:
             f"{path} is not valid UTF-8 text ({exc.reason} at byte {exc.start}); re-encode it as UTF-8, "
             f"e.g. iconv -f latin1 -t utf-8 {path.name} > fixed{suffix}"
         ) from exc
+    if "\x00" in raw:
+        raise DataError(
+            f"{path} holds NUL bytes (at character {raw.index(chr(0))}): it looks like a binary file, not text; "
+            "pass a plain-text .txt or .jsonl file"
+        )
     texts = _jsonl_texts(path, raw) if suffix == ".jsonl" else _paragraphs(raw)
     if not texts:
         expected = 'one JSON object per line with a "text" field' if suffix == ".jsonl" else "paragraphs"
@@ -167,18 +176,16 @@ def _jsonl_texts(path: Path, raw: str) -> list[str]:
             raise DataError(f"{path}:{lineno}: not a JSON object ({exc.msg})") from exc
         if not isinstance(record, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-        text = _text_field(record)
-        if text is None:
-            raise DataError(f'{path}:{lineno}: no string field (expected "text")')
+        text = record.get("text")
+        if not isinstance(text, str):
+            found = ", ".join(sorted(record)) or "no fields"
+            raise DataError(
+                f'{path}:{lineno}: no "text" string field (found: {found}); each line must be an object with '
+                "the text under \"text\", e.g. jq -c '{text: .content}' in.jsonl > out.jsonl"
+            )
         if text.strip():
             texts.append(text.strip())
     return texts
-
-
-def _text_field(record: dict[str, Any]) -> str | None:
-    if isinstance(record.get("text"), str):
-        return record["text"]
-    return next((v for v in record.values() if isinstance(v, str)), None)
 
 
 # --------------------------------------------------------------------------------------------- hub

@@ -32,6 +32,7 @@ from miprun.pipeline import (
     blocks_to_remove,
     calibration_windows,
     check,
+    check_seq_len,
     estimator_of,
     repair_with,
     repaired,
@@ -63,6 +64,7 @@ def compare(loaded: LoadedModel, options: CompareOptions) -> dict[str, Any]:
     ns = sorted(set(opts.num_blocks))
     for n in ns:
         blocks_to_remove(total, n, None)  # validate before any work
+    check_seq_len(loaded, opts.heldout.eval_seq_len, "--eval-seq-len")
     start = time.perf_counter()
     # Tokenized once here and reused by every method (``token_windows`` memoises the stream), so the
     # pruning times below are the methods' own work on the same tokens as the forward-pass reference.

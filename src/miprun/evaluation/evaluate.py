@@ -29,6 +29,7 @@ from miprun.model.layouts import num_blocks
 from miprun.model.loading import LoadedModel, as_loaded
 from miprun.options import EvaluateOptions, with_overrides
 from miprun.output.manifest import MANIFEST_NAME
+from miprun.pipeline import check_seq_len
 from miprun.versions import package_versions
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,8 @@ def evaluate(
         "perplexity": {},
         "tasks": {},
     }
+    if not opts.no_ppl:
+        check_seq_len(loaded, opts.ppl_seq_len, "--ppl-seq-len")
     start = time.perf_counter()
     windows = opts.ppl_windows or None
     for source in [] if opts.no_ppl else opts.ppl:

@@ -239,3 +239,9 @@ def mlp_adds_to_residual(model: nn.Module) -> bool:
     layout = layout_for(model_config(model))
     config = text_config(model_config(model))
     return all(getattr(config, name, value) == value for name, value in layout.residual_mlp_if)
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's positions cover (``max_position_embeddings``), if the config says."""
+    value = getattr(text_config(model_config(model)), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None

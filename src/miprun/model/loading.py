@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
 
 
 class UnsafeWeightsError(ModelLoadError, ValueError):
@@ -115,6 +116,11 @@ def load_model(
     except Exception as exc:
         raise _load_error(exc, name, folder) from exc
     layout_for(config)  # an unsupported architecture fails here, before any weights are read
+    if folder is not None and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{folder} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); copy them from the model "
+            "this folder came from"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         loaded: Any = AutoModelForCausalLM.from_pretrained(

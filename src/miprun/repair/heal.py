@@ -193,8 +193,12 @@ def heal(
             **{name: getattr(config, name) for name in _RESULT_FIELDS},
         }
     )
-    targets = linear_modules(s_model)
-    with _adapters(s_model, targets, config) as peft_model, interrupts_as_keyboard_interrupt():
+    targets, device = linear_modules(s_model), input_device(s_model)
+    with (
+        _seeded_rng(config.seed, device),
+        _adapters(s_model, targets, config) as peft_model,
+        interrupts_as_keyboard_interrupt(),
+    ):
         params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
         optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=0.0)
         resumed = _resume(work_dir / CHECKPOINT_NAME, run, params, optimizer)
@@ -222,7 +226,7 @@ def heal(
     )
 
 
-def _check_pair(student: nn.Module, teacher: nn.Module) -> None:
+def _check_pair(student: Any, teacher: Any) -> None:
     """Refuse a student that is the teacher itself, or whose vocabulary differs from the teacher's."""
     if student is teacher:
         raise InvalidOptionError(
@@ -278,9 +282,8 @@ def _adapters(model: nn.Module, targets: list[str], config: HealConfig) -> Itera
         fan_in_fan_out=conv1d,
         bias="none",
     )
-    with torch.random.fork_rng(devices=[]):  # seeded adapters, the caller's RNG untouched
-        torch.manual_seed(config.seed)
-        peft_model = get_peft_model(model, lora)
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    peft_model = get_peft_model(model, lora)  # adapters drawn from the run's seeded RNG
     peft_model.eval()  # no dropout anywhere: a resumed run repeats an uninterrupted one exactly
     merged = False
     try:
@@ -289,6 +292,17 @@ def _adapters(model: nn.Module, targets: list[str], config: HealConfig) -> Itera
     finally:
         if not merged:
             peft_model.unload()  # remove the adapters unmerged: the caller's model is as it was
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable[name])  # peft froze the base weights
+
+
+@contextmanager
+def _seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """The run's own RNG, seeded: the caller's (CPU, and the student's CUDA device) is restored after."""
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
 
 
 def _train(
@@ -363,9 +377,16 @@ def _save(path: Path, run: _Run, params: dict[str, nn.Parameter], optimizer: tor
     for index, moments in state.items():
         for key, value in moments.items():
             tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if (cuda := _cuda_device(params)) is not None:
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(cuda)
     meta = {"format": FORMAT, "key": run.key, "step": run.step, "losses": run.losses}
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata={"miprun_heal": json.dumps(meta)}))
+
+
+def _cuda_device(params: dict[str, nn.Parameter]) -> torch.device | None:
+    """The CUDA device the adapters train on (its RNG is part of a checkpoint), or None."""
+    return next((p.device for p in params.values() if p.is_cuda), None)
 
 
 def _resume(path: Path, run: _Run, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> bool:
@@ -385,7 +406,9 @@ def _resume(path: Path, run: _Run, params: dict[str, nn.Parameter], optimizer: t
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    if (cuda := _cuda_device(params)) is not None and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], cuda)
     run.step, run.losses = int(meta["step"]), [float(x) for x in meta["losses"]]
     log.info("resuming the healing run in %s at step %d", path.parent, run.step)
     return True
