@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from results_io import write_results
+
 from miprun import estimators, methods
-from miprun.atomic import atomic_write_text, write_json
 from miprun.capture.engine import capture
 from miprun.capture.statistics import CosineSums
 from miprun.data import eval_windows, load_text, token_windows
@@ -111,7 +112,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # estimator reading an even subsample of it across every window.
         requests = [CosineSums(), CosineSums(positions="last")]
         requests += [stat for est in ests.values() for stat in est.statistics()]
-        settings = CalibrationConfig(batch_size=args.batch_size, seed=args.seed, exclude_first_token=exclude_first)
+        settings = CalibrationConfig(
+            batch_size=args.batch_size, seed=args.seed, exclude_first_token=exclude_first
+        )
         start = time.perf_counter()
         stats = capture(model, cal, requests, settings)
         capture_s = time.perf_counter() - start
@@ -120,7 +123,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             baselines["shortgpt"] = {n: shortgpt_select(bi, n) for n in ns}
             last = stats.get(CosineSums(positions="last")).mean_angle()
             baselines["angular"] = {n: angular_select(last, n) for n in ns}
-            baselines["angular-mean"] = {n: angular_select(stats.get(CosineSums()).mean_angle(), n) for n in ns}
+            baselines["angular-mean"] = {
+                n: angular_select(stats.get(CosineSums()).mean_angle(), n) for n in ns
+            }
             rows.append({"label": "shortgpt (cosine)", "spearman": spearman(bi, damage), "block_score": bi})
         for v, est in ests.items():
             table = ScoreTable(num_blocks=total, estimator=est, stats=stats)
@@ -145,7 +150,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(row)
     reference = {
         "shortgpt": {n: {"removed": r, "ppl": oracle(r)} for n, r in baselines["shortgpt"].items()},
-        "angular (last token)": {n: {"removed": r, "ppl": oracle(r)} for n, r in baselines["angular"].items()},
+        "angular (last token)": {
+            n: {"removed": r, "ppl": oracle(r)} for n, r in baselines["angular"].items()
+        },
         "angular-mean (all tokens)": {
             n: {"removed": r, "ppl": oracle(r)} for n, r in baselines["angular-mean"].items()
         },
@@ -189,20 +196,14 @@ def merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     rows = [r for r in old["variants"] if r["label"] not in fresh] + new["variants"]
     order = {label: i for i, label in enumerate(["shortgpt (cosine)", *labels])}
     rows.sort(key=lambda r: order.get(r["label"], len(order)))
-    reference = {**{k: {int(n): v for n, v in e.items()} for k, e in old["reference"].items()}, **new["reference"]}
-    reference.pop("angular", None)  # renamed: the all-token distance is "angular-mean", the paper's is last-token
+    reference = {
+        **{k: {int(n): v for n, v in e.items()} for k, e in old["reference"].items()},
+        **new["reference"],
+    }
+    reference.pop(
+        "angular", None
+    )  # renamed: the all-token distance is "angular-mean", the paper's is last-token
     return {**old, "reference": reference, "variants": rows}  # int N keys, as markdown() reads
-
-
-def finite_or_none(value: Any) -> Any:
-    """``value`` with every NaN/Inf float replaced by None: study files are strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [finite_or_none(v) for v in value]
-    return value
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -287,8 +288,7 @@ def main() -> None:
     out = Path(args.out)
     if args.variants and (out / "study.json").exists():
         result = merged(json.loads((out / "study.json").read_text()), result)
-    write_json(out / "study.json", finite_or_none(json.loads(json.dumps(result, default=str))), indent=1)
-    atomic_write_text(out / "study.md", markdown(result))
+    write_results(out, "study", result, markdown(result))
     plot(result, out / "study.png")
     print(markdown(result))
     if any(math.isnan(r["spearman"]) for r in result["variants"]):

@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -42,7 +41,10 @@ class Clock:
         self.paused_wall = self.paused_cpu = 0.0
 
     def now(self) -> tuple[float, float]:
-        return time.perf_counter() - self.wall - self.paused_wall, time.process_time() - self.cpu - self.paused_cpu
+        return (
+            time.perf_counter() - self.wall - self.paused_wall,
+            time.process_time() - self.cpu - self.paused_cpu,
+        )
 
     def measure(self, fn: Any) -> Any:
         wall, cpu = time.perf_counter(), time.process_time()
@@ -66,7 +68,9 @@ def parse_run(text: str) -> HealConfig:
 def heal_curve(pruned: str, teacher: Any, windows: torch.Tensor, config: HealConfig, every: int) -> dict:
     """Heal a fresh copy of ``pruned`` with ``config``, measuring perplexity every ``every`` steps."""
     student = as_loaded(pruned)
-    points = [{"step": 0, "tokens": 0, "wall_s": 0.0, "cpu_s": 0.0, "ppl": perplexity(student.model, windows)}]
+    points = [
+        {"step": 0, "tokens": 0, "wall_s": 0.0, "cpu_s": 0.0, "ppl": perplexity(student.model, windows)}
+    ]
     log.info("%s: start ppl %.2f", config, points[0]["ppl"])
     clock = Clock()
 
@@ -75,8 +79,17 @@ def heal_curve(pruned: str, teacher: Any, windows: torch.Tensor, config: HealCon
             wall, cpu = clock.now()
             ppl = clock.measure(lambda: perplexity(model, windows))
             tokens = step * config.batch_size * config.seq_len
-            points.append({"step": step, "tokens": tokens, "wall_s": wall, "cpu_s": cpu, "ppl": ppl, "kl": loss})
-            log.info("step %d: %.1f min wall, %.1f min CPU, ppl %.2f, kl %.4f", step, wall / 60, cpu / 60, ppl, loss)
+            points.append(
+                {"step": step, "tokens": tokens, "wall_s": wall, "cpu_s": cpu, "ppl": ppl, "kl": loss}
+            )
+            log.info(
+                "step %d: %.1f min wall, %.1f min CPU, ppl %.2f, kl %.4f",
+                step,
+                wall / 60,
+                cpu / 60,
+                ppl,
+                loss,
+            )
 
     with tempfile.TemporaryDirectory() as work:
         report = heal(student, teacher, config, work_dir=Path(work), progress=False, on_step=on_step)
@@ -119,7 +132,9 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--pruned", default=str(Path(tempfile.gettempdir()) / "miprun-heal-bench-pruned"))
     parser.add_argument("--run", action="append", default=[], help="KEY=VALUE,... of HealConfig fields")
     parser.add_argument("--eval-every", type=int, default=8, help="steps between measurements")

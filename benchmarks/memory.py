@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from results_io import write_results
+
 RESULTS = Path(__file__).parent / "results"
 MIB = 1024 * 1024
 
@@ -182,11 +184,7 @@ def main() -> None:
         "note": args.note,
     }
     rows = summarise(runs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "memory.json").write_text(
-        json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=2) + "\n"
-    )
-    (args.out / "memory.md").write_text(markdown(rows, meta))
+    write_results(args.out, "memory", {"meta": meta, "rows": rows, "runs": runs}, markdown(rows, meta))
     print(markdown(rows, meta))
 
 

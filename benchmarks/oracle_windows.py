@@ -11,15 +11,17 @@ of the damage of every window beside the single-block damage.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
-from miprun.model.layouts import num_blocks
+from results_io import write_results
+
 from miprun.data import eval_windows, load_text
-from miprun.model.identity import model_fingerprint, tensor_fingerprint
-from miprun.model.loading import load_model
 from miprun.evaluation.oracle import DamageOracle
+from miprun.model.identity import model_fingerprint, tensor_fingerprint
+from miprun.model.layouts import num_blocks
+from miprun.model.loading import load_model
+from miprun.output.report import write_figure
 
 
 def main() -> None:
@@ -61,8 +63,7 @@ def main() -> None:
         lines.append(
             f"| {length} | {row['best']} | {row['ppl']:.2f} | {oracle.dense * math.exp(median):.2f} |"
         )
-    (out / "oracle_windows.json").write_text(json.dumps({"single": single, "windows": rows}, indent=1) + "\n")
-    (out / "oracle_windows.md").write_text("\n".join(lines) + "\n")
+    write_results(out, "oracle_windows", {"single": single, "windows": rows}, "\n".join(lines))
     plot(loaded.name, single, rows, out / "oracle_windows.png")
     print("\n".join(lines))
 
@@ -85,7 +86,7 @@ def plot(name: str, single: list[float], rows: dict, path: Path) -> None:
     ax.set_title(f"{name}: true damage of removing a window")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_figure(fig, path, dpi=100)
     plt.close(fig)
 
 

@@ -12,17 +12,17 @@ Fast-Block-Select with the span scores it asks for. Tokenizing the text is left 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from results_io import write_results
 
 from miprun import api, estimators
-from miprun.evaluation.compare import forward_pass_seconds
 from miprun.data import load_text, token_windows
+from miprun.evaluation.compare import forward_pass_seconds
 from miprun.model.loading import load_model
 
 
@@ -92,8 +92,7 @@ def main() -> None:
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "prune_time.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "prune_time.md").write_text("\n".join(lines) + "\n")
+    write_results(out, "prune_time", results, "\n".join(lines))
     print("\n".join(lines))
 
 

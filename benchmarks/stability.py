@@ -1,9 +1,10 @@
 """How stable are the chosen blocks across calibration seeds and text registers? (issue 3, 5(b))
 
 For each seed (different calibration windows) and each source (Wikipedia vs New York Times articles),
-one capture pass gives both MI-PRUN's selection (default estimator, Fast-Block-Select) and ShortGPT's,
-and SLEB's greedy search runs on the first ``--sleb-samples`` of the same windows. SLEB costs about
-N x T forward passes per run, so it only runs up to ``--sleb-max-n`` blocks (default: the smallest N).
+one capture pass gives MI-PRUN's selection (default estimator, Fast-Block-Select) and ShortGPT's;
+``mi-verified`` measures its candidates on the same windows (``--verified``), and SLEB's greedy search runs
+on the first ``--sleb-samples`` of them. SLEB costs about N x T forward passes per run, so it only runs up
+to ``--sleb-max-n`` blocks (default: the smallest N).
 Reported: mean pairwise Jaccard overlap of the removed sets across seeds, and Jaccard between the
 sources at seed 0.
 
@@ -14,20 +15,23 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
-from miprun import estimators
-from miprun.model.layouts import num_blocks
-from miprun.baselines import block_influence, shortgpt_select, sleb_path
-from miprun.capture import capture
+from results_io import write_results
+
+from miprun import estimators, methods
+from miprun.capture.engine import capture
+from miprun.capture.statistics import CosineSums
 from miprun.data import load_text, token_windows
+from miprun.methods.forward import sleb_path
+from miprun.methods.similarity import block_influence, shortgpt_select
+from miprun.model.layouts import num_blocks
 from miprun.model.loading import load_model
-from miprun.methods import run_method
+from miprun.options import CalibrationConfig
+from miprun.pipeline import RunSettings, attach_live
 from miprun.scores import ScoreTable
-from miprun.stats import CaptureSpec
 
 
 def jaccard(a: list[int], b: list[int]) -> float:
@@ -43,15 +47,20 @@ def selections(
     windows = token_windows(
         loaded.tokenizer, load_text(source, "calibration"), args.samples, args.seq_len, seed
     )
-    stats = capture(loaded.model, windows, est.capture_spec().merge(CaptureSpec(cosine=True)), seed=seed)
+    cal = CalibrationConfig(source=source, samples=args.samples, seq_len=args.seq_len, seed=seed)
+    stats = capture(loaded.model, windows, [*est.statistics(), CosineSums()], cal, progress=False)
     table = ScoreTable(num_blocks=stats.num_blocks, estimator=est, stats=stats)
-    assert stats.cosine is not None
-    bi = block_influence(stats.cosine.mean_cos())
+    bi = block_influence(stats.get(CosineSums()).mean_cos())
     sleb_ns = [n for n in ns if n <= args.sleb_max_n]
+    evidence = methods.Evidence(stats.num_blocks, table)
     chosen = {
-        "mi-prun": {n: run_method(table, n, "mi-prun")[0] for n in ns},
+        "mi-prun": {n: methods.run(methods.build("mi-prun"), evidence, n)[0] for n in ns},
         "shortgpt": {n: shortgpt_select(bi, n) for n in ns},
     }
+    if args.verified:
+        verified = methods.build("mi-verified")
+        attach_live(loaded, verified, evidence, None, RunSettings(cal, None, progress=False))  # type: ignore[arg-type]
+        chosen["mi-verified"] = {n: methods.run(verified, evidence, n)[0] for n in ns}
     if sleb_ns:
         path = sleb_path(loaded.model, windows[: args.sleb_samples], max(sleb_ns), progress=False)
         chosen["sleb"] = {n: path.removed(n) for n in sleb_ns}
@@ -70,6 +79,7 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     parser.add_argument("--sleb-max-n", type=int, default=None, help="default: the smallest N")
     parser.add_argument("--sleb-samples", type=int, default=8, help="calibration windows SLEB reads")
+    parser.add_argument("--verified", action="store_true", help="also mi-verified (measures candidates)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     loaded = load_model(args.model, device="auto", dtype="float32")
@@ -94,7 +104,7 @@ def main() -> None:
         "| method | N | mean pairwise Jaccard across seeds | Jaccard wiki vs " + args.other_source + " |",
         "|---|---|---|---|",
     ]
-    for method in ("mi-prun", "shortgpt", "sleb"):
+    for method in ("mi-prun", "mi-verified", "shortgpt", "sleb"):
         for n in runs[0].get(method, {}):
             sets = [runs[s][method][n] for s in runs]
             across = statistics.mean(jaccard(a, b) for a, b in itertools.combinations(sets, 2))
@@ -103,8 +113,7 @@ def main() -> None:
             lines.append(f"| {method} | {n} | {across:.2f} | {between:.2f} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "stability.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "stability.md").write_text("\n".join(lines) + "\n")
+    write_results(out, "stability", result, "\n".join(lines))
     print("\n".join(lines))
 
 

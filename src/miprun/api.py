@@ -96,7 +96,7 @@ def score(
 
     reach = opts.max_blocks if opts.max_blocks is not None else default_max_blocks(info["num_blocks"])
     settings = RunSettings(
-        opts.calibration, opts.runtime, progress, cache, sc.sequential, reach, True, timings
+        opts.calibration, opts.runtime, progress, cache, sc.sequential, reach, opts.all_spans, timings
     )
     return score_model(loaded, method, estimator, settings)
 

@@ -375,6 +375,7 @@ class ScoreOptions(Options):
     scoring: ScoringOptions = field(default_factory=ScoringOptions)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    all_spans: bool = opt(True, "Score every span (a scores file serves any N and method).", cli=False)
     max_blocks: int | None = opt(
         None,
         "Largest N the file must serve for N-dependent evidence such as sleb's (default: T/4).",
