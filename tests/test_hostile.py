@@ -219,7 +219,7 @@ def test_command_line_mistakes_exit_2_with_the_usage_line(tiny_dir, tmp_path, ca
 def test_a_sequence_longer_than_the_model_is_refused_before_reading_text(
     tiny_dir, tmp_path, capsys, monkeypatch
 ):
-    import miprun.pipeline as pipeline
+    import miprun.pipeline.scoring as pipeline
 
     monkeypatch.setattr(pipeline, "load_text", lambda *a: pytest.fail("text was read"))
     assert (

@@ -1,0 +1,96 @@
+"""The repair stage: fit a repair on the dense model (one extra pass when it reads statistics) and fold it in,
+for good or inside a ``with`` block (to compare several), or for each of a method's candidate sets."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+
+import torch
+
+from miprun.capture.statistic import CapturedStats
+from miprun.methods import Evidence, GatherContext, Method
+from miprun.model.loading import LoadedModel
+from miprun.pipeline.scoring import calibration_windows, capture_pass
+from miprun.pipeline.setup import RunSettings
+from miprun.repair import Repair, RepairContext, RepairRecord
+
+log = logging.getLogger(__name__)
+
+
+def fit_repair(
+    loaded: LoadedModel, repair: Repair, removed: list[int], run: RunSettings
+) -> tuple[dict[str, torch.Tensor], RepairRecord]:
+    """Fit ``repair`` for ``removed`` on the dense model (one extra calibration pass if it needs statistics)."""
+    start = time.perf_counter()
+    requests = repair.statistics(loaded.model, removed)
+    stats = windows = None
+    if requests:
+        fit_run = replace(run, calibration=repair.calibration(run.calibration))
+        _, windows = calibration_windows(loaded, fit_run.calibration)
+        stats = capture_pass(loaded, windows, requests, fit_run)
+    edits, record = repair.fit(RepairContext(loaded.model, removed, stats, windows, run.progress))
+    record.seconds = round(time.perf_counter() - start, 3)
+    return edits, record
+
+
+def repair_model(loaded: LoadedModel, repair: Repair, removed: list[int], run: RunSettings) -> RepairRecord:
+    """Fit ``repair`` for ``removed`` and fold it into the weights for good (surgery comes after)."""
+    edits, record = fit_repair(loaded, repair, removed, run)
+    repair.apply(loaded.model, edits)
+    return record
+
+
+class RepairHook:
+    """Lets a method measure candidate sets after the run's repair: one extra pass captures what every
+    candidate's repair reads, then each candidate's edits are fitted from it."""
+
+    def __init__(self, loaded: LoadedModel, repair: Repair, run: RunSettings) -> None:
+        self.loaded, self.repair = loaded, repair
+        self.run = replace(run, calibration=repair.calibration(run.calibration))
+        self.stats: CapturedStats | None = None
+        self.windows: torch.Tensor | None = None
+
+    def prepare(self, sets: list[list[int]]) -> None:
+        requests = [stat for removed in sets for stat in self.repair.statistics(self.loaded.model, removed)]
+        if requests:
+            _, self.windows = calibration_windows(self.loaded, self.run.calibration)
+            self.stats = capture_pass(self.loaded, self.windows, requests, self.run)
+
+    def edits(self, removed: list[int]) -> dict[str, torch.Tensor]:
+        ctx = RepairContext(self.loaded.model, removed, self.stats, self.windows, False)
+        return self.repair.fit(ctx)[0]
+
+
+def attach_live(
+    loaded: LoadedModel, method: Method, evidence: Evidence, repair: Repair | None, run: RunSettings
+) -> None:
+    """Add a method's live evidence (it measures with the model at choice time) to ``evidence``."""
+    if not method.live_keys:
+        return
+    _, windows = calibration_windows(loaded, run.calibration)
+    hook = RepairHook(loaded, repair, run) if repair is not None and repair.name != "none" else None
+    ctx = GatherContext(
+        loaded.model, windows, None, run.calibration.batch_size, run.max_blocks, run.progress, hook
+    )
+    evidence.extras.update(method.attach(ctx))
+
+
+@contextmanager
+def repaired(
+    loaded: LoadedModel, repair: Repair, removed: list[int], run: RunSettings
+) -> Iterator[RepairRecord]:
+    """Inside the ``with`` block the model carries ``repair``'s edits for ``removed``; afterwards the originals."""
+    edits, record = fit_repair(loaded, repair, removed, run)
+    params = dict(loaded.model.named_parameters())
+    saved = {name: params[name].detach().clone() for name in edits}
+    repair.apply(loaded.model, edits)
+    try:
+        yield record
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
