@@ -272,7 +272,9 @@ class EstimatorOptions(Options):
 
     estimator: str = opt(
         DEFAULT_ESTIMATOR,
-        "MI estimator: coordinate (default), gaussian, renyi, binned (see `miprun list estimators`).",
+        "MI estimator: coordinate (default: per-coordinate Gaussian MI under a zero-mean model, i.e. from "
+        "moments about zero, not shift-invariant; --est-opt center=true centres), gaussian, renyi, binned "
+        "(see `miprun list estimators`).",
         "--estimator",
         "-e",
     )

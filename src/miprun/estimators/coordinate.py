@@ -4,10 +4,15 @@ Full MI is blind to any invertible map (spec 5.2): a block that rotates its inpu
 passes it through. Pairing each coordinate with itself is not: it measures how much of every residual
 coordinate survives the block in place, which is what removing the block would preserve. Per
 coordinate, the Gaussian MI of a correlation ``rho`` is ``-0.5 log(1 - rho^2)``; the score is its mean.
-By default every coordinate is treated as a zero-mean Gaussian (correlation from moments about zero),
-so a block that moves a coordinate's mean counts as changing it, as it does for cosine similarity;
-``center=True`` uses the usual centred correlation. The estimator study chose the uncentred form on
-SmolLM2 and confirmed it on Gemma (docs/estimator-study.md).
+
+What the default (``center=False``) measures, precisely: ``rho_j = E[x_j y_j] / sqrt(E[x_j^2] E[y_j^2])``,
+moments about zero, i.e. the cosine similarity over tokens of coordinate ``j`` before and after the
+block. ``-0.5 log(1 - rho_j^2)`` is then the exact MI of ``(x_j, y_j)`` *under a zero-mean Gaussian
+model*, not the MI of the states as they are: it is not invariant to a shift of the mean. Two independent
+coordinates with mean 10 and standard deviation 1 share no information, yet have ``rho = 100/101`` and
+score NMI 0.93; a block that moves a coordinate's mean counts as changing it, as cosine similarity does.
+``center=True`` uses the usual centred correlation (true Gaussian MI, shift-invariant). The estimator
+study chose the uncentred form on SmolLM2 and confirmed it on Gemma (docs/estimator-study.md).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ def coordinate_mi(var_x: torch.Tensor, var_y: torch.Tensor, cov_xy: torch.Tensor
 
 @dataclass
 class CoordinateMI(Estimator):
-    """Mean per-coordinate Gaussian MI between two states, from per-coordinate moments (no projection)."""
+    """Mean per-coordinate Gaussian MI; by default under a zero-mean model (moments about zero, not shift-invariant)."""
 
     name: ClassVar[str] = "coordinate"
 
