@@ -293,7 +293,7 @@ class ScoringOptions(Options):
 
     method: str = opt(
         DEFAULT_METHOD,
-        "Pruning method: mi-prun (default), mi-optimal, shortgpt, angular, angular-mean, sleb, ppl-oneshot, "
+        "Pruning method: mi-prun (default), mi-optimal, mi-verified, shortgpt, angular, angular-mean, sleb, ppl-oneshot, "
         "last-n, random; `miprun list methods` says what each does and reads.",
         "--method",
     )
