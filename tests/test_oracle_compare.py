@@ -194,12 +194,14 @@ def test_compare_evaluates_each_repair_and_leaves_the_model_as_it_was(tiny_token
         progress=False,
     )
     result = compare(loaded, options)
-    assert [(r["num_blocks"], r["removed"], r["repair"]) for r in result["rows"]] == [
-        (1, [4], "none"),
-        (1, [4], HalveFinalNorm.name),
-        (2, [3, 4], "none"),
-        (2, [3, 4], HalveFinalNorm.name),
-    ]
+    assert sorted((r["num_blocks"], r["removed"], r["repair"]) for r in result["rows"]) == sorted(
+        [
+            (1, [4], "none"),
+            (1, [4], HalveFinalNorm.name),
+            (2, [3, 4], "none"),
+            (2, [3, 4], HalveFinalNorm.name),
+        ]
+    )
     oracle = DamageOracle(model, result_windows(tiny_tokenizer))
     for row in result["rows"]:
         if row["repair"] == "none":
@@ -207,7 +209,7 @@ def test_compare_evaluates_each_repair_and_leaves_the_model_as_it_was(tiny_token
                 oracle(row["removed"]), rel=1e-9
             )
             continue
-        assert row["repair_record"]["changed"] == ["model.norm.weight"] and row["repair_seconds"] >= 0
+        assert row["repair_record"]["changed"] == ["model.norm.weight"] and row["repair_fit_seconds"] >= 0
         with torch.no_grad():  # the repaired row is the cut model with the edit folded in
             model.model.norm.weight.mul_(0.5)
             with skip_blocks(model, row["removed"]):

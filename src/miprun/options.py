@@ -30,6 +30,7 @@ DEFAULT_REPAIR = "none"
 DEFAULT_COMPARE_METHODS = (
     "mi-prun",
     "mi-optimal",
+    "mi-verified",
     "shortgpt",
     "angular",
     "angular-mean",

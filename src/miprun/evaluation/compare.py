@@ -21,12 +21,14 @@ from miprun import methods
 from miprun.errors import InvalidOptionError
 from miprun.evaluation.heldout import heldout_windows
 from miprun.evaluation.oracle import DamageOracle
+from miprun.model.edits import edited
 from miprun.model.layouts import base_model, num_blocks
 from miprun.model.loading import LoadedModel, as_loaded
 from miprun.model.placement import input_device
 from miprun.model.surgery import skip_blocks
 from miprun.options import CompareOptions, with_overrides
 from miprun.pipeline import (
+    RepairHook,
     RunSettings,
     attach_live,
     blocks_to_remove,
@@ -35,7 +37,6 @@ from miprun.pipeline import (
     check_seq_len,
     estimator_of,
     repair_with,
-    repaired,
     score_model,
 )
 
@@ -80,28 +81,24 @@ def compare(loaded: LoadedModel, options: CompareOptions) -> dict[str, Any]:
     estimator = estimator_of(opts.estimation)
     fixes = {name: repair_with(name, opts.repair_params) for name in opts.repairs}
     run = RunSettings(cal, opts.runtime, opts.progress, cache=False, max_blocks=max(ns))
+    choices = _choices(loaded, opts, (estimator, fixes), run, ns)
     rows: list[dict[str, Any]] = []
-    for name in opts.methods:
-        method = methods.build(name)
-        start = time.perf_counter()
-        scores = score_model(loaded, method, estimator if method.uses_mi else None, run)
-        score_s = time.perf_counter() - start
-        for repair_name, fix in fixes.items():
-            evidence = methods.Evidence(scores.num_blocks, scores.table, dict(scores.evidence))
-            start = time.perf_counter()
-            attach_live(loaded, method, evidence, fix, run)  # a method that measures sets does so after `fix`
-            live_s = time.perf_counter() - start
-            for n in ns:
-                removed, info = methods.run(method, evidence, n, cal.seed)
-                prune_s = score_s + live_s + info.seconds
-                row = _row(loaded, oracle, (name, n, removed, info, fix), run)
-                row.update(prune_seconds=prune_s, prune_x_forward=prune_s / forward_s, search=info.params)
-                row["estimator"] = scores.estimator.params() if method.uses_mi and scores.estimator else None
-                _add_tasks(row, loaded, oracle, opts, task_memo, fix)
-                log.info(
-                    "%s N=%d %s removed %s: held-out ppl %.2f", name, n, repair_name, removed, row["ppl"]
-                )
-                rows.append(row)
+    for repair_name, fix in fixes.items():
+        mine = [c for c in choices if c["repair"] == repair_name]
+        hook, pass_s = _repair_pass(loaded, fix, [c["removed"] for c in mine], run)
+        for choice in mine:
+            row = _measure(loaded, oracle, choice, hook, pass_s)
+            row["prune_x_forward"] = row["prune_seconds"] / forward_s
+            _add_tasks(row, loaded, oracle, opts, task_memo, hook)
+            log.info(
+                "%s N=%d %s removed %s: ppl %.2f",
+                row["method"],
+                row["num_blocks"],
+                repair_name,
+                row["removed"],
+                row["ppl"],
+            )
+            rows.append(row)
     return {
         "model": loaded.name,
         "num_blocks_total": total,
@@ -128,21 +125,74 @@ def compare(loaded: LoadedModel, options: CompareOptions) -> dict[str, Any]:
     }
 
 
-def _row(
-    loaded: LoadedModel, oracle: DamageOracle, choice: tuple[str, int, list[int], Any, Any], run: RunSettings
-) -> dict[str, Any]:
-    """One row: the method's choice at N, evaluated cut only or under the repair ``fix`` (fitted, then undone)."""
-    name, n, removed, info, fix = choice
-    row: dict[str, Any] = {"method": name, "num_blocks": n, "removed": removed, "repair": fix.name}
-    row.update(mi_set_loss=info.loss, mi_evaluations=info.num_evaluations)
+def _choices(
+    loaded: LoadedModel,
+    opts: CompareOptions,
+    parts: tuple[Any, dict[str, Any]],
+    run: RunSettings,
+    ns: list[int],
+) -> list[dict[str, Any]]:
+    """Every method's choice at every N, for every repair (a method that measures sets does so after it).
+
+    Each method scores once, capturing only what it reads; its time is its own.
+    """
+    estimator, fixes = parts
+    found = []
+    for name in opts.methods:
+        method = methods.build(name)
+        start = time.perf_counter()
+        scores = score_model(loaded, method, estimator if method.uses_mi else None, run)
+        score_s = time.perf_counter() - start
+        for repair_name, fix in fixes.items():
+            evidence = methods.Evidence(scores.num_blocks, scores.table, dict(scores.evidence))
+            start = time.perf_counter()
+            attach_live(loaded, method, evidence, fix, run)
+            live_s = time.perf_counter() - start
+            for n in ns:
+                removed, info = methods.run(method, evidence, n, run.calibration.seed)
+                found.append(
+                    {
+                        "method": name,
+                        "num_blocks": n,
+                        "removed": removed,
+                        "repair": repair_name,
+                        "mi_set_loss": info.loss,
+                        "mi_evaluations": info.num_evaluations,
+                        "prune_seconds": score_s + live_s + info.seconds,
+                        "estimator": scores.estimator.params()
+                        if method.uses_mi and scores.estimator
+                        else None,
+                        "search": info.params,
+                    }
+                )
+    return found
+
+
+def _repair_pass(loaded: LoadedModel, fix: Any, sets: list[list[int]], run: RunSettings) -> tuple[Any, float]:
+    """One calibration pass that captures what ``fix`` reads for every set at once (none for ``none``)."""
     if fix.name == "none":
-        row["ppl"] = oracle(removed)
+        return None, 0.0
+    start = time.perf_counter()
+    hook = RepairHook(loaded, fix, run)
+    hook.prepare(sets)
+    return hook, time.perf_counter() - start
+
+
+def _measure(
+    loaded: LoadedModel, oracle: DamageOracle, choice: dict[str, Any], hook: Any, pass_s: float
+) -> dict[str, Any]:
+    """The row of one choice: held-out perplexity cut only, or with the repair fitted and folded in (then undone)."""
+    row = dict(choice)
+    if hook is None:
+        row["ppl"] = oracle(row["removed"])
         return row
     start = time.perf_counter()
-    with repaired(loaded, fix, removed, run) as record, skip_blocks(loaded.model, removed):
-        row["repair_seconds"] = time.perf_counter() - start
+    edits, record = hook.fit(row["removed"])
+    row["repair_fit_seconds"] = time.perf_counter() - start
+    row["repair_pass_seconds"] = pass_s  # one pass shared by every row of this repair
+    with edited(loaded.model, edits), skip_blocks(loaded.model, row["removed"]):
         row["ppl"] = oracle.measure()
-        row["repair_record"] = record.to_json()
+    row["repair_record"] = record.to_json()
     return row
 
 
@@ -152,7 +202,7 @@ def _add_tasks(
     oracle: DamageOracle,
     opts: CompareOptions,
     memo: dict[tuple[Any, ...], Any],
-    fix: Any,
+    hook: Any,
 ) -> None:
     """Zero-shot tasks for the row's model, once per (block set, repair), unless it is far worse than dense."""
     ratio = opts.task_max_ppl
@@ -160,12 +210,9 @@ def _add_tasks(
         return
     key = (tuple(sorted(row["removed"])), row["repair"])
     if key not in memo:
-        if row["repair"] == "none":
+        edits = hook.edits(row["removed"]) if hook is not None else {}
+        with edited(loaded.model, edits):
             memo[key] = _tasks(loaded, row["removed"], opts)
-        else:
-            run = RunSettings(opts.calibration, opts.runtime, False, cache=False)
-            with repaired(loaded, fix, row["removed"], run):
-                memo[key] = _tasks(loaded, row["removed"], opts)
     row["tasks"] = memo[key]
 
 

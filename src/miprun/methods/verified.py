@@ -21,6 +21,7 @@ from miprun.errors import InvalidOptionError
 from miprun.methods.base import Choice, Evidence, GatherContext, Method
 from miprun.methods.candidates import propose
 from miprun.methods.search import fast_block_select, set_loss
+from miprun.model.edits import edited
 from miprun.model.layouts import decoder_layers, layout_for, model_config
 from miprun.model.replay import BoundaryCache, layers_run, logits_from
 
@@ -111,7 +112,7 @@ class Verifier:
         total = len(decoder_layers(self.model))
         self.layer_runs += layers_run(total, removed, cache.start_for(first))
         total_value, count = 0.0, 0
-        with _edited(self.model, edits):
+        with edited(self.model, edits):
             for b, logits in enumerate(logits_from(self.model, cache, removed, first)):
                 if self.objective == "kl":
                     assert self.dense is not None
@@ -133,26 +134,6 @@ def _block_of(model: Any, name: str) -> int:
     """The decoder block a parameter belongs to (0 for anything before the first block, e.g. the embedding)."""
     prefix = layout_for(model_config(model)).layers_path + "."
     return int(name[len(prefix) :].split(".")[0]) if name.startswith(prefix) else 0
-
-
-class _edited:
-    """Inside the ``with`` block the model carries ``edits``; afterwards its own weights again."""
-
-    def __init__(self, model: Any, edits: dict[str, torch.Tensor]) -> None:
-        self.params = dict(model.named_parameters())
-        self.edits = edits
-        self.saved: dict[str, torch.Tensor] = {}
-
-    def __enter__(self) -> None:
-        with torch.no_grad():
-            for name, value in self.edits.items():
-                self.saved[name] = self.params[name].detach().clone()
-                self.params[name].copy_(value)
-
-    def __exit__(self, *exc: object) -> None:
-        with torch.no_grad():
-            for name, value in self.saved.items():
-                self.params[name].copy_(value)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import torch
 
 from miprun.capture.statistic import CapturedStats
 from miprun.methods import Evidence, GatherContext, Method
+from miprun.model.edits import edited
 from miprun.model.loading import LoadedModel
 from miprun.pipeline.scoring import calibration_windows, capture_pass
 from miprun.pipeline.setup import RunSettings
@@ -60,9 +61,17 @@ class RepairHook:
             _, self.windows = calibration_windows(self.loaded, self.run.calibration)
             self.stats = capture_pass(self.loaded, self.windows, requests, self.run)
 
+    def fit(self, removed: list[int]) -> tuple[dict[str, torch.Tensor], RepairRecord]:
+        """The repair's edits for ``removed`` and its record, from the statistics :meth:`prepare` captured."""
+        tokens = self.stats.num_tokens if self.stats is not None else 0
+        edits, record = self.repair.fit(
+            RepairContext(self.loaded.model, removed, self.stats, self.windows, False)
+        )
+        record.tokens = tokens
+        return edits, record
+
     def edits(self, removed: list[int]) -> dict[str, torch.Tensor]:
-        ctx = RepairContext(self.loaded.model, removed, self.stats, self.windows, False)
-        return self.repair.fit(ctx)[0]
+        return self.fit(removed)[0]
 
 
 def attach_live(
@@ -85,12 +94,5 @@ def repaired(
 ) -> Iterator[RepairRecord]:
     """Inside the ``with`` block the model carries ``repair``'s edits for ``removed``; afterwards the originals."""
     edits, record = fit_repair(loaded, repair, removed, run)
-    params = dict(loaded.model.named_parameters())
-    saved = {name: params[name].detach().clone() for name in edits}
-    repair.apply(loaded.model, edits)
-    try:
+    with edited(loaded.model, edits):
         yield record
-    finally:
-        with torch.no_grad():
-            for name, value in saved.items():
-                params[name].copy_(value)
