@@ -136,12 +136,13 @@ def test_solve_map_is_least_squares_and_the_ridge_shrinks_it():
 
 
 def test_linear_repair_parameters_are_checked():
-    assert build("linear", {"tokens": "4096", "ridge": "0.01"}).params() == {
+    assert build("linear", {"tokens": "4096", "ridge": "0.01", "weighting": "relative"}).params() == {
         "tokens": 4096,
         "ridge": 0.01,
         "fold": "auto",
+        "weighting": "relative",
     }
-    for bad in ({"tokens": -1}, {"ridge": -1.0}, {"fold": "half"}):
+    for bad in ({"tokens": -1}, {"ridge": -1.0}, {"fold": "half"}, {"weighting": "loud"}):
         with pytest.raises(InvalidOptionError):
             build("linear", bad)
 
@@ -185,3 +186,18 @@ def test_linear_repair_lowers_the_loss_it_was_fitted_on_and_saves_a_stock_checkp
     assert manifest["repair"]["name"] == "linear" and manifest["repair"]["replay"] == "refit"
     with pytest.raises(InvalidOptionError, match="load the pruned folder itself"):
         miprun.apply_plan(copy.deepcopy(dense), out / "miprun.json")
+
+
+def test_relative_weighting_weighs_each_token_by_its_target_scale():
+    from miprun.capture.statistic import BatchInfo, Tap
+    from miprun.capture.statistics import LinearFitSums
+
+    gen = torch.Generator().manual_seed(0)
+    x, base, y = (torch.randn(40, 5, generator=gen) for _ in range(3))
+    y[:5] *= 100.0  # a few high-norm tokens
+    batch = BatchInfo(0, 1, torch.ones(40, dtype=torch.bool), 0, torch.tensor([39]))
+    sums = LinearFitSums(Tap(state=0), base=1, target=2, relative=True)
+    sums.update([x, base, y], batch)
+    w = 1.0 / y.double().pow(2).mean(-1, keepdim=True)
+    assert torch.allclose(sums.xtx, (x.double() * w).T @ x.double(), rtol=1e-9)
+    assert torch.allclose(sums.xtd, (x.double() * w).T @ (y - base).double(), rtol=1e-9)

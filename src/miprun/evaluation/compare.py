@@ -339,7 +339,7 @@ def plot(result: dict[str, Any], folder: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     times = {
         m: next(
-            r["prune_seconds"] + r.get("repair_seconds", 0.0)
+            r["prune_seconds"] + r.get("repair_pass_seconds", 0.0) + r.get("repair_fit_seconds", 0.0)
             for r in result["rows"]
             if _label(r) == m and r["num_blocks"] == largest
         )

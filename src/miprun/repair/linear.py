@@ -64,6 +64,7 @@ class LinearRepair(Repair):
     tokens: int = 65536  # calibration tokens of the fit (its own pass; d x d sums, any number of tokens)
     ridge: float = 1e-4  # relative to the mean diagonal of X^T X
     fold: Fold = "auto"  # auto: full map where the MLP output is added as is, per-coordinate otherwise
+    weighting: Literal["none", "relative"] = "none"  # relative: each token's error relative to its scale
 
     def __post_init__(self) -> None:
         if self.tokens < 0:
@@ -72,6 +73,8 @@ class LinearRepair(Repair):
             raise InvalidOptionError(f"ridge must be a finite number >= 0, got {self.ridge}")
         if self.fold not in ("auto", "full", "diagonal"):
             raise InvalidOptionError(f"fold must be 'auto', 'full' or 'diagonal', got {self.fold!r}")
+        if self.weighting not in ("none", "relative"):
+            raise InvalidOptionError(f"weighting must be 'none' or 'relative', got {self.weighting!r}")
 
     def calibration(self, cal: CalibrationConfig) -> CalibrationConfig:
         """``tokens`` worth of windows of the scoring text (the same first windows, then more)."""
@@ -105,7 +108,12 @@ class LinearRepair(Repair):
 
     def statistics(self, model: nn.Module, removed: list[int]) -> list[Statistic]:
         self._mode(model)  # an unsupported family fails before the extra pass
-        return [LinearFitSums(self._source(model, a), base=a, target=b + 1) for a, b in runs(removed)]
+        return [self._sums(model, a, b) for a, b in runs(removed)]
+
+    def _sums(self, model: nn.Module, a: int, b: int) -> LinearFitSums:
+        return LinearFitSums(
+            self._source(model, a), base=a, target=b + 1, relative=self.weighting == "relative"
+        )
 
     def fit(self, ctx: RepairContext) -> tuple[dict[str, torch.Tensor], RepairRecord]:
         assert ctx.stats is not None
@@ -113,9 +121,7 @@ class LinearRepair(Repair):
         edits: dict[str, torch.Tensor] = {}
         record = RepairRecord(self.name, self.params(), replay="refit", tokens=ctx.stats.num_tokens)
         for a, b in runs(ctx.removed):
-            sums = ctx.stats.get(
-                LinearFitSums(self._source(ctx.model, a), base=a, target=b + 1), "the linear repair"
-            )
+            sums = ctx.stats.get(self._sums(ctx.model, a, b), "the linear repair")
             run: dict[str, Any] = {"first": a, "last": b}
             if a == 0 and embeddings_tied(ctx.model):
                 run["skipped"] = (

@@ -4,7 +4,9 @@ For a removed run ``[a..b]``, ``X`` is what the fold will rescale (the MLP outpu
 state entering the run when it starts at block 0), ``B`` is what the residual stream carries after the cut
 (state ``a``), and ``Y`` is what the dense model passed on (state ``b + 1``). After the cut the stream
 holds ``B - X + X T``; it should hold ``Y``, so ``T`` solves ``min ||X T - (Y - B + X)||``. The sums are
-float64 and ``d x d`` whatever the number of tokens.
+float64 and ``d x d`` whatever the number of tokens. With ``relative``, each token's equations are weighted
+by ``1 / mean(Y_t^2)``, so the fit minimises every token's error relative to its own scale (what a
+norm-reading next block sees) instead of letting a few high-norm tokens dominate.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class LinearFitSums(Statistic):
     source: Tap = field(default_factory=Tap)  # X
     base: int = 0  # state B
     target: int = 1  # state Y
+    relative: bool = False  # weigh each token by 1 / mean(Y_t^2)
     xtx: torch.Tensor | None = field(default=None, init=False, repr=False)  # (d, d)
     xtd: torch.Tensor | None = field(default=None, init=False, repr=False)  # (d, d): X^T (Y - B)
     dtd: torch.Tensor | None = field(default=None, init=False, repr=False)  # (d,): per-coordinate (Y - B)^2
@@ -39,6 +42,9 @@ class LinearFitSums(Statistic):
         if x.shape[0] == 0:
             return
         d = target - base
+        if self.relative:  # scale both sides by 1/rms(Y_t): X^T W X with W = diag(1 / mean(Y_t^2))
+            scale = target.pow(2).mean(-1, keepdim=True).clamp_min(1e-12).rsqrt()
+            x, d = x * scale, d * scale
         if self.xtx is None:
             dim = x.shape[1]
             self.xtx = torch.zeros(dim, dim, dtype=torch.float64, device=x.device)
