@@ -200,4 +200,4 @@ def test_relative_weighting_weighs_each_token_by_its_target_scale():
     sums.update([x, base, y], batch)
     w = 1.0 / y.double().pow(2).mean(-1, keepdim=True)
     assert torch.allclose(sums.xtx, (x.double() * w).T @ x.double(), rtol=1e-9)
-    assert torch.allclose(sums.xtd, (x.double() * w).T @ (y - base).double(), rtol=1e-9)
+    assert torch.allclose(sums.xtd, (x.double() * w).T @ (y.double() - base.double()), rtol=1e-9)
