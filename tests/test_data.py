@@ -95,11 +95,15 @@ def test_txt_paragraphs(tmp_path: Path) -> None:
     assert len(src.fingerprint) == 16
 
 
-def test_jsonl_text_field_then_first_string(tmp_path: Path) -> None:
+def test_jsonl_reads_the_text_field_and_names_what_it_found_otherwise(tmp_path: Path) -> None:
     path = tmp_path / "a.jsonl"
-    rows = [{"id": 1, "text": "one"}, {"id": 2, "body": "two", "other": "x"}, {"text": "  "}]
+    rows = [{"id": 1, "text": "one"}, {"id": 2, "text": "two", "other": "x"}, {"text": "  "}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
     assert load_text(str(path), "calibration").texts == ("one", "two")
+    # another string field is never taken for the text: an "id" or a "url" would calibrate on garbage
+    path.write_text(json.dumps({"id": "x1", "body": "two"}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r'a\.jsonl:1: no "text" string field \(found: body, id\)'):
+        load_text(str(path), "calibration")
 
 
 def test_jsonl_bad_line_names_file_and_line(tmp_path: Path) -> None:

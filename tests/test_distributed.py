@@ -11,9 +11,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import CALIBRATION_TXT
-from tiny_models import tiny_model
-
 from helpers import assert_same_stats
+from tiny_models import tiny_model
 
 from miprun.capture.batches import share_range
 from miprun.capture.distributed import merge_stats

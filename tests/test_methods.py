@@ -63,9 +63,14 @@ def loss_without(model: torch.nn.Module, removed: list[int]) -> float:
 
 
 @pytest.fixture(scope="module")
-def full_scores(tiny_tokenizer) -> ScoreResult:
+def qwen2(tiny_tokenizer) -> LoadedModel:
+    return loaded(tiny_tokenizer, "qwen2")
+
+
+@pytest.fixture(scope="module")
+def full_scores(qwen2) -> ScoreResult:
     """Scores holding every method's evidence: MI spans, both cosine matrices, the SLEB path, one-shot losses."""
-    lm = loaded(tiny_tokenizer, "qwen2")
+    lm = qwen2
     result = score(
         lm, calibration=CAL, estimator="gaussian", estimator_params=GAUSS, method="sleb", max_blocks=3
     )
@@ -76,18 +81,25 @@ def full_scores(tiny_tokenizer) -> ScoreResult:
 
 
 @pytest.mark.parametrize("name", methods.REGISTRY.names())
-def test_every_method_keeps_the_contract(name, full_scores):
+def test_every_method_keeps_the_contract(name, full_scores, qwen2):
     """Built with defaults, each method removes N distinct blocks in range, the same each time, and declares
-    the evidence it reads (and nothing captured for it is left unread)."""
+    the evidence it reads (and nothing captured for it is left unread). Live evidence (a method that
+    measures candidates with the model) is attached as the pipeline attaches it."""
+    from miprun.options import RuntimeOptions
+    from miprun.pipeline import RunSettings, attach_live
+
     method = methods.build(name)
     assert method.name == name and method.summary
+
+    def evidence() -> methods.Evidence:
+        found = methods.Evidence(6, full_scores.table, dict(full_scores.evidence))
+        attach_live(qwen2, method, found, None, RunSettings(CAL, RuntimeOptions(), progress=False))
+        assert set(method.live_keys) <= set(found.extras)
+        return found
+
     for n in (1, 2, 3):
-        first, info = methods.run(
-            method, methods.Evidence(6, full_scores.table, dict(full_scores.evidence)), n, 0
-        )
-        again, _ = methods.run(
-            method, methods.Evidence(6, full_scores.table, dict(full_scores.evidence)), n, 0
-        )
+        first, info = methods.run(method, evidence(), n, 0)
+        again, _ = methods.run(method, evidence(), n, 0)
         assert first == again == sorted(set(first)) and len(first) == n and all(0 <= b < 6 for b in first)
         assert info.method == name and info.num_evaluations >= 0 and info.loss is not None
     for key in method.evidence_keys:
@@ -95,8 +107,8 @@ def test_every_method_keeps_the_contract(name, full_scores):
     if method.uses_mi:
         with pytest.raises(MissingEvidenceError):
             methods.run(method, methods.Evidence(6), 2, 0)
-    for key in method.evidence_keys:
-        without = {k: v for k, v in full_scores.evidence.items() if k != key}
+    for key in (*method.evidence_keys, *method.live_keys):
+        without = {k: v for k, v in evidence().extras.items() if k != key}
         with pytest.raises(MissingEvidenceError, match=f"--method {name}"):
             methods.run(method, methods.Evidence(6, full_scores.table, without), 3, 0)
 

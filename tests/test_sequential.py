@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import CALIBRATION_TXT
-from tiny_models import ARCHS, tiny_model
-
 from helpers import EVERY_STATISTIC, assert_same_stats
+from tiny_models import ARCHS, tiny_model
 
 from miprun.api import prune, score
 from miprun.capture import sequential

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from miprun.atomic import atomic_write_bytes, interrupts_as_keyboard_interrupt
 from miprun.data import eval_windows, load_text, token_windows
-from miprun.errors import InvalidOptionError, InvalidTypeError, MiprunError
+from miprun.errors import InvalidOptionError, InvalidTypeError, MiprunError, NonFiniteError
 from miprun.model.identity import model_fingerprint, tensor_fingerprint
 from miprun.model.layouts import decoder_layers, layers_parent
 from miprun.model.loading import LoadedModel
@@ -157,11 +157,14 @@ def linear_modules(model: nn.Module) -> list[str]:
 
 @dataclass
 class _Run:
-    """The state of one healing run that a checkpoint holds."""
+    """The state of one healing run: what a checkpoint holds, and what it is checked against."""
 
-    key: dict[str, Any]
+    key: dict[str, Any]  # fingerprints of the models and text, and the settings that change the result
+    params: dict[str, nn.Parameter]  # the adapters, by name
+    optimizer: torch.optim.Optimizer
     step: int = 0
     losses: list[float] = field(default_factory=list)
+    saved: int = 0  # the step of the last checkpoint on disk
 
 
 def heal(
@@ -184,15 +187,13 @@ def heal(
     _check_pair(s_model, t_model)
     work_dir = Path(work_dir)
     windows, text_fingerprint = _windows(student.tokenizer, config)
-    run = _Run(
-        key={
-            "student": model_fingerprint(s_model),
-            "teacher": model_fingerprint(t_model),
-            "text": text_fingerprint,
-            "windows": tensor_fingerprint(windows),
-            **{name: getattr(config, name) for name in _RESULT_FIELDS},
-        }
-    )
+    key = {
+        "student": model_fingerprint(s_model),
+        "teacher": model_fingerprint(t_model),
+        "text": text_fingerprint,
+        "windows": tensor_fingerprint(windows),
+        **{name: getattr(config, name) for name in _RESULT_FIELDS},
+    }
     targets, device = linear_modules(s_model), input_device(s_model)
     with (
         _seeded_rng(config.seed, device),
@@ -201,9 +202,10 @@ def heal(
     ):
         params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
         optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=0.0)
-        resumed = _resume(work_dir / CHECKPOINT_NAME, run, params, optimizer)
+        run = _Run(key, params, optimizer)
+        resumed = _resume(work_dir / CHECKPOINT_NAME, run)
         start, wall, cpu = run.step, time.perf_counter(), time.process_time()
-        _train(peft_model, t_model, windows, config, run, params, optimizer, work_dir, progress, on_step)
+        _train(peft_model, t_model, windows, config, run, work_dir, progress, on_step)
         seconds, cpu_seconds = time.perf_counter() - wall, time.process_time() - cpu
         peft_model.merge_and_unload()  # student.model now holds the merged weights, stock names and shapes
     log.info(
@@ -221,7 +223,7 @@ def heal(
         resumed_at_step=start,
         config=dataclasses.replace(config),
         target_modules=sorted({name.rsplit(".", 1)[-1] for name in targets}),
-        trainable_parameters=sum(p.numel() for p in params.values()),
+        trainable_parameters=sum(p.numel() for p in run.params.values()),
         losses=list(run.losses),
     )
 
@@ -311,8 +313,6 @@ def _train(
     windows: torch.Tensor,
     config: HealConfig,
     run: _Run,
-    params: dict[str, nn.Parameter],
-    optimizer: torch.optim.Optimizer,
     work_dir: Path,
     progress: bool,
     on_step: Callable[[int, float, nn.Module], None] | None,
@@ -320,27 +320,44 @@ def _train(
     """Run the remaining steps, checkpointing every ``checkpoint_every`` steps and at the end."""
     total, per_step = config.steps, config.batch_size * config.seq_len
     s_dev, t_dev = input_device(model.get_base_model()), input_device(teacher)
-    with tqdm(
+    bar = tqdm(
         total=total * per_step, initial=run.step * per_step, desc="healing", unit="tok", disable=not progress
-    ) as bar:
+    )
+    try:
         while run.step < total:
             batch = windows[run.step * config.batch_size : (run.step + 1) * config.batch_size]
-            for group in optimizer.param_groups:
+            for group in run.optimizer.param_groups:
                 group["lr"] = lr_at(run.step, total, config.lr)
-            loss = _step(model, teacher, batch, s_dev, t_dev, config.temperature, optimizer)
+            loss = _step(model, teacher, batch, s_dev, t_dev, config.temperature, run.optimizer)
             run.losses.append(loss)
             run.step += 1
             bar.update(per_step)
             bar.set_postfix(kl=f"{loss:.4f}")
             if run.step % config.checkpoint_every == 0 or run.step == total:
-                _save(work_dir / CHECKPOINT_NAME, run, params, optimizer)
-                recent = run.losses[-config.checkpoint_every :]
-                log.info(
-                    "heal step %d/%d: KL %.4f nats/token (mean of the last %d steps), checkpoint written",
-                    run.step, total, sum(recent) / len(recent), len(recent),
-                )  # fmt: skip
+                _checkpoint(work_dir, run, config.checkpoint_every)
             if on_step is not None:
                 on_step(run.step, loss, model)
+    except KeyboardInterrupt:
+        log.warning(
+            "healing stopped at step %d of %d; %s",
+            run.step, total,
+            f"the checkpoint in {work_dir} holds step {run.saved}, and the same call resumes from it"
+            if run.saved else "no checkpoint was written yet",
+        )  # fmt: skip
+        raise
+    finally:
+        bar.close()
+
+
+def _checkpoint(work_dir: Path, run: _Run, every: int) -> None:
+    """Write the checkpoint and log the loss since the previous one."""
+    _save(work_dir / CHECKPOINT_NAME, run)
+    run.saved = run.step
+    recent = run.losses[-every:]
+    log.info(
+        "heal step %d: KL %.4f nats/token (mean of the last %d steps), checkpoint written",
+        run.step, sum(recent) / len(recent), len(recent),
+    )  # fmt: skip
 
 
 def _step(
@@ -358,8 +375,9 @@ def _step(
     student_logits = model(input_ids=batch.to(s_dev), use_cache=False).logits
     kl = distill_loss(student_logits, teacher_logits.to(student_logits.device), temperature)
     if not torch.isfinite(kl):
-        raise FloatingPointError(
-            f"the healing loss is {kl.item()}; lower --lr (now {optimizer.param_groups[0]['lr']:.2g})"
+        raise NonFiniteError(
+            f"the healing loss (KL to the teacher) became {kl.item()} at learning rate "
+            f"{optimizer.param_groups[0]['lr']:.2g}; lower --lr and start again in a new --work-dir"
         )
     optimizer.zero_grad(set_to_none=True)
     (kl * temperature**2).backward()  # T^2 keeps the gradient scale independent of the temperature
@@ -370,15 +388,15 @@ def _step(
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _save(path: Path, run: _Run, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+def _save(path: Path, run: _Run) -> None:
     """Write adapters, optimizer moments, RNG state and the run's JSON into one file, atomically."""
-    tensors = {f"adapter.{name}": p.detach().cpu().contiguous() for name, p in params.items()}
-    state = optimizer.state_dict()["state"]
+    tensors = {f"adapter.{name}": p.detach().cpu().contiguous() for name, p in run.params.items()}
+    state = run.optimizer.state_dict()["state"]
     for index, moments in state.items():
         for key, value in moments.items():
             tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     tensors["rng.cpu"] = torch.get_rng_state()
-    if (cuda := _cuda_device(params)) is not None:
+    if (cuda := _cuda_device(run.params)) is not None:
         tensors["rng.cuda"] = torch.cuda.get_rng_state(cuda)
     meta = {"format": FORMAT, "key": run.key, "step": run.step, "losses": run.losses}
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata={"miprun_heal": json.dumps(meta)}))
@@ -389,7 +407,7 @@ def _cuda_device(params: dict[str, nn.Parameter]) -> torch.device | None:
     return next((p.device for p in params.values() if p.is_cuda), None)
 
 
-def _resume(path: Path, run: _Run, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> bool:
+def _resume(path: Path, run: _Run) -> bool:
     """Load the checkpoint at ``path`` into the run if there is one for the same key; False if none."""
     if not path.is_file():
         return False
@@ -398,18 +416,20 @@ def _resume(path: Path, run: _Run, params: dict[str, nn.Parameter], optimizer: t
         raise HealCheckpointError(_mismatch(path, meta.get("key"), run.key))
     tensors = load_file(path)
     with torch.no_grad():
-        for name, p in params.items():
+        for name, p in run.params.items():
             p.copy_(tensors[f"adapter.{name}"])
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    groups = run.optimizer.state_dict()["param_groups"]
+    run.optimizer.load_state_dict({"state": state, "param_groups": groups})
     torch.set_rng_state(tensors["rng.cpu"])
-    if (cuda := _cuda_device(params)) is not None and "rng.cuda" in tensors:
+    if (cuda := _cuda_device(run.params)) is not None and "rng.cuda" in tensors:
         torch.cuda.set_rng_state(tensors["rng.cuda"], cuda)
     run.step, run.losses = int(meta["step"]), [float(x) for x in meta["losses"]]
+    run.saved = run.step
     log.info("resuming the healing run in %s at step %d", path.parent, run.step)
     return True
 
