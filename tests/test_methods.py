@@ -115,9 +115,9 @@ def test_every_method_keeps_the_contract(name, full_scores, qwen2):
 
 def test_method_parameters_are_typed_and_checked():
     assert methods.build("mi-prun", {"k": "7", "rank": "mi"}).params() == {"k": 7, "rank": "mi"}
-    with pytest.raises(InvalidOptionError, match="no parameter 'kk'.*Did you mean 'k'"):
+    with pytest.raises(InvalidOptionError, match=r"no parameter 'kk'.*Did you mean 'k'"):
         methods.build("mi-prun", {"kk": 3})
-    with pytest.raises(InvalidOptionError, match="k .*at least 0"):
+    with pytest.raises(InvalidOptionError, match=r"k .*at least 0"):
         methods.build("mi-prun", {"k": -3})
     with pytest.raises(UnknownNameError, match="Did you mean 'shortgpt'"):
         methods.build("shortgtp")
