@@ -305,3 +305,26 @@ def test_the_same_file_for_calibration_and_held_out_text_warns(tiny_dir, tmp_pat
 
 def test_every_deliberate_error_is_a_miprun_error():
     assert issubclass(ModelLoadError, MiprunError) and issubclass(ScoresError, ValueError)
+
+
+def test_a_second_run_to_the_same_output_fails_before_any_work(tiny_dir, tmp_path, capsys):
+    import threading
+
+    from miprun.atomic import locked_output
+
+    out, held, release = tmp_path / "out", threading.Event(), threading.Event()
+
+    def first_run() -> None:  # stands in for a run that is still working on `out`
+        with locked_output(out):
+            held.set()
+            release.wait(30)
+
+    worker = threading.Thread(target=first_run)
+    worker.start()
+    try:
+        assert held.wait(10)
+        assert main(prune_args(tiny_dir, out)) == 1
+        assert "is writing --out" in capsys.readouterr().err and not out.exists()
+    finally:
+        release.set()
+        worker.join()

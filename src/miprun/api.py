@@ -20,8 +20,9 @@ import torch
 
 from miprun.capture import distributed
 from miprun.errors import InvalidOptionError
+from miprun.estimators import Estimator
 from miprun.evaluation.heldout import heldout_windows
-from miprun.methods import SearchInfo, run
+from miprun.methods import Method, SearchInfo, run
 from miprun.model.loading import LoadedModel, as_loaded, resolve_dtype
 from miprun.model.perplexity import perplexity
 from miprun.model.placement import input_device
@@ -140,47 +141,57 @@ def prune(
     measured on text disjoint from the calibration text. Under ``torchrun`` every process calibrates its
     share and selects the same blocks; only the main process evaluates, saves and shows progress.
     """
+    from miprun.atomic import check_output, locked_output
+
+    opts = with_overrides(options or PruneOptions(), **overrides)
+    opts.check_budget()
+    out_path = Path(out) if out is not None else None
+    inputs = _inputs(model, scores, opts)
+    if out_path is None or not distributed.is_main():
+        return _prune(model, opts, scores, None, (overwrite, inputs))
+    check_output(out_path, overwrite, inputs=inputs)  # fail before the expensive part
+    with locked_output(out_path):  # a second run to the same --out fails now, not hours later
+        return _prune(model, opts, scores, out_path, (overwrite, inputs))
+
+
+def _prune(
+    model: str | LoadedModel | None,
+    opts: PruneOptions,
+    scores: ScoreResult | str | Path | None,
+    out: Path | None,
+    writing: tuple[bool, tuple[Path, ...]],
+) -> PruneResult:
+    """The stages of :func:`prune` once the options and the output are checked."""
     from miprun.atomic import check_output
     from miprun.output.gguf import check_pruned_gguf
     from miprun.output.save import SaveSettings, check_gguf_source, save
 
-    opts = with_overrides(options or PruneOptions(), **overrides)
-    opts.check_budget()
+    overwrite, inputs = writing
     sc = opts.scoring
     method, estimator, repair = method_of(sc), estimator_of(sc.estimation), repair_of(opts.repair_config)
     main = distributed.is_main()
     progress = opts.progress and main
-    out_path = Path(out) if out is not None else None
-    inputs = _inputs(model, scores, opts)
-    if out_path is not None:
-        check_output(out_path, overwrite, inputs=inputs)  # fail before the expensive part
     timings: dict[str, float] = {}
     with timed(timings, "load_model"):
         loaded = as_loaded(model, opts.runtime, sc.sequential and scores is None)
         info = model_info(loaded)
-    if out_path is not None and loaded.path is not None:
-        inputs = (*inputs, Path(loaded.path))
-        check_output(out_path, overwrite, inputs=inputs)
-    if out_path is not None:
+    if out is not None:
+        if loaded.path is not None:
+            inputs = (*inputs, Path(loaded.path))
+            check_output(out, overwrite, inputs=inputs)
         check_gguf_source(loaded, opts.output.out_format)
     n = blocks_to_remove(info["num_blocks"], opts.num_blocks, opts.ratio)
     spans = method.exact  # the exact optimum reads every span anyway: keep them all in the manifest
     settings = RunSettings(
         opts.calibration, opts.runtime, progress, sc.cache, sc.sequential, n, spans, timings
     )
-    if scores is None:
-        result = score_model(loaded, method, estimator if method.uses_mi else None, settings)
-    else:
-        result = scores if isinstance(scores, ScoreResult) else ScoreResult.read(scores)
-        check_scores_match(result, info, opts.calibration.source)
-        log.info("reusing scores from %s: no calibration pass", scores)
-        for phase, seconds in result.timings.items():
-            timings.setdefault(phase, seconds)
+    result = _scores(loaded, (method, estimator), scores, settings, info)
     evidence = evidence_of(result)
-    with timed(timings, "live_evidence"):
-        attach_live(loaded, method, evidence, repair, settings)
+    if method.live_keys:
+        with timed(timings, "live_evidence"):
+            attach_live(loaded, method, evidence, repair, settings)
     removed, search = run(method, evidence, n, opts.calibration.seed)
-    if out_path is not None and opts.output.out_format != "transformers" and loaded.gguf is not None:
+    if out is not None and opts.output.out_format != "transformers" and loaded.gguf is not None:
         check_pruned_gguf(loaded.gguf, removed)  # before the repair and the cut, not after them
     timings["selection"] = search.seconds
     timings["optimum_for_comparison"] = search.optimum_seconds
@@ -192,24 +203,42 @@ def prune(
     if evaluation:
         with timed(timings, "evaluation"):
             evaluation["pruned_ppl"] = _perplexity(loaded, evaluation.pop("_windows"), progress)
+    uses_mi = method.uses_mi and result.table is not None
     plan = PrunePlan(
         model=info,
         num_blocks_before=info["num_blocks"],
         removed=removed,
         calibration=result.calibration,
         search=search,
-        estimator=result.estimator.params() if result.estimator is not None and method.uses_mi else None,
-        scores=result.table.to_json() if result.table is not None and method.uses_mi else None,
+        estimator=result.estimator.params() if uses_mi and result.estimator is not None else None,
+        scores=result.table.to_json() if uses_mi and result.table is not None else None,
         repair=record,
         timings=timings,
         evaluation=evaluation,
     )
-    target = out_path if main else None  # one writer under torchrun: the main process
-    if target is not None:
+    if out is not None:
         save_dtype = resolve_dtype(opts.output.save_dtype, "cpu") if opts.output.save_dtype else None
-        writing = SaveSettings(overwrite, progress, save_dtype, opts.output.out_format, inputs)
-        save(loaded, plan, target, writing)
-    return PruneResult(loaded.model, loaded.tokenizer, plan, target)
+        save(loaded, plan, out, SaveSettings(overwrite, progress, save_dtype, opts.output.out_format, inputs))
+    return PruneResult(loaded.model, loaded.tokenizer, plan, out)
+
+
+def _scores(
+    loaded: LoadedModel,
+    parts: tuple[Method, Estimator],
+    scores: ScoreResult | str | Path | None,
+    settings: RunSettings,
+    info: dict[str, Any],
+) -> ScoreResult:
+    """Fresh (or cached) scores for the method, or the given scores checked against this model and text."""
+    method, estimator = parts
+    if scores is None:
+        return score_model(loaded, method, estimator if method.uses_mi else None, settings)
+    result = scores if isinstance(scores, ScoreResult) else ScoreResult.read(scores)
+    check_scores_match(result, info, settings.calibration.source)
+    log.info("reusing scores from %s: no calibration pass", scores)
+    for phase, seconds in result.timings.items():
+        settings.timings.setdefault(phase, seconds)
+    return result
 
 
 def _inputs(model: Any, scores: Any, opts: PruneOptions) -> tuple[Path, ...]:
