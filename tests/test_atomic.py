@@ -152,7 +152,7 @@ def test_output_overlapping_an_input_is_refused(tmp_path: Path) -> None:
     inputs = [model, calibration, "smollm2-135m"]  # a hub id is not a local path and is ignored
     with pytest.raises(UnsafeOutputError, match=r"contains the input .*calibration.txt"):
         check_output(tmp_path / "data", overwrite=True, inputs=inputs)
-    with pytest.raises(UnsafeOutputError, match=r"contains the input .*model"):
+    with pytest.raises(UnsafeOutputError, match=r"is the input .*model"):
         write_steps(model, output_steps("new"), overwrite=True, progress=False, inputs=inputs)
     with pytest.raises(UnsafeOutputError, match=r"lies inside the input .*model"):
         check_output(model / "pruned", overwrite=True, inputs=inputs)

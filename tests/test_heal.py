@@ -202,6 +202,11 @@ def test_a_checkpoint_for_other_settings_or_models_is_refused(tiny_tokenizer: An
     other_cut, _ = _pair("llama", tiny_tokenizer, removed=(1, 2))
     with pytest.raises(HealCheckpointError, match="student: checkpoint"):
         heal(other_cut, teacher, few, work_dir=tmp_path, progress=False)
+    garbled = tmp_path / "garbled"
+    garbled.mkdir()
+    (garbled / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
+    with pytest.raises(HealCheckpointError, match="not a readable healing checkpoint"):
+        heal(copy.deepcopy(student), teacher, few, work_dir=garbled, progress=False)
     # checkpoint_every changes nothing in the result, so it may differ on resume
     report = heal(student, teacher, dataclasses.replace(few, checkpoint_every=1), work_dir=tmp_path)
     assert report.resumed and report.resumed_at_step == 4

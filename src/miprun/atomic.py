@@ -237,7 +237,11 @@ def _check_apart(out: Path, inputs: Iterable[str | Path]) -> None:
         if not os.path.lexists(given):
             continue  # a hub id or a named corpus, not a local path
         source = _resolve(given)
-        if source == out or out in source.parents:
+        if source == out:
+            raise UnsafeOutputError(
+                f"--out {out} is the input {source} that this run reads; choose another output folder"
+            )
+        if out in source.parents:
             raise UnsafeOutputError(
                 f"--out {out} contains the input {source} that this run reads; choose an output folder "
                 f"apart from the inputs"

@@ -59,3 +59,7 @@ class DataNotFoundError(DataError, FileNotFoundError):
 
 class GgufError(MiprunError, ValueError):
     """A GGUF file cannot be written as asked (its format cannot express the cut, or a name has no match)."""
+
+
+class MissingDependencyError(MiprunError, ImportError):
+    """An optional package a feature needs is not installed (the message names the pip command)."""

@@ -12,7 +12,7 @@ import typing
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
-from miprun.errors import InvalidOptionError, InvalidTypeError, MiprunError, UnknownNameError
+from miprun.errors import InvalidOptionError, InvalidTypeError, UnknownNameError
 
 T = TypeVar("T")
 
@@ -102,9 +102,7 @@ def construct(cls: type[T], params: Mapping[str, Any], what: str) -> T:
         kwargs[key] = _coerce(raw, hints[key], f"{what} parameter {key!r}")
     try:
         return cls(**kwargs)
-    except MiprunError:
-        raise
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError) as err:  # a value its own checks refuse: say whose parameter it is
         raise InvalidOptionError(f"{what}: {err}") from err
 
 

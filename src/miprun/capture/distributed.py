@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from miprun.capture.statistic import CapturedStats
+from miprun.errors import DataError, InvalidOptionError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def share(num_windows: int) -> tuple[int, int]:
     """``(rank, world size)``: this process's share of ``num_windows`` windows, checked to be non-empty."""
     size, rank = int(state().num_processes), int(state().process_index)
     if num_windows < size:
-        raise ValueError(
+        raise InvalidOptionError(
             f"{size} processes share {num_windows} calibration windows: each needs at least one. "
             f"Use --samples {size} or more, or fewer processes (--nproc_per_node)."
         )
@@ -65,7 +66,7 @@ def merge_stats(stats: CapturedStats) -> CapturedStats:
     mine = {"tokens": stats.num_tokens, "stats": [s.state_dict() for s in stats.statistics]}
     gathered = gather_object([mine])  # one entry per rank, in rank order
     if min(entry["tokens"] for entry in gathered) == 0:  # every rank decides this alike: no rank waits
-        raise ValueError("a process captured no tokens: every process needs at least one sample token")
+        raise DataError("a process captured no tokens: every process needs at least one sample token")
     merged = [type(s).from_state_dict(d) for s, d in zip(stats.statistics, gathered[0]["stats"], strict=True)]
     for entry in gathered[1:]:
         for acc, data in zip(merged, entry["stats"], strict=True):

@@ -10,7 +10,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -234,7 +234,9 @@ def compare(
 
 @app.command("list")
 def list_command(
-    what: Annotated[str, typer.Argument(help="methods, estimators, repairs or tasks.")] = "methods",
+    what: Annotated[
+        Literal["methods", "estimators", "repairs", "tasks"], typer.Argument(help="What to list.")
+    ] = "methods",
 ) -> None:
     """What can be chosen by name, with each one's parameters and defaults.
 

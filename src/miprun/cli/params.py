@@ -114,6 +114,9 @@ def with_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]
                 from miprun.pipeline import check  # names are checked against the registries, too
 
                 check(options)
+                budget = getattr(options, "check_budget", None)  # e.g. neither --num-blocks nor --ratio
+                if budget is not None:
+                    budget()
             except MiprunError as err:  # a bad value on the command line: usage error, exit 2
                 flag_named = re.search(r"\((--[a-z][a-z-]*)\)", str(err))
                 hint = flag_named.group(1) if flag_named else None

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from miprun.assets import HubUnreachableError, bigbench_file, is_hub_unreachable
-from miprun.errors import DataError, DataNotFoundError
+from miprun.errors import DataError, DataNotFoundError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def _hub(key: str, split: Split) -> TextSource:
     try:
         from datasets import load_dataset
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependencyError(
             f"the hub source {key!r} needs the `datasets` package: pip install datasets"
         ) from exc
     try:

@@ -223,7 +223,10 @@ def bench(
     )
     dev = next(loaded[0].model.parameters()).device
     if any(next(x.model.parameters()).device != dev for x in loaded):
-        raise InvalidOptionError("both models must be on the same device")
+        where = [str(next(x.model.parameters()).device) for x in loaded]
+        raise InvalidOptionError(
+            f"the model is on {where[0]} and --against on {where[1]}: load both on one device (--device {where[0]})"
+        )
     vocab = min(x.model.get_input_embeddings().num_embeddings for x in loaded)
     generator = torch.Generator().manual_seed(cfg.seed)
     # Ids 0..2 are often special tokens; random ordinary tokens are what matters for timing.

@@ -405,7 +405,7 @@ def _check_setup(previous: dict[str, Any], setup: dict[str, Any]) -> None:
     """Refuse to merge into ``previous`` a run whose ``setup`` (some of :data:`SAME_SETUP`) differs."""
     for key, value in setup.items():
         if previous.get(key) != value:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"cannot update the comparison: its {key} is {previous.get(key)!r}, this run's is "
                 f"{value!r}; rerun every method (without --update) or use the same settings"
             )
@@ -451,6 +451,9 @@ def run(
     """
     opts = with_overrides(options or CompareOptions(), **overrides)
     check(opts)
+    from miprun.evaluation.evaluate import check_tasks
+
+    check_tasks(opts.tasks)
     previous = None
     if update_existing:
         path = Path(out) / "comparison.json"

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from miprun.assets import HubUnreachableError, is_hub_unreachable
-from miprun.errors import UnknownNameError
+from miprun.errors import MissingDependencyError, UnknownNameError
 from miprun.evaluation.heldout import heldout_windows, perplexity_record
 from miprun.evaluation.tasks import OFFLINE_TASKS, write_tasks
 from miprun.model.layouts import num_blocks
@@ -56,7 +56,7 @@ def _lm_eval() -> Any:
     try:
         import lm_eval
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependencyError(
             "zero-shot tasks need lm-evaluation-harness: pip install 'miprun[eval]' (or pip install lm-eval)"
         ) from exc
     return lm_eval
@@ -111,13 +111,12 @@ def run_tasks(
         task_text: held-out text the next-sentence task is built from (default: wiki).
     """
     lm_eval = _lm_eval()
+    check_tasks(tasks)  # a typo fails before any task runs
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     offline = [t for t in tasks if t in OFFLINE_TASKS]
     hub = [t.removeprefix(PASS_THROUGH) for t in tasks if t not in OFFLINE_TASKS]
-    if hub:
-        _check_known(hub, _default_manager().all_tasks)  # a typo fails before any task runs
     with _quiet("lm_eval", not progress):
         lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
         results: dict[str, dict[str, Any]] = {}
@@ -146,6 +145,14 @@ def run_tasks(
                 raise
             results.update(_harness_results(raw, {t: t for t in hub}))
     return {t: results[t if t in OFFLINE_TASKS else t.removeprefix(PASS_THROUGH)] for t in tasks}
+
+
+def check_tasks(tasks: Sequence[str]) -> None:
+    """Refuse unknown task names (with "did you mean") before any model is loaded or any task runs."""
+    hub = [t.removeprefix(PASS_THROUGH) for t in tasks if t not in OFFLINE_TASKS]
+    if hub:
+        _lm_eval()
+        _check_known(hub, _default_manager().all_tasks)
 
 
 @functools.cache
@@ -186,6 +193,7 @@ def evaluate(
             (``tasks=["social_iqa"]``, ``limit=200``, ``ppl=["wiki", "nyt"]``, ``no_ppl=True``).
     """
     opts = with_overrides(options or EvaluateOptions(), **overrides)
+    check_tasks(opts.tasks)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     loaded = as_loaded(model, opts.runtime)

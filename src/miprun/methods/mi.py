@@ -28,7 +28,7 @@ class MiPrun(Method):
 
     def __post_init__(self) -> None:
         if self.k < 0:
-            raise InvalidOptionError(f"k (--k) must be at least 0, got {self.k}")
+            raise InvalidOptionError(f"k must be at least 0, got {self.k}")
         if self.rank not in ("nmi", "mi"):
             raise InvalidOptionError(f"rank must be 'nmi' or 'mi', got {self.rank!r}")
 

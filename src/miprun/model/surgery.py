@@ -73,7 +73,8 @@ def _validate(removed: Sequence[int], total: int) -> list[int]:
     return sorted(indices)
 
 
-def _check_exact(config: Any, layout: Layout) -> None:
+def check_exact(config: Any, layout: Layout) -> None:
+    """Refuse a config whose layers depend on their index in a way a pruned checkpoint cannot restate."""
     if getattr(config, "is_heterogeneous", False):
         raise UnsupportedArchitectureError(
             "This config sets a heterogeneous `per_layer_config` (overrides keyed by layer index); miprun "
@@ -112,7 +113,7 @@ def _plan(model: nn.Module, removed: Sequence[int]) -> list[_Edit]:
     layers = decoder_layers(model)
     total = len(layers)
     drop = set(_validate(removed, total))
-    _check_exact(config, layout)
+    check_exact(config, layout)
     count = getattr(config, layout.num_layers_field)
     if count != total:
         raise UnsupportedArchitectureError(

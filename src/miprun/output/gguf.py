@@ -217,7 +217,8 @@ def _hf_to_gguf_names(hf_names: Sequence[str], arch: str, total: int) -> dict[st
     if model_arch is None:
         raise GgufError(
             f"The installed gguf package has no name map for architecture {arch!r}, so replaced tensors "
-            "cannot be named; upgrade gguf, or prune without `replaced`."
+            "cannot be named; upgrade gguf, or write the GGUF without a repair (--repair none) or as "
+            "transformers (--out-format transformers)."
         )
     name_map = gguf.get_tensor_name_map(model_arch, total)
     names = {}
@@ -283,7 +284,8 @@ def to_gguf_layout(
         return values
     raise GgufError(
         f"miprun does not know how transformers' GGUF loader lays out {arch!r} tensors, so it cannot write the "
-        f"replaced tensor {gguf_name!r}. Prune without `replaced`, or save the repaired model as safetensors."
+        f"replaced tensor {gguf_name!r}: write the GGUF without a repair (--repair none), or save the repaired "
+        "model as transformers (--out-format transformers)."
     )
 
 
@@ -442,8 +444,9 @@ def _pattern_message(arch: str, period: int | None, drop: Sequence[int], shifted
     return (
         f"{arch} gives every {period}th layer a different role by its position, with no GGUF key to say "
         f"otherwise, so removing {list(drop)} would change the role of the blocks that become {list(shifted)}; "
-        f"readers would run a different model from the pruned one. Remove runs of {period} consecutive blocks "
-        "or only trailing blocks, or save as transformers (--out-format transformers) instead."
+        f"readers would run a different model from the pruned one. Only runs of {period} consecutive blocks or "
+        "trailing blocks keep the pattern: try another --num-blocks or --method, or save as transformers "
+        "(--out-format transformers) instead."
     )
 
 

@@ -16,8 +16,9 @@ from miprun.errors import InvalidOptionError, InvalidTypeError
 from miprun.estimators import Estimator
 from miprun.methods import Method
 from miprun.model.identity import model_fingerprint
-from miprun.model.layouts import layout_for, num_blocks
+from miprun.model.layouts import layout_for, num_blocks, text_config
 from miprun.model.loading import LoadedModel
+from miprun.model.surgery import check_exact
 from miprun.options import (
     CalibrationConfig,
     EstimatorOptions,
@@ -147,7 +148,8 @@ def blocks_to_remove(total: int, num_blocks: int | None, ratio: float | None) ->
 def model_info(loaded: LoadedModel) -> dict[str, Any]:
     """Identity of a loaded model for manifests and scores files."""
     config = loaded.model.config
-    layout_for(config)  # an unsupported architecture fails here, before any forward pass
+    layout = layout_for(config)  # an unsupported architecture fails here, before any forward pass
+    check_exact(text_config(config), layout)  # so does one whose layers cannot be renumbered
     return {
         "name": loaded.name,
         "path": loaded.path,

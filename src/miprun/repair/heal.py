@@ -415,6 +415,12 @@ def _resume(path: Path, run: _Run) -> bool:
     if meta.get("format") != FORMAT or meta.get("key") != run.key:
         raise HealCheckpointError(_mismatch(path, meta.get("key"), run.key))
     tensors = load_file(path)
+    stored = {key.removeprefix("adapter.") for key in tensors if key.startswith("adapter.")}
+    if stored != set(run.params):
+        raise HealCheckpointError(
+            f"{path} holds adapters on other layers than this run makes ({len(stored)} tensors, not "
+            f"{len(run.params)}; another peft version?); pass another --work-dir (or delete it) to start over"
+        )
     with torch.no_grad():
         for name, p in run.params.items():
             p.copy_(tensors[f"adapter.{name}"])
@@ -436,12 +442,12 @@ def _resume(path: Path, run: _Run) -> bool:
 
 def _read_meta(path: Path) -> dict[str, Any]:
     """The JSON a checkpoint carries in its safetensors metadata."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})["miprun_heal"])
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise HealCheckpointError(
             f"{path} is not a readable healing checkpoint ({exc}); delete it to start over, or pass another "
             "--work-dir"
