@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Reproduces the README's comparison table and plots: every method at about 10, 20 and 30 % of the
-# blocks on the same calibration and held-out text, zero-shot accuracy on the two offline tasks (first
-# 100 examples each, 50 on Gemma; skipped for models above 5x dense perplexity, 3x on Gemma), and the
-# pruning time as a multiple of one plain forward pass measured in the same run. About an hour per model
-# on 2 shared CPU cores, most of it lm-eval and SLEB; NO_TASKS=1 skips the tasks and takes about
-# ten minutes for SmolLM2. Raise --samples/--seq-len/--eval-samples/--limit on bigger machines.
+# Reproduces the README's comparison tables and plots: every method at about 10, 20 and 30 % of the
+# blocks on the same calibration and held-out text, each choice cut only and with the linear repair
+# (REPAIRS=none to skip it), zero-shot accuracy on the two offline tasks (first 100 examples each, 50 on
+# Gemma; skipped for models above 5x dense perplexity, 3x on Gemma), and the pruning time as a multiple
+# of one plain forward pass measured in the same run. Hours per model on 2 shared CPU cores, most of it
+# SLEB and lm-eval; NO_TASKS=1 skips the tasks. Raise --samples/--seq-len/--eval-samples/--limit on
+# bigger machines.
 #
 #   bash benchmarks/compare.sh                 # both models
 #   bash benchmarks/compare.sh smollm2-135m    # one
@@ -23,7 +24,8 @@ for model in "${models[@]}"; do
   tasks=(--tasks social_iqa,next_sentence "${tasks[@]}")
   [ -z "${NO_TASKS:-}" ] || tasks=()
   "$MIPRUN" compare --model "$model" "${ns[@]}" \
-    --methods mi-prun,mi-optimal,shortgpt,angular,sleb,ppl-oneshot,last-n,random \
+    --methods "${METHODS:-mi-prun,mi-optimal,mi-verified,shortgpt,angular,angular-mean,sleb,ppl-oneshot,last-n,random}" \
+    --repairs "${REPAIRS:-none,linear}" \
     --samples 8 --seq-len 128 --eval-samples 8 --eval-seq-len 256 \
     "${tasks[@]}" \
     --out "benchmarks/results/compare-$model" ${EXTRA:-}
