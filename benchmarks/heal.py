@@ -7,14 +7,15 @@ training, merging) and leaves the measurements out: wall time and process CPU ti
 healing alone. Intermediate points are read from a run with the budget's cosine schedule, so they are a
 little pessimistic for a run given that smaller budget.
 
-    python benchmarks/heal.py --out benchmarks/results/heal-smollm2-135m \\
-        --run lr=2e-3,rank=8,tokens=65536 --run lr=5e-4,rank=8,tokens=65536
+    python benchmarks/heal.py --out benchmarks/results/heal-smollm2-135m --eval-every 5 \\
+        --run tokens=20480,lr=5e-3 --run tokens=20480,lr=5e-3,batch_size=2
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import tempfile
@@ -56,12 +57,13 @@ class Clock:
 
 
 def parse_run(text: str) -> HealConfig:
-    """``lr=2e-3,rank=8,tokens=65536`` -> a HealConfig (fields typed by their defaults)."""
+    """``lr=5e-3,rank=8,tokens=20480`` -> a HealConfig (fields typed by their defaults)."""
     config = HealConfig()
     for item in filter(None, text.split(",")):
         key, value = item.split("=", 1)
         default = getattr(config, key)
-        setattr(config, key, type(default)(float(value)) if isinstance(default, int) else float(value))
+        parsed = value if isinstance(default, str) else float(value)
+        setattr(config, key, int(parsed) if isinstance(default, int) else parsed)
     return config
 
 
@@ -102,32 +104,51 @@ def heal_curve(pruned: str, teacher: Any, windows: torch.Tensor, config: HealCon
     return {"config": dataclasses.asdict(config), "points": points, "losses": report.losses}
 
 
-def at_minutes(points: list[dict], minutes: float, key: str = "wall_s") -> float | None:
-    """The perplexity of the last measurement taken within ``minutes`` (None if the run ended before)."""
-    if points[-1][key] < minutes * 60 * 0.9:
-        return None
-    within = [p for p in points if p[key] <= minutes * 60]
-    return within[-1]["ppl"] if within else None
+def at_minutes(points: list[dict], minutes: float, key: str = "cpu_s") -> float | None:
+    """Perplexity at ``minutes`` of the clock ``key``, interpolated linearly between measurements.
+
+    None when the run ended before then.
+    """
+    limit = minutes * 60
+    for before, after in itertools.pairwise(points):
+        if before[key] <= limit <= after[key]:
+            share = (limit - before[key]) / max(after[key] - before[key], 1e-9)
+            return float(before["ppl"] + share * (after["ppl"] - before["ppl"]))
+    return None
 
 
 def markdown(results: dict) -> str:
-    """The runs as a table: settings, perplexity at 5/10/15 minutes of wall time, and at the end."""
+    """A summary row per run (perplexity at 5/10/15 CPU-minutes, and at the end) and every measurement."""
     dense = results["dense_ppl"]
     lines = [
-        f"# Healing SmolLM2-135M pruned by 6 of 30 blocks (dense ppl {dense:.2f}, target {1.3 * dense:.2f})",
+        f"# Healing SmolLM2-135M pruned by 6 of 30 blocks (dense ppl {dense:.2f}, target 1.3x = {1.3 * dense:.2f})",
         "",
-        "| tokens | lr | rank | ppl @5 min | @10 min | @15 min | end ppl | end wall min | end CPU min |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"Process CPU minutes (all {results['threads']} threads; the machine is shared, so wall time is longer and "
+        "noisy). Values at 5/10/15 minutes are interpolated between measurements.",
+        "",
+        "| run | tokens | batch | lr | rank | ppl @5 CPU-min | @10 | @15 | end ppl | end CPU min | end wall min |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for run in results["runs"]:
+    for i, run in enumerate(results["runs"]):
         c, pts = run["config"], run["points"]
-        cells = [at_minutes(pts, m) for m in (5, 10, 15)]
-        shown = " | ".join("—" if v is None else f"{v:.2f}" for v in cells)
+        cells = " | ".join("—" if (v := at_minutes(pts, m)) is None else f"{v:.2f}" for m in (5, 10, 15))
         end = pts[-1]
         lines.append(
-            f"| {c['tokens']} | {c['lr']:g} | {c['rank']} | {shown} | {end['ppl']:.2f} | "
-            f"{end['wall_s'] / 60:.1f} | {end['cpu_s'] / 60:.1f} |"
+            f"| {i} | {c['tokens']} | {c['batch_size']} | {c['lr']:g} | {c['rank']} | {cells} | {end['ppl']:.2f} | "
+            f"{end['cpu_s'] / 60:.1f} | {end['wall_s'] / 60:.1f} |"
         )
+    lines += [
+        "",
+        "| run | step | tokens | CPU min | wall min | ppl | batch KL |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i, run in enumerate(results["runs"]):
+        for p in run["points"]:
+            kl = f"{p['kl']:.3f}" if "kl" in p else "—"
+            lines.append(
+                f"| {i} | {p['step']} | {p['tokens']} | {p['cpu_s'] / 60:.1f} | {p['wall_s'] / 60:.1f} | "
+                f"{p['ppl']:.2f} | {kl} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -140,11 +161,15 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=8, help="steps between measurements")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--report-only", action="store_true", help="rewrite heal.md from heal.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        (out / "heal.md").write_text(markdown(json.loads((out / "heal.json").read_text())))
+        return
     if not (Path(args.pruned) / "miprun.json").is_file():
         miprun.prune("smollm2-135m", num_blocks=6, progress=False, out=args.pruned, overwrite=True)
     teacher = as_loaded("smollm2-135m")

@@ -61,7 +61,7 @@ class LinearRepair(Repair):
         "(per-coordinate into the post-MLP norm on Gemma 2/3)"
     )
 
-    tokens: int = 65536  # calibration tokens of the fit (its own pass; d x d sums, any number of tokens)
+    tokens: int = 32768  # calibration tokens of the fit: where the measured curve flattens (docs/repair.md)
     ridge: float = 1e-4  # relative to the mean diagonal of X^T X
     fold: Fold = "auto"  # auto: full map where the MLP output is added as is, per-coordinate otherwise
     weighting: Literal["none", "relative"] = "none"  # relative: each token's error relative to its scale
