@@ -126,15 +126,17 @@ def markdown(results: dict) -> str:
         f"Process CPU minutes (all {results['threads']} threads; the machine is shared, so wall time is longer and "
         "noisy). Values at 5/10/15 minutes are interpolated between measurements.",
         "",
-        "| run | tokens | batch | lr | rank | ppl @5 CPU-min | @10 | @15 | end ppl | end CPU min | end wall min |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | tokens | batch | lr | rank | adapted blocks | ppl @5 CPU-min | @10 | @15 | end ppl | end CPU min "
+        "| end wall min |",
+        "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for i, run in enumerate(results["runs"]):
         c, pts = run["config"], run["points"]
         cells = " | ".join("—" if (v := at_minutes(pts, m)) is None else f"{v:.2f}" for m in (5, 10, 15))
         end = pts[-1]
         lines.append(
-            f"| {i} | {c['tokens']} | {c['batch_size']} | {c['lr']:g} | {c['rank']} | {cells} | {end['ppl']:.2f} | "
+            f"| {i} | {c['tokens']} | {c['batch_size']} | {c['lr']:g} | {c['rank']} | {c.get('blocks', 'all')} | "
+            f"{cells} | {end['ppl']:.2f} | "
             f"{end['cpu_s'] / 60:.1f} | {end['wall_s'] / 60:.1f} |"
         )
     lines += [

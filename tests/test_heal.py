@@ -71,11 +71,11 @@ def test_learning_rate_decays_from_lr_to_a_tenth() -> None:
 def test_config_counts_whole_batches_and_refuses_bad_values() -> None:
     assert HealConfig(tokens=1025, seq_len=256, batch_size=4).steps == 2
     with pytest.raises(InvalidOptionError, match=r"rank \(--rank\) must be at least 1"):
-        HealConfig(rank=0).check()
-    with pytest.raises(InvalidTypeError, match=r"tokens \(--tokens\) must be an integer"):
-        HealConfig(tokens=2.5).check()  # type: ignore[arg-type]
-    with pytest.raises(InvalidOptionError, match=r"lr \(--lr\)"):
-        HealConfig(lr=0.0).check()
+        HealConfig(rank=0)  # checked when built, like every option group
+    with pytest.raises(InvalidTypeError, match=r"tokens \(--tokens\) must be int"):
+        HealConfig(tokens=2.5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidOptionError, match=r"lr \(--lr\) must be greater than 0"):
+        HealConfig(lr=0.0)
 
 
 # ----------------------------------------------------------------------------- real runs on tiny models
@@ -241,3 +241,77 @@ def test_heal_lowers_the_heldout_perplexity_of_pruned_smollm2(tmp_path: Path) ->
     before = perplexity(student.model, windows)
     heal(student, teacher, HealConfig(tokens=2048, lr=5e-3), work_dir=tmp_path, progress=False)
     assert perplexity(student.model, windows) < 0.95 * before
+
+
+@pytest.mark.integration
+def test_heal_through_the_cli_writes_a_healed_miprun_output(tmp_path, tiny_tokenizer):
+    """`miprun prune` then `miprun heal`: a stock checkpoint of the pruned shape, the heal recorded in
+    miprun.json and the model card, and a plan that apply_plan refuses to replay."""
+    import json
+
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM
+
+    import miprun
+    from miprun.cli import main
+
+    dense = tmp_path / "dense"
+    tiny_model("llama")[0].save_pretrained(dense)
+    tiny_tokenizer.save_pretrained(dense)
+    calib = ["--calib", str(CALIBRATION_TXT)]
+    pruned, healed = tmp_path / "pruned", tmp_path / "healed"
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(dense),
+                "-n",
+                "2",
+                "--out",
+                str(pruned),
+                *calib,
+                "--samples",
+                "4",
+                "--seq-len",
+                "24",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    args = ["heal", "--model", str(pruned), "--out", str(healed), *calib, "--tokens", "96", "--seq-len", "24"]
+    assert (
+        main(
+            [
+                *args,
+                "--batch-size",
+                "2",
+                "--eval",
+                "--eval-text",
+                str(CALIBRATION_TXT),
+                "--eval-seq-len",
+                "24",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    plan = json.loads((healed / "miprun.json").read_text())
+    assert plan["heal"]["teacher"] == str(dense) and plan["heal"]["steps"] == 2
+    assert (
+        plan["heal"]["evaluation"]["healed_ppl"] > 0
+        and plan["removed"] == json.loads((pruned / "miprun.json").read_text())["removed"]
+    )
+    before = AutoModelForCausalLM.from_pretrained(pruned)
+    after = AutoModelForCausalLM.from_pretrained(healed)
+    assert [(n, p.shape) for n, p in after.named_parameters()] == [
+        (n, p.shape) for n, p in before.named_parameters()
+    ]
+    assert not all(torch.equal(a, b) for a, b in zip(after.parameters(), before.parameters(), strict=True))
+    assert "heal" in ModelCard.load(healed / "README.md").text
+    assert not any(
+        p.name.endswith(".heal-work") for p in tmp_path.iterdir()
+    )  # the finished run's checkpoint is gone
+    with pytest.raises(ValueError, match="was healed"):
+        miprun.apply_plan(tiny_model("llama")[0], healed / "miprun.json")

@@ -42,7 +42,9 @@ def _fragments(node: ast.expr) -> list[str]:
 
 def key_phrase(fragments: list[str]) -> str | None:
     """The message's longest run of fixed words (what a user can search the docs for)."""
-    words = [" ".join(f.replace("`", "").split()).strip(" .;:,(") for f in fragments]  # the doc's backticks go too
+    words = [
+        " ".join(f.replace("`", "").split()).strip(" .;:,(") for f in fragments
+    ]  # the doc's backticks go too
     words = [w for w in words if len(w) >= 12]
     return max(words, key=len) if words else None
 

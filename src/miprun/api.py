@@ -27,7 +27,7 @@ from miprun.model.loading import LoadedModel, as_loaded, resolve_dtype
 from miprun.model.perplexity import perplexity
 from miprun.model.placement import input_device
 from miprun.model.surgery import remove_blocks, skip_blocks
-from miprun.options import CalibrationConfig, PruneOptions, ScoreOptions, with_overrides
+from miprun.options import CalibrationConfig, HealOptions, PruneOptions, ScoreOptions, with_overrides
 from miprun.output.manifest import PrunePlan
 from miprun.pipeline import (
     RunSettings,
@@ -50,10 +50,13 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CalibrationConfig",
+    "HealOptions",
+    "HealResult",
     "PruneOptions",
     "PruneResult",
     "ScoreOptions",
     "apply_plan",
+    "heal",
     "prune",
     "score",
     "select",
@@ -304,6 +307,11 @@ def apply_plan(model: torch.nn.Module, plan: PrunePlan | str | Path) -> torch.nn
         raise InvalidOptionError(
             f"the plan is for a model with {plan.num_blocks_before} blocks; this one has {found}"
         )
+    if plan.heal is not None:
+        raise InvalidOptionError(
+            "the plan's model was healed (distilled toward the dense model), which changed its weights; load "
+            "the healed folder itself (AutoModelForCausalLM.from_pretrained(FOLDER))"
+        )
     if plan.repair.replay != "none":
         raise InvalidOptionError(
             f"the plan's repair {plan.repair.name!r} changed {len(plan.repair.changed)} weights that the plan "
@@ -311,3 +319,109 @@ def apply_plan(model: torch.nn.Module, plan: PrunePlan | str | Path) -> torch.nn
             f"prune the dense model again with --repair {plan.repair.name}"
         )
     return remove_blocks(model, plan.removed)
+
+
+@dataclass
+class HealResult:
+    """The healed in-memory model, its plan (with the heal recorded), and where it was saved."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    plan: PrunePlan
+    out: Path
+
+
+def heal(
+    model: str | Path,
+    options: HealOptions | None = None,
+    *,
+    out: str | Path,
+    overwrite: bool = False,
+    **overrides: Any,
+) -> HealResult:
+    """Distil a pruned model (a ``miprun prune`` output folder) toward its dense parent, and save it.
+
+    LoRA adapters on every linear layer of every block learn the dense model's next-token distribution
+    (KL) on calibration text, then are merged: the result is a stock checkpoint of the pruned model's shape.
+    Checkpoints go to ``work_dir`` (beside ``out`` by default) and a rerun of the same call resumes.
+    ``overrides`` replace :class:`~miprun.options.HealOptions` fields by flat name (``tokens=8192``).
+    """
+    from miprun.atomic import check_output, locked_output
+
+    opts = with_overrides(options or HealOptions(), **overrides)
+    folder, out_path = Path(model).expanduser(), Path(out)
+    plan = _plan_of(folder)
+    teacher_name = opts.teacher or plan.model.get("path") or plan.model["name"]
+    work_dir = Path(opts.work_dir) if opts.work_dir else out_path.parent / f".{out_path.name}.heal-work"
+    inputs = tuple(p for p in (folder, Path(str(teacher_name)), Path(str(opts.config.source))) if p.exists())
+    check_output(out_path, overwrite, inputs=inputs)
+    with locked_output(out_path):
+        return _heal(folder, teacher_name, opts, plan, (out_path, work_dir, overwrite, inputs))
+
+
+def _plan_of(folder: Path) -> PrunePlan:
+    from miprun.output.manifest import MANIFEST_NAME
+
+    if not (folder / MANIFEST_NAME).is_file():
+        raise InvalidOptionError(
+            f"{folder} is not a `miprun prune` output (it has no {MANIFEST_NAME}); heal reads the pruning plan "
+            "to know the dense parent: prune with miprun first, or pass such a folder"
+        )
+    return PrunePlan.read(folder / MANIFEST_NAME)
+
+
+def _heal(
+    folder: Path,
+    teacher_name: str,
+    opts: HealOptions,
+    plan: PrunePlan,
+    where: tuple[Path, Path, bool, tuple[Path, ...]],
+) -> HealResult:
+    from miprun.model.identity import model_fingerprint
+    from miprun.output.save import SaveSettings, save
+    from miprun.repair.heal import CHECKPOINT_NAME
+    from miprun.repair.heal import heal as distil
+
+    out, work_dir, overwrite, inputs = where
+    timings: dict[str, float] = {}
+    with timed(timings, "load_model"):
+        student = as_loaded(str(folder), opts.runtime)
+        teacher = as_loaded(teacher_name, opts.runtime)
+    if model_fingerprint(teacher.model) != plan.model.get("fingerprint"):
+        raise InvalidOptionError(
+            f"{teacher.name} is not the model {folder} was pruned from ({plan.model['name']}, fingerprint "
+            f"{plan.model.get('fingerprint')}); pass that dense model as --teacher"
+        )
+    evaluation = _heal_evaluation_before(student, teacher, opts, timings)
+    with timed(timings, "heal"):
+        report = distil(student, teacher, opts.config, work_dir=work_dir, progress=opts.progress)
+    if evaluation:
+        with timed(timings, "evaluation"):
+            evaluation["healed_ppl"] = _perplexity(student, evaluation.pop("_windows"), opts.progress)
+    plan.heal = {**report.to_json(), "teacher": teacher.name, "timings": timings, "evaluation": evaluation}
+    save_dtype = resolve_dtype(opts.save_dtype, "cpu") if opts.save_dtype else None
+    save(student, plan, out, SaveSettings(overwrite, opts.progress, save_dtype, "transformers", inputs))
+    (work_dir / CHECKPOINT_NAME).unlink(missing_ok=True)  # done: the checkpoint served its purpose
+    if work_dir.is_dir() and not any(work_dir.iterdir()):
+        work_dir.rmdir()
+    return HealResult(student.model, student.tokenizer, plan, out)
+
+
+def _heal_evaluation_before(
+    student: LoadedModel, teacher: LoadedModel, opts: HealOptions, timings: dict[str, float]
+) -> dict[str, Any]:
+    """Held-out perplexity of the dense and the pruned model before healing, if asked."""
+    if not opts.evaluate:
+        return {}
+    ev = opts.heldout
+    check_seq_len(student, ev.eval_seq_len, "--eval-seq-len")
+    with timed(timings, "evaluation"):
+        text, windows = heldout_windows(student.tokenizer, ev.eval_source, ev.eval_seq_len, ev.eval_samples)
+        return {
+            "source": text.name,
+            "windows": int(windows.shape[0]),
+            "seq_len": int(windows.shape[1]),
+            "dense_ppl": _perplexity(teacher, windows, opts.progress),
+            "pruned_ppl": _perplexity(student, windows, opts.progress),
+            "_windows": windows,
+        }

@@ -18,7 +18,14 @@ from rich.logging import RichHandler
 
 from miprun.cli import show
 from miprun.cli.params import with_options
-from miprun.options import BenchOptions, CompareOptions, EvaluateOptions, PruneOptions, ScoreOptions
+from miprun.options import (
+    BenchOptions,
+    CompareOptions,
+    EvaluateOptions,
+    HealOptions,
+    PruneOptions,
+    ScoreOptions,
+)
 
 app = typer.Typer(
     name="miprun",
@@ -230,6 +237,32 @@ def compare(
     show.out.print((Path(out) / "comparison.md").read_text(encoding="utf-8"))
     for path in paths:
         show.out.print(f"wrote {path}")
+
+
+@app.command()
+@with_options(HealOptions)
+def heal(
+    options: HealOptions,
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="A `miprun prune` output folder (the student).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the healed model.")],
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Distil a pruned model toward its dense parent (LoRA, merged back): a stock checkpoint of the same shape.
+
+    Checkpoints go beside --out (or to --work-dir); rerunning the same command resumes after an interruption.
+
+    Example: miprun prune -n 6 --out out/p6 && miprun heal --model out/p6 --out out/p6-healed --eval
+    """
+    from miprun import api
+    from miprun.options import with_overrides
+
+    _setup_logging(quiet)
+    result = api.heal(model, with_overrides(options, progress=not quiet), out=out, overwrite=overwrite)
+    show.heal_summary(result)
 
 
 @app.command("list")

@@ -70,6 +70,29 @@ def prune_summary(result: Any) -> None:
         out.print(f"report:       {result.out / 'report.md'}  {result.out / 'report.png'}")
 
 
+def heal_summary(result: Any) -> None:
+    """``miprun heal``: how long, how far the loss fell, and the perplexities when measured."""
+    healed = result.plan.heal
+    table = Table(title=f"{result.plan.model['name']}: healed toward {healed['teacher']}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("steps / tokens", f"{healed['steps']} / {healed['tokens']}")
+    table.add_row(
+        "KL to the dense model (first -> last batch)",
+        f"{healed['loss_start']:.4f} -> {healed['loss_end']:.4f}",
+    )
+    table.add_row("resumed", f"at step {healed['resumed_at_step']}" if healed["resumed"] else "no")
+    ev = healed.get("evaluation") or {}
+    if "healed_ppl" in ev:
+        table.add_row(
+            f"held-out perplexity ({ev['windows']}x{ev['seq_len']} tok): dense / pruned / healed",
+            f"{ev['dense_ppl']:.2f} / {ev['pruned_ppl']:.2f} / {ev['healed_ppl']:.2f}",
+        )
+    table.add_row("time: heal (wall / CPU)", f"{healed['seconds']:.0f} s / {healed['cpu_seconds']:.0f} s")
+    out.print(table)
+    out.print(f"healed model: {result.out}")
+
+
 def evaluation(result: dict[str, Any]) -> None:
     """``miprun eval``: perplexities and task accuracies."""
     info = result["model"]

@@ -245,3 +245,8 @@ def max_positions(model: nn.Module) -> int | None:
     """The longest sequence the model's positions cover (``max_position_embeddings``), if the config says."""
     value = getattr(text_config(model_config(model)), "max_position_embeddings", None)
     return value if isinstance(value, int) and value > 0 else None
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether a module is a linear layer: ``nn.Linear``, or GPT-2's ``Conv1D`` (a linear layer stored as (in, out))."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"

@@ -35,6 +35,7 @@ class PrunePlan:
     estimator: dict[str, Any] | None = None  # None for methods that read no MI
     scores: dict[str, Any] | None = None  # ScoreTable.to_json() when an MI table was computed
     repair: RepairRecord = field(default_factory=lambda: RepairRecord("none"))
+    heal: dict[str, Any] | None = None  # what `miprun heal` did after the cut (a HealReport), if it ran
     timings: dict[str, float] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)  # files of the checkpoint besides the manifest

@@ -147,6 +147,7 @@ def card_facts(loaded: LoadedModel, plan: PrunePlan, folder: Path, gguf_report: 
             results.append(
                 Result(f"{text}, cut before repair", "perplexity", ev["cut_ppl"], ev.get("dense_ppl"), True)
             )
+    results += _heal_results(plan)
     cal = plan.calibration
     return CardFacts(
         base_model=loaded.name,
@@ -156,8 +157,8 @@ def card_facts(loaded: LoadedModel, plan: PrunePlan, folder: Path, gguf_report: 
         estimator=plan.estimator["name"] if plan.estimator else None,
         estimator_params={k: v for k, v in (plan.estimator or {}).items() if k != "name"},
         license=_license(loaded, source_license),
-        repair=plan.repair.name if plan.repair.name != "none" else None,
-        repaired=plan.repair.changed,
+        repair=_repair_name(plan),
+        repaired=[*plan.repair.changed, *_healed(plan)],
         calibration=Calibration(cal.source, cal.num_windows, cal.seq_len, cal.tokens),
         results=results,
         files=files,
@@ -177,3 +178,33 @@ def _license(loaded: LoadedModel, source_license: Any) -> str | None:
             return str(found)
     spec = EMBEDDED_MODELS.get(loaded.name)
     return spec.license_id if spec is not None else None
+
+
+def _heal_results(plan: PrunePlan) -> list[Any]:
+    from miprun.output.card import Result
+
+    healed = (plan.heal or {}).get("evaluation") or {}
+    if "healed_ppl" not in healed:
+        return []
+    text = f"held-out text ({healed['source']}, {healed['windows']} x {healed['seq_len']} tokens)"
+    dense = healed["dense_ppl"]
+    return [
+        Result(f"{text}, pruned before healing", "perplexity", healed["pruned_ppl"], dense, True),
+        Result(f"{text}, healed", "perplexity", healed["healed_ppl"], dense, True),
+    ]
+
+
+def _repair_name(plan: PrunePlan) -> str | None:
+    names = [plan.repair.name] if plan.repair.name != "none" else []
+    if plan.heal is not None:
+        names.append("heal (distillation toward the dense model)")
+    return " + ".join(names) or None
+
+
+def _healed(plan: PrunePlan) -> list[str]:
+    if plan.heal is None:
+        return []
+    cfg = plan.heal["config"]
+    return [
+        f"LoRA (rank {cfg['rank']}) distilled on {plan.heal['tokens']} tokens, merged into every linear layer"
+    ]

@@ -31,11 +31,12 @@ from tqdm.auto import tqdm
 
 from miprun.atomic import atomic_write_bytes, interrupts_as_keyboard_interrupt
 from miprun.data import eval_windows, load_text, token_windows
-from miprun.errors import InvalidOptionError, InvalidTypeError, MiprunError, NonFiniteError
+from miprun.errors import InvalidOptionError, MiprunError, NonFiniteError
 from miprun.model.identity import model_fingerprint, tensor_fingerprint
-from miprun.model.layouts import decoder_layers, layers_parent
+from miprun.model.layouts import decoder_layers, is_linear, layers_parent
 from miprun.model.loading import LoadedModel
 from miprun.model.placement import input_device
+from miprun.options import HealConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,47 +47,6 @@ _RESULT_FIELDS = ("tokens", "seq_len", "batch_size", "lr", "rank", "temperature"
 
 class HealCheckpointError(MiprunError, ValueError):
     """``work_dir`` holds a healing checkpoint made for another student, teacher or settings."""
-
-
-@dataclass
-class HealConfig:
-    """Settings of one healing run; every field but ``checkpoint_every`` changes the result."""
-
-    # Defaults measured on SmolLM2-135M cut by 6 of 30 blocks, 2 CPU threads (benchmarks/heal.py): 20 steps
-    # of 4 x 256 tokens take about 15 CPU-minutes and bring held-out perplexity from 23.2 to 18.7 (dense 13.6).
-    tokens: int = 20_480  # calibration tokens the student trains on (rounded up to whole batches)
-    seq_len: int = 256
-    batch_size: int = 4
-    lr: float = 5e-3  # peak AdamW learning rate of the adapters (cosine decay to a tenth of it)
-    rank: int = 8  # LoRA rank (alpha = 2 * rank)
-    temperature: float = 1.0
-    checkpoint_every: int = 4  # optimizer steps between resumable checkpoints
-    seed: int = 0  # draws the windows and initialises the adapters
-    source: str | None = None  # calibration text (miprun.data.load_text(source, "calibration"))
-
-    def check(self) -> None:
-        """Refuse values that cannot run, naming the option both ways (``rank (--rank)``)."""
-        for name in ("tokens", "seq_len", "batch_size", "rank", "checkpoint_every", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise InvalidTypeError(f"{_flag(name)} must be an integer, got {value!r}")
-        lows = {"tokens": 1, "seq_len": 2, "batch_size": 1, "rank": 1, "checkpoint_every": 1, "seed": 0}
-        for name, low in lows.items():
-            if getattr(self, name) < low:
-                raise InvalidOptionError(f"{_flag(name)} must be at least {low}, got {getattr(self, name)}")
-        for name in ("lr", "temperature"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise InvalidOptionError(f"{_flag(name)} must be a number above 0, got {value!r}")
-
-    @property
-    def steps(self) -> int:
-        """Optimizer steps: the token budget in whole batches of ``batch_size`` windows."""
-        return math.ceil(self.tokens / (self.batch_size * self.seq_len))
-
-
-def _flag(name: str) -> str:
-    return f"{name} (--{name.replace('_', '-')})"
 
 
 @dataclass
@@ -142,7 +102,6 @@ def lr_at(step: int, total: int, lr: float) -> float:
 
 def linear_modules(model: nn.Module) -> list[str]:
     """Full names of the linear layers inside the decoder blocks (``nn.Linear``, and GPT-2's ``Conv1D``)."""
-    from transformers.pytorch_utils import Conv1D  # GPT-2 family: a linear layer with (in, out) weights
 
     parent, attr = layers_parent(model)
     prefix = next(name for name, module in model.named_modules() if module is parent)
@@ -151,7 +110,7 @@ def linear_modules(model: nn.Module) -> list[str]:
         f"{blocks}.{i}.{name}"
         for i, layer in enumerate(decoder_layers(model))
         for name, module in layer.named_modules()
-        if isinstance(module, nn.Linear | Conv1D)
+        if is_linear(module)
     ]
 
 
@@ -185,7 +144,6 @@ def heal(
     for others). ``on_step(step, loss, model)`` is called after every optimizer step, for measurements.
     An interrupt leaves the last checkpoint intact and ``student.model`` as it was passed in.
     """
-    config.check()
     s_model, t_model = student.model, teacher.model
     _check_pair(s_model, t_model)
     work_dir = Path(work_dir)
