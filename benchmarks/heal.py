@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from results_io import write_results
 
 import miprun
 from miprun.evaluation.heldout import heldout_windows
@@ -164,16 +165,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", required=True)
     parser.add_argument("--report-only", action="store_true", help="rewrite heal.md from heal.json")
+    parser.add_argument(
+        "--repair", default="none", help="repair of the pruned model before healing (e.g. linear)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
-        (out / "heal.md").write_text(markdown(json.loads((out / "heal.json").read_text())))
+        results = json.loads((out / "heal.json").read_text())
+        write_results(out, "heal", results, markdown(results))
         return
     if not (Path(args.pruned) / "miprun.json").is_file():
-        miprun.prune("smollm2-135m", num_blocks=6, progress=False, out=args.pruned, overwrite=True)
+        miprun.prune(
+            "smollm2-135m", num_blocks=6, repair=args.repair, progress=False, out=args.pruned, overwrite=True
+        )
     teacher = as_loaded("smollm2-135m")
     _, windows = heldout_windows(teacher.tokenizer, "wiki", 256, 8)
     path = out / "heal.json"
@@ -182,8 +189,8 @@ def main() -> None:
     results["threads"] = args.threads
     for text in args.run or [""]:
         results["runs"].append(heal_curve(args.pruned, teacher, windows, parse_run(text), args.eval_every))
-        path.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
-        (out / "heal.md").write_text(markdown(results))
+        results.setdefault("repair", {})[str(len(results["runs"]) - 1)] = args.repair
+        write_results(out, "heal", results, markdown(results))
     log.info("\n%s", markdown(results))
 
 
