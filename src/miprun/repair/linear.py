@@ -63,7 +63,8 @@ class LinearRepair(Repair):
 
     tokens: int = 32768  # calibration tokens of the fit: where the measured curve flattens (docs/repair.md)
     ridge: float = 1e-4  # relative to the mean diagonal of X^T X
-    fold: Fold = "auto"  # auto: full map where the MLP output is added as is, per-coordinate otherwise
+    fold: Fold = "auto"  # auto: full map where the MLP output is added as is, per-coordinate otherwise;
+    # diagonal: a per-coordinate map everywhere (into the post-MLP norm where there is one)
     weighting: Literal["none", "relative"] = "none"  # relative: each token's error relative to its scale
 
     def __post_init__(self) -> None:
@@ -146,11 +147,13 @@ class LinearRepair(Repair):
             return {"fold": "embedding", "unexplained": residual_fraction(sums.xtx, xtr, rtr_diag, T)}
         if mode == "diagonal":
             t = solve_diagonal(sums.xtx, xtr, self.ridge)
-            edits.update(self._fold_into_norm(model, a - 1, t))
-            return {
-                "fold": "post-mlp norm (per coordinate)",
-                "unexplained": residual_fraction(sums.xtx, xtr, rtr_diag, torch.diag(t)),
-            }
+            if layout_for(model_config(model)).roles.post_mlp_norm is not None:
+                edits.update(self._fold_into_norm(model, a - 1, t))
+                where = "post-mlp norm (per coordinate)"
+            else:  # no norm to hold it: the diagonal map folds into the output projection like a full one
+                edits.update(fold_into_mlp_output(model, a - 1, torch.diag(t)))
+                where = "mlp output projection (per coordinate)"
+            return {"fold": where, "unexplained": residual_fraction(sums.xtx, xtr, rtr_diag, torch.diag(t))}
         T = solve_map(sums.xtx, xtr, self.ridge)
         for name, value in fold_into_mlp_output(model, a - 1, T).items():
             edits[name] = value
