@@ -134,6 +134,44 @@ def test_update_replaces_only_the_rerun_methods_and_refuses_other_data(tiny_toke
         update(first, other)
 
 
+def test_update_reuses_the_dense_and_cut_only_task_results_it_already_has(tiny_tokenizer, monkeypatch):
+    import miprun.evaluation.compare as cmp
+
+    model, _ = tiny_model("llama")
+    loaded = LoadedModel(model, tiny_tokenizer, "tiny-llama", None)
+    evaluated: list[tuple[int, ...]] = []
+
+    def tasks(_loaded, removed, _opts):  # lm-eval's place: records which models were evaluated
+        evaluated.append(tuple(sorted(removed)))
+        return {"social_iqa": {"acc_norm": 0.5 + 0.01 * len(evaluated)}}
+
+    monkeypatch.setattr(cmp, "_tasks", tasks)
+    options = CompareOptions(
+        num_blocks=[1, 2],
+        methods=["last-n"],
+        calibration=CalibrationConfig(source=str(CALIBRATION_TXT), samples=2, seq_len=16),
+        heldout=HeldoutOptions(eval_source=str(HELDOUT_TXT), eval_samples=2, eval_seq_len=16),
+        tasks=["social_iqa"],
+        forward_repeats=1,
+        progress=False,
+    )
+    first = compare(loaded, options)
+    assert evaluated == [(), (4,), (3, 4)]  # dense, then last-n's two sets
+    first["rows"].append({**first["rows"][0], "repair": "linear", "tasks": {"social_iqa": {"acc_norm": 0.9}}})
+    known = cmp.known_task_results(first)
+    assert set(known) == {((), "none"), ((4,), "none"), ((3, 4), "none")}  # a repaired result is not reused
+
+    evaluated.clear()
+    second = compare(loaded, with_overrides(options, methods=["last-n", "random"]), known)
+    fresh = {tuple(sorted(r["removed"])) for r in second["rows"] if r["method"] == "random"} - {(4,), (3, 4)}
+    assert sorted(evaluated) == sorted(fresh)  # only the sets never evaluated before
+    assert second["dense_tasks"] == first["dense_tasks"]
+    by_set = {tuple(sorted(r["removed"])): r["tasks"] for r in first["rows"] if r.get("repair") == "none"}
+    for row in second["rows"]:
+        if row["method"] == "last-n":
+            assert row["tasks"] == by_set[tuple(sorted(row["removed"]))]
+
+
 def test_update_refuses_other_tasks_before_running_anything(tiny_tokenizer, tmp_path, monkeypatch):
     import miprun.evaluation.compare as cmp
 

@@ -58,8 +58,14 @@ def forward_pass_seconds(model: Any, windows: torch.Tensor, batch_size: int, rep
     return statistics.median(times)
 
 
-def compare(loaded: LoadedModel, options: CompareOptions) -> dict[str, Any]:
-    """Prune with every method at every N (under every repair), evaluate each, and return one JSON-able result."""
+def compare(
+    loaded: LoadedModel, options: CompareOptions, known_tasks: dict[tuple[Any, ...], Any] | None = None
+) -> dict[str, Any]:
+    """Prune with every method at every N (under every repair), evaluate each, and return one JSON-able result.
+
+    ``known_tasks`` holds task results already measured with the same tasks and limit (see
+    :func:`known_task_results`), keyed like the run's own memo; they are reused instead of re-run.
+    """
     opts, cal = options, options.calibration
     total = num_blocks(loaded.model)
     ns = sorted(set(opts.num_blocks))
@@ -76,8 +82,10 @@ def compare(loaded: LoadedModel, options: CompareOptions) -> dict[str, Any]:
     )
     oracle = DamageOracle(loaded.model, held, batch_size=cal.batch_size)
     forward_s = forward_pass_seconds(loaded.model, windows, cal.batch_size, opts.forward_repeats)
-    dense_tasks = _tasks(loaded, [], opts) if opts.tasks else {}
-    task_memo: dict[tuple[Any, ...], dict[str, Any]] = {((), "none"): dense_tasks}
+    task_memo: dict[tuple[Any, ...], dict[str, Any]] = dict(known_tasks or {}) if opts.tasks else {}
+    if ((), "none") not in task_memo:
+        task_memo[((), "none")] = _tasks(loaded, [], opts) if opts.tasks else {}
+    dense_tasks = task_memo[((), "none")]
     estimator = estimator_of(opts.estimation)
     fixes = {name: repair_with(name, opts.repair_params) for name in opts.repairs}
     run = RunSettings(cal, opts.runtime, opts.progress, cache=False, max_blocks=max(ns))
@@ -214,6 +222,18 @@ def _add_tasks(
         with edited(loaded.model, edits):
             memo[key] = _tasks(loaded, row["removed"], opts)
     row["tasks"] = memo[key]
+
+
+def known_task_results(previous: dict[str, Any]) -> dict[tuple[Any, ...], Any]:
+    """The task results of an earlier comparison that do not depend on its calibration: the dense model's and
+    every cut-only block set's (a repaired model's depend on the repair's fit, so they are measured again)."""
+    known: dict[tuple[Any, ...], Any] = (
+        {((), "none"): previous["dense_tasks"]} if previous.get("dense_tasks") else {}
+    )
+    for row in previous["rows"]:
+        if row.get("repair", "none") == "none" and row.get("tasks"):
+            known[(tuple(sorted(row["removed"])), "none")] = row["tasks"]
+    return known
 
 
 def _tasks(loaded: LoadedModel, removed: list[int], opts: CompareOptions) -> dict[str, Any]:
@@ -474,7 +494,7 @@ def run(
                 "task_max_ppl_ratio": opts.task_max_ppl,
             },
         )
-    result = compare(loaded, opts)
+    result = compare(loaded, opts, known_task_results(previous) if previous is not None else None)
     return write(update(previous, result) if previous is not None else result, out)
 
 
