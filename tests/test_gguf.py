@@ -443,7 +443,7 @@ def test_prune_writes_a_gguf_and_a_card_that_readers_load(
         num_blocks=2,
         method="last-n",
         repair="linear",
-        repair_params={"tokens": 0},
+        repair_params={"tokens": 0, "guard": 0},  # a random model's loss moves by noise: keep the fold
         out_format="both",
         source=str(CALIBRATION_TXT),
         samples=4,

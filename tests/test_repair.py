@@ -18,7 +18,7 @@ from miprun.errors import InvalidOptionError, UnsupportedArchitectureError
 from miprun.model.layouts import decoder_layers, layer_part, layout_for, num_blocks
 from miprun.model.loading import LoadedModel
 from miprun.options import CalibrationConfig, RuntimeOptions
-from miprun.repair import build
+from miprun.repair import RepairContext, build
 from miprun.repair.fold import embeddings_tied, fold_into_embedding, fold_into_mlp_output
 from miprun.repair.linear import LinearRepair, residual_fraction, solve_diagonal, solve_map
 
@@ -141,8 +141,9 @@ def test_linear_repair_parameters_are_checked():
         "ridge": 0.01,
         "fold": "auto",
         "weighting": "relative",
+        "guard": 8,
     }
-    for bad in ({"tokens": -1}, {"ridge": -1.0}, {"fold": "half"}, {"weighting": "loud"}):
+    for bad in ({"tokens": -1}, {"ridge": -1.0}, {"fold": "half"}, {"weighting": "loud"}, {"guard": -1}):
         with pytest.raises(InvalidOptionError):
             build("linear", bad)
 
@@ -163,7 +164,8 @@ def test_linear_repair_lowers_the_loss_it_was_fitted_on_and_saves_a_stock_checkp
         out=out,
         method="last-n",
         repair="linear",
-        repair_params={"tokens": 0},  # fit on the calibration windows themselves
+        # fit on the calibration windows themselves; unguarded: on a random tiny model the loss moves by noise
+        repair_params={"tokens": 0, "guard": 0},
     )
     plan = result.plan
     assert plan.removed == [3, 4] and plan.repair.name == "linear" and plan.repair.changed
@@ -219,3 +221,46 @@ def test_a_diagonal_map_folds_into_the_output_projection_where_there_is_no_post_
     assert record.runs[0]["fold"] == "mlp output projection (per coordinate)"
     assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-6)  # one scale per output row
     assert not torch.allclose(ratio, torch.ones_like(ratio))
+
+
+@pytest.mark.integration
+def test_the_guard_keeps_a_fold_only_where_it_lowers_the_cut_models_loss(tiny_tokenizer, monkeypatch):
+    import miprun.repair.linear as linear
+    from miprun.model.edits import edited
+    from miprun.model.perplexity import mean_nll
+    from miprun.model.surgery import skip_blocks
+    from miprun.pipeline import RunSettings, fit_repair
+
+    model = tiny_model("llama")[0]
+    loaded = LoadedModel(model, tiny_tokenizer, "tiny-llama", None)
+    run = RunSettings(CAL, RuntimeOptions(), progress=False)
+
+    from miprun.pipeline.scoring import calibration_windows
+
+    guarded = LinearRepair(tokens=0, guard=3)
+    _, drawn = calibration_windows(loaded, guarded.calibration(CAL))
+    fit_windows, check = guarded.split(drawn)
+    _, scoring = calibration_windows(loaded, CAL)
+    assert (
+        check is not None and torch.equal(fit_windows, scoring) and check.shape[0] == 3
+    )  # left out of the fit
+    unguarded, _ = fit_repair(loaded, LinearRepair(tokens=0, guard=0), [3, 4], run)
+    edits, record = fit_repair(loaded, guarded, [3, 4], run)
+    guard = record.runs[0]["guard"]
+    with skip_blocks(model, [3, 4]):
+        assert guard["loss_without"] == pytest.approx(mean_nll(model, check)[0], rel=1e-6)
+    with edited(model, unguarded), skip_blocks(model, [3, 4]):  # the loss of the cut model with the fold
+        assert guard["loss_with"] == pytest.approx(mean_nll(model, check)[0], rel=1e-6)
+    kept = guard["loss_with"] < guard["loss_without"]
+    assert (edits == unguarded) if kept else (edits == {} and "reverted" in record.runs[0])
+
+    # a fold that makes the cut model confidently wrong (its logits x1000) is reverted; guard=0 keeps it
+    name = "model.norm.weight"
+    harmful = {name: dict(model.named_parameters())[name].detach() * 1000.0}
+    fitted = [({"first": 3, "last": 4}, harmful)]
+    context = RepairContext(model, [3, 4], None, fit_windows, check=check)
+    assert LinearRepair(guard=3)._guarded(context, fitted) == {}
+    assert "raised the cut model's loss" in fitted[0][0]["reverted"]
+    monkeypatch.setattr(linear, "solve_map", lambda *a: 1e-3 * torch.eye(a[0].shape[0], dtype=a[0].dtype))
+    edits, record = fit_repair(loaded, LinearRepair(tokens=0, guard=0), [1, 3, 4], run)
+    assert len(edits) == 2 and "guard" not in record.runs[0]  # guard=0 keeps every fold, unchecked

@@ -28,12 +28,13 @@ def fit_repair(
     """Fit ``repair`` for ``removed`` on the dense model (one extra calibration pass if it needs statistics)."""
     start = time.perf_counter()
     requests = repair.statistics(loaded.model, removed)
-    stats = windows = None
+    stats = windows = check = None
     if requests:
         fit_run = replace(run, calibration=repair.calibration(run.calibration))
-        _, windows = calibration_windows(loaded, fit_run.calibration)
+        _, drawn = calibration_windows(loaded, fit_run.calibration)
+        windows, check = repair.split(drawn)
         stats = capture_pass(loaded, windows, requests, fit_run)
-    edits, record = repair.fit(RepairContext(loaded.model, removed, stats, windows, run.progress))
+    edits, record = repair.fit(RepairContext(loaded.model, removed, stats, windows, run.progress, check))
     record.seconds = round(time.perf_counter() - start, 3)
     return edits, record
 
@@ -54,18 +55,20 @@ class RepairHook:
         self.run = replace(run, calibration=repair.calibration(run.calibration))
         self.stats: CapturedStats | None = None
         self.windows: torch.Tensor | None = None
+        self.check: torch.Tensor | None = None
 
     def prepare(self, sets: list[list[int]]) -> None:
         requests = [stat for removed in sets for stat in self.repair.statistics(self.loaded.model, removed)]
         if requests:
-            _, self.windows = calibration_windows(self.loaded, self.run.calibration)
+            _, drawn = calibration_windows(self.loaded, self.run.calibration)
+            self.windows, self.check = self.repair.split(drawn)
             self.stats = capture_pass(self.loaded, self.windows, requests, self.run)
 
     def fit(self, removed: list[int]) -> tuple[dict[str, torch.Tensor], RepairRecord]:
         """The repair's edits for ``removed`` and its record, from the statistics :meth:`prepare` captured."""
         tokens = self.stats.num_tokens if self.stats is not None else 0
         edits, record = self.repair.fit(
-            RepairContext(self.loaded.model, removed, self.stats, self.windows, False)
+            RepairContext(self.loaded.model, removed, self.stats, self.windows, False, self.check)
         )
         record.tokens = tokens
         return edits, record

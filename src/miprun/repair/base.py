@@ -26,8 +26,9 @@ class RepairContext:
     model: nn.Module
     removed: list[int]  # 0-based, original numbering
     stats: CapturedStats | None = None
-    windows: torch.Tensor | None = None  # calibration token ids, for repairs that run the model
+    windows: torch.Tensor | None = None  # the calibration token ids its statistics were captured on
     progress: bool = False
+    check: torch.Tensor | None = None  # calibration windows left out of the statistics, to check the fit on
 
 
 @dataclass
@@ -60,6 +61,10 @@ class Repair(ABC):
     def calibration(self, cal: CalibrationConfig) -> CalibrationConfig:
         """The windows of the repair's own pass (by default the scoring windows)."""
         return cal
+
+    def split(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The windows its statistics are captured on, and those left out for it to check its fit on (none)."""
+        return windows, None
 
     @abstractmethod
     def fit(self, ctx: RepairContext) -> tuple[dict[str, torch.Tensor], RepairRecord]:

@@ -8,6 +8,11 @@ block ``a - 1``, which is ``B = (its residual) + X`` with ``X`` that block's MLP
 norm before the add (Gemma 2/3's post-feedforward norm) only a per-coordinate map folds (into that norm's
 weight); a run that starts at block 0 folds into an untied embedding, and is left unrepaired (and says
 so) when the embedding is tied to the LM head.
+
+The fit minimises squared error, not the model's loss, and on Gemma the per-coordinate map can raise the
+loss (docs/repair.md). So each run's fold is kept only if it lowers the cut model's next-token loss on
+``guard`` calibration windows left out of the fit; a run whose fold does not is left unrepaired, and the
+record says so.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ from miprun.capture.statistic import Statistic, Tap
 from miprun.capture.statistics import LinearFitSums
 from miprun.errors import InvalidOptionError, UnsupportedArchitectureError
 from miprun.methods.search import runs
+from miprun.model.edits import edited
 from miprun.model.layouts import decoder_layers, layer_part, layout_for, mlp_adds_to_residual, model_config
+from miprun.model.perplexity import mean_nll
+from miprun.model.surgery import skip_blocks
 from miprun.options import CalibrationConfig
 from miprun.repair.base import Repair, RepairContext, RepairRecord
 from miprun.repair.fold import embeddings_tied, fold_into_embedding, fold_into_mlp_output, parameter_name
@@ -66,6 +74,9 @@ class LinearRepair(Repair):
     fold: Fold = "auto"  # auto: full map where the MLP output is added as is, per-coordinate otherwise;
     # diagonal: a per-coordinate map everywhere (into the post-MLP norm where there is one)
     weighting: Literal["none", "relative"] = "none"  # relative: each token's error relative to its scale
+    guard: int = (
+        8  # calibration windows on which each run's fold must lower the cut's loss (0: keep every fold)
+    )
 
     def __post_init__(self) -> None:
         if self.tokens < 0:
@@ -76,12 +87,20 @@ class LinearRepair(Repair):
             raise InvalidOptionError(f"fold must be 'auto', 'full' or 'diagonal', got {self.fold!r}")
         if self.weighting not in ("none", "relative"):
             raise InvalidOptionError(f"weighting must be 'none' or 'relative', got {self.weighting!r}")
+        if self.guard < 0:
+            raise InvalidOptionError(f"guard must be at least 0 (0: keep every fold), got {self.guard}")
 
     def calibration(self, cal: CalibrationConfig) -> CalibrationConfig:
-        """``tokens`` worth of windows of the scoring text (the same first windows, then more)."""
-        if self.tokens == 0:
-            return cal
-        return replace(cal, samples=max(1, math.ceil(self.tokens / cal.seq_len)))
+        """``tokens`` worth of windows of the scoring text (the same first windows, then more), and ``guard``
+        windows more to check the fit on."""
+        fit = cal.samples if self.tokens == 0 else max(1, math.ceil(self.tokens / cal.seq_len))
+        return replace(cal, samples=fit + self.guard)
+
+    def split(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The last ``guard`` windows are left out of the fit: the guard checks each fold on them."""
+        if not self.guard or windows.shape[0] <= self.guard:
+            return windows, None
+        return windows[: -self.guard], windows[-self.guard :]
 
     def _mode(self, model: nn.Module) -> Literal["full", "diagonal"]:
         roles = layout_for(model_config(model)).roles
@@ -119,21 +138,53 @@ class LinearRepair(Repair):
     def fit(self, ctx: RepairContext) -> tuple[dict[str, torch.Tensor], RepairRecord]:
         assert ctx.stats is not None
         mode = self._mode(ctx.model)
-        edits: dict[str, torch.Tensor] = {}
+        fitted: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = []
         record = RepairRecord(self.name, self.params(), replay="refit", tokens=ctx.stats.num_tokens)
         for a, b in runs(ctx.removed):
             sums = ctx.stats.get(self._sums(ctx.model, a, b), "the linear repair")
             run: dict[str, Any] = {"first": a, "last": b}
+            run_edits: dict[str, torch.Tensor] = {}
             if a == 0 and embeddings_tied(ctx.model):
                 run["skipped"] = (
                     "the run starts at block 0 and the embedding is tied to the LM head: a map folded into it "
                     "would change the output layer too"
                 )
             else:
-                run.update(self._fit_run(ctx.model, a, sums, mode, edits))
+                run.update(self._fit_run(ctx.model, a, sums, mode, run_edits))
             record.runs.append(run)
+            fitted.append((run, run_edits))
+        edits = self._guarded(ctx, fitted) if self.guard and ctx.check is not None else _merged(fitted)
         record.changed = sorted(edits)
         return edits, record
+
+    def _guarded(
+        self, ctx: RepairContext, fitted: list[tuple[dict[str, Any], dict[str, torch.Tensor]]]
+    ) -> dict[str, torch.Tensor]:
+        """The runs' edits that each lower the cut model's loss on the check windows, added in order."""
+        assert ctx.check is not None
+        windows = ctx.check
+
+        def loss(edits: dict[str, torch.Tensor]) -> float:
+            with edited(ctx.model, edits), skip_blocks(ctx.model, ctx.removed):
+                return mean_nll(ctx.model, windows)[0]
+
+        kept: dict[str, torch.Tensor] = {}
+        best = loss(kept)
+        for run, run_edits in fitted:
+            if not run_edits:
+                continue
+            trial = loss({**kept, **run_edits})
+            run["guard"] = {"windows": int(windows.shape[0]), "loss_without": best, "loss_with": trial}
+            if trial < best:
+                kept.update(run_edits)
+                best = trial
+            else:
+                run["reverted"] = (
+                    f"the fitted map raised the cut model's loss on {windows.shape[0]} held-out calibration windows "
+                    f"({run['guard']['loss_without']:.4f} -> {trial:.4f} nats per token), so this run is left "
+                    "unrepaired"
+                )
+        return kept
 
     def _fit_run(
         self, model: nn.Module, a: int, sums: LinearFitSums, mode: str, edits: dict[str, torch.Tensor]
@@ -168,6 +219,10 @@ class LinearRepair(Repair):
         offset = 1.0 if _adds_one(norm) else 0.0
         new = (weight.detach().to(torch.float64) + offset) * t.to(weight.device) - offset
         return {parameter_name(model, weight): new.to(weight.dtype)}
+
+
+def _merged(fitted: list[tuple[dict[str, Any], dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    return {name: value for _run, edits in fitted for name, value in edits.items()}
 
 
 def _adds_one(norm: Any) -> bool:
