@@ -33,7 +33,7 @@ from miprun.evaluation.oracle import DamageOracle
 from miprun.model.edits import edited
 from miprun.model.loading import load_model
 from miprun.model.surgery import skip_blocks
-from miprun.options import CalibrationConfig, RuntimeOptions
+from miprun.options import DEFAULT_COMPARE_METHODS, CalibrationConfig, RuntimeOptions
 from miprun.pipeline import RunSettings
 from miprun.pipeline.repairing import RepairHook
 
@@ -48,16 +48,7 @@ DEFAULT_VARIANTS = [
     "diagonal=linear:fold=diagonal",
     "8k tokens=linear:tokens=8192",
 ]
-METHODS = [
-    "mi-prun",
-    "mi-optimal",
-    "mi-verified",
-    "shortgpt",
-    "angular",
-    "angular-mean",
-    "sleb",
-    "ppl-oneshot",
-]
+METHODS = [m for m in DEFAULT_COMPARE_METHODS if m not in ("last-n", "random")]  # the rest collapse
 
 
 def parse_variant(spec: str) -> tuple[str, str, dict[str, str]]:

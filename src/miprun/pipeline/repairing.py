@@ -12,6 +12,7 @@ from dataclasses import replace
 import torch
 
 from miprun.capture.statistic import CapturedStats
+from miprun.errors import DataError
 from miprun.methods import Evidence, GatherContext, Method
 from miprun.model.edits import edited
 from miprun.model.loading import LoadedModel
@@ -31,12 +32,24 @@ def fit_repair(
     stats = windows = check = None
     if requests:
         fit_run = replace(run, calibration=repair.calibration(run.calibration))
-        _, drawn = calibration_windows(loaded, fit_run.calibration)
+        drawn = repair_windows(loaded, repair, fit_run)
         windows, check = repair.split(drawn)
         stats = capture_pass(loaded, windows, requests, fit_run)
     edits, record = repair.fit(RepairContext(loaded.model, removed, stats, windows, run.progress, check))
     record.seconds = round(time.perf_counter() - start, 3)
     return edits, record
+
+
+def repair_windows(loaded: LoadedModel, repair: Repair, fit_run: RunSettings) -> torch.Tensor:
+    """The windows of a repair's own calibration pass; a text too short for them says what to change."""
+    try:
+        return calibration_windows(loaded, fit_run.calibration)[1]
+    except DataError as err:
+        raise DataError(
+            f"the {repair.name} repair reads {fit_run.calibration.samples} windows of its own: {err} For the "
+            "repair, lower its tokens (--repair-opt tokens=N, or tokens=0 for the scoring windows) or pass a "
+            "larger --calib."
+        ) from err
 
 
 def repair_model(loaded: LoadedModel, repair: Repair, removed: list[int], run: RunSettings) -> RepairRecord:
@@ -60,7 +73,7 @@ class RepairHook:
     def prepare(self, sets: list[list[int]]) -> None:
         requests = [stat for removed in sets for stat in self.repair.statistics(self.loaded.model, removed)]
         if requests:
-            _, drawn = calibration_windows(self.loaded, self.run.calibration)
+            drawn = repair_windows(self.loaded, self.repair, self.run)
             self.windows, self.check = self.repair.split(drawn)
             self.stats = capture_pass(self.loaded, self.windows, requests, self.run)
 
