@@ -116,5 +116,9 @@ def test_mi_verified_picks_the_candidate_with_the_best_measured_objective(repair
     best = min(candidates, key=lambda c: (c["measured"], c["mi_set_loss"]))
     assert result.plan.removed == best["removed"]
     assert record["fast_block_select"] == candidates[0]["removed"]  # Fast-Block-Select's set is measured too
+    # and so are the one-pass baselines' choices, from the same capture pass
+    assert set(record["proposed_by"]) == {"fast-block-select", "shortgpt", "angular", "angular-mean"}
+    measured = [c["removed"] for c in candidates]
+    assert all(s in measured for s in record["proposed_by"].values())
     assert sorted(c["mi_rank"] for c in candidates)[0] == 1
     assert record["verification_layer_passes"] > 0 and result.plan.search.num_evaluations == 6

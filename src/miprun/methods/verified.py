@@ -1,8 +1,9 @@
 """``mi-verified``: MI proposes, the model decides.
 
 Span MI ranks every removal set in milliseconds; this method takes the few it ranks best (the K best sets
-by the MI set loss, Fast-Block-Select's choice, and their neighbours) and measures each with the model on
-a small token budget: the KL divergence of the pruned model's next-token distribution from the dense
+by the MI set loss, Fast-Block-Select's choice, and their neighbours), adds the one-pass similarity
+methods' choices (ShortGPT's blocks and the angular windows, from cosine sums of the same pass), and
+measures each with the model on a small token budget: the KL divergence of the pruned model's next-token distribution from the dense
 model's (or the calibration loss), after the repair when one is chosen. Each candidate runs only from its
 first changed block on, from cached dense states (:mod:`miprun.model.replay`). The best measured wins.
 """
@@ -17,10 +18,12 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
+from miprun.capture.statistic import Statistic
 from miprun.errors import InvalidOptionError
 from miprun.methods.base import Choice, Evidence, GatherContext, Method
 from miprun.methods.candidates import propose
 from miprun.methods.search import fast_block_select, set_loss
+from miprun.methods.similarity import Angular, AngularMean, ShortGPT
 from miprun.model.edits import edited
 from miprun.model.layouts import decoder_layers, layout_for, model_config
 from miprun.model.replay import BoundaryCache, layers_run, logits_from
@@ -142,10 +145,12 @@ class MiVerified(Method):
 
     name: ClassVar[str] = "mi-verified"
     summary: ClassVar[str] = (
-        "MI proposes candidate sets (K best by MI set loss, Fast-Block-Select's, neighbours), the model "
-        "measures each (KL to dense, after the repair) on a small token budget, the best wins"
+        "MI proposes candidate sets (K best by MI set loss, Fast-Block-Select's, neighbours, plus ShortGPT's "
+        "and the angular windows), the model measures each (KL to dense, after the repair) on a small token "
+        "budget, the best wins"
     )
     uses_mi: ClassVar[bool] = True
+    evidence_keys: ClassVar[tuple[str, ...]] = ("cosine", "cosine_last")
     live_keys: ClassVar[tuple[str, ...]] = ("verifier",)
 
     candidates: int = 12  # removal sets measured
@@ -154,6 +159,7 @@ class MiVerified(Method):
     kl_topk: int = 256  # dense tokens kept per position for the KL (the rest is one bucket)
     memory_mb: int = 1024  # bound on the cached dense states (and targets)
     k: int = 5  # Fast-Block-Select's candidate surplus, for its own proposal
+    baselines: bool = True  # also measure the one-pass similarity methods' sets (cosine sums, same pass)
 
     def __post_init__(self) -> None:
         for field_name, low in (("candidates", 1), ("tokens", 2), ("kl_topk", 1), ("memory_mb", 1), ("k", 0)):
@@ -163,6 +169,16 @@ class MiVerified(Method):
                 )
         if self.objective not in ("kl", "nll"):
             raise InvalidOptionError(f"objective must be 'kl' or 'nll', got {self.objective!r}")
+
+    def _baselines(self) -> list[Method]:
+        return [ShortGPT(), Angular(), AngularMean()] if self.baselines else []
+
+    def statistics(self) -> list[Statistic]:
+        return [stat for method in self._baselines() for stat in method.statistics()]
+
+    def gather(self, ctx: GatherContext) -> dict[str, Any]:
+        """The baselines' cosine matrices, from the same capture pass as the MI statistics."""
+        return {key: value for method in self._baselines() for key, value in method.gather(ctx).items()}
 
     def attach(self, ctx: GatherContext) -> dict[str, Any]:
         """The verifier: live evidence (it runs the model), never written to a scores file."""
@@ -183,7 +199,11 @@ class MiVerified(Method):
         table = evidence.mi_table(self.name)
         verifier: Verifier = evidence.require("verifier", self.name)
         fbs = fast_block_select(table.block_nmi(), table.span_nmi, n, k=self.k).removed
-        sets = propose(table.num_blocks, n, table.span_nmi, self.candidates, seeds=[fbs])
+        seeds = {"fast-block-select": fbs}
+        for key in self.evidence_keys if self.baselines else ():
+            evidence.require(key, self.name)  # missing: say so for this method, not for the baseline
+        seeds.update({m.name: m.choose(evidence, n, seed).removed for m in self._baselines()})
+        sets = propose(table.num_blocks, n, table.span_nmi, self.candidates, seeds=list(seeds.values()))
         losses = [set_loss(s, table.span_nmi) for s in sets]
         mi_rank = {tuple(s): 1 + sorted(losses).index(loss) for s, loss in zip(sets, losses, strict=True)}
         runs_before = verifier.layer_runs
@@ -199,6 +219,7 @@ class MiVerified(Method):
             ],
             "chosen_mi_rank": mi_rank[tuple(sets[best])],
             "fast_block_select": fbs,
+            "proposed_by": {name: sorted(removed) for name, removed in seeds.items()},
             "verification_layer_passes": (verifier.layer_runs - runs_before) / total,
             "cached_boundaries": len(verifier.cache.checkpoints) if verifier.cache is not None else 0,
             "cache_bytes": verifier.cache.bytes if verifier.cache is not None else 0,
