@@ -25,6 +25,7 @@ from miprun import estimators, methods
 from miprun.capture.engine import capture
 from miprun.capture.statistics import CosineSums
 from miprun.data import load_text, token_windows
+from miprun.methods import GatherContext
 from miprun.methods.forward import sleb_path
 from miprun.methods.similarity import block_influence, shortgpt_select
 from miprun.model.layouts import num_blocks
@@ -48,17 +49,20 @@ def selections(
         loaded.tokenizer, load_text(source, "calibration"), args.samples, args.seq_len, seed
     )
     cal = CalibrationConfig(source=source, samples=args.samples, seq_len=args.seq_len, seed=seed)
-    stats = capture(loaded.model, windows, [*est.statistics(), CosineSums()], cal, progress=False)
+    verified = methods.build("mi-verified")
+    requests = [*est.statistics(), CosineSums(), *(verified.statistics() if args.verified else [])]
+    stats = capture(loaded.model, windows, requests, cal, progress=False)
     table = ScoreTable(num_blocks=stats.num_blocks, estimator=est, stats=stats)
     bi = block_influence(stats.get(CosineSums()).mean_cos())
     sleb_ns = [n for n in ns if n <= args.sleb_max_n]
     evidence = methods.Evidence(stats.num_blocks, table)
+    if args.verified:  # the one-pass baselines' sets it also measures, from the same pass
+        evidence.extras = verified.gather(GatherContext(loaded.model, windows, stats))
     chosen = {
         "mi-prun": {n: methods.run(methods.build("mi-prun"), evidence, n)[0] for n in ns},
         "shortgpt": {n: shortgpt_select(bi, n) for n in ns},
     }
     if args.verified:
-        verified = methods.build("mi-verified")
         attach_live(loaded, verified, evidence, None, RunSettings(cal, None, progress=False))  # type: ignore[arg-type]
         chosen["mi-verified"] = {n: methods.run(verified, evidence, n)[0] for n in ns}
     if sleb_ns:
