@@ -3,9 +3,10 @@
 Span MI ranks every removal set in milliseconds; this method takes the few it ranks best (the K best sets
 by the MI set loss, Fast-Block-Select's choice, and their neighbours), adds the one-pass similarity
 methods' choices (ShortGPT's blocks and the angular windows, from cosine sums of the same pass), and
-measures each with the model on a small token budget: the KL divergence of the pruned model's next-token distribution from the dense
-model's (or the calibration loss), after the repair when one is chosen. Each candidate runs only from its
-first changed block on, from cached dense states (:mod:`miprun.model.replay`). The best measured wins.
+measures each with the model on a small token budget: the KL divergence of the pruned model's next-token
+distribution from the dense model's (or the calibration loss), after the repair when one is chosen. Each
+candidate runs only from its first changed block on, from cached dense states (:mod:`miprun.model.replay`).
+The best measured wins.
 """
 
 from __future__ import annotations

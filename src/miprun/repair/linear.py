@@ -74,9 +74,8 @@ class LinearRepair(Repair):
     fold: Fold = "auto"  # auto: full map where the MLP output is added as is, per-coordinate otherwise;
     # diagonal: a per-coordinate map everywhere (into the post-MLP norm where there is one)
     weighting: Literal["none", "relative"] = "none"  # relative: each token's error relative to its scale
-    guard: int = (
-        8  # calibration windows on which each run's fold must lower the cut's loss (0: keep every fold)
-    )
+    guard: int = 8  # calibration windows, left out of the fit, on which each run's fold must lower the cut
+    # model's loss or be undone (0: keep every fold unchecked)
 
     def __post_init__(self) -> None:
         if self.tokens < 0:
@@ -180,9 +179,9 @@ class LinearRepair(Repair):
                 best = trial
             else:
                 run["reverted"] = (
-                    f"the fitted map raised the cut model's loss on {windows.shape[0]} held-out calibration windows "
-                    f"({run['guard']['loss_without']:.4f} -> {trial:.4f} nats per token), so this run is left "
-                    "unrepaired"
+                    f"the fitted map raised the cut model's loss on {windows.shape[0]} held-out calibration "
+                    f"windows ({run['guard']['loss_without']:.4f} -> {trial:.4f} nats per token), so this run "
+                    "is left unrepaired"
                 )
         return kept
 
