@@ -95,6 +95,19 @@ def test_prune_through_the_cli(tiny_folder, tmp_path, capsys):
     assert manifest["evaluation"]["pruned_ppl"] > 0
 
 
+def test_mi_verified_shows_every_candidate_with_its_mi_rank_and_measured_score(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "verified"
+    args = ["prune", "--model", str(tiny_folder), "-n", "2", "--method", "mi-verified", "--out", str(out)]
+    assert main([*args, "--method-opt", "candidates=5", *TINY]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads((out / "miprun.json").read_text())["search"]["params"]
+    title = f"mi-verified: 5 candidates measured (kl on {record['verification_tokens']} tokens"
+    assert title in printed.replace("\n", " ") and f"MI's #{record['chosen_mi_rank']}" in printed
+    for candidate in record["candidates"]:  # every candidate's measured objective is on screen
+        assert f"{candidate['measured']:.4f}" in printed
+    assert "(chosen)" in printed
+
+
 def test_score_then_prune_with_scores(tiny_folder, tmp_path, capsys):
     scores = tmp_path / "scores.json"
     assert main(["score", "--model", str(tiny_folder), "--out", str(scores), *TINY]) == 0

@@ -258,3 +258,21 @@ def test_compare_evaluates_each_repair_and_leaves_the_model_as_it_was(tiny_token
     assert model_fingerprint(model) == before
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     assert f"| last-n | {HalveFinalNorm.name} | 2 |" in markdown(result)
+
+
+def test_the_table_gives_mi_verifieds_gap_to_sleb_where_both_ran():
+    def row(method: str, n: int, ppl: float, seconds: float, repair: str = "none") -> dict:
+        return {"method": method, "num_blocks": n, "removed": list(range(n)), "ppl": ppl, "repair": repair,
+                "prune_seconds": seconds, "prune_x_forward": seconds}  # fmt: skip
+
+    result = {
+        "model": "m", "num_blocks_total": 6, "dense_ppl": 10.0, "dense_tasks": {},
+        "evaluation": {"windows": 2, "seq_len": 8}, "calibration": {"windows": 2, "seq_len": 8},
+        "forward_pass_seconds": 1.0,
+        "rows": [row("mi-verified", 2, 11.0, 5.0), row("sleb", 2, 10.0, 100.0), row("shortgpt", 2, 12.0, 1.0),
+                 row("mi-verified", 2, 10.5, 8.0, "linear"), row("mi-verified", 3, 20.0, 5.0)],
+    }  # fmt: skip
+    text = markdown(result)
+    assert "mi-verified against SLEB (same N, same repair): N=2: 11.00 vs 10.00 (+10.0 %) in 0.05x" in text
+    assert "N=3" not in text.split("mi-verified against SLEB")[1].split("\n")[0]  # no SLEB row at N=3
+    assert "linear" not in text.split("mi-verified against SLEB")[1].split("\n")[0]  # nor under the repair

@@ -64,10 +64,38 @@ def prune_summary(result: Any) -> None:
     for phase, seconds in plan.timings.items():
         table.add_row(f"time: {phase}", f"{seconds:.2f} s")
     out.print(table)
+    if "candidates" in s.params:
+        verified_candidates(s.params, plan.removed)
     if result.out is not None:
         out.print(f"pruned model: {result.out}")
         out.print(f"manifest:     {result.out / 'miprun.json'}")
         out.print(f"report:       {result.out / 'report.md'}  {result.out / 'report.png'}")
+
+
+def verified_candidates(record: dict[str, Any], chosen: list[int]) -> None:
+    """``mi-verified``: every candidate with its MI rank and the measured objective; the chosen one marked."""
+    table = Table(
+        title=(
+            f"mi-verified: {len(record['candidates'])} candidates measured ({record['objective']} on "
+            f"{record['verification_tokens']} tokens, {record['verification_layer_passes']:.2f} forward passes); "
+            f"the choice is MI's #{record['chosen_mi_rank']}"
+        )
+    )
+    for name in ("removed", "MI rank", "MI set loss", f"measured {record['objective']}", "proposed by"):
+        table.add_column(name, justify="left" if name in ("removed", "proposed by") else "right")
+    by: dict[tuple[int, ...], list[str]] = {}
+    for name, removed in record.get("proposed_by", {}).items():
+        by.setdefault(tuple(sorted(removed)), []).append(name)
+    for c in sorted(record["candidates"], key=lambda c: c["measured"]):
+        mark = " (chosen)" if sorted(c["removed"]) == sorted(chosen) else ""
+        table.add_row(
+            f"{c['removed']}{mark}",
+            str(c["mi_rank"]),
+            f"{c['mi_set_loss']:.4f}",
+            f"{c['measured']:.4f}",
+            ", ".join(by.get(tuple(sorted(c["removed"])), ["MI"])),
+        )
+    out.print(table)
 
 
 def heal_summary(result: Any) -> None:

@@ -268,6 +268,7 @@ def markdown(result: dict[str, Any]) -> str:
         "shared by every method).",
         *_earlier_note(result),
         *_task_note(result, task_names),
+        *_verified_note(result),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -297,6 +298,29 @@ def _earlier_note(result: dict[str, Any]) -> list[str]:
             f"pass ({seconds:.2f} s)."
             for seconds, methods in by_run.items()
         ),
+    ]
+
+
+def _verified_note(result: dict[str, Any]) -> list[str]:
+    """mi-verified against SLEB, where the comparison ran both: the perplexity gap and the time ratio."""
+    rows = {(r["method"], r["num_blocks"], r.get("repair", "none")): r for r in result["rows"]}
+    pairs = [
+        (key[1:], row, rows[("sleb", *key[1:])])
+        for key, row in sorted(rows.items())
+        if key[0] == "mi-verified" and ("sleb", *key[1:]) in rows
+    ]
+    if not pairs:
+        return []
+    return [
+        "",
+        "mi-verified against SLEB (same N, same repair): "
+        + "; ".join(
+            f"N={n}{'' if repair == 'none' else ' + ' + repair}: {v['ppl']:.2f} vs {s['ppl']:.2f} "
+            f"({100 * (v['ppl'] / s['ppl'] - 1):+.1f} %) in {v['prune_seconds'] / s['prune_seconds']:.2f}x "
+            "SLEB's pruning time"
+            for (n, repair), v, s in pairs
+        )
+        + ".",
     ]
 
 
