@@ -273,6 +273,9 @@ def test_the_table_gives_mi_verifieds_gap_to_sleb_where_both_ran():
                  row("mi-verified", 2, 10.5, 8.0, "linear"), row("mi-verified", 3, 20.0, 5.0)],
     }  # fmt: skip
     text = markdown(result)
-    assert "mi-verified against SLEB (same N, same repair): N=2: 11.00 vs 10.00 (+10.0 %) in 0.05x" in text
+    assert (
+        "mi-verified against SLEB (same N, same repair; pruning time in forward passes of each row's run): N=2: 11.00 vs 10.00 (+10.0 %) in 0.050x"
+        in text
+    )
     assert "N=3" not in text.split("mi-verified against SLEB")[1].split("\n")[0]  # no SLEB row at N=3
     assert "linear" not in text.split("mi-verified against SLEB")[1].split("\n")[0]  # nor under the repair

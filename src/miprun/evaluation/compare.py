@@ -313,10 +313,10 @@ def _verified_note(result: dict[str, Any]) -> list[str]:
         return []
     return [
         "",
-        "mi-verified against SLEB (same N, same repair): "
+        "mi-verified against SLEB (same N, same repair; pruning time in forward passes of each row's run): "
         + "; ".join(
             f"N={n}{'' if repair == 'none' else ' + ' + repair}: {v['ppl']:.2f} vs {s['ppl']:.2f} "
-            f"({100 * (v['ppl'] / s['ppl'] - 1):+.1f} %) in {v['prune_seconds'] / s['prune_seconds']:.2f}x "
+            f"({100 * (v['ppl'] / s['ppl'] - 1):+.1f} %) in {v['prune_x_forward'] / s['prune_x_forward']:.3f}x "
             "SLEB's pruning time"
             for (n, repair), v, s in pairs
         )
