@@ -102,8 +102,9 @@ def main() -> None:
     }
     lines = [
         f"### {loaded.name}: stability of the removed blocks ({args.seeds} seeds of {args.samples} x "
-        f"{args.seq_len} wiki tokens, SLEB on the first {args.sleb_samples} of them; wiki vs "
-        f"{args.other_source} at seed 0)",
+        f"{args.seq_len} wiki tokens"
+        + (f", SLEB on the first {args.sleb_samples} of them" if args.sleb_max_n > 0 else "")
+        + f"; wiki vs {args.other_source} at seed 0)",
         "",
         "| method | N | mean pairwise Jaccard across seeds | Jaccard wiki vs " + args.other_source + " |",
         "|---|---|---|---|",
