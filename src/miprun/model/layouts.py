@@ -247,6 +247,11 @@ def max_positions(model: nn.Module) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether a module is GPT-2's ``Conv1D``: a linear layer whose weight is stored as (in, out)."""
+    return type(module).__name__ == "Conv1D"
+
+
 def is_linear(module: nn.Module) -> bool:
-    """Whether a module is a linear layer: ``nn.Linear``, or GPT-2's ``Conv1D`` (a linear layer stored as (in, out))."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    """Whether a module is a linear layer: ``nn.Linear``, or GPT-2's ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from miprun.errors import UnsupportedArchitectureError
-from miprun.model.layouts import decoder_layers, has_part, layer_part, layout_for, model_config
+from miprun.model.layouts import decoder_layers, has_part, is_conv1d, layer_part, layout_for, model_config
 
 
 def parameter_name(model: nn.Module, param: torch.Tensor) -> str:
@@ -51,7 +51,7 @@ def folded(
     w = weight.detach().to(torch.float64)
     if w.ndim == 3:  # fused experts (experts, out, in): y_e = z W_e^T
         new_w = torch.einsum("io,eip->eop", t, w)
-    elif type(owner).__name__ == "Conv1D":  # GPT-2: y = z W + b with W (in, out)
+    elif is_conv1d(owner):  # GPT-2: y = z W + b with W (in, out)
         new_w = w @ t
     else:  # nn.Linear: y = z W^T + b with W (out, in)
         new_w = t.T @ w
