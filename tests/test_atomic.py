@@ -32,9 +32,10 @@ from miprun.atomic import (
     write_json,
     write_steps,
 )
+from miprun.errors import OutputError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-MANIFEST = {"schema_version": 1, "removed": [2], "num_blocks_before": 4}
+MANIFEST = {"schema_version": 1, "removed": [2], "num_blocks_before": 4, "outputs": ["model.safetensors"]}
 
 
 def output_steps(tag: str) -> list:
@@ -279,7 +280,7 @@ def weights(d):
     (d / "model.safetensors").write_text("weights of new\\n" * 100)
     maybe_kill("writer")
 def manifest(d):
-    (d / "miprun.json").write_text(json.dumps({"schema_version": 1, "removed": [2], "num_blocks_before": 4, "tag": "new"}))
+    (d / "miprun.json").write_text(json.dumps({"schema_version": 1, "removed": [2], "num_blocks_before": 4, "outputs": ["model.safetensors"], "tag": "new"}))
 with atomic.interrupts_as_keyboard_interrupt():
     atomic.write_steps(out, [("weights", weights), ("manifest", manifest)], overwrite=True, progress=False)
 """
@@ -360,14 +361,84 @@ def test_interrupt_handlers_are_scoped_and_respect_nohup() -> None:
         signal.signal(signal.SIGHUP, hup_before)
 
 
-def test_recover_restores_an_output_hidden_by_the_old_writer(tmp_path: Path) -> None:
-    """The state the previous writer left on Ctrl-C between its renames: `out` gone, `.out.old-*` hidden."""
+def test_siblings_that_merely_look_like_temporaries_survive(tmp_path: Path) -> None:
+    """Recovery deletes only what its journal names by the run's random token, never a look-alike."""
+    out = make_output(tmp_path / "out", "old")
+    mine = tmp_path / ".out.old-20240101"
+    mine.mkdir()
+    (mine / "backup.txt").write_text("my backup")
+    (tmp_path / ".out.tmp-notes123").write_text("my notes")
+    before = {
+        **snapshot(tmp_path / ".out.old-20240101"),
+        "notes": (tmp_path / ".out.tmp-notes123").read_bytes(),
+    }
+    write_steps(out, output_steps("new"), overwrite=True, progress=False)
+    assert which_output(out) == "new"
+    assert recover(out) == []
+    assert {**snapshot(mine), "notes": (tmp_path / ".out.tmp-notes123").read_bytes()} == before
+
+
+def test_a_hand_written_journal_cannot_make_recovery_delete_a_users_folder(tmp_path: Path) -> None:
+    out = make_output(tmp_path / "out", "old")
+    mine = tmp_path / ".out.old-20240101"
+    mine.mkdir()
+    (mine / "backup.txt").write_text("my backup")
+    journal = tmp_path / ".out.swap"
+    journal.write_text(json.dumps({"new": ".out.tmp-abcdefgh", "old": mine.name, "pid": 1}))
+    with pytest.raises(OutputError, match=r"cannot read as its own swap journal"):
+        write_steps(out, output_steps("new"), overwrite=True, progress=False)
+    assert snapshot(mine) == {"backup.txt": b"my backup"}
+    assert which_output(out) == "old" and journal.exists()
+
+
+# ----------------------------------------------------------------------------- what --overwrite replaces
+
+
+def test_overwrite_refuses_an_output_holding_a_file_the_user_added(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    make_output(tmp_path / ".out.old-ab12cd34", "old")
-    (tmp_path / ".out.tmp-x1y2z3w4").mkdir()
+    write_steps(out, output_steps("old"), overwrite=False, progress=False)
+    assert json.loads((out / "miprun.json").read_text())["outputs"] == ["model.safetensors"]
+    (out / "my_eval.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match=r"but my_eval.txt in it is not listed in its miprun.json"):
+        write_steps(out, output_steps("new"), overwrite=True, progress=False)
+    assert (out / "my_eval.txt").read_text() == "mine"
+    assert json.loads((out / "miprun.json").read_text())["tag"] == "old"
+
+
+def test_overwrite_refuses_a_users_folder_with_a_manifest_like_file(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "miprun.json").write_text(json.dumps({"schema_version": 1, "removed": [], "num_blocks_before": 2}))
+    (out / "thesis.tex").write_text("mine")
+    with pytest.raises(OutputExistsError, match=r"thesis.tex in it is not listed"):
+        write_steps(out, output_steps("new"), overwrite=True, progress=False)
+    assert (out / "thesis.tex").read_text() == "mine"
+
+
+def test_a_read_only_earlier_output_is_replaced_without_leftovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+    import stat
+
+    real = shutil.rmtree
+
+    def as_a_user(path, *args, **kwargs):  # root deletes anything: fail like a user's unlink would
+        for root, _dirs, _files in os.walk(path):
+            if not os.stat(root).st_mode & stat.S_IWUSR:
+                raise PermissionError(errno.EACCES, "Permission denied", root)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", as_a_user)
+    out = tmp_path / "out"
+    write_steps(out, output_steps("old"), overwrite=False, progress=False)
+    for path in [*out.iterdir(), out]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
     write_steps(out, output_steps("new"), overwrite=True, progress=False)
     assert which_output(out) == "new"
     assert leftovers(out) == []
+    write_steps(out, output_steps("newer"), overwrite=True, progress=False)  # later runs are not wedged
+    assert which_output(out) == "newer"
 
 
 # ----------------------------------------------------------------------------- disk full, JSON, permissions

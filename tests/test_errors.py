@@ -52,7 +52,7 @@ def tiny_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return save_tiny(tmp_path_factory.mktemp("models") / "tiny-llama", tiny_tokenizer)
 
 
-EARLIER = {"schema_version": 2, "removed": [1], "num_blocks_before": 6}
+EARLIER = {"schema_version": 2, "removed": [1], "num_blocks_before": 6, "outputs": ["keep.txt"]}
 
 
 @pytest.fixture

@@ -55,6 +55,49 @@ def test_out_dot_with_overwrite_keeps_the_users_files(tiny_dir, tmp_path, capsys
     assert (work / "notes.txt").read_text() == "keep"
 
 
+def compare_args(model: Path, out: Path | str, *extra: str) -> list[str]:
+    tiny = ["--methods", "last-n", "-n", "1", "--forward-repeats", "1", "--eval-text", str(HELDOUT_TXT)]
+    tiny += ["--eval-samples", "2", "--eval-seq-len", "16", "--seq-len", "16", "--samples", "2", "--quiet"]
+    return [
+        "compare",
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--calib",
+        str(CALIBRATION_TXT),
+        *tiny,
+        *extra,
+    ]
+
+
+def test_compare_follows_the_output_policy_of_prune(tiny_dir, tmp_path, capsys, monkeypatch):
+    mine = tmp_path / "c"
+    mine.mkdir()
+    (mine / "comparison.md").write_text("my own comparison")
+    assert main(compare_args(tiny_dir, mine)) == 1
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main(compare_args(tiny_dir, mine, "--overwrite")) == 1
+    assert "holds files miprun did not write (comparison.md)" in capsys.readouterr().err
+    monkeypatch.chdir(mine)
+    assert main(compare_args(tiny_dir, ".", "--overwrite")) == 1
+    assert "is or contains the current directory" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == ["comparison.md"]
+    assert (mine / "comparison.md").read_text() == "my own comparison"
+
+    out = tmp_path / "cmp"
+    assert main(compare_args(tiny_dir, out)) == 0, capsys.readouterr().err
+    written = json.loads((out / "comparison.json").read_text())
+    assert sorted(written["outputs"]) == sorted(p.name for p in out.iterdir() if p.name != "comparison.json")
+    assert main(compare_args(tiny_dir, out)) == 1  # an earlier comparison: only with --overwrite
+    assert main(compare_args(tiny_dir, out, "--overwrite")) == 0
+    (out / "my_plot.png").write_bytes(b"mine")
+    assert main(compare_args(tiny_dir, out, "--overwrite")) == 1
+    assert "my_plot.png in it is not listed in its comparison.json" in capsys.readouterr().err
+    assert (out / "my_plot.png").read_bytes() == b"mine"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".cmp.")) == [".cmp.lock"]
+
+
 def test_an_output_inside_the_model_folder_is_refused(tiny_dir, capsys):
     before = sorted(p.name for p in tiny_dir.iterdir())
     assert main(prune_args(tiny_dir, tiny_dir / "pruned")) == 1

@@ -178,11 +178,13 @@ def test_update_refuses_other_tasks_before_running_anything(tiny_tokenizer, tmp_
     model, _ = tiny_model("llama")
     loaded = LoadedModel(model, tiny_tokenizer, "tiny-llama", None)
     previous = {"model": "tiny-llama", "num_blocks_total": 6, "tasks": ["social_iqa"], "task_limit": 5}
-    (tmp_path / "comparison.json").write_text(json.dumps(previous))
+    earlier = tmp_path / "cmp"
+    earlier.mkdir()
+    (earlier / "comparison.json").write_text(json.dumps({**previous, "kind": "miprun-comparison"}))
     monkeypatch.setattr(cmp, "as_loaded", lambda *a, **k: loaded)
     monkeypatch.setattr(cmp, "compare", lambda *a, **k: pytest.fail("compared before checking the setup"))
     with pytest.raises(ValueError, match=r"cannot update the comparison: its tasks is \['social_iqa'\]"):
-        cmp.run("tiny-llama", tmp_path, CompareOptions(tasks=[]), update_existing=True)
+        cmp.run("tiny-llama", earlier, CompareOptions(tasks=[]), update_existing=True)
     with pytest.raises(InvalidOptionError, match="--update needs an earlier comparison in"):
         cmp.run("tiny-llama", tmp_path / "elsewhere", update_existing=True)
 

@@ -1,9 +1,11 @@
 """Writing miprun's output safely: single files and whole folders that appear complete or not at all.
 
-A folder is written into ``.NAME.tmp-PID-XXXXXXXX`` beside ``out``, flushed to disk, then swapped in
-through a journal (``.NAME.swap``), so an interrupt or a crash at any moment leaves the old output or the
-new one; :func:`recover` finishes or rolls back whatever a killed run left. ``--overwrite`` replaces only
-an empty folder or a previous miprun output, and a lock (``.NAME.lock``) keeps two runs apart.
+A folder is written into ``.NAME.tmp-TOKEN`` beside ``out`` (TOKEN: random, recorded first in the journal
+``.NAME.swap``), flushed to disk, then swapped in through that journal, so an interrupt or a crash at any
+moment leaves the old output or the new one; :func:`recover` finishes or rolls back whatever a killed run
+left, touching only the folders its journal names. ``--overwrite`` replaces only an empty folder or a
+previous miprun output holding nothing but the files its manifest lists, and a lock (``.NAME.lock``) keeps
+two runs apart.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import re
 import secrets
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 import time
@@ -184,15 +187,9 @@ def _nonfinite(obj: Any, at: str) -> tuple[str, float] | None:
 
 def is_miprun_output(folder: str | Path, manifest: str = MANIFEST_NAME) -> bool:
     """Whether ``folder`` holds a manifest that miprun wrote, i.e. is a previous output it may replace."""
-    try:
-        data = json.loads((Path(folder) / manifest).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return (
-        isinstance(data, dict)
-        and type(data.get("schema_version")) is int
-        and {"removed", "num_blocks_before"} <= data.keys()
-    )
+    from miprun.ownership import read_manifest
+
+    return read_manifest(folder, manifest) is not None
 
 
 def check_output(
@@ -222,9 +219,24 @@ def check_output(
             f"--out {out} holds files miprun did not write ({names}) and no {manifest} from a previous "
             f"run, so --overwrite will not replace it; choose a new or empty folder, such as {out / 'pruned'}"
         )
+    if out.is_dir() and (added := _foreign(out, manifest)):
+        raise OutputExistsError(
+            f"--out {out} is an earlier miprun output, but {added} in it is not listed in its {manifest} "
+            f"(added since, or not written by miprun), so --overwrite will not replace it; move that away "
+            f"or choose another --out"
+        )
     if out not in _HELD and _lock_path(out).exists():
         with locked_output(out):  # fails at once if another run is writing there now
             pass
+
+
+def _foreign(out: Path, manifest: str, shown: int = 3) -> str:
+    """The files in ``out`` its manifest does not list ("my_eval.txt, b.txt and 2 more"); empty if none."""
+    from miprun.ownership import foreign_files
+
+    names = foreign_files(out, manifest) or []
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _resolve(out: str | Path) -> Path:
@@ -395,29 +407,69 @@ def _step(name: str) -> None:
 # ----------------------------------------------------------------------------- journal and recovery
 
 
+class UnprovenJournalError(OutputError):
+    """A ``.NAME.swap`` beside ``out`` that miprun cannot prove it wrote: recovery will not act on it."""
+
+
 def _journal(out: Path) -> Path:
     return out.with_name(f".{out.name}.swap")
 
 
+def _names(out: Path, token: str) -> tuple[Path, Path]:
+    """The temporary folder and the aside name of the previous output of the run with ``token``."""
+    return out.with_name(f".{out.name}.tmp-{token}"), out.with_name(f".{out.name}.old-{token}")
+
+
 def _pending(out: Path) -> bool:
-    """Whether a journal or leftovers of an interrupted (or running) write lie beside ``out``."""
-    if not out.parent.is_dir():
-        return False
-    return _journal(out).exists() or any(_leftover(out, name) for name in os.listdir(out.parent))
+    """Whether a journal of an interrupted (or running) write lies beside ``out``."""
+    return out.parent.is_dir() and os.path.lexists(_journal(out))
 
 
-def _leftover(out: Path, name: str) -> str | None:
-    """Which of miprun's own leftovers beside ``out`` ``name`` is ("tmp", "old", "journal-tmp"), or None."""
-    stem = re.escape(out.name)
-    if found := re.fullmatch(rf"\.{stem}\.(tmp|old)-(?:\d+-)?[a-z0-9_]{{8}}", name):
-        return found.group(1)
-    return "journal-tmp" if re.fullmatch(rf"\.\.{stem}\.swap\.[a-z0-9_]{{8}}\.tmp", name) else None
+def _write_journal(out: Path, record: dict[str, Any]) -> None:
+    """Write the journal atomically through a draft whose name holds the run's token (so recovery knows it)."""
+    draft = out.with_name(f".{out.name}.swap-{record['token']}.tmp")
+    with _disk_full_message(out, "swap journal"):
+        try:
+            with open(draft, "w", encoding="utf-8") as f:
+                f.write(json.dumps(record))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(draft, _journal(out))
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(draft)
+            raise
+    _fsync_dir(out.parent)
+
+
+def _read_journal(out: Path) -> dict[str, Any]:
+    """The journal's record, when its form proves a miprun run wrote it; else :class:`UnprovenJournalError`."""
+    journal = _journal(out)
+    try:
+        record = json.loads(journal.read_text(encoding="utf-8"))
+        token = record["token"]
+        ok = (
+            isinstance(token, str)
+            and re.fullmatch(r"[0-9a-f]{32}", token) is not None
+            and record["state"] in ("writing", "swapping")
+            and [record["new"], record["old"]] == [p.name for p in _names(out, token)]
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        ok, record = False, {"error": str(exc)}
+    if not ok:
+        raise UnprovenJournalError(
+            f"found {journal} beside --out {out}, which miprun cannot read as its own swap journal, so it "
+            f"touches nothing it names; if no miprun run is writing {out}, look at it, then delete it"
+        )
+    return dict(record)
 
 
 def recover(out: str | Path) -> list[str]:
-    """Finish or roll back a swap an interrupted run left beside ``out``, and delete its leftovers.
+    """Finish or roll back a swap an interrupted run left beside ``out``, and delete its temporaries.
 
-    Returns what was done (each also logged as a warning); empty when there was nothing to do.
+    Only what the journal names, by the random token of the run that wrote it, is touched: a sibling that
+    merely looks like a temporary (``.out.old-20240101``) is left alone. Returns what was done (each also
+    logged as a warning); empty when there was nothing to do.
     """
     out = _resolve(out)
     if not out.parent.is_dir():
@@ -428,37 +480,26 @@ def recover(out: str | Path) -> list[str]:
 
 def _recover(out: Path) -> list[str]:
     """:func:`recover` with the lock already held."""
-    done = _replay_journal(out) if _journal(out).exists() else []
-    found = [(p, kind) for p in out.parent.iterdir() if (kind := _leftover(out, p.name))]
-    for entry, kind in sorted(found, key=lambda hit: hit[0].lstat().st_mtime, reverse=True):  # newest first
-        if kind == "old" and not os.path.lexists(out):
-            os.rename(entry, out)
-            done.append(
-                f"restored the previous output {out} from {entry.name}, left by a run stopped mid-swap"
-            )
-            continue
-        if entry.is_dir():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-        what = {"tmp": "partial output", "old": "replaced output", "journal-tmp": "swap journal draft"}[kind]
-        done.append(f"deleted {entry.name} beside {out}: a {what} left by an interrupted run")
+    if not _pending(out):
+        return []
+    record = _read_journal(out)
+    new, old = _names(out, record["token"])
+    with suppress(FileNotFoundError):
+        out.with_name(f".{out.name}.swap-{record['token']}.tmp").unlink()
+    if record["state"] == "writing":  # stopped before the swap began: the partial output goes
+        _delete_tree(new)
+        _journal(out).unlink()
+        _fsync_dir(out.parent)
+        done = [f"deleted {new.name} beside {out}: a partial output left by an interrupted run"]
+    else:
+        done = _replay_swap(out, new, old)
     for message in done:
         log.warning("%s", message)
     return done
 
 
-def _replay_journal(out: Path) -> list[str]:
-    """Complete the swap the journal names: its new folder was whole (flushed) before the journal existed."""
-    journal = _journal(out)
-    try:
-        record = json.loads(journal.read_text())
-        new, old = out.parent / record["new"], out.parent / record["old"]
-        if _leftover(out, new.name) != "tmp" or _leftover(out, old.name) != "old":
-            raise ValueError("names that miprun does not make")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        journal.unlink()
-        return [f"deleted the unreadable swap journal {journal} ({exc})"]
+def _replay_swap(out: Path, new: Path, old: Path) -> list[str]:
+    """Complete the swap the journal names: its new folder was whole (flushed) before the journal said so."""
     outcome = f"completed an interrupted swap: {out} holds the new output"
     if new.is_dir():
         if os.path.lexists(out) and os.path.lexists(old):
@@ -473,17 +514,43 @@ def _replay_journal(out: Path) -> list[str]:
         os.rename(old, out)
         outcome = f"rolled back an interrupted swap: {out} holds the previous output again"
     elif not os.path.lexists(out):
-        outcome = f"deleted the swap journal {journal}: the folders it names are gone"
+        outcome = f"deleted the swap journal {_journal(out)}: the folders it names are gone"
     _finish_swap(out, old)
     return [outcome]
 
 
 def _finish_swap(out: Path, old: Path) -> None:
-    """Delete the replaced output, then the journal: until then :func:`recover` can still finish the job."""
-    if old.is_dir():
-        shutil.rmtree(old)
+    """Delete the replaced output, then the journal: until then :func:`recover` can still finish the job.
+
+    A replaced output that cannot be deleted (made read-only, owned by someone else) is reported, not
+    left to wedge every later run: the swap itself is done.
+    """
+    try:
+        _delete_tree(old)
+    except OSError as exc:
+        log.warning(
+            "the new output is in place, but the replaced output %s could not be deleted (%s); delete it "
+            "by hand",
+            old,
+            exc.strerror or exc,
+        )
     _fsync_dir(out.parent)
     _journal(out).unlink()
+
+
+def _delete_tree(folder: Path) -> None:
+    """Delete ``folder`` (if there) even where the user made it read-only: write permission is restored first."""
+    if not os.path.lexists(folder):
+        return
+    if folder.is_dir() and not folder.is_symlink():
+        for root, dirs, _ in os.walk(folder):
+            for path in [Path(root), *(Path(root, d) for d in dirs)]:
+                if not path.is_symlink():
+                    with suppress(OSError):
+                        os.chmod(path, stat.S_IMODE(path.lstat().st_mode) | stat.S_IRWXU)
+        shutil.rmtree(folder)
+    else:
+        folder.unlink()
 
 
 # ----------------------------------------------------------------------------- writing a folder
@@ -498,15 +565,24 @@ def write_steps(
     inputs: Iterable[str | Path] = (),
     manifest: str = MANIFEST_NAME,
 ) -> None:
-    """Run named writers ``(folder) -> None`` into a temp folder beside ``out``, then swap it into place."""
+    """Run named writers ``(folder) -> None`` into a temp folder beside ``out``, then swap it into place.
+
+    The manifest the writers leave (``manifest``) gets the list of every other file written, so that a
+    later ``--overwrite`` can tell miprun's files from ones the user added.
+    """
+    from miprun.ownership import record_outputs
+
     out, inputs = _resolve(out), list(inputs)
     check_output(out, overwrite=overwrite, inputs=inputs, manifest=manifest)
     with locked_output(out):
         _recover(out)
         check_output(out, overwrite=overwrite, inputs=inputs, manifest=manifest)  # recovery may restore one
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        token = secrets.token_hex(16)
+        tmp, old = _names(out, token)
+        record = {"token": token, "new": tmp.name, "old": old.name, "pid": os.getpid(), "state": "writing"}
+        _write_journal(out, record)  # from here on, recover() deletes the partial output
         try:
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+            os.mkdir(tmp, 0o777 & ~_umask())
             with tqdm(steps, desc="saving", unit="step", disable=not progress) as bar:
                 for name, write in bar:
                     bar.set_postfix_str(name)
@@ -514,14 +590,13 @@ def write_steps(
                         write(tmp)
                 bar.set_postfix_str("flushing to disk")
                 with _disk_full_message(out, "files"):
+                    record_outputs(tmp, manifest)
                     _seal(tmp)
-            _swap(out, tmp, overwrite=overwrite, inputs=inputs, manifest=manifest)
+            _swap(out, tmp, record, overwrite=overwrite, inputs=inputs, manifest=manifest)
         finally:
             with _signals_held():
-                if _journal(out).exists():
-                    _recover(out)  # interrupted mid-swap: the new folder is whole, so finish the swap
-                elif tmp.is_dir():
-                    shutil.rmtree(tmp, ignore_errors=True)
+                if _pending(out):
+                    _recover(out)  # stopped while writing: delete the partial folder; mid-swap: finish it
     log.info("wrote %s", out)
 
 
@@ -556,7 +631,9 @@ def _seal(folder: Path) -> None:
         _fsync_dir(Path(root))
 
 
-def _swap(out: Path, tmp: Path, *, overwrite: bool, inputs: list[str | Path], manifest: str) -> None:
+def _swap(
+    out: Path, tmp: Path, record: dict[str, Any], *, overwrite: bool, inputs: list[str | Path], manifest: str
+) -> None:
     """Re-check ``out``, then journal and rename the complete ``tmp`` into place with interrupts held."""
     try:
         if os.path.lexists(out) and not overwrite:
@@ -568,12 +645,9 @@ def _swap(out: Path, tmp: Path, *, overwrite: bool, inputs: list[str | Path], ma
         kept = out.with_name(f"{out.name}.new-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
         os.rename(tmp, kept)
         raise type(exc)(f"{exc}; the new output was kept in {kept} instead") from None
-    old = out.with_name(f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+    old = out.with_name(record["old"])
     with _signals_held():
-        with _disk_full_message(out, "swap journal"):
-            atomic_write_text(
-                _journal(out), json.dumps({"new": tmp.name, "old": old.name, "pid": os.getpid()})
-            )
+        _write_journal(out, {**record, "state": "swapping"})
         _step("journal-written")  # from here on, recover() completes the swap
         if os.path.lexists(out):
             os.rename(out, old)

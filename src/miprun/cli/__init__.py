@@ -221,6 +221,14 @@ def compare(
             "and tasks); keep the other rows.",
         ),
     ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace --out if it is an earlier comparison (or empty); never anything else. The old "
+            "output stays until the new one is complete.",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -233,7 +241,8 @@ def compare(
     from miprun.options import with_overrides
 
     _setup_logging(quiet)
-    paths = run(model, out, with_overrides(options, progress=not quiet), update_existing=update)
+    opts = with_overrides(options, progress=not quiet)
+    paths = run(model, out, opts, update_existing=update, overwrite=overwrite)
     show.out.print((Path(out) / "comparison.md").read_text(encoding="utf-8"))
     for path in paths:
         show.out.print(f"wrote {path}")

@@ -12,6 +12,7 @@ import json
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -422,15 +423,33 @@ def plot(result: dict[str, Any], folder: Path) -> list[Path]:
     return paths
 
 
-def write(result: dict[str, Any], folder: str | Path) -> list[Path]:
-    """``comparison.json``, ``comparison.md`` and the plots into ``folder``, each file atomically."""
-    from miprun.atomic import atomic_write_text, write_json
+COMPARISON_NAME = "comparison.json"
+COMPARISON_KIND = "miprun-comparison"
+
+
+def write(
+    result: dict[str, Any], folder: str | Path, *, overwrite: bool = False, inputs: tuple[Path, ...] = ()
+) -> list[Path]:
+    """``comparison.json``, ``comparison.md`` and the plots into ``folder``, as one atomic output.
+
+    The folder follows ``prune``'s policy (:func:`miprun.atomic.write_steps`): an existing one is replaced
+    only with ``overwrite`` and only when it holds nothing but an earlier comparison's files.
+    """
+    from miprun.atomic import atomic_write_text, write_json, write_steps
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "comparison.json", result, indent=1)
-    atomic_write_text(folder / "comparison.md", markdown(result))
-    return [folder / "comparison.json", folder / "comparison.md", *plot(result, folder)]
+    plots: list[Path] = []
+
+    def tables(d: Path) -> None:
+        write_json(d / COMPARISON_NAME, {**result, "kind": COMPARISON_KIND}, indent=1)
+        atomic_write_text(d / "comparison.md", markdown(result))
+
+    steps: list[tuple[str, Callable[[Path], None]]] = [
+        ("comparison", tables),
+        ("plots", lambda d: plots.extend(plot(result, d))),
+    ]
+    write_steps(folder, steps, overwrite=overwrite, progress=False, inputs=inputs, manifest=COMPARISON_NAME)
+    return [folder / COMPARISON_NAME, folder / "comparison.md", *(folder / p.name for p in plots)]
 
 
 # What must match for rows of two runs to share one table.
@@ -486,13 +505,18 @@ def run(
     options: CompareOptions | None = None,
     *,
     update_existing: bool = False,
+    overwrite: bool = False,
     **overrides: Any,
 ) -> list[Path]:
     """Load ``model``, compare, write the outputs; returns their paths.
 
     With ``update_existing``, the methods run here replace their rows in ``out/comparison.json`` and the
-    other methods' rows are kept (same model, data and tasks required).
+    other methods' rows are kept (same model, data and tasks required); the earlier comparison is then
+    replaced without ``overwrite``. Otherwise an existing ``out`` is replaced only with ``overwrite``, and
+    only when it is an earlier comparison (see :func:`write`).
     """
+    from miprun.atomic import check_output, locked_output
+
     opts = with_overrides(options or CompareOptions(), **overrides)
     check(opts)
     from miprun.evaluation.evaluate import check_tasks
@@ -500,26 +524,43 @@ def run(
     check_tasks(opts.tasks)
     previous = None
     if update_existing:
-        path = Path(out) / "comparison.json"
+        path = Path(out) / COMPARISON_NAME
         try:
             previous = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as err:
             raise InvalidOptionError(f"--update needs an earlier comparison in {path}: {err}") from err
     _check_out(Path(out))
-    loaded = as_loaded(model, opts.runtime)
-    if previous is not None:  # what is known before the run is checked before it, not an hour later
-        _check_setup(
-            previous,
-            {
-                "model": loaded.name,
-                "num_blocks_total": num_blocks(loaded.model),
-                "tasks": list(opts.tasks),
-                "task_limit": opts.limit,
-                "task_max_ppl_ratio": opts.task_max_ppl,
-            },
-        )
-    result = compare(loaded, opts, known_task_results(previous) if previous is not None else None)
-    return write(update(previous, result) if previous is not None else result, out)
+    replace = overwrite or update_existing
+    inputs = _inputs(model, opts)
+    check_output(out, replace, inputs=inputs, manifest=COMPARISON_NAME)  # before any work
+    with locked_output(out):
+        loaded = as_loaded(model, opts.runtime)
+        if loaded.path is not None:
+            inputs = (*inputs, Path(loaded.path))
+            check_output(out, replace, inputs=inputs, manifest=COMPARISON_NAME)
+        if previous is not None:  # what is known before the run is checked before it, not an hour later
+            _check_setup(
+                previous,
+                {
+                    "model": loaded.name,
+                    "num_blocks_total": num_blocks(loaded.model),
+                    "tasks": list(opts.tasks),
+                    "task_limit": opts.limit,
+                    "task_max_ppl_ratio": opts.task_max_ppl,
+                },
+            )
+        result = compare(loaded, opts, known_task_results(previous) if previous is not None else None)
+        merged = update(previous, result) if previous is not None else result
+        return write(merged, out, overwrite=replace, inputs=inputs)
+
+
+def _inputs(model: Any, opts: CompareOptions) -> tuple[Path, ...]:
+    """Files and folders the comparison reads, which its output folder must neither be nor contain."""
+    found = []
+    for value in (model, opts.calibration.source, opts.heldout.eval_source):
+        if isinstance(value, (str, Path)) and Path(value).expanduser().exists():
+            found.append(Path(value).expanduser())
+    return tuple(found)
 
 
 def _check_out(out: Path) -> None:

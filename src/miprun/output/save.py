@@ -121,6 +121,7 @@ def save(loaded: LoadedModel, plan: PrunePlan, out: Path, settings: SaveSettings
         ("model card", lambda d: write_card(loaded, plan, d, written.get("gguf"))),
     ]
     write_steps(out, steps, overwrite=opts.overwrite, progress=opts.progress, inputs=opts.inputs)
+    plan.outputs = PrunePlan.read(out / MANIFEST_NAME).outputs  # every file, as written into the manifest
 
 
 def write_card(loaded: LoadedModel, plan: PrunePlan, folder: Path, gguf_report: Any) -> None:
