@@ -274,6 +274,27 @@ def test_a_sequence_longer_than_the_model_is_refused_before_reading_text(
     assert "longer than the 128 positions" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["score", "eval", "bench"])
+def test_a_results_file_never_replaces_an_input(tiny_dir, tmp_path, capsys, command):
+    text = tmp_path / "text.txt"
+    text.write_text(HELDOUT_TXT.read_text())
+    before = {p.name: p.read_bytes() for p in tiny_dir.iterdir()}
+    reads_text = {  # small enough that a run that is not refused completes (and writes) in seconds
+        "score": ["--calib", str(text), "--samples", "2", "--seq-len", "16", "--no-cache"],
+        "eval": ["--ppl", str(text), "--ppl-seq-len", "16", "--ppl-windows", "2"],
+        "bench": ["--prompt-len", "8", "--new-tokens", "2", "--batch-sizes", "1", "--repeats", "1"],
+    }[command]
+    targets = [tiny_dir / "config.json", tiny_dir / "results.json"]
+    targets += [text] if command != "bench" else [tiny_dir / "model.safetensors"]
+    for out in targets:
+        args = [command, "--model", str(tiny_dir), "--out", str(out), "--overwrite", *reads_text]
+        assert main([*args, "--quiet"]) == 1, out
+        err = capsys.readouterr().err
+        assert "that this run reads" in err and ("is the input" in err or "lies inside the input" in err)
+    assert {p.name: p.read_bytes() for p in tiny_dir.iterdir()} == before
+    assert text.read_text() == HELDOUT_TXT.read_text()
+
+
 @pytest.mark.parametrize("command", ["compare", "eval"])
 def test_bad_names_and_outputs_fail_before_any_work(tiny_dir, tmp_path, capsys, command):
     blocker = tmp_path / "file"

@@ -659,13 +659,36 @@ def _swap(
     _finish_swap(out, old)
 
 
-def check_file_output(out: str | Path, overwrite: bool) -> None:
-    """Fail early if a single output file may not be written: a folder, or existing without ``overwrite``."""
+def check_file_output(out: str | Path, overwrite: bool, *, inputs: Iterable[str | Path | None] = ()) -> None:
+    """Fail early if a single output file may not be written: a folder, existing without ``overwrite``, or
+    one of the files the run reads (``inputs``: the model, its text) or a file inside an input folder.
+
+    The one check of every JSON writer (``score``, ``eval``, ``bench``), so ``--out MODEL/config.json`` never
+    replaces a model's own file.
+    """
     path = Path(out)
     if path.is_dir():
         raise OutputExistsError(f"--out {path} is a folder; give the path of a file to write")
+    _check_file_apart(_resolve(path), [given for given in inputs if given is not None])
     if path.exists() and not overwrite:
         raise OutputExistsError(
             f"{path} already exists; pass --overwrite to replace it, or choose another --out"
         )
     _check_writable(_resolve(path))
+
+
+def _check_file_apart(out: Path, inputs: Iterable[str | Path]) -> None:
+    """Refuse an output file that is an input file of the run, or lies inside an input folder."""
+    for given in inputs:
+        if not os.path.lexists(Path(given).expanduser()):
+            continue  # a hub id or a named corpus, not a local path
+        source = _resolve(given)
+        if source == out:
+            raise UnsafeOutputError(
+                f"--out {out} is the input {source} that this run reads; write the results to another file"
+            )
+        if source in out.parents:
+            raise UnsafeOutputError(
+                f"--out {out} lies inside the input {source} that this run reads, and would replace or add "
+                f"to its files; write the results to a file outside it"
+            )

@@ -140,7 +140,8 @@ def score(
     from miprun.atomic import check_file_output
     from miprun.options import with_overrides
 
-    check_file_output(out, overwrite)  # before any work, so a long run never ends in a refusal
+    inputs = (model, options.calibration.source)
+    check_file_output(out, overwrite, inputs=inputs)  # before any work, so a long run never ends in a refusal
     main = _main_process()
     _setup_logging(quiet or not main)
     result = api.score(model, with_overrides(options, progress=not quiet))
@@ -170,7 +171,7 @@ def eval_command(
     from miprun.options import with_overrides
 
     if out is not None:
-        check_file_output(out, overwrite)
+        check_file_output(out, overwrite, inputs=(model, *options.ppl, options.task_text))
     _setup_logging(quiet)
     result = evaluate(model, with_overrides(options, progress=not quiet))
     show.evaluation(result)
@@ -198,7 +199,7 @@ def bench(
     from miprun.evaluation.evaluate import write_json
 
     if out is not None:
-        check_file_output(out, overwrite)
+        check_file_output(out, overwrite, inputs=(model, options.against))
     _setup_logging(quiet)
     result = run_bench(model, options)
     show.bench(result, options.config)
