@@ -206,3 +206,59 @@ def test_bad_options_raise_typed_errors_before_any_work(tiny_tokenizer, override
     finally:
         handle.remove()
     assert isinstance(caught.value, MiprunError)
+
+
+# ----------------------------------------------------------------------------- wrong arguments (issue #19)
+
+
+@pytest.mark.parametrize(
+    ("call", "named"),
+    [
+        (lambda: prune(model=123, num_blocks=1), r"prune\(\): model must be .* got 123 \(int\)"),
+        (lambda: select(None, 2), r"select\(\): scores must be a ScoreResult"),
+        (lambda: prune(options="x"), r"prune\(\): options must be a PruneOptions or None, got 'x'"),
+        (lambda: prune(scores={"spans": []}, num_blocks=1), r"prune\(\): scores must be a ScoreResult"),
+        (lambda: miprun.PruneOptions(seed=2**70), r"seed \(--seed\) must be at most"),
+        (
+            lambda: miprun.PruneOptions(ratoi=0.2),
+            r"unknown option 'ratoi' for PruneOptions. Did you mean 'ratio'",
+        ),
+        (lambda: score(5), r"score\(\): model must be"),
+        (lambda: miprun.apply_plan("model", "plan.json"), r"apply_plan\(\): model must be a torch.nn.Module"),
+    ],
+)
+def test_wrong_api_arguments_are_miprun_errors_naming_the_argument(call, named):
+    with pytest.raises(miprun.errors.MiprunError, match=named):
+        call()
+
+
+def test_a_truthy_string_is_not_overwrite(tiny_tokenizer, tmp_path):
+    from miprun.atomic import write_steps
+
+    out = tmp_path / "out"
+    earlier = {"schema_version": 2, "removed": [1], "num_blocks_before": 6}
+    write_steps(
+        out,
+        [("manifest", lambda d: (d / MANIFEST_NAME).write_text(json.dumps(earlier)))],
+        overwrite=False,
+        progress=False,
+    )
+    before = (out / MANIFEST_NAME).read_text()
+    with pytest.raises(miprun.errors.InvalidTypeError, match=r"overwrite must be True or False, got 'no'"):
+        prune(
+            loaded("llama", tiny_tokenizer),
+            num_blocks=1,
+            calibration=CAL,
+            cache=False,
+            out=out,
+            overwrite="no",
+        )
+    assert (out / MANIFEST_NAME).read_text() == before
+
+
+def test_the_documented_options_objects_work():
+    readme = miprun.PruneOptions(num_blocks=6, repair="linear")  # README.md
+    docstring = miprun.PruneOptions(ratio=0.2, method="shortgpt")  # miprun.api's docstring
+    assert (readme.num_blocks, readme.repair_config.repair) == (6, "linear")
+    assert (docstring.ratio, docstring.scoring.method) == (0.2, "shortgpt")
+    assert miprun.PruneOptions(samples=8, calibration=CAL).calibration.samples == 8  # flat name over a group

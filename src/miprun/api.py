@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from miprun.arguments import check_argument, check_flag_argument, check_model_argument, check_path_argument
 from miprun.capture import distributed
 from miprun.errors import InvalidOptionError
 from miprun.estimators import Estimator
@@ -88,6 +89,8 @@ def score(
     under the cache folder and reused by a later call with the same model, windows and settings. Under
     ``torchrun`` each process captures its share and every process returns the merged result.
     """
+    check_model_argument("score", model)
+    check_argument("score", "options", options, (ScoreOptions, None), "a ScoreOptions or None")
     opts = with_overrides(options or ScoreOptions(), **overrides)
     sc = opts.scoring
     method, estimator = method_of(sc), estimator_of(sc.estimation)
@@ -117,6 +120,11 @@ def select(
     """Choose the blocks to remove from existing scores; no forward pass (``seed`` drives ``random``)."""
     from miprun import methods
 
+    check_argument("select", "scores", scores, (ScoreResult,), "a ScoreResult (from miprun.score)")
+    check_argument("select", "num_blocks", num_blocks, (int, None), "a whole number or None")
+    check_argument("select", "ratio", ratio, (float, int, None), "a number or None")
+    check_argument("select", "method", method, (str,), "a method name")
+    check_argument("select", "seed", seed, (int,), "a whole number")
     n = blocks_to_remove(scores.num_blocks, num_blocks, ratio)
     return run(methods.build(method, method_params), evidence_of(scores), n, seed)
 
@@ -146,6 +154,14 @@ def prune(
     """
     from miprun.atomic import check_output, locked_output
 
+    check_model_argument("prune", model)
+    check_argument("prune", "options", options, (PruneOptions, None), "a PruneOptions or None")
+    scores_types = (ScoreResult, str, Path, None)
+    check_argument(
+        "prune", "scores", scores, scores_types, "a ScoreResult, the path of a scores file, or None"
+    )
+    check_path_argument("prune", "out", out, optional=True)
+    check_flag_argument("prune", "overwrite", overwrite)
     opts = with_overrides(options or PruneOptions(), **overrides)
     opts.check_budget()
     out_path = Path(out) if out is not None else None
@@ -301,6 +317,9 @@ def apply_plan(model: torch.nn.Module, plan: PrunePlan | str | Path) -> torch.nn
     """
     from miprun.model.layouts import num_blocks
 
+    check_argument("apply_plan", "model", model, (torch.nn.Module,), "a torch.nn.Module (the dense model)")
+    plan_types = (PrunePlan, str, Path)
+    check_argument("apply_plan", "plan", plan, plan_types, "a PrunePlan or the path of a miprun.json")
     plan = plan if isinstance(plan, PrunePlan) else PrunePlan.read(Path(plan))
     found = num_blocks(model)
     if found != plan.num_blocks_before:
@@ -348,6 +367,10 @@ def heal(
     """
     from miprun.atomic import check_output, locked_output
 
+    check_path_argument("heal", "model", model)
+    check_argument("heal", "options", options, (HealOptions, None), "a HealOptions or None")
+    check_path_argument("heal", "out", out)
+    check_flag_argument("heal", "overwrite", overwrite)
     opts = with_overrides(options or HealOptions(), **overrides)
     folder, out_path = Path(model).expanduser(), Path(out)
     plan = _plan_of(folder)

@@ -24,6 +24,7 @@ from miprun.errors import InvalidOptionError, InvalidTypeError
 T = TypeVar("T")
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
+SEED_MAX = 2**63 - 2  # torch generators take 64-bit seeds, and projections use seed + 1
 DEFAULT_METHOD = "mi-prun"
 DEFAULT_ESTIMATOR = "coordinate"  # chosen by measurement: docs/estimator-study.md
 DEFAULT_REPAIR = "none"
@@ -148,7 +149,8 @@ def _check_field(f: dataclasses.Field, value: Any, tp: Any) -> None:
         ]
         for bound, holds, words in bounds:
             if bound is not None and not holds(value, bound):
-                raise InvalidOptionError(f"{name} must be {words} {bound:g}, got {value!r}{_hint(meta)}")
+                shown = bound if isinstance(bound, int) else f"{bound:g}"
+                raise InvalidOptionError(f"{name} must be {words} {shown}, got {value!r}{_hint(meta)}")
 
 
 def _hint(meta: Any) -> str:
@@ -196,14 +198,7 @@ def with_overrides(options: T, **flat: Any) -> T:
         return options
     leaves = flat_fields(type(options))
     group_names = {name for name, _ in groups(options)}
-    unknown = [k for k in flat if k not in leaves and k not in group_names]
-    if unknown:
-        known = sorted([*leaves, *group_names])
-        close = difflib.get_close_matches(unknown[0], known, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise InvalidOptionError(
-            f"unknown option {unknown[0]!r} for {type(options).__name__}.{hint} Options: {', '.join(known)}"
-        )
+    _refuse_unknown(type(options), [k for k in flat if k not in leaves and k not in group_names])
     changes: dict[str, Any] = {}
     nested: dict[str, dict[str, Any]] = {}
     for name, value in flat.items():
@@ -215,6 +210,42 @@ def with_overrides(options: T, **flat: Any) -> T:
     for group, sub in nested.items():
         changes[group] = with_overrides(changes.get(group, getattr(options, group)), **sub)
     return dataclasses.replace(options, **changes)  # type: ignore[type-var]
+
+
+def _refuse_unknown(cls: type, unknown: list[str]) -> None:
+    """An :class:`InvalidOptionError` for the first of ``unknown`` option names, with a "did you mean"."""
+    if not unknown:
+        return
+    known = sorted({*flat_fields(cls), *(f.name for f in dataclasses.fields(cls))})
+    close = difflib.get_close_matches(unknown[0], known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise InvalidOptionError(
+        f"unknown option {unknown[0]!r} for {cls.__name__}.{hint} Options: {', '.join(known)}"
+    )
+
+
+def _accept_flat_names(cls: type) -> None:
+    """Let ``cls(...)`` take the flat names of its nested groups' fields, as :func:`with_overrides` does:
+    ``PruneOptions(num_blocks=6, repair="linear", samples=8)``; an unknown name is an InvalidOptionError."""
+    init: Any = cls.__init__  # type: ignore[misc]
+    own = {f.name for f in dataclasses.fields(cls)}
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        flat = {name: kwargs.pop(name) for name in list(kwargs) if name not in own}
+        if flat:
+            leaves = flat_fields(cls)
+            _refuse_unknown(cls, [name for name in flat if name not in leaves])
+            nested: dict[str, dict[str, Any]] = {}
+            for name, value in flat.items():
+                nested.setdefault(leaves[name][0][0], {})[name] = value
+            defaults = {f.name: f for f in dataclasses.fields(cls)}
+            for group, sub in nested.items():
+                base = kwargs[group] if group in kwargs else defaults[group].default_factory()  # type: ignore[misc,operator]
+                kwargs[group] = with_overrides(base, **sub)
+        init(self, *args, **kwargs)
+
+    __init__.__doc__, __init__.__wrapped__ = init.__doc__, init  # type: ignore[attr-defined]
+    cls.__init__ = __init__  # type: ignore[misc]
 
 
 # ----------------------------------------------------------------------------- the groups
@@ -232,7 +263,9 @@ class CalibrationConfig(Options):
     )
     samples: int = opt(32, "Calibration windows.", "--samples", "-s", min=1)
     seq_len: int = opt(256, "Tokens per calibration window.", "--seq-len", "-l", min=2)
-    seed: int = opt(0, "Seed for window sampling, projections and token samples.", "--seed")
+    seed: int = opt(
+        0, "Seed for window sampling, projections and token samples.", "--seed", min=0, max=SEED_MAX
+    )
     batch_size: int = opt(4, "Windows per forward pass.", "--batch-size", min=1)
     exclude_first_token: bool = opt(
         False, "Leave each window's first token out of the statistics.", "--exclude-first-token"
@@ -454,7 +487,7 @@ class EvaluateOptions(Options):
     )
     limit: int | None = opt(None, "First N examples per task.", "--limit", min=1)
     task_text: str | None = opt(None, "Held-out text for next_sentence (default: wiki).", "--task-text")
-    seed: int = opt(0, "Seed of the next_sentence distractors.", "--seed")
+    seed: int = opt(0, "Seed of the next_sentence distractors.", "--seed", min=0, max=SEED_MAX)
     batch_size: int = opt(4, "Windows (and task requests) per forward pass.", "--batch-size", min=1)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     progress: bool = opt(True, "Progress bars and log lines.", cli=False)
@@ -474,7 +507,7 @@ class BenchConfig(Options):
     )
     warmup: int = opt(1, "Untimed rounds first.", "--warmup", min=0)
     repeats: int = opt(5, "Timed rounds; medians are reported.", "--repeats", min=1)
-    seed: int = opt(0, "Seed of the random prompt.", "--seed")
+    seed: int = opt(0, "Seed of the random prompt.", "--seed", min=0, max=SEED_MAX)
 
     def check(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -573,7 +606,9 @@ class HealConfig(Options):
     checkpoint_every: int = opt(
         4, "Optimizer steps between resumable checkpoints.", "--checkpoint-every", min=1
     )
-    seed: int = opt(0, "Seed of the windows and of the adapters' initialisation.", "--seed")
+    seed: int = opt(
+        0, "Seed of the windows and of the adapters' initialisation.", "--seed", min=0, max=SEED_MAX
+    )
     source: str | None = opt(
         None, "Calibration text to train on (its calibration split; default: wiki).", "--calib"
     )
@@ -617,3 +652,7 @@ class HealOptions(Options):
             raise InvalidOptionError(
                 f"save_dtype (--save-dtype) must be one of {', '.join(DTYPE_NAMES)}, got {self.save_dtype!r}"
             )
+
+
+for _options in Options.__subclasses__():
+    _accept_flat_names(_options)

@@ -196,7 +196,10 @@ def as_loaded(model: str | LoadedModel | None, runtime: Any = None, sequential: 
     """
     if isinstance(model, LoadedModel):
         return model
+    from miprun.arguments import check_model_argument
     from miprun.options import RuntimeOptions
+
+    check_model_argument("", model)
 
     rt = runtime or RuntimeOptions()
     if sequential and rt.device_map is None:
