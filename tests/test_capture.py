@@ -177,3 +177,18 @@ def test_captured_stats_say_what_is_missing():
     stats = CapturedStats(num_blocks=2, hidden_size=4)
     with pytest.raises(ValueError, match="did not record"):
         stats.get(Moments(proj_dim=8), "the gaussian estimator")
+
+
+def test_capture_leaves_the_requests_it_is_given_untouched():
+    """Calling it twice with the same list gives the same statistics (issue #19: the count doubled)."""
+    from helpers import EVERY_STATISTIC, assert_same_stats
+
+    model, _ = tiny_model("llama")
+    requests = [Moments(proj_dim=0), *EVERY_STATISTIC]
+    configs = [r.config() for r in requests]
+    first = capture(model, WINDOWS, requests, cal(), progress=False)
+    second = capture(model, WINDOWS, requests, cal(), progress=False)
+    assert first.get(Moments(proj_dim=0)).count == WINDOWS.numel()
+    assert_same_stats(first, second, exact=True)
+    assert [r.config() for r in requests] == configs
+    assert all(first.find(r) is not r for r in requests)  # the result holds its own statistics

@@ -98,10 +98,14 @@ def _non_finite_weights(model: nn.Module) -> list[str]:
 
 
 def new_stats(model: nn.Module, requests: Sequence[Statistic]) -> CapturedStats:
-    """Empty captured statistics of ``model`` serving every request (equal requests captured once)."""
+    """Empty captured statistics of ``model`` serving every request (equal requests captured once).
+
+    The requests are copied, never filled: a caller's list serves a second capture unchanged.
+    """
     layers = decoder_layers(model)
     hidden = int(text_config(model_config(model)).hidden_size)
-    return CapturedStats(num_blocks=len(layers), hidden_size=hidden, statistics=combine(list(requests)))
+    statistics = combine([request.blank() for request in requests])
+    return CapturedStats(num_blocks=len(layers), hidden_size=hidden, statistics=statistics)
 
 
 def prepare(

@@ -11,6 +11,7 @@ State ``s`` is what enters block ``s`` (``s = 0 .. T-1``); state ``T`` is what l
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -78,6 +79,11 @@ class Statistic(ABC):
         """Identity of what is captured: class and configuration fields."""
         init = [f.name for f in dataclasses.fields(self) if f.init]  # type: ignore[arg-type]
         return (type(self).__name__, *(getattr(self, n) for n in init))
+
+    def blank(self) -> Statistic:
+        """A new, empty statistic of the same configuration: what a capture fills, leaving ``self`` as given."""
+        init = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.init}  # type: ignore[arg-type]
+        return type(self)(**init)
 
     def widen(self, other: Statistic) -> Statistic | None:
         """A statistic that serves both ``self`` and ``other`` (same kind), or None if they must stay apart."""
