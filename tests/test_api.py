@@ -262,3 +262,20 @@ def test_the_documented_options_objects_work():
     assert (readme.num_blocks, readme.repair_config.repair) == (6, "linear")
     assert (docstring.ratio, docstring.scoring.method) == (0.2, "shortgpt")
     assert miprun.PruneOptions(samples=8, calibration=CAL).calibration.samples == 8  # flat name over a group
+
+
+def test_a_plan_is_checked_against_the_model_it_is_applied_to(tiny_tokenizer, tmp_path):
+    result = prune(
+        loaded("llama", tiny_tokenizer), num_blocks=2, calibration=CAL, cache=False, progress=False
+    )
+    plan = result.plan
+    qwen2 = tiny_model("qwen2")[0]
+    assert num_blocks(qwen2) == plan.num_blocks_before  # only the architecture tells them apart
+    with pytest.raises(miprun.errors.InvalidOptionError, match=r"a llama model; this model is a qwen2"):
+        miprun.apply_plan(qwen2, plan)
+    other = tiny_model("llama", seed=1)[0]
+    with pytest.raises(miprun.errors.InvalidOptionError, match=r"this model's fingerprint is"):
+        miprun.apply_plan(other, plan)
+    assert num_blocks(other) == plan.num_blocks_before  # refused before any change
+    assert num_blocks(miprun.apply_plan(other, plan, strict=False)) == plan.num_blocks_after
+    assert num_blocks(miprun.apply_plan(tiny_model("llama")[0], plan)) == plan.num_blocks_after

@@ -518,6 +518,21 @@ def test_damaged_cache_entry_is_recomputed(caplog, tiny_tokenizer, damage, reaso
 
 
 @pytest.mark.integration
+def test_a_cache_entry_of_another_model_is_not_reused(caplog, tiny_tokenizer):
+    """An entry moved under another model's key keeps a valid hash, but it is not that model's."""
+    other = LoadedModel(tiny_model("llama", seed=1)[0], tiny_tokenizer, "tiny-llama-seed1", None)
+    prune(_tiny_loaded(tiny_tokenizer), num_blocks=1, calibration=CAL, **EST, progress=False)
+    (mine,) = (cache_dir() / "scores").glob("*.json")
+    fresh = prune(other, num_blocks=1, calibration=CAL, **EST, progress=False)
+    (theirs,) = set((cache_dir() / "scores").glob("*.json")) - {mine}
+    theirs.write_bytes(mine.read_bytes())  # the first model's scores under the second model's key
+    other = LoadedModel(tiny_model("llama", seed=1)[0], tiny_tokenizer, "tiny-llama-seed1", None)
+    again = prune(other, num_blocks=1, calibration=CAL, **EST, progress=False)
+    assert "it was stored under the key" in caplog.text or "it was made for other model" in caplog.text
+    assert "capture" in again.plan.timings and again.plan.scores == fresh.plan.scores
+
+
+@pytest.mark.integration
 def test_interrupted_run_resumes_without_a_forward_pass(monkeypatch, tmp_path, tiny_tokenizer):
     out = tmp_path / "out"
     with monkeypatch.context() as patch:

@@ -309,22 +309,44 @@ def _perplexity(loaded: LoadedModel, windows: torch.Tensor, progress: bool) -> f
     return perplexity(loaded.model, windows, device=input_device(loaded.model), progress=progress)
 
 
-def apply_plan(model: torch.nn.Module, plan: PrunePlan | str | Path) -> torch.nn.Module:
+def apply_plan(
+    model: torch.nn.Module, plan: PrunePlan | str | Path, *, strict: bool = True
+) -> torch.nn.Module:
     """Re-apply a saved plan (``miprun.json``) to the dense base model it was made for.
 
+    The plan is checked against ``model`` first: its architecture, its number of blocks and (with
+    ``strict``, the default) the fingerprint of the dense model it was made from; ``strict=False`` skips
+    only the fingerprint (the same model loaded in another dtype fingerprints differently).
     A plan whose repair changed weights cannot be replayed from the plan alone: the pruned folder itself
     holds the repaired weights (load it with ``from_pretrained``).
     """
+    from miprun.model.identity import model_fingerprint
     from miprun.model.layouts import num_blocks
 
     check_argument("apply_plan", "model", model, (torch.nn.Module,), "a torch.nn.Module (the dense model)")
     plan_types = (PrunePlan, str, Path)
     check_argument("apply_plan", "plan", plan, plan_types, "a PrunePlan or the path of a miprun.json")
+    check_flag_argument("apply_plan", "strict", strict)
     plan = plan if isinstance(plan, PrunePlan) else PrunePlan.read(Path(plan))
+    made_for = plan.model.get("name")
+    found_type = getattr(getattr(model, "config", None), "model_type", None)
+    want_type = plan.model.get("model_type")
+    if want_type is not None and found_type != want_type:
+        raise InvalidOptionError(
+            f"the plan was made for {made_for!r}, a {want_type} model; this model is a {found_type}: apply "
+            "it to the dense model it was made for"
+        )
     found = num_blocks(model)
     if found != plan.num_blocks_before:
         raise InvalidOptionError(
             f"the plan is for a model with {plan.num_blocks_before} blocks; this one has {found}"
+        )
+    fingerprint = plan.model.get("fingerprint")
+    if strict and fingerprint is not None and (mine := model_fingerprint(model)) != fingerprint:
+        raise InvalidOptionError(
+            f"the plan was made for {made_for!r} (fingerprint {fingerprint}); this model's fingerprint is "
+            f"{mine}, so it is another model (or the same one in another dtype): apply the plan to the "
+            "model it names, or pass strict=False if you are sure it is the same"
         )
     if plan.heal is not None:
         raise InvalidOptionError(

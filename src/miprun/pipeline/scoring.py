@@ -117,7 +117,8 @@ def score_model(
     key = None
     if run.cache and not distributed.is_distributed():
         key = _cache_key(loaded, info, text, windows, method, estimator, run)
-        hit = scores_cache.read(key, info["num_blocks"])
+        owner = {"fingerprint": info["fingerprint"], "windows_fingerprint": tensor_fingerprint(windows)}
+        hit = scores_cache.read(key, info["num_blocks"], owner)
         if hit is not None:
             hit.model, hit.timings = info, timings  # this run's: loading and tokenizing only
             return hit

@@ -57,8 +57,13 @@ def path_for(key: str) -> Path:
     return cache_dir() / "scores" / f"{key}.json"
 
 
-def read(key: str, num_blocks: int) -> ScoreResult | None:
-    """The cached result for ``key``, or None (absent, damaged or incomplete: the caller recomputes)."""
+def read(key: str, num_blocks: int, owner: dict[str, str] | None = None) -> ScoreResult | None:
+    """The cached result for ``key``, or None (absent, damaged, incomplete, or another model's: recomputed).
+
+    ``owner`` holds what the entry must have been made from: the model's ``fingerprint`` and the token
+    windows' ``windows_fingerprint``; an entry placed under this key for another model or other windows is
+    not reused, whatever its hash says.
+    """
     path = path_for(key)
     if not path.is_file():
         return None
@@ -73,8 +78,26 @@ def read(key: str, num_blocks: int) -> ScoreResult | None:
     if result.num_blocks != num_blocks or (result.table is not None and not result.table.complete):
         log.warning("ignoring an incomplete cached scores file %s; recomputing", path)
         return None
+    if mismatch := _not_its_owner(entry, key, result, owner or {}):
+        log.warning("ignoring the cached scores file %s: %s; recomputing", path, mismatch)
+        return None
     log.info("reusing cached scores %s: no calibration pass (--no-cache recomputes)", path)
     return result
+
+
+def _not_its_owner(entry: dict[str, Any], key: str, result: ScoreResult, owner: dict[str, str]) -> str:
+    """Why a cache entry is not this run's (another key, model or windows); empty when it is."""
+    if "key" in entry and entry["key"] != key:
+        return f"it was stored under the key {entry['key']}, not this one"
+    made_for = {
+        "fingerprint": (result.model.get("fingerprint"), "model"),
+        "windows_fingerprint": (result.calibration.windows_fingerprint, "token windows"),
+    }
+    for field, want in owner.items():
+        found, what = made_for[field]
+        if found != want:
+            return f"it was made for other {what} (fingerprint {found}, this run's is {want})"
+    return ""
 
 
 def write(key: str, result: ScoreResult) -> None:
@@ -83,7 +106,7 @@ def write(key: str, result: ScoreResult) -> None:
 
     data = result.to_json()
     try:
-        write_json(path_for(key), {"sha256": _digest(data), "result": data}, indent=None)
+        write_json(path_for(key), {"key": key, "sha256": _digest(data), "result": data}, indent=None)
     except (OSError, ValueError) as err:
         log.warning("could not cache the scores in %s: %s", path_for(key), err)
 
