@@ -136,8 +136,8 @@ def _quant_type(gguf_name: str, values: np.ndarray) -> Q:
     return Q.Q8_0 if ".attn_" in gguf_name else Q.Q4_1
 
 
-def _build(folder: Path, family: Family) -> Path:
-    """Write a random tiny model of `family` as `folder/model.gguf` and return its path."""
+def _build(folder: Path, family: Family, left_out: tuple[str, ...] = ()) -> Path:
+    """Write a random tiny model of `family` as `folder/model.gguf` (without the tensors `left_out`)."""
     _write_gguf(folder / "header.gguf", family, {})
     config = AutoConfig.from_pretrained(folder, gguf_file="header.gguf")
     config.tie_word_embeddings = family.tied
@@ -150,6 +150,8 @@ def _build(folder: Path, family: Family) -> Path:
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None or (family.tied and gguf_name == "output.weight") or gguf_name in tensors:
             continue  # the causal mask buffer, a tied head
+        if gguf_name in left_out:
+            continue
         values = torch.randn_like(value).mul_(0.1).add_(1.0 if value.dim() == 1 else 0.0).numpy()
         values = to_gguf_layout(values, family.arch, gguf_name, heads, kv_heads)
         qtype = _quant_type(gguf_name, values)
@@ -471,3 +473,36 @@ def test_prune_writes_a_gguf_and_a_card_that_readers_load(
     )
     assert card.data.base_model is None  # a local file, not a hub id
     assert "[3, 4]" in card.text or "3, 4" in card.text
+
+
+@pytest.mark.parametrize("key", ["llama", "qwen2", "gpt2"])
+def test_a_gguf_with_a_missing_tensor_is_refused(key: str, tmp_path: Path) -> None:
+    """Every weight must come from the file: transformers would initialise a missing one at random."""
+    from miprun.assets import convert_gguf
+    from miprun.errors import ModelLoadError
+
+    source = _build(tmp_path, FAMILIES[key], left_out=("blk.3.ffn_down.weight",))
+    with pytest.raises(
+        ModelLoadError,
+        match=r"lacks weights of its model: 1 missing \(.*(layers|h)\.3\.mlp\.(down_proj|c_proj)",
+    ):
+        convert_gguf(source, tmp_path / "converted")
+    assert not (tmp_path / "converted").exists()
+    (tmp_path / "whole").mkdir()
+    whole = _build(tmp_path / "whole", FAMILIES[key])
+    assert (convert_gguf(whole, tmp_path / "converted") / "config.json").is_file()
+
+
+def test_a_damaged_conversion_cache_says_to_delete_it(
+    sources: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from miprun.errors import ModelLoadError
+    from miprun.model.loading import load_model
+
+    monkeypatch.setenv("MIPRUN_CACHE", str(tmp_path / "cache"))
+    loaded = load_model(str(sources["llama"]), device="cpu")
+    converted = Path(loaded.path)
+    weights = converted / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a crash, a full disk, bit rot
+    with pytest.raises(ModelLoadError, match=rf"delete the folder {re.escape(str(converted))} and run again"):
+        load_model(str(sources["llama"]), device="cpu")

@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from miprun.atomic import atomic_file
 from miprun.errors import (
@@ -286,7 +286,11 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     start = time.perf_counter()
     log.info("Converting %s into %s (once; later runs load the converted folder)", gguf_path.name, out_dir)
     src_dir, name = str(gguf_path.parent), gguf_path.name
-    gguf_model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
+    loaded: Any = AutoModelForCausalLM.from_pretrained(
+        src_dir, gguf_file=name, dtype=torch.float32, output_loading_info=True
+    )
+    gguf_model, report = loaded
+    _check_every_weight(report, gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
@@ -312,6 +316,23 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("Converted %s in %.1f s", gguf_path.name, time.perf_counter() - start)
     return out_dir
+
+
+def _check_every_weight(report: dict[str, Any], gguf_path: Path) -> None:
+    """Refuse a GGUF file that lacks a weight of its model: transformers would initialise it at random."""
+    missing = sorted(str(k) for k in report.get("missing_keys") or [])
+    mismatched = sorted(
+        str(m[0]) if isinstance(m, tuple) else str(m) for m in report.get("mismatched_keys") or []
+    )
+    if not (missing or mismatched):
+        return
+    bad = missing or mismatched
+    what = "missing" if missing else "of the wrong shape"
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    raise ModelLoadError(
+        f"{gguf_path} lacks weights of its model: {len(bad)} {what} ({', '.join(bad[:3])}{more}), which "
+        "would be filled with random values; use a complete GGUF file (download or convert it again)"
+    )
 
 
 def _publish(tmp: Path, target: Path) -> None:

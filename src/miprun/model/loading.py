@@ -129,7 +129,14 @@ def load_model(
         lm, report = loaded
     except Exception as exc:
         raise _load_error(exc, name, folder) from exc
-    _check_complete(report, name)
+    try:
+        _check_complete(report, name)
+    except ModelLoadError as exc:
+        if folder is not None and _is_conversion(folder):
+            raise ModelLoadError(
+                f"{exc}; {folder} is miprun's converted copy: delete it and run again"
+            ) from None
+        raise
     if device_map is None:
         lm.to(dev)
     lm.eval()
@@ -222,12 +229,22 @@ def _load_error(exc: Exception, name: str, folder: Path | None) -> Exception:
             "Pass a local model folder, a .gguf file, or an embedded model that needs no hub: "
             f"{', '.join(EMBEDDED_MODELS)}."
         )
+    if folder is not None and _is_conversion(folder):
+        return ModelLoadError(
+            f"could not load {folder}, miprun's converted copy of {name} in its cache: {exc}. The copy is "
+            f"damaged; delete the folder {folder} and run again (the model is converted afresh)"
+        )
     if folder is not None:
         return ModelLoadError(
             f"could not load the model folder {folder}: {exc} "
             "(expected a complete Hugging Face causal-LM folder: config.json, *.safetensors, tokenizer files)"
         )
     return exc
+
+
+def _is_conversion(folder: Path) -> bool:
+    """Whether ``folder`` is one of miprun's converted models in its cache (a GGUF file's, an embedded one)."""
+    return folder.resolve().parent == (cache_dir() / "models").resolve()
 
 
 def check_safetensors(folder: Path) -> None:
