@@ -96,6 +96,20 @@ def test_bench_rejects_a_bad_config_before_running(tiny_tokenizer, monkeypatch):
         bench(lm, repeat=2)
 
 
+def test_bench_refuses_a_prompt_and_decode_beyond_the_positions(tiny_tokenizer, monkeypatch):
+    """`--prompt-len 100000` hung, `--new-tokens` past the positions was accepted (issue #19)."""
+    import miprun.evaluation.bench as bench_module
+
+    lm = LoadedModel(tiny_model("llama")[0], tiny_tokenizer, "m", None)  # 128 positions
+    monkeypatch.setattr(bench_module, "_Runner", lambda *a, **k: pytest.fail("measured beyond the positions"))
+    with pytest.raises(
+        InvalidOptionError, match=r"--prompt-len 100000 plus --new-tokens 32 is 100032 positions"
+    ):
+        bench(lm, prompt_len=100000)
+    with pytest.raises(InvalidOptionError, match=r"more than the 128 positions m was built for"):
+        bench(lm, prompt_len=100, new_tokens=29)
+
+
 def test_bench_flat_overrides_reach_the_config(tiny_tokenizer):
     lm = LoadedModel(tiny_model("llama")[0], tiny_tokenizer, "m", None)
     result = bench(lm, prompt_len=6, new_tokens=2, batch_sizes=[2], warmup=0, repeats=1)

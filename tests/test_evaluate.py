@@ -164,7 +164,10 @@ def test_perplexity_through_evaluate_equals_the_perplexity_module(tiny_tokenizer
     assert first["perplexity"][str(HELDOUT_TXT)]["ppl"] == pytest.approx(
         perplexity(lm.model, windows[:3]), rel=1e-9
     )
-    assert evaluate(lm, no_ppl=True, progress=False)["perplexity"] == {}
+    with pytest.raises(
+        InvalidOptionError, match="nothing to evaluate"
+    ):  # issue #19: it returned an empty result
+        evaluate(lm, no_ppl=True, progress=False)
 
 
 def test_evaluate_checks_its_options_before_loading_anything(monkeypatch):

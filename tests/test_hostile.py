@@ -295,6 +295,17 @@ def test_a_results_file_never_replaces_an_input(tiny_dir, tmp_path, capsys, comm
     assert text.read_text() == HELDOUT_TXT.read_text()
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--no-ppl"], "nothing to evaluate: --no-ppl skips perplexity"), (["--ppl", ","], "names no text")],
+)
+def test_an_evaluation_that_measures_nothing_is_refused(tiny_dir, tmp_path, capsys, flags, message):
+    out = tmp_path / "eval.json"
+    args = ["eval", "--model", str(tiny_dir), "--out", str(out), "--ppl-seq-len", "16", "--quiet"]
+    assert main([*args, *flags]) == 1
+    assert message in capsys.readouterr().err and not out.exists()
+
+
 @pytest.mark.parametrize("command", ["compare", "eval"])
 def test_bad_names_and_outputs_fail_before_any_work(tiny_dir, tmp_path, capsys, command):
     blocker = tmp_path / "file"

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from miprun.errors import InvalidOptionError
-from miprun.model.layouts import num_blocks
+from miprun.model.layouts import max_positions, num_blocks
 from miprun.model.loading import LoadedModel, as_loaded
 from miprun.options import BenchConfig, BenchOptions, with_overrides
 
@@ -200,6 +200,18 @@ def _eval_mode(*models: torch.nn.Module) -> Iterator[None]:
             m.train(mode)
 
 
+def _check_positions(loaded: LoadedModel, cfg: BenchConfig) -> None:
+    """Refuse a prompt and decode longer than the model's positions, before anything runs (it would hang or
+    fail deep inside the model)."""
+    limit = max_positions(loaded.model)
+    total = cfg.prompt_len + cfg.new_tokens
+    if limit is not None and total > limit:
+        raise InvalidOptionError(
+            f"--prompt-len {cfg.prompt_len} plus --new-tokens {cfg.new_tokens} is {total} positions, more "
+            f"than the {limit} positions {loaded.name} was built for; lower them to {limit} in all"
+        )
+
+
 def bench(
     model: str | LoadedModel | None,
     options: BenchOptions | None = None,
@@ -227,6 +239,8 @@ def bench(
         raise InvalidOptionError(
             f"the model is on {where[0]} and --against on {where[1]}: load both on one device (--device {where[0]})"
         )
+    for x in loaded:
+        _check_positions(x, cfg)
     vocab = min(x.model.get_input_embeddings().num_embeddings for x in loaded)
     generator = torch.Generator().manual_seed(cfg.seed)
     # Ids 0..2 are often special tokens; random ordinary tokens are what matters for timing.

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from miprun.assets import HubUnreachableError, is_hub_unreachable
-from miprun.errors import MissingDependencyError, UnknownNameError
+from miprun.errors import InvalidOptionError, MissingDependencyError, UnknownNameError
 from miprun.evaluation.heldout import heldout_windows, perplexity_record
 from miprun.evaluation.tasks import OFFLINE_TASKS, write_tasks
 from miprun.model.layouts import num_blocks
@@ -182,6 +182,19 @@ def _pruning(loaded: LoadedModel) -> dict[str, Any] | None:
     return {k: data.get(k) for k in ("removed", "num_blocks_before", "num_blocks_after")}
 
 
+def check_something_to_measure(opts: EvaluateOptions) -> None:
+    """Refuse an evaluation that would measure nothing (``--no-ppl`` without tasks, ``--ppl ','``)."""
+    if opts.no_ppl and not opts.tasks:
+        raise InvalidOptionError(
+            "nothing to evaluate: --no-ppl skips perplexity and no --tasks were given; pass --tasks "
+            "(e.g. --tasks social_iqa) or drop --no-ppl"
+        )
+    if not opts.no_ppl and not opts.ppl:
+        raise InvalidOptionError(
+            "ppl (--ppl) names no text; pass one or more texts (e.g. --ppl wiki,nyt), or --no-ppl with --tasks"
+        )
+
+
 def evaluate(
     model: str | LoadedModel | None = None, options: EvaluateOptions | None = None, **overrides: Any
 ) -> dict[str, Any]:
@@ -193,6 +206,7 @@ def evaluate(
             (``tasks=["social_iqa"]``, ``limit=200``, ``ppl=["wiki", "nyt"]``, ``no_ppl=True``).
     """
     opts = with_overrides(options or EvaluateOptions(), **overrides)
+    check_something_to_measure(opts)
     check_tasks(opts.tasks)
     timings: dict[str, float] = {}
     start = time.perf_counter()
