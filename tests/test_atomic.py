@@ -182,6 +182,14 @@ def test_file_out_and_unwritable_parent_are_refused_early(
 # ----------------------------------------------------------------------------- races and concurrent runs
 
 
+def test_no_lock_file_stays_beside_the_output(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    write_steps(out, output_steps("old"), overwrite=False, progress=False)
+    write_steps(out, output_steps("new"), overwrite=True, progress=False)
+    assert recover(out) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .out.lock (issue #19)
+
+
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_folder_appearing_during_the_run_is_not_replaced(tmp_path: Path, overwrite: bool) -> None:
     out = tmp_path / "out"

@@ -4,8 +4,8 @@ A folder is written into ``.NAME.tmp-TOKEN`` beside ``out`` (TOKEN: random, reco
 ``.NAME.swap``), flushed to disk, then swapped in through that journal, so an interrupt or a crash at any
 moment leaves the old output or the new one; :func:`recover` finishes or rolls back whatever a killed run
 left, touching only the folders its journal names. ``--overwrite`` replaces only an empty folder or a
-previous miprun output holding nothing but the files its manifest lists, and a lock (``.NAME.lock``) keeps
-two runs apart.
+previous miprun output holding nothing but the files its manifest lists, and a lock (``.NAME.lock``, deleted
+when released) keeps two runs apart.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
-from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from miprun.errors import MiprunError, OutputError
+from miprun.lockfile import LockBusy, SelfDeletingLock
 
 log = logging.getLogger(__name__)
 
@@ -319,10 +319,10 @@ def locked_output(out: str | Path) -> Iterator[None]:
         raise OutputNotWritableError(
             f"cannot create the folder {out.parent} ({exc.strerror}); choose another --out"
         ) from exc
-    lock = FileLock(_lock_path(out), timeout=0)
+    lock = SelfDeletingLock(_lock_path(out))
     try:
         lock.acquire()
-    except Timeout:
+    except LockBusy:
         pid = _lock_holder(_lock_path(out))
         who = f"another process (pid {pid})" if pid else "another process"
         raise OutputBusyError(
