@@ -279,3 +279,18 @@ def test_a_plan_is_checked_against_the_model_it_is_applied_to(tiny_tokenizer, tm
     assert num_blocks(other) == plan.num_blocks_before  # refused before any change
     assert num_blocks(miprun.apply_plan(other, plan, strict=False)) == plan.num_blocks_after
     assert num_blocks(miprun.apply_plan(tiny_model("llama")[0], plan)) == plan.num_blocks_after
+
+
+def test_an_option_changed_after_it_was_built_is_checked_again(tiny_tokenizer):
+    import dataclasses
+
+    from miprun.options import with_overrides
+
+    opts = with_overrides(
+        miprun.PruneOptions(num_blocks=1), calibration=dataclasses.replace(CAL), cache=False
+    )
+    opts.calibration.samples = 0  # after construction: no __post_init__ ran
+    with pytest.raises(
+        miprun.errors.InvalidOptionError, match=r"samples \(--samples\) must be at least 1, got 0"
+    ):
+        prune(loaded("llama", tiny_tokenizer), opts)

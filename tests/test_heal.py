@@ -315,3 +315,25 @@ def test_heal_through_the_cli_writes_a_healed_miprun_output(tmp_path, tiny_token
     )  # the finished run's checkpoint is gone
     with pytest.raises(ValueError, match="was healed"):
         miprun.apply_plan(tiny_model("llama")[0], healed / "miprun.json")
+
+
+@pytest.mark.integration
+def test_a_work_dir_inside_the_output_is_refused_before_training(tmp_path, tiny_tokenizer, monkeypatch):
+    """`heal --work-dir h --out h` trained fully, then refused to save (issue #19)."""
+    import miprun
+    from miprun.api import heal as heal_folder
+
+    dense = tmp_path / "dense"  # a folder, so that the teacher loads (as heal does) without the hub
+    tiny_model("llama")[0].save_pretrained(dense)
+    tiny_tokenizer.save_pretrained(dense)
+    calibration = {"source": str(CALIBRATION_TXT), "samples": 4, "seq_len": 24}
+    miprun.prune(
+        str(dense), num_blocks=2, **calibration, cache=False, out=tmp_path / "pruned", progress=False
+    )
+    monkeypatch.setattr(
+        heal_module, "heal", lambda *a, **k: pytest.fail("trained before checking --work-dir")
+    )
+    for work_dir in (tmp_path / "h", tmp_path / "h" / "checkpoints"):
+        with pytest.raises(InvalidOptionError, match=r"is or lies inside --out"):
+            heal_folder(tmp_path / "pruned", out=tmp_path / "h", work_dir=str(work_dir), progress=False)
+    assert not (tmp_path / "h").exists()

@@ -399,9 +399,21 @@ def heal(
     teacher_name = opts.teacher or plan.model.get("path") or plan.model["name"]
     work_dir = Path(opts.work_dir) if opts.work_dir else out_path.parent / f".{out_path.name}.heal-work"
     inputs = tuple(p for p in (folder, Path(str(teacher_name)), Path(str(opts.config.source))) if p.exists())
+    _check_work_dir(work_dir, out_path)
     check_output(out_path, overwrite, inputs=inputs)
     with locked_output(out_path):
         return _heal(folder, teacher_name, opts, plan, (out_path, work_dir, overwrite, inputs))
+
+
+def _check_work_dir(work_dir: Path, out: Path) -> None:
+    """Refuse a ``work_dir`` that is ``out`` or lies inside it: the output folder is written as a whole at the
+    end, so the checkpoints cannot live in it (checked before the training, not after it)."""
+    work, target = work_dir.expanduser().resolve(), out.expanduser().resolve()
+    if work == target or target in work.parents:
+        raise InvalidOptionError(
+            f"--work-dir {work_dir} is or lies inside --out {out}, which is written as a whole when the "
+            "healing is done; choose a --work-dir outside --out (the default is beside it)"
+        )
 
 
 def _plan_of(folder: Path) -> PrunePlan:

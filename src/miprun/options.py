@@ -99,6 +99,12 @@ class Options:
             _check_field(f, getattr(self, f.name), hints[f.name])
         self.check()
 
+    def validate(self) -> None:
+        """Check every field again, nested groups included: for an object changed after it was built."""
+        for _, group in groups(self):
+            group.validate()
+        self.__post_init__()
+
     def check(self) -> None:
         """Checks across fields; subclasses extend it."""
 
@@ -195,6 +201,8 @@ def with_overrides(options: T, **flat: Any) -> T:
     A whole group can be replaced by its own name (``calibration=CalibrationConfig(...)``).
     """
     if not flat:
+        if isinstance(options, Options):
+            options.validate()  # an object changed after it was built (``opts.calibration.samples = 0``)
         return options
     leaves = flat_fields(type(options))
     group_names = {name for name, _ in groups(options)}
