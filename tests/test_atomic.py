@@ -469,6 +469,22 @@ def test_disk_full_names_the_step_and_keeps_the_previous_output(tmp_path: Path) 
     assert leftovers(out) == []
 
 
+def test_disk_full_inside_safetensors_gets_the_same_message(tmp_path: Path) -> None:
+    """safetensors reports ENOSPC as its own error, which reached the user raw (issue #19)."""
+    from safetensors import SafetensorError
+
+    out = make_output(tmp_path / "out", "old")
+
+    def full(_: Path) -> None:
+        message = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        raise SafetensorError(message)
+
+    with pytest.raises(DiskFullError, match=r"no space left on the device while writing the weights of"):
+        write_steps(out, [("weights", full), *output_steps("new")], overwrite=True, progress=False)
+    assert which_output(out) == "old"
+    assert leftovers(out) == []
+
+
 @pytest.mark.parametrize(
     ("bad", "where"), [(float("nan"), "b.c[1]"), (float("inf"), "b.c[1]"), (float("-inf"), "b.c[1]")]
 )

@@ -506,3 +506,18 @@ def test_a_damaged_conversion_cache_says_to_delete_it(
     weights.write_bytes(weights.read_bytes()[:100])  # a crash, a full disk, bit rot
     with pytest.raises(ModelLoadError, match=rf"delete the folder {re.escape(str(converted))} and run again"):
         load_model(str(sources["llama"]), device="cpu")
+
+
+def test_a_truncated_gguf_is_named_as_such(sources: dict[str, Path], tmp_path: Path) -> None:
+    """It said "cannot reshape array of size ..." (issue #19)."""
+    from miprun.assets import convert_gguf
+    from miprun.errors import ModelLoadError
+
+    data = sources["llama"].read_bytes()
+    truncated = tmp_path / "model.gguf"
+    truncated.write_bytes(data[: len(data) * 3 // 4])
+    with pytest.raises(
+        ModelLoadError, match=r"cannot read the GGUF file .*model.gguf .*it is truncated or damaged"
+    ):
+        convert_gguf(truncated, tmp_path / "converted")
+    assert not (tmp_path / "converted").exists()

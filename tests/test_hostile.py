@@ -335,6 +335,7 @@ def test_bad_names_and_outputs_fail_before_any_work(tiny_dir, tmp_path, capsys, 
     [
         (lambda p: p.mkdir(), "is a folder"),
         (lambda p: p.write_bytes(b"text\x00\x01binary"), "NUL bytes"),
+        (lambda p: os.mkfifo(p), "is a named pipe (FIFO)"),  # was "text file not found" (issue #19)
     ],
 )
 def test_bad_calibration_files_are_named(tiny_dir, tmp_path, capsys, make, message):

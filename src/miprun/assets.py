@@ -286,12 +286,19 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     start = time.perf_counter()
     log.info("Converting %s into %s (once; later runs load the converted folder)", gguf_path.name, out_dir)
     src_dir, name = str(gguf_path.parent), gguf_path.name
-    loaded: Any = AutoModelForCausalLM.from_pretrained(
-        src_dir, gguf_file=name, dtype=torch.float32, output_loading_info=True
-    )
+    try:
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
+            src_dir, gguf_file=name, dtype=torch.float32, output_loading_info=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+    except (ValueError, OSError, KeyError, IndexError, EOFError) as exc:  # numpy's reshape, a short read
+        raise ModelLoadError(
+            f"cannot read the GGUF file {gguf_path} ({type(exc).__name__}: {exc}): it is truncated or "
+            "damaged (compare its size with the source's), or transformers cannot read its architecture "
+            "from GGUF; download or convert it again, or pass the model's Hugging Face folder"
+        ) from exc
     gguf_model, report = loaded
     _check_every_weight(report, gguf_path)
-    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

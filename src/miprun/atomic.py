@@ -605,13 +605,22 @@ def _disk_full_message(out: Path, step: str) -> Iterator[None]:
     """Turn ENOSPC (or a full quota) while writing ``step`` into the documented one-line message."""
     try:
         yield
-    except OSError as exc:
-        if exc.errno not in _DISK_FULL or isinstance(exc, DiskFullError):
+    except Exception as exc:
+        if isinstance(exc, DiskFullError) or not _is_disk_full(exc):
             raise
         raise DiskFullError(
             f"no space left on the device while writing the {step} of {out}: nothing was written there "
             f"(a previous {out.name} is untouched); free some space or pass --out on another disk"
         ) from exc
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC (or a full quota) as an OSError, or as the text of a library's own error (safetensors raises
+    ``SafetensorError: ... IoError(Os { code: 28, kind: StorageFull, ... })``)."""
+    if isinstance(exc, OSError):
+        return exc.errno in _DISK_FULL
+    text = str(exc)
+    return any(mark in text for mark in ("No space left on device", "StorageFull", "Disk quota exceeded"))
 
 
 def _seal(folder: Path) -> None:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,12 @@ def _local(path: Path) -> TextSource:
     if path.is_dir():
         raise DataError(
             f"{path} is a folder; pass a .txt or .jsonl file of text (or a built-in name such as wiki)"
+        )
+    if path.exists() and not path.is_file():
+        kind = "a named pipe (FIFO)" if stat.S_ISFIFO(path.stat().st_mode) else "not a regular file"
+        raise DataError(
+            f"{path} is {kind}, which miprun cannot read more than once; save the text to a regular .txt "
+            "or .jsonl file and pass that"
         )
     if not path.is_file():
         raise DataNotFoundError(f"text file not found: {path}")
