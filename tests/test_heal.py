@@ -337,3 +337,50 @@ def test_a_work_dir_inside_the_output_is_refused_before_training(tmp_path, tiny_
         with pytest.raises(InvalidOptionError, match=r"is or lies inside --out"):
             heal_folder(tmp_path / "pruned", out=tmp_path / "h", work_dir=str(work_dir), progress=False)
     assert not (tmp_path / "h").exists()
+
+
+def _edit_removed(folder: Path, removed: Any) -> None:
+    manifest = json.loads((folder / "miprun.json").read_text())
+    (folder / "miprun.json").write_text(json.dumps({**manifest, "removed": removed}))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda f, m: _edit_removed(f, [0, 5]),
+            r"says block 0 of the model beside it is block 1 of the dense",
+        ),
+        (lambda f, m: _edit_removed(f, "1,2"), r"removed is '1,2', expected a list of block indices"),
+        (lambda f, m: _edit_removed(f, [1, 2, 3]), r"3 = 3 blocks remain, but the model beside it has 4"),
+        (lambda f, m: m.save_pretrained(f), r"2 = 4 blocks remain, but the model beside it has 3"),
+    ],
+    ids=["removed-changed", "removed-not-a-list", "removed-longer", "fewer-layers"],
+)
+def test_heal_refuses_a_manifest_that_disagrees_with_the_weights(
+    tmp_path, tiny_tokenizer, monkeypatch, edit, message
+):
+    """heal ran to exit 0 on an edited miprun.json and wrote a manifest that disagreed with the weights."""
+    from tiny_models import tiny_variant
+
+    import miprun
+    from miprun.api import heal as heal_folder
+    from miprun.errors import ScoresError
+
+    dense = tmp_path / "dense"
+    tiny_model("llama")[0].save_pretrained(dense)
+    tiny_tokenizer.save_pretrained(dense)
+    pruned = tmp_path / "pruned"
+    calibration = {"source": str(CALIBRATION_TXT), "samples": 4, "seq_len": 24}
+    result = miprun.prune(
+        str(dense), num_blocks=2, method="last-n", **calibration, cache=False, out=pruned, progress=False
+    )
+    assert result.plan.removed == [3, 4]  # last-n: the deepest blocks but the final one
+    edit(pruned, tiny_variant("llama", 3, 64))
+    monkeypatch.setattr(
+        heal_module, "heal", lambda *a, **k: pytest.fail("trained on an inconsistent manifest")
+    )
+    with pytest.raises(ScoresError, match=message):
+        heal_folder(pruned, out=tmp_path / "healed", progress=False)
+    assert not (tmp_path / "healed").exists()

@@ -306,6 +306,26 @@ def test_an_evaluation_that_measures_nothing_is_refused(tiny_dir, tmp_path, caps
     assert message in capsys.readouterr().err and not out.exists()
 
 
+def test_eval_refuses_a_manifest_that_disagrees_with_the_weights(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(prune_args(tiny_dir, out)) == 0
+    manifest = json.loads((out / "miprun.json").read_text())
+    (out / "miprun.json").write_text(json.dumps({**manifest, "removed": [*manifest["removed"], 0]}))
+    args = [
+        "eval",
+        "--model",
+        str(out),
+        "--ppl",
+        str(HELDOUT_TXT),
+        "--ppl-seq-len",
+        "16",
+        "--ppl-windows",
+        "2",
+    ]
+    assert main([*args, "--quiet"]) == 1
+    assert "3 = 3 blocks remain, but the model beside it has 4" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["compare", "eval"])
 def test_bad_names_and_outputs_fail_before_any_work(tiny_dir, tmp_path, capsys, command):
     blocker = tmp_path / "file"

@@ -327,7 +327,11 @@ def apply_plan(
     plan_types = (PrunePlan, str, Path)
     check_argument("apply_plan", "plan", plan, plan_types, "a PrunePlan or the path of a miprun.json")
     check_flag_argument("apply_plan", "strict", strict)
-    plan = plan if isinstance(plan, PrunePlan) else PrunePlan.read(Path(plan))
+    from miprun.output.consistency import check_removed
+
+    path = Path(plan) if not isinstance(plan, PrunePlan) else Path("(the PrunePlan given)")
+    plan = plan if isinstance(plan, PrunePlan) else PrunePlan.read(path)
+    check_removed(plan.num_blocks_before, plan.removed, path)
     made_for = plan.model.get("name")
     found_type = getattr(getattr(model, "config", None), "model_type", None)
     want_type = plan.model.get("model_type")
@@ -341,13 +345,6 @@ def apply_plan(
         raise InvalidOptionError(
             f"the plan is for a model with {plan.num_blocks_before} blocks; this one has {found}"
         )
-    fingerprint = plan.model.get("fingerprint")
-    if strict and fingerprint is not None and (mine := model_fingerprint(model)) != fingerprint:
-        raise InvalidOptionError(
-            f"the plan was made for {made_for!r} (fingerprint {fingerprint}); this model's fingerprint is "
-            f"{mine}, so it is another model (or the same one in another dtype): apply the plan to the "
-            "model it names, or pass strict=False if you are sure it is the same"
-        )
     if plan.heal is not None:
         raise InvalidOptionError(
             "the plan's model was healed (distilled toward the dense model), which changed its weights; load "
@@ -358,6 +355,13 @@ def apply_plan(
             f"the plan's repair {plan.repair.name!r} changed {len(plan.repair.changed)} weights that the plan "
             "does not hold; load the pruned folder itself (AutoModelForCausalLM.from_pretrained(FOLDER)), or "
             f"prune the dense model again with --repair {plan.repair.name}"
+        )
+    fingerprint = plan.model.get("fingerprint")
+    if strict and fingerprint is not None and (mine := model_fingerprint(model)) != fingerprint:
+        raise InvalidOptionError(
+            f"the plan was made for {made_for!r} (fingerprint {fingerprint}); this model's fingerprint is "
+            f"{mine}, so it is another model (or the same one in another dtype): apply the plan to the "
+            "model it names, or pass strict=False if you are sure it is the same"
         )
     return remove_blocks(model, plan.removed)
 
@@ -435,6 +439,8 @@ def _heal(
     where: tuple[Path, Path, bool, tuple[Path, ...]],
 ) -> HealResult:
     from miprun.model.identity import model_fingerprint
+    from miprun.output.consistency import check_plan_matches
+    from miprun.output.manifest import MANIFEST_NAME
     from miprun.output.save import SaveSettings, save
     from miprun.repair.heal import CHECKPOINT_NAME
     from miprun.repair.heal import heal as distil
@@ -449,6 +455,7 @@ def _heal(
             f"{teacher.name} is not the model {folder} was pruned from ({plan.model['name']}, fingerprint "
             f"{plan.model.get('fingerprint')}); pass that dense model as --teacher"
         )
+    check_plan_matches(plan, folder / MANIFEST_NAME, student.model, teacher.model)
     evaluation = _heal_evaluation_before(student, teacher, opts, timings)
     with timed(timings, "heal"):
         report = distil(student, teacher, opts.config, work_dir=work_dir, progress=opts.progress)

@@ -61,7 +61,7 @@ def gaussian_mi(joint_cov: torch.Tensor, dx: int, shrinkage: float) -> float:
 
 @dataclass
 class GaussianMI(Estimator):
-    """Gaussian MI of the joint covariance of two states, after a shared random projection to ``proj_dim``."""
+    """Gaussian MI of the joint covariance of two states, after a shared random projection to ``proj_dim`` (0: none)."""
 
     name: ClassVar[str] = "gaussian"
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
-import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -178,7 +177,15 @@ def _pruning(loaded: LoadedModel) -> dict[str, Any] | None:
     """What ``miprun.json`` beside the model says was removed, if the model came from a miprun folder."""
     if loaded.path is None or not (Path(loaded.path) / MANIFEST_NAME).is_file():
         return None
-    data = json.loads((Path(loaded.path) / MANIFEST_NAME).read_text(encoding="utf-8"))
+    from miprun.output.consistency import check_block_count, check_removed
+    from miprun.ownership import read_manifest
+
+    path = Path(loaded.path) / MANIFEST_NAME
+    data = read_manifest(loaded.path)
+    if data is None:  # a file of another tool under the same name
+        return None
+    check_removed(data.get("num_blocks_before"), data.get("removed"), path)
+    check_block_count(data["num_blocks_before"], data["removed"], path, loaded.model)
     return {k: data.get(k) for k in ("removed", "num_blocks_before", "num_blocks_after")}
 
 
