@@ -110,6 +110,23 @@ def test_bench_refuses_a_prompt_and_decode_beyond_the_positions(tiny_tokenizer, 
         bench(lm, prompt_len=100, new_tokens=29)
 
 
+def test_bench_refuses_batch_sizes_whose_kv_cache_cannot_fit(tiny_tokenizer, monkeypatch):
+    """`--batch-sizes 100000` was accepted (issue #19), then swapped or crashed."""
+    import miprun.evaluation.bench as bench_module
+
+    lm = LoadedModel(tiny_model("llama")[0], tiny_tokenizer, "m", None)
+    monkeypatch.setattr(bench_module, "free_memory", lambda device: 2**30, raising=False)
+    monkeypatch.setattr(
+        bench_module, "_Runner", lambda *a, **k: pytest.fail("measured a batch that cannot fit")
+    )
+    with pytest.raises(
+        InvalidOptionError, match=r"--batch-sizes 100000 needs about 1.4 GiB for the KV cache of m"
+    ):
+        bench(lm, prompt_len=8, new_tokens=2, batch_sizes=[1, 100000])
+    # 6 layers x 2 KV heads x 16 dims x 2 (K, V) x 4 bytes = 1536 bytes per position
+    assert bench_module.kv_cache_estimate(lm.model, 10, 100) == 1536 * 1000
+
+
 def test_bench_flat_overrides_reach_the_config(tiny_tokenizer):
     lm = LoadedModel(tiny_model("llama")[0], tiny_tokenizer, "m", None)
     result = bench(lm, prompt_len=6, new_tokens=2, batch_sizes=[2], warmup=0, repeats=1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from miprun.errors import InvalidOptionError
-from miprun.model.layouts import max_positions, num_blocks
+from miprun.model.layouts import max_positions, model_config, num_blocks, text_config
 from miprun.model.loading import LoadedModel, as_loaded
 from miprun.options import BenchConfig, BenchOptions, with_overrides
 
@@ -212,6 +213,45 @@ def _check_positions(loaded: LoadedModel, cfg: BenchConfig) -> None:
         )
 
 
+def kv_cache_estimate(model: torch.nn.Module, batch: int, positions: int) -> int | None:
+    """Bytes of the KV cache of ``batch`` sequences of ``positions`` tokens (None when the config is unusual)."""
+    cfg = text_config(model_config(model))
+    layers, heads = getattr(cfg, "num_hidden_layers", None), getattr(cfg, "num_attention_heads", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    if not (isinstance(layers, int) and isinstance(heads, int) and isinstance(hidden, int) and heads > 0):
+        return None
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    size = next(model.parameters()).element_size()
+    return 2 * layers * batch * positions * int(kv_heads) * int(head_dim) * size
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device`` (CUDA: the driver's count; CPU: available pages, Linux)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+def _check_memory(loaded: LoadedModel, cfg: BenchConfig) -> None:
+    """Refuse batch sizes whose KV cache alone cannot fit in the free memory (it would swap, hang or crash)."""
+    batch = max(cfg.batch_sizes)
+    need = kv_cache_estimate(loaded.model, batch, cfg.prompt_len + cfg.new_tokens)
+    device = next(loaded.model.parameters()).device
+    free = free_memory(device)
+    if need is not None and free is not None and need > free:
+        raise InvalidOptionError(
+            f"--batch-sizes {batch} needs about {need / 2**30:.1f} GiB for the KV cache of {loaded.name} "
+            f"({batch} x {cfg.prompt_len + cfg.new_tokens} positions), more than the {free / 2**30:.1f} GiB "
+            f"free on {device}; use smaller batch sizes (or a shorter --prompt-len)"
+        )
+
+
 def bench(
     model: str | LoadedModel | None,
     options: BenchOptions | None = None,
@@ -241,6 +281,7 @@ def bench(
         )
     for x in loaded:
         _check_positions(x, cfg)
+        _check_memory(x, cfg)
     vocab = min(x.model.get_input_embeddings().num_embeddings for x in loaded)
     generator = torch.Generator().manual_seed(cfg.seed)
     # Ids 0..2 are often special tokens; random ordinary tokens are what matters for timing.
