@@ -241,6 +241,24 @@ def test_sleb_matches_brute_force_for_one_block_and_greedy_for_two():
         path.removed(3)
 
 
+def test_a_nan_measurement_never_wins(monkeypatch):
+    """min() keeps a NaN that comes first, since nothing compares lower than it (issue #19's rule)."""
+    from miprun.errors import NonFiniteError
+
+    def loss(_model, _windows, removed, batch_size=4):
+        return math.nan if removed[-1] == 0 else float(removed[-1])
+
+    monkeypatch.setattr(fw, "calibration_loss", loss)
+    path = fw.sleb_path(tiny_model("llama")[0], WINDOWS, 2, batch_size=2)
+    assert path.order == [1, 2] and all(math.isfinite(x) for x in path.losses)
+    assert sim.lowest([math.nan, 2.0, 1.0, 3.0], 2) == [1, 2]
+    assert sim.angular_select(torch.tensor([[0.0, math.nan, 0.0], [0.0, 0.0, 0.2], [0.0, 0.0, 0.0]]), 1) == [
+        1
+    ]
+    with pytest.raises(NonFiniteError, match="1 of them are NaN or infinite"):
+        sim.lowest([math.nan, 2.0, math.inf], 2)
+
+
 def test_ppl_oneshot_equals_the_loss_of_each_block_removed_alone():
     model, _ = tiny_model("qwen3")
     one = fw.ppl_oneshot_losses(model, WINDOWS, batch_size=2)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from miprun.model.perplexity import perplexity
 from miprun.model.surgery import skip_blocks
+from miprun.ranking import rank
 
 
 @dataclass
@@ -69,7 +70,7 @@ class DamageOracle:
         """The contiguous window of ``n`` blocks whose removal hurts least, and its perplexity."""
         windows = [tuple(range(a, a + n)) for a in range(num_blocks - n + 1)]
         self.fill(windows, desc=f"oracle windows of {n}")
-        best = min(windows, key=lambda w: (self(w), w))
+        best = min(windows, key=lambda w: (rank(self(w)), w))  # a NaN perplexity never wins
         return list(best), self(best)
 
     def to_json(self) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from miprun.methods.similarity import lowest
 from miprun.model.layouts import num_blocks
 from miprun.model.perplexity import mean_nll
 from miprun.model.surgery import skip_blocks
+from miprun.ranking import check_chosen, rank
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,8 @@ def sleb_path(
         for b in candidates:
             trial[b] = calibration_loss(model, windows, [*path.order, b], batch_size=batch_size)
             bar.update()
-        best = min(candidates, key=lambda b: (trial[b], b))
+        best = min(candidates, key=lambda b: (rank(trial[b]), b))  # a NaN loss never wins
+        check_chosen([trial[best]], f"sleb step {len(path.order) + 1}: the calibration loss")
         path.order.append(best)
         path.losses.append(trial[best])
         path.forward_passes.append(len(candidates))

@@ -24,12 +24,14 @@ from miprun.capture.statistics import CosineSums
 from miprun.errors import ScoresError
 from miprun.methods.base import Choice, Evidence, GatherContext, Method
 from miprun.methods.search import check_n
+from miprun.ranking import check_chosen, rank
 
 
 def lowest(values: Sequence[float], n: int) -> list[int]:
     """Indices of the ``n`` smallest values (ties to the lower index), sorted."""
     check_n(len(values), n)
-    order = sorted(range(len(values)), key=lambda i: (values[i], i))
+    order = sorted(range(len(values)), key=lambda i: (rank(values[i]), i))  # NaN never wins
+    check_chosen([values[i] for i in order[:n]], "the lowest values")
     return sorted(order[:n])
 
 
@@ -53,7 +55,8 @@ def window_distances(mean_angle: torch.Tensor, n: int) -> list[float]:
 def angular_select(mean_angle: torch.Tensor, n: int) -> list[int]:
     """Gromov et al.: the contiguous window of ``n`` blocks with the smallest angular distance."""
     dist = window_distances(mean_angle, n)
-    start = min(range(len(dist)), key=lambda s: (dist[s], s))
+    start = min(range(len(dist)), key=lambda s: (rank(dist[s]), s))
+    check_chosen([dist[start]], "angular distance")
     return list(range(start, start + n))
 
 
