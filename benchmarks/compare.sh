@@ -28,5 +28,5 @@ for model in "${models[@]}"; do
     --repairs "${REPAIRS:-none,linear}" \
     --samples 8 --seq-len 128 --eval-samples 8 --eval-seq-len 256 \
     "${tasks[@]}" \
-    --out "benchmarks/results/compare-$model" ${EXTRA:-}
+    --out "benchmarks/results/compare-$model" --overwrite ${EXTRA:-}
 done
