@@ -262,6 +262,7 @@ def test_the_documented_options_objects_work():
     assert (readme.num_blocks, readme.repair_config.repair) == (6, "linear")
     assert (docstring.ratio, docstring.scoring.method) == (0.2, "shortgpt")
     assert miprun.PruneOptions(samples=8, calibration=CAL).calibration.samples == 8  # flat name over a group
+    assert callable(miprun.heal) and miprun.HealOptions(tokens=256).config.tokens == 256  # README's miprun.heal
 
 
 def test_a_plan_is_checked_against_the_model_it_is_applied_to(tiny_tokenizer, tmp_path):

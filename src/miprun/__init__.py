@@ -13,15 +13,17 @@ from typing import Any
 __version__ = "0.1.0"
 __all__ = [
     "CalibrationConfig",
+    "HealOptions",
     "MiprunError",
     "PruneOptions",
     "ScoreOptions",
     "apply_plan",
+    "heal",
     "prune",
     "score",
     "select",
 ]
-_OPTIONS = {"CalibrationConfig", "PruneOptions", "ScoreOptions"}
+_OPTIONS = {"CalibrationConfig", "HealOptions", "PruneOptions", "ScoreOptions"}
 
 
 def __getattr__(name: str) -> Any:
