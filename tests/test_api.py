@@ -262,7 +262,9 @@ def test_the_documented_options_objects_work():
     assert (readme.num_blocks, readme.repair_config.repair) == (6, "linear")
     assert (docstring.ratio, docstring.scoring.method) == (0.2, "shortgpt")
     assert miprun.PruneOptions(samples=8, calibration=CAL).calibration.samples == 8  # flat name over a group
-    assert callable(miprun.heal) and miprun.HealOptions(tokens=256).config.tokens == 256  # README's miprun.heal
+    assert (
+        callable(miprun.heal) and miprun.HealOptions(tokens=256).config.tokens == 256
+    )  # README's miprun.heal
 
 
 def test_a_plan_is_checked_against_the_model_it_is_applied_to(tiny_tokenizer, tmp_path):
@@ -295,3 +297,23 @@ def test_an_option_changed_after_it_was_built_is_checked_again(tiny_tokenizer):
         miprun.errors.InvalidOptionError, match=r"samples \(--samples\) must be at least 1, got 0"
     ):
         prune(loaded("llama", tiny_tokenizer), opts)
+
+
+def test_results_are_never_written_over_what_they_were_computed_from(tiny_tokenizer, tmp_path):
+    """The writers' own check, for the Python API (the CLI refuses the same before any work)."""
+    from miprun.atomic import UnsafeOutputError
+    from miprun.evaluation.evaluate import evaluate, write_json
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama")[0].save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    config = (folder / "config.json").read_bytes()
+    result = score(str(folder), calibration=CAL, cache=False, progress=False)
+    with pytest.raises(UnsafeOutputError, match=r"lies inside the input .*tiny that this run reads"):
+        result.write(folder / "config.json")
+    text = tmp_path / "heldout.txt"
+    text.write_text(HELDOUT_TXT.read_text())
+    evaluation = evaluate(str(folder), ppl=[str(text)], ppl_seq_len=16, ppl_windows=2, progress=False)
+    with pytest.raises(UnsafeOutputError, match=r"is the input .*heldout.txt"):
+        write_json(evaluation, text)
+    assert (folder / "config.json").read_bytes() == config and text.read_text() == HELDOUT_TXT.read_text()

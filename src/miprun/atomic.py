@@ -686,6 +686,12 @@ def check_file_output(out: str | Path, overwrite: bool, *, inputs: Iterable[str 
     _check_writable(_resolve(path))
 
 
+def check_results_file(out: str | Path, inputs: Iterable[str | Path | None]) -> None:
+    """Refuse writing a results file over one of the files it was computed from, or into a model folder it
+    read (the writers' own last check; the CLI checks the same before any work)."""
+    _check_file_apart(_resolve(out), [given for given in inputs if given is not None])
+
+
 def _check_file_apart(out: Path, inputs: Iterable[str | Path]) -> None:
     """Refuse an output file that is an input file of the run, or lies inside an input folder."""
     for given in inputs:

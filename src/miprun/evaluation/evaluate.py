@@ -268,7 +268,13 @@ def evaluate(
 
 
 def write_json(result: dict[str, Any], path: str | Path) -> None:
-    """Write an evaluation or benchmark result as strict, indented JSON, atomically."""
+    """Write an evaluation or benchmark result as strict, indented JSON, atomically; never over a file it
+    was computed from or into a model folder it read."""
+    from miprun.atomic import check_results_file
     from miprun.atomic import write_json as write
 
+    models = [
+        part.get("path") for part in (result.get("model"), result.get("dense")) if isinstance(part, dict)
+    ]
+    check_results_file(path, [*models, *(result.get("perplexity") or {})])
     write(path, result)

@@ -63,9 +63,13 @@ class ScoreResult:
         }
 
     def write(self, path: str | Path) -> None:
-        """Write strict JSON atomically (floats as their exact repr): a crash never leaves half a file."""
-        from miprun.atomic import write_json
+        """Write strict JSON atomically (floats as their exact repr): a crash never leaves half a file.
 
+        Never over the calibration text or into the model folder the scores were computed from.
+        """
+        from miprun.atomic import check_results_file, write_json
+
+        check_results_file(path, [self.model.get("path"), self.calibration.source])
         write_json(path, self.to_json())
 
     @classmethod
