@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from tqdm.auto import tqdm
+
 from miprun.errors import InvalidOptionError
 from miprun.methods.base import Choice, Evidence
 from miprun.methods.verified import MiVerified, Verifier, cost_record, winner
@@ -98,7 +100,9 @@ class MiSearch(MiVerified):
         last_value: dict[int, float] = {}
         steps: list[dict[str, Any]] = []
         ends: list[tuple[list[int], float]] = []
-        for step in range(n):
+        for step in tqdm(
+            range(n), desc="greedy removals", unit="block", disable=not verifier.progress, leave=False
+        ):
             kept = [b for b in range(total) if b not in cut.removed]
             fresh = (
                 kept if step == 0 else self._to_remeasure(kept, cut.removed, steps[-1]["block"], last_value)

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from miprun.capture.statistic import Statistic
 from miprun.errors import InvalidOptionError, NonFiniteError
@@ -73,6 +74,7 @@ class Verifier:
     budget_bytes: int = 1 << 30
     batch_size: int = 4
     repair: Any = None  # a pipeline.RepairHook: fit a repair for a set and fold it in temporarily
+    progress: bool = False  # a progress bar over the sets measured
     cache: BoundaryCache | None = field(default=None, init=False)
     dense: DenseTargets | None = field(default=None, init=False)
     layer_runs: int = field(default=0, init=False)  # decoder layers run over the windows, all candidates
@@ -107,7 +109,11 @@ class Verifier:
         repair = self.repair if repaired else None
         if repair is not None:
             repair.prepare(sets)  # one pass captures what every candidate's repair reads
-        scores = [self._one(cache, removed, repair=repair) for removed in sets]
+        label = "measuring candidates" + (" after the repair" if repair is not None else "")
+        scores = [
+            self._one(cache, removed, repair=repair)
+            for removed in tqdm(sets, desc=label, unit="set", disable=not self.progress, leave=False)
+        ]
         self.seconds += time.perf_counter() - start
         return scores
 
@@ -227,6 +233,7 @@ class MiVerified(Method):
             self.memory_mb << 20,
             ctx.batch_size,
             ctx.repair,
+            ctx.progress,
         )
         return {"verifier": verifier}
 
