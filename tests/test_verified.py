@@ -62,6 +62,9 @@ def test_a_nan_or_infinite_measurement_never_wins():
     assert winner([math.inf, 3.0], [0.0, 1.0], "sets") == 1
     with pytest.raises(NonFiniteError, match="NaN or infinite"):
         winner([math.nan, math.inf], [0.0, 0.0], "sets")
+    from miprun.methods.similarity import lowest
+
+    assert lowest([math.nan, 1.0, 2.0], 2) == [1, 2]  # the one-pass rankings too
 
 
 @pytest.mark.integration

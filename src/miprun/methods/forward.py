@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from miprun.errors import ScoresError
 from miprun.methods.base import Choice, Evidence, GatherContext, Method
-from miprun.methods.search import check_n
+from miprun.methods.search import check_n, finite
 from miprun.methods.similarity import lowest
 from miprun.model.layouts import num_blocks
 from miprun.model.perplexity import mean_nll
@@ -137,7 +137,7 @@ def sleb_path(
         for b in candidates:
             trial[b] = calibration_loss(model, windows, [*path.order, b], batch_size=batch_size)
             bar.update()
-        best = min(candidates, key=lambda b: (trial[b], b))
+        best = min(candidates, key=lambda b: (finite(trial[b]), b))
         path.order.append(best)
         path.losses.append(trial[best])
         path.forward_passes.append(len(candidates))

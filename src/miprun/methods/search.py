@@ -28,6 +28,11 @@ def runs(blocks: Iterable[int]) -> list[tuple[int, int]]:
     return out
 
 
+def finite(value: float) -> float:
+    """``value`` for ranking: NaN and infinities rank last, so a broken measurement never wins."""
+    return value if math.isfinite(value) else math.inf
+
+
 def set_loss(blocks: Iterable[int], span_nmi: SpanNMI) -> float:
     """Information lost by removing ``blocks``: sum over maximal runs of ``1 - NMI(run)`` (spec 5.1)."""
     return sum(1.0 - span_nmi(a, b) for a, b in runs(blocks))

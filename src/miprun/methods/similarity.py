@@ -23,13 +23,13 @@ from miprun.capture.statistic import Statistic
 from miprun.capture.statistics import CosineSums
 from miprun.errors import ScoresError
 from miprun.methods.base import Choice, Evidence, GatherContext, Method
-from miprun.methods.search import check_n
+from miprun.methods.search import check_n, finite
 
 
 def lowest(values: Sequence[float], n: int) -> list[int]:
     """Indices of the ``n`` smallest values (ties to the lower index), sorted."""
     check_n(len(values), n)
-    order = sorted(range(len(values)), key=lambda i: (values[i], i))
+    order = sorted(range(len(values)), key=lambda i: (finite(values[i]), i))
     return sorted(order[:n])
 
 
@@ -53,7 +53,7 @@ def window_distances(mean_angle: torch.Tensor, n: int) -> list[float]:
 def angular_select(mean_angle: torch.Tensor, n: int) -> list[int]:
     """Gromov et al.: the contiguous window of ``n`` blocks with the smallest angular distance."""
     dist = window_distances(mean_angle, n)
-    start = min(range(len(dist)), key=lambda s: (dist[s], s))
+    start = min(range(len(dist)), key=lambda s: (finite(dist[s]), s))
     return list(range(start, start + n))
 
 

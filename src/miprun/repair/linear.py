@@ -187,7 +187,9 @@ class LinearRepair(Repair):
                 run.update(self._fit_run(ctx.model, a, sums, mode, run_edits))
             record.runs.append(run)
             fitted.append((run, run_edits))
-        if self.guard and ctx.check is None:  # e.g. fit() called directly, or too few windows to leave some out
+        if (
+            self.guard and ctx.check is None
+        ):  # e.g. fit() called directly, or too few windows to leave some out
             for run, run_edits in fitted:
                 if run_edits:
                     run["guard"] = "not run: no calibration windows were left out of the fit to check it on"
