@@ -209,3 +209,23 @@ def _verification_windows(lm, tokens):
 
     _, windows = calibration_windows(lm, CAL)
     return windows[: max(1, math.ceil(tokens / windows.shape[1]))]
+
+
+@pytest.mark.integration
+def test_mi_search_continues_its_greedy_path_for_a_larger_n_and_reports_the_whole_paths_cost(tiny_tokenizer):
+    from miprun.methods.searched import MiSearch
+
+    lm = LoadedModel(tiny_model("llama")[0], tiny_tokenizer, "tiny-llama", None)
+    windows = _verification_windows(lm, 96)
+    alone = {}
+    for n in (2, 3):  # each N on a verifier of its own: the reference
+        verifier = Verifier(lm.model, windows, kl_topk=256, batch_size=CAL.batch_size)
+        alone[n] = MiSearch(candidates=3, tokens=96).greedy(verifier, 6, n)
+    shared = Verifier(lm.model, windows, kl_topk=256, batch_size=CAL.batch_size)
+    method = MiSearch(candidates=3, tokens=96)
+    two = method.greedy(shared, 6, 2)
+    runs_after_two = shared.layer_runs
+    three = method.greedy(shared, 6, 3)
+    assert two == alone[2] and three[0] == alone[3][0] and three[1] == alone[3][1]
+    assert three[2] == pytest.approx(alone[3][2])  # the whole path's cost, not the increment
+    assert (shared.layer_runs - runs_after_two) / 6 < three[2] - two[2] + 1e-9  # only the increment ran

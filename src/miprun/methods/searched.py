@@ -19,7 +19,7 @@ tokens (or the loss); the record gives the cost in full-model passes over those 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from tqdm.auto import tqdm
@@ -56,8 +56,8 @@ class MiSearch(MiVerified):
         runs_before = verifier.layer_runs
         cut_scores = verifier.measure(short.sets, repaired=False)
         greedy_before = verifier.layer_runs
-        ends, steps = self.greedy(verifier, short.num_blocks, n)
-        greedy_passes = (verifier.layer_runs - greedy_before) / short.num_blocks
+        ends, steps, greedy_passes = self.greedy(verifier, short.num_blocks, n)
+        greedy_here = (verifier.layer_runs - greedy_before) / short.num_blocks  # less where a path was reused
         pool = {tuple(s): score for s, score in zip(short.sets, cut_scores, strict=True)}
         for removed, score in ends:
             pool.setdefault(tuple(removed), score)
@@ -81,6 +81,8 @@ class MiSearch(MiVerified):
             ],
             **cost_record(verifier, runs_before, short.num_blocks),
         }
+        # what a run at this N alone costs: the whole greedy path to N, even where an earlier N paid for part
+        record["verification_layer_passes"] += greedy_passes - greedy_here
         return Choice(
             finalists[best],
             len(pool),
@@ -90,43 +92,79 @@ class MiSearch(MiVerified):
 
     def greedy(
         self, verifier: Verifier, total: int, n: int
-    ) -> tuple[list[tuple[list[int], float]], list[dict[str, Any]]]:
+    ) -> tuple[list[tuple[list[int], float]], list[dict[str, Any]], float]:
         """Remove ``n`` blocks one at a time, each the one whose removal measures best (lazily re-measured).
 
-        Returns every size-``n`` set the last step measured with its value (the greedy's own set first) and
-        one record per step.
+        Returns every size-``n`` set the last step measured with its value (the greedy's own set first), one
+        record per step, and what the path to ``n`` cost in full-model passes. The path is kept with the
+        verifier, so a larger N continues where a smaller one stopped (as SLEB's path serves every N).
         """
-        cut: CutCache = verifier.cut_cache()
-        last_value: dict[int, float] = {}
-        steps: list[dict[str, Any]] = []
-        ends: list[tuple[list[int], float]] = []
-        for step in tqdm(
-            range(n), desc="greedy removals", unit="block", disable=not verifier.progress, leave=False
-        ):
-            kept = [b for b in range(total) if b not in cut.removed]
-            fresh = (
-                kept if step == 0 else self._to_remeasure(kept, cut.removed, steps[-1]["block"], last_value)
-            )
-            values = verifier.measure_one_more(cut, fresh)
-            last_value.update(zip(fresh, values, strict=True))
-            best = winner(values, [float(b) for b in fresh], f"the greedy's step {step + 1}")
-            block = fresh[best]
-            steps.append({"block": block, "measured": values[best], "remeasured": fresh})
-            if step == n - 1:
-                order = sorted(range(len(fresh)), key=lambda i: (values[i], fresh[i]))
-                ends = [(sorted([*cut.removed, fresh[i]]), values[i]) for i in order]
-            else:
-                verifier.advance(cut, block)
-                del last_value[block]
-        return ends, steps
+        key = ("greedy", self.width)
+        path = verifier.searches.get(key)
+        if path is None:
+            path = verifier.searches[key] = GreedyPath(verifier.cut_cache(), self.width, total)
+        path.extend(verifier, n)
+        return path.ends(n), [_public(step) for step in path.steps[:n]], path.passes(n)
 
-    def _to_remeasure(
-        self, kept: list[int], removed: list[int], last: int, last_value: dict[int, float]
-    ) -> list[int]:
+
+@dataclass
+class GreedyPath:
+    """The lazy greedy's state: the cut model's cached states, every step so far, each kept block's last
+    measurement, and the last step's block (removed from the cut only when the path goes on)."""
+
+    cut: CutCache
+    width: int
+    total: int
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    last_value: dict[int, float] = field(default_factory=dict)
+    pending: int | None = None
+
+    def extend(self, verifier: Verifier, n: int) -> None:
+        bar = tqdm(total=n, initial=len(self.steps), desc="greedy removals", unit="block", leave=False)
+        bar.disable = not verifier.progress
+        while len(self.steps) < n:
+            runs_before = verifier.layer_runs
+            if self.pending is not None:
+                verifier.advance(self.cut, self.pending)
+                del self.last_value[self.pending]
+            kept = [b for b in range(self.total) if b not in self.cut.removed]
+            fresh = kept if not self.steps else self._to_remeasure(kept, self.steps[-1]["block"])
+            values = verifier.measure_one_more(self.cut, fresh)
+            self.last_value.update(zip(fresh, values, strict=True))
+            best = winner(values, [float(b) for b in fresh], f"the greedy's step {len(self.steps) + 1}")
+            self.pending = fresh[best]
+            self.steps.append(
+                {
+                    "block": fresh[best],
+                    "measured": values[best],
+                    "remeasured": fresh,
+                    "values": values,
+                    "layer_passes": (verifier.layer_runs - runs_before) / self.total,
+                }
+            )
+            bar.update()
+        bar.close()
+
+    def ends(self, n: int) -> list[tuple[list[int], float]]:
+        """Every size-``n`` set step ``n`` measured, best first (the greedy's own choice first)."""
+        step, before = self.steps[n - 1], [s["block"] for s in self.steps[: n - 1]]
+        pairs = sorted(zip(step["values"], step["remeasured"], strict=True))
+        return [(sorted([*before, block]), value) for value, block in pairs]
+
+    def passes(self, n: int) -> float:
+        """Full-model passes the path to ``n`` cost: the cut cache's first pass and each step's measurements."""
+        return 1.0 + sum(step["layer_passes"] for step in self.steps[:n])
+
+    def _to_remeasure(self, kept: list[int], last: int) -> list[int]:
         """The ``width`` kept blocks whose last measurement was best, and the kept blocks on either side of
         the run the last removal joined (removing them would merge with it)."""
-        best = sorted(kept, key=lambda b: (last_value[b], b))[: self.width]
+        best = sorted(kept, key=lambda b: (self.last_value[b], b))[: self.width]
         left = [b for b in kept if b < last]
         right = [b for b in kept if b > last]
         beside = ([left[-1]] if left else []) + ([right[0]] if right else [])
         return list(dict.fromkeys([*best, *beside]))
+
+
+def _public(step: dict[str, Any]) -> dict[str, Any]:
+    """A greedy step as the manifest records it (without every re-measured value)."""
+    return {key: value for key, value in step.items() if key != "values"}

@@ -78,6 +78,7 @@ class Verifier:
     cache: BoundaryCache | None = field(default=None, init=False)
     dense: DenseTargets | None = field(default=None, init=False)
     layer_runs: int = field(default=0, init=False)  # decoder layers run over the windows, all candidates
+    searches: dict[Any, Any] = field(default_factory=dict, init=False)  # search state kept between N
     seconds: float = field(default=0.0, init=False)
 
     def _prepare(self) -> BoundaryCache:
