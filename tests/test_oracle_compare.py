@@ -272,9 +272,15 @@ def test_the_table_gives_mi_verifieds_gap_to_sleb_where_both_ran():
         "evaluation": {"windows": 2, "seq_len": 8}, "calibration": {"windows": 2, "seq_len": 8},
         "forward_pass_seconds": 1.0,
         "rows": [row("mi-verified", 2, 11.0, 5.0), row("sleb", 2, 10.0, 100.0), row("shortgpt", 2, 12.0, 1.0),
-                 row("mi-verified", 2, 10.5, 8.0, "linear"), row("mi-verified", 3, 20.0, 5.0)],
+                 row("mi-verified", 2, 10.5, 8.0, "linear"), row("mi-verified", 3, 20.0, 5.0),
+                 row("mi-search", 2, 9.5, 10.0)],
     }  # fmt: skip
     text = markdown(result)
+    assert (
+        "mi-search against SLEB (same N, same repair; pruning time in forward passes of each row's run): N=2: 9.50 vs 10.00 (-5.0 %) in 0.100x"
+        in text
+    )
+    assert "shortgpt against SLEB" not in text  # one-pass methods get no such line
     assert (
         "mi-verified against SLEB (same N, same repair; pruning time in forward passes of each row's run): N=2: 11.00 vs 10.00 (+10.0 %) in 0.050x"
         in text

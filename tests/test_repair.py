@@ -264,3 +264,91 @@ def test_the_guard_keeps_a_fold_only_where_it_lowers_the_cut_models_loss(tiny_to
     monkeypatch.setattr(linear, "solve_map", lambda *a: 1e-3 * torch.eye(a[0].shape[0], dtype=a[0].dtype))
     edits, record = fit_repair(loaded, LinearRepair(tokens=0, guard=0), [1, 3, 4], run)
     assert len(edits) == 2 and "guard" not in record.runs[0]  # guard=0 keeps every fold, unchecked
+
+
+def untied(arch: str) -> torch.nn.Module:
+    from tiny_models import tiny_config
+
+    config = tiny_config(arch)
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert not embeddings_tied(model)
+    return model
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "llama"])
+def test_a_block_zero_fold_maps_the_whole_state_zero_position_embeddings_included(arch):
+    from miprun.repair.fold import embedding_fold_error
+
+    model = untied(arch)
+    d = model.get_input_embeddings().weight.shape[1]
+    T = random_map(d, seed=4)
+    reference = copy.deepcopy(model)
+    handle = decoder_layers(reference)[0].register_forward_pre_hook(
+        lambda _m, args, kwargs: (
+            ((args[0] @ T, *args[1:]), kwargs)
+            if args
+            else (args, {**kwargs, "hidden_states": kwargs["hidden_states"] @ T})
+        ),
+        with_kwargs=True,
+    )
+    expected = logits(reference)
+    handle.remove()
+    edits = fold_into_embedding(model, T)
+    assert len(edits) == (1 if arch == "llama" else 2)  # GPT-2's wpe and OPT's embed_positions are mapped too
+    assert embedding_fold_error(model, edits, T) < 1e-5
+    assert torch.allclose(logits(with_edits(model, edits)), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.integration
+def test_a_block_zero_fold_that_would_not_be_exact_is_refused_with_the_reason(tiny_tokenizer, monkeypatch):
+    import miprun.repair.fold as fold
+    from miprun.pipeline import RunSettings, fit_repair
+
+    model = untied("gpt2")
+    monkeypatch.setattr(fold, "_position_tables", lambda _model: [])  # the old fold: token embedding only
+    loaded = LoadedModel(model, tiny_tokenizer, "tiny-gpt2", None)
+    run = RunSettings(CAL, RuntimeOptions(), progress=False)
+    edits, record = fit_repair(loaded, LinearRepair(tokens=0, guard=0), [0, 1], run)
+    assert edits == {} and "does not give (state 0) @ T" in record.runs[0]["skipped"]
+
+
+def test_a_rank_deficient_fit_is_regularised_and_says_so():
+    from miprun.repair.linear import RANK_FLOOR, effective_ridge
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 8, generator=gen, dtype=torch.float64)
+    x[:, 5] = x[:, 2]  # two equal coordinates: X^T X is singular
+    y = torch.randn(200, 8, generator=gen, dtype=torch.float64)
+    ridge, note = effective_ridge(x.T @ x, 0.0)
+    assert ridge == RANK_FLOOR and "rank-deficient" in note
+    assert effective_ridge(x.T @ x, 1e-4) == (1e-4, None)  # the default ridge already regularises
+    assert effective_ridge(x[:, :5].T @ x[:, :5], 0.0) == (0.0, None)  # full rank: ridge 0 stays 0
+    assert solve_map(x.T @ x, x.T @ y, ridge).abs().max() < 10  # no huge entries in the null direction
+
+
+@pytest.mark.integration
+def test_ridge_zero_on_a_rank_deficient_calibration_is_recorded_and_the_guard_without_windows_says_so(
+    tiny_tokenizer, monkeypatch
+):
+    from miprun.pipeline import RunSettings, fit_repair
+
+    model = tiny_model("llama")[0]
+    loaded = LoadedModel(model, tiny_tokenizer, "tiny-llama", None)
+    # 4 windows x 24 tokens = 96 tokens for a 64-wide X: with one window only, X^T X has rank <= 24
+    one = CalibrationConfig(source=str(CALIBRATION_TXT), samples=1, seq_len=24, batch_size=1)
+    run = RunSettings(one, RuntimeOptions(), progress=False)
+    edits, record = fit_repair(loaded, LinearRepair(tokens=0, guard=0, ridge=0.0), [3, 4], run)
+    assert "rank-deficient" in record.runs[0]["regularised"]
+    assert edits and all(bool(torch.isfinite(v).all()) for v in edits.values())
+    unchecked = LinearRepair(tokens=0, guard=8)
+    monkeypatch.setattr(unchecked, "split", lambda windows: (windows, None))  # fit() given no check windows
+    _, unchecked_record = fit_repair(loaded, unchecked, [3, 4], run)
+    assert unchecked_record.runs[0]["guard"].startswith("not run: no calibration windows were left out")
+
+
+def test_ridge_must_be_sane():
+    with pytest.raises(InvalidOptionError, match="ridge must be a number from 0 to"):
+        LinearRepair(ridge=1e308)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import miprun
 from miprun.methods.candidates import k_best_sets, propose, shifted
 from miprun.methods.search import brute_force_select, set_loss
 from miprun.methods.verified import Verifier, coarse_kl, next_token_nll
+from miprun.model.layouts import decoder_layers
 from miprun.model.loading import LoadedModel
 from miprun.model.replay import BoundaryCache, logits_from
 from miprun.model.surgery import remove_blocks
@@ -39,12 +41,30 @@ def test_k_best_sets_are_the_k_best_by_brute_force(total, n, k):
     assert got[0][1] == brute_force_select(total, n, nmi).removed
 
 
-def test_proposals_keep_the_seed_first_are_distinct_and_sized():
+def test_proposals_are_the_seeds_all_k_best_and_the_neighbours_of_the_best_few():
     nmi = span_nmi_table(10, seed=3)
-    sets = propose(10, 3, nmi, 8, seeds=[[0, 5, 9]])
-    assert sets[0] == [0, 5, 9] and len(sets) == 8
-    assert len({tuple(s) for s in sets}) == 8 and all(len(s) == 3 for s in sets)
+    seeds = [[0, 5, 9], [1, 2, 3], [4, 6, 8], [0, 1, 2]]
+    sets = propose(10, 3, nmi, 8, seeds=seeds)
+    best = [s for _, s in k_best_sets(10, 3, nmi, 8)]
+    near = {tuple(m) for s in best[:2] for m in shifted(s, 10)}  # 8 // 4 = 2 best sets' neighbours
+    assert sets[:4] == seeds  # every seed, first
+    assert all(s in sets for s in best)  # none of the 8 best is dropped for the seeds
+    assert {tuple(s) for s in sets} == {tuple(s) for s in [*seeds, *best]} | near  # neighbours kept
+    assert len({tuple(s) for s in sets}) == len(sets) and all(len(s) == 3 for s in sets)
     assert shifted([2, 3, 7], 10) == [[1, 2, 7], [3, 4, 7], [2, 3, 6], [2, 3, 8]]
+
+
+def test_a_nan_or_infinite_measurement_never_wins():
+    from miprun.errors import NonFiniteError
+    from miprun.methods.verified import winner
+
+    assert winner([math.nan, 2.0, 1.0], [0.0, 0.0, 0.0], "sets") == 2
+    assert winner([math.inf, 3.0], [0.0, 1.0], "sets") == 1
+    with pytest.raises(NonFiniteError, match="NaN or infinite"):
+        winner([math.nan, math.inf], [0.0, 0.0], "sets")
+    from miprun.methods.similarity import lowest
+
+    assert lowest([math.nan, 1.0, 2.0], 2) == [1, 2]  # the one-pass rankings too
 
 
 @pytest.mark.integration
@@ -112,7 +132,7 @@ def test_mi_verified_picks_the_candidate_with_the_best_measured_objective(repair
     )
     record = result.plan.search.params
     candidates = record["candidates"]
-    assert len(candidates) == 6 and record["verification_tokens"] == 96
+    assert len(candidates) >= 6 and record["verification_tokens"] == 96
     best = min(candidates, key=lambda c: (c["measured"], c["mi_set_loss"]))
     assert result.plan.removed == best["removed"]
     assert record["fast_block_select"] == candidates[0]["removed"]  # Fast-Block-Select's set is measured too
@@ -122,3 +142,90 @@ def test_mi_verified_picks_the_candidate_with_the_best_measured_objective(repair
     assert all(s in measured for s in record["proposed_by"].values())
     assert sorted(c["mi_rank"] for c in candidates)[0] == 1
     assert record["verification_layer_passes"] > 0 and result.plan.search.num_evaluations == 6
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
+@pytest.mark.parametrize("budget", [1 << 30, 1])  # every boundary cached, or one checkpoint only
+def test_a_cut_cache_replays_the_cut_model_one_block_more_like_a_full_pass(arch, budget):
+    from miprun.model.replay import CutCache
+
+    model, _ = tiny_model(arch)
+    cut = CutCache(model, WINDOWS, budget, batch_size=4)
+    for block in (3, 1, 2):  # ends with a run [1..3], so states enter removed blocks too
+        for extra in (0, 4, 5):
+            if extra in cut.removed or extra == block:
+                continue
+            removed = sorted({*cut.removed, extra})
+            with torch.no_grad():
+                expected = remove_blocks(copy.deepcopy(model), removed)(input_ids=WINDOWS).logits
+            got = torch.cat(list(logits_from(model, cut, removed, extra)))
+            assert torch.allclose(got, expected, atol=1e-5), (cut.removed, extra)
+        cut.advance(model, block)
+    assert cut.removed == [1, 2, 3]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("repair", ["none", "linear"])
+def test_mi_search_greedy_matches_a_plain_greedy_and_the_best_finalist_wins(repair, tiny_tokenizer):
+    lm = LoadedModel(tiny_model("llama")[0], tiny_tokenizer, "tiny-llama", None)
+    result = miprun.prune(
+        lm,
+        num_blocks=2,
+        method="mi-search",
+        method_params={"candidates": 4, "tokens": 96, "width": 8},  # width >= kept blocks: an exact greedy
+        repair=repair,
+        repair_params={"tokens": 0} if repair == "linear" else {},
+        calibration=CAL,
+        cache=False,
+        progress=False,
+    )
+    record = result.plan.search.params
+    # the greedy, re-measuring every kept block at every step, is SLEB's greedy on the KL objective
+    dense = tiny_model("llama")[0]  # prune cut lm.model in place
+    verifier = Verifier(dense, _verification_windows(lm, 96), kl_topk=256, batch_size=CAL.batch_size)
+    total = len(decoder_layers(dense))
+    first = verifier.measure([[b] for b in range(total)], repaired=False)
+    b1 = min(range(total), key=lambda b: (first[b], b))
+    rest = [b for b in range(total) if b != b1]
+    second = verifier.measure([sorted([b1, b]) for b in rest], repaired=False)
+    b2 = rest[min(range(len(rest)), key=lambda i: (second[i], rest[i]))]
+    assert [step["block"] for step in record["greedy"]] == [b1, b2]
+    assert record["greedy"][1]["measured"] == pytest.approx(min(second), rel=1e-5)
+    finalists = record["finalists"]
+    assert any(f["greedy"] and f["removed"] == sorted([b1, b2]) for f in finalists)
+    best = min(finalists, key=lambda f: f["measured"])
+    assert result.plan.removed == best["removed"]
+    if repair == "none":
+        assert all(f["measured"] == f["cut"] for f in finalists)
+    assert (
+        record["greedy_layer_passes"] > 0
+        and record["verification_layer_passes"] > record["greedy_layer_passes"]
+    )
+
+
+def _verification_windows(lm, tokens):
+    from miprun.pipeline.scoring import calibration_windows
+
+    _, windows = calibration_windows(lm, CAL)
+    return windows[: max(1, math.ceil(tokens / windows.shape[1]))]
+
+
+@pytest.mark.integration
+def test_mi_search_continues_its_greedy_path_for_a_larger_n_and_reports_the_whole_paths_cost(tiny_tokenizer):
+    from miprun.methods.searched import MiSearch
+
+    lm = LoadedModel(tiny_model("llama")[0], tiny_tokenizer, "tiny-llama", None)
+    windows = _verification_windows(lm, 96)
+    alone = {}
+    for n in (2, 3):  # each N on a verifier of its own: the reference
+        verifier = Verifier(lm.model, windows, kl_topk=256, batch_size=CAL.batch_size)
+        alone[n] = MiSearch(candidates=3, tokens=96).greedy(verifier, 6, n)
+    shared = Verifier(lm.model, windows, kl_topk=256, batch_size=CAL.batch_size)
+    method = MiSearch(candidates=3, tokens=96)
+    two = method.greedy(shared, 6, 2)
+    runs_after_two = shared.layer_runs
+    three = method.greedy(shared, 6, 3)
+    assert two == alone[2] and three[0] == alone[3][0] and three[1] == alone[3][1]
+    assert three[2] == pytest.approx(alone[3][2])  # the whole path's cost, not the increment
+    assert (shared.layer_runs - runs_after_two) / 6 < three[2] - two[2] + 1e-9  # only the increment ran

@@ -32,6 +32,7 @@ DEFAULT_COMPARE_METHODS = (
     "mi-prun",
     "mi-optimal",
     "mi-verified",
+    "mi-search",
     "shortgpt",
     "angular",
     "angular-mean",
@@ -335,7 +336,7 @@ class ScoringOptions(Options):
 
     method: str = opt(
         DEFAULT_METHOD,
-        "Pruning method: mi-prun (default), mi-optimal, mi-verified, shortgpt, angular, angular-mean, sleb, ppl-oneshot, "
+        "Pruning method: mi-prun (default), mi-optimal, mi-verified, mi-search, shortgpt, angular, angular-mean, sleb, ppl-oneshot, "
         "last-n, random; `miprun list methods` says what each does and reads.",
         "--method",
     )

@@ -74,11 +74,13 @@ def prune_summary(result: Any) -> None:
 
 def verified_candidates(record: dict[str, Any], chosen: list[int]) -> None:
     """``mi-verified``: every candidate with its MI rank and the measured objective; the chosen one marked."""
+    rank = f"; the choice is MI's #{record['chosen_mi_rank']}" if "chosen_mi_rank" in record else ""
+    searched = " (on the cut; the greedy and the finalists below)" if "greedy" in record else ""
     table = Table(
         title=(
-            f"mi-verified: {len(record['candidates'])} candidates measured ({record['objective']} on "
-            f"{record['verification_tokens']} tokens, {record['verification_layer_passes']:.2f} forward passes); "
-            f"the choice is MI's #{record['chosen_mi_rank']}"
+            f"{len(record['candidates'])} MI candidates measured{searched} ({record['objective']} on "
+            f"{record['verification_tokens']} tokens, {record['verification_layer_passes']:.2f} forward passes "
+            f"in all){rank}"
         )
     )
     for name in ("removed", "MI rank", "MI set loss", f"measured {record['objective']}", "proposed by"):
@@ -94,6 +96,26 @@ def verified_candidates(record: dict[str, Any], chosen: list[int]) -> None:
             f"{c['mi_set_loss']:.4f}",
             f"{c['measured']:.4f}",
             ", ".join(by.get(tuple(sorted(c["removed"])), ["MI"])),
+        )
+    out.print(table)
+    if "finalists" in record:
+        searched_finalists(record, chosen)
+
+
+def searched_finalists(record: dict[str, Any], chosen: list[int]) -> None:
+    """``mi-search``: the greedy's removals in order, and the finalists measured on the cut and at the end."""
+    path = ", ".join(f"{step['block']} ({step['measured']:.4f})" for step in record["greedy"])
+    out.print(f"greedy removals ({record['greedy_layer_passes']:.2f} forward passes): {path}")
+    table = Table(title="finalists")
+    for name in ("removed", "measured on the cut", "measured at the end", "from"):
+        table.add_column(name, justify="left" if name in ("removed", "from") else "right")
+    for f in sorted(record["finalists"], key=lambda f: f["measured"]):
+        mark = " (chosen)" if sorted(f["removed"]) == sorted(chosen) else ""
+        table.add_row(
+            f"{f['removed']}{mark}",
+            f"{f['cut']:.4f}",
+            f"{f['measured']:.4f}",
+            "greedy" if f["greedy"] else "shortlist",
         )
     out.print(table)
 

@@ -303,26 +303,35 @@ def _earlier_note(result: dict[str, Any]) -> list[str]:
 
 
 def _verified_note(result: dict[str, Any]) -> list[str]:
-    """mi-verified against SLEB, where the comparison ran both: the perplexity gap and the time ratio."""
+    """Each method that measures its candidates with the model (mi-verified, mi-search) against SLEB, where
+    the comparison ran both: the perplexity gap and the time ratio."""
     rows = {(r["method"], r["num_blocks"], r.get("repair", "none")): r for r in result["rows"]}
-    pairs = [
-        (key[1:], row, rows[("sleb", *key[1:])])
-        for key, row in sorted(rows.items())
-        if key[0] == "mi-verified" and ("sleb", *key[1:]) in rows
-    ]
-    if not pairs:
-        return []
-    return [
-        "",
-        "mi-verified against SLEB (same N, same repair; pruning time in forward passes of each row's run): "
-        + "; ".join(
-            f"N={n}{'' if repair == 'none' else ' + ' + repair}: {v['ppl']:.2f} vs {s['ppl']:.2f} "
-            f"({100 * (v['ppl'] / s['ppl'] - 1):+.1f} %) in {v['prune_x_forward'] / s['prune_x_forward']:.3f}x "
-            "SLEB's pruning time"
-            for (n, repair), v, s in pairs
-        )
-        + ".",
-    ]
+    lines = []
+    for method in sorted({key[0] for key in rows if key[0] != "sleb" and _measures_with_model(key[0])}):
+        pairs = [
+            (key[1:], row, rows[("sleb", *key[1:])])
+            for key, row in sorted(rows.items())
+            if key[0] == method and ("sleb", *key[1:]) in rows
+        ]
+        if not pairs:
+            continue
+        lines += [
+            "",
+            f"{method} against SLEB (same N, same repair; pruning time in forward passes of each row's run): "
+            + "; ".join(
+                f"N={n}{'' if repair == 'none' else ' + ' + repair}: {v['ppl']:.2f} vs {s['ppl']:.2f} "
+                f"({100 * (v['ppl'] / s['ppl'] - 1):+.1f} %) in "
+                f"{v['prune_x_forward'] / s['prune_x_forward']:.3f}x SLEB's pruning time"
+                for (n, repair), v, s in pairs
+            )
+            + ".",
+        ]
+    return lines
+
+
+def _measures_with_model(name: str) -> bool:
+    """Whether the method measures candidate sets with the model at choice time (it has live evidence)."""
+    return name in methods.REGISTRY and bool(methods.REGISTRY.get(name).live_keys)
 
 
 def _task_note(result: dict[str, Any], task_names: list[str]) -> list[str]:

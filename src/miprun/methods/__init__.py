@@ -14,6 +14,7 @@ from miprun.methods.base import Choice, Evidence, GatherContext, Method, SearchI
 from miprun.methods.forward import OneShotLosses, PplOneshot, Sleb, SlebPath
 from miprun.methods.mi import MiOptimal, MiPrun
 from miprun.methods.naive import LastN, Random
+from miprun.methods.searched import MiSearch
 from miprun.methods.similarity import Angular, AngularMean, CosineMatrices, ShortGPT
 from miprun.methods.verified import MiVerified
 from miprun.options import DEFAULT_METHOD
@@ -23,6 +24,7 @@ REGISTRY: Registry[type[Method]] = Registry("method")
 REGISTRY.add("mi-prun", MiPrun)
 REGISTRY.add("mi-optimal", MiOptimal)
 REGISTRY.add("mi-verified", MiVerified)
+REGISTRY.add("mi-search", MiSearch)
 REGISTRY.add("shortgpt", ShortGPT)
 REGISTRY.add("angular", Angular)
 REGISTRY.add("angular-mean", AngularMean)

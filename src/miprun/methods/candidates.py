@@ -64,18 +64,14 @@ def shifted(removed: Iterable[int], num_blocks: int) -> list[list[int]]:
 def propose(
     num_blocks: int, n: int, span_nmi: SpanNMI, count: int, seeds: Iterable[list[int]] = ()
 ) -> list[list[int]]:
-    """Up to ``count`` distinct sets to measure: ``seeds`` (e.g. Fast-Block-Select's choice) first, then the
-    best sets by MI set loss and the neighbours of the best few, in order of MI set loss."""
-    pool: dict[tuple[int, ...], float] = {}
-    for s in seeds:
-        pool.setdefault(tuple(sorted(s)), set_loss(s, span_nmi))
-    best = k_best_sets(num_blocks, n, span_nmi, max(count, 1))
-    for loss, s in best:
-        pool.setdefault(tuple(s), loss)
-    for _, s in best[: max(1, count // 4)]:
-        for near in shifted(s, num_blocks):
-            pool.setdefault(tuple(near), set_loss(near, span_nmi))
-    forced = [tuple(sorted(s)) for s in seeds]
-    rest = sorted((k for k in pool if k not in forced), key=lambda key: (pool[key], key))
-    ordered = list(dict.fromkeys([*forced, *rest]))
-    return [list(s) for s in ordered[: max(count, len(forced))]]
+    """The distinct sets to measure, in this order: ``seeds`` (e.g. Fast-Block-Select's choice), then the
+    ``count`` best sets by MI set loss, then the sets one block away from the best ``max(1, count // 4)`` of
+    those (each run moved left or right) that are not already listed, in order of MI set loss.
+
+    Nothing is capped: the shortlist holds every seed, all ``count`` best sets, and their neighbours.
+    """
+    best = [s for _, s in k_best_sets(num_blocks, n, span_nmi, max(count, 1))]
+    listed = [tuple(sorted(s)) for s in seeds] + [tuple(s) for s in best]
+    near = {tuple(m) for s in best[: max(1, count // 4)] for m in shifted(s, num_blocks)} - set(listed)
+    ordered = listed + sorted(near, key=lambda key: (set_loss(key, span_nmi), key))
+    return [list(s) for s in dict.fromkeys(ordered)]

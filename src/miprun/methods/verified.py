@@ -18,16 +18,17 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from miprun.capture.statistic import Statistic
-from miprun.errors import InvalidOptionError
+from miprun.errors import InvalidOptionError, NonFiniteError
 from miprun.methods.base import Choice, Evidence, GatherContext, Method
 from miprun.methods.candidates import propose
 from miprun.methods.search import fast_block_select, set_loss
 from miprun.methods.similarity import Angular, AngularMean, ShortGPT
 from miprun.model.edits import edited
 from miprun.model.layouts import decoder_layers, layout_for, model_config
-from miprun.model.replay import BoundaryCache, layers_run, logits_from
+from miprun.model.replay import BoundaryCache, CutCache, layers_run, logits_from
 
 Objective = Literal["kl", "nll"]
 
@@ -73,9 +74,11 @@ class Verifier:
     budget_bytes: int = 1 << 30
     batch_size: int = 4
     repair: Any = None  # a pipeline.RepairHook: fit a repair for a set and fold it in temporarily
+    progress: bool = False  # a progress bar over the sets measured
     cache: BoundaryCache | None = field(default=None, init=False)
     dense: DenseTargets | None = field(default=None, init=False)
     layer_runs: int = field(default=0, init=False)  # decoder layers run over the windows, all candidates
+    searches: dict[Any, Any] = field(default_factory=dict, init=False)  # search state kept between N
     seconds: float = field(default=0.0, init=False)
 
     def _prepare(self) -> BoundaryCache:
@@ -99,20 +102,57 @@ class Verifier:
             tails.append(torch.log1p(-top.values.exp().sum(-1).clamp(max=1 - 1e-7)).cpu())
         return DenseTargets(values, indices, tails)
 
-    def measure(self, sets: list[list[int]]) -> list[float]:
-        """The objective of every set (lower is better), each after the repair when there is one."""
+    def measure(self, sets: list[list[int]], repaired: bool = True) -> list[float]:
+        """The objective of every set (lower is better), each after the repair when there is one (and
+        ``repaired``); a set whose measurement is not finite gets ``inf``, so it never wins."""
         start = time.perf_counter()
         cache = self._prepare()
-        if self.repair is not None:
-            self.repair.prepare(sets)  # one pass captures what every candidate's repair reads
-        scores = [self._one(cache, removed) for removed in sets]
+        repair = self.repair if repaired else None
+        if repair is not None:
+            repair.prepare(sets)  # one pass captures what every candidate's repair reads
+        label = "measuring candidates" + (" after the repair" if repair is not None else "")
+        scores = [
+            self._one(cache, removed, repair=repair)
+            for removed in tqdm(sets, desc=label, unit="set", disable=not self.progress, leave=False)
+        ]
         self.seconds += time.perf_counter() - start
         return scores
 
+    def cut_cache(self) -> CutCache:
+        """States of the dense model at every boundary, for a search that removes blocks one at a time."""
+        start = time.perf_counter()
+        self._prepare()
+        cut = CutCache(self.model, self.windows, self.budget_bytes, self.batch_size)
+        self.layer_runs += len(decoder_layers(self.model))
+        self.seconds += time.perf_counter() - start
+        return cut
+
+    def measure_one_more(self, cut: CutCache, blocks: list[int]) -> list[float]:
+        """The objective (no repair) of the cut's set plus each one of ``blocks``, run from that block on."""
+        start = time.perf_counter()
+        self._prepare()
+        scores = [self._one(cut, sorted({*cut.removed, b}), first=b) for b in blocks]
+        self.seconds += time.perf_counter() - start
+        return scores
+
+    def advance(self, cut: CutCache, block: int) -> None:
+        """Remove ``block`` from the cut for good (its states refreshed from that block on)."""
+        start = time.perf_counter()
+        self.layer_runs += cut.advance(self.model, block)
+        self.seconds += time.perf_counter() - start
+
     @torch.inference_mode()
-    def _one(self, cache: BoundaryCache, removed: list[int]) -> float:
-        edits = self.repair.edits(removed) if self.repair is not None else {}
-        first = min([min(removed), *(_block_of(self.model, name) for name in edits)])
+    def _one(
+        self,
+        cache: BoundaryCache | CutCache,
+        removed: list[int],
+        repair: Any = None,
+        first: int | None = None,
+    ) -> float:
+        edits = repair.edits(removed) if repair is not None else {}
+        if first is None:
+            first = min(removed)
+        first = min([first, *(_block_of(self.model, name) for name in edits)])
         total = len(decoder_layers(self.model))
         self.layer_runs += layers_run(total, removed, cache.start_for(first))
         total_value, count = 0.0, 0
@@ -131,7 +171,8 @@ class Verifier:
                     positions = ids.shape[0] * (ids.shape[1] - 1)
                 total_value += float(value) * positions  # batches may differ in size: weigh by positions
                 count += positions
-        return total_value / count
+        result = total_value / count
+        return result if math.isfinite(result) else math.inf
 
 
 def _block_of(model: Any, name: str) -> int:
@@ -193,37 +234,82 @@ class MiVerified(Method):
             self.memory_mb << 20,
             ctx.batch_size,
             ctx.repair,
+            ctx.progress,
         )
         return {"verifier": verifier}
 
     def choose(self, evidence: Evidence, n: int, seed: int) -> Choice:
-        table = evidence.mi_table(self.name)
+        short = self.shortlist(evidence, n, seed)
         verifier: Verifier = evidence.require("verifier", self.name)
+        runs_before = verifier.layer_runs
+        scores = verifier.measure(short.sets)
+        best = winner(scores, short.losses, f"mi-verified's {len(scores)} candidates")
+        record = {
+            **short.record(scores, self.objective, verifier),
+            "chosen_mi_rank": short.mi_rank[tuple(short.sets[best])],
+            **cost_record(verifier, runs_before, short.num_blocks),
+        }
+        return Choice(
+            short.sets[best], len(short.sets), stop_reason=f"lowest measured {self.objective}", record=record
+        )
+
+    def shortlist(self, evidence: Evidence, n: int, seed: int) -> Shortlist:
+        """The sets to measure: the seeds (Fast-Block-Select's and the baselines' choices), the
+        ``candidates`` best by MI set loss, and the neighbours of the best few."""
+        table = evidence.mi_table(self.name)
         fbs = fast_block_select(table.block_nmi(), table.span_nmi, n, k=self.k).removed
         seeds = {"fast-block-select": fbs}
         for key in self.evidence_keys if self.baselines else ():
             evidence.require(key, self.name)  # missing: say so for this method, not for the baseline
         seeds.update({m.name: m.choose(evidence, n, seed).removed for m in self._baselines()})
         sets = propose(table.num_blocks, n, table.span_nmi, self.candidates, seeds=list(seeds.values()))
-        losses = [set_loss(s, table.span_nmi) for s in sets]
-        mi_rank = {tuple(s): 1 + sorted(losses).index(loss) for s, loss in zip(sets, losses, strict=True)}
-        runs_before = verifier.layer_runs
-        scores = verifier.measure(sets)
-        best = min(range(len(sets)), key=lambda i: (scores[i], losses[i]))
-        total = table.num_blocks
-        record = {
-            "objective": self.objective,
+        return Shortlist(sets, [set_loss(s, table.span_nmi) for s in sets], seeds, table.num_blocks)
+
+
+@dataclass
+class Shortlist:
+    """Candidate sets, their MI set losses, who proposed the seeds, and the model's block count."""
+
+    sets: list[list[int]]
+    losses: list[float]
+    seeds: dict[str, list[int]]
+    num_blocks: int
+
+    @property
+    def mi_rank(self) -> dict[tuple[int, ...], int]:
+        ordered = sorted(self.losses)
+        return {tuple(s): 1 + ordered.index(loss) for s, loss in zip(self.sets, self.losses, strict=True)}
+
+    def record(self, scores: list[float], objective: str, verifier: Verifier) -> dict[str, Any]:
+        rank = self.mi_rank
+        return {
+            "objective": objective,
             "verification_tokens": int(verifier.windows.numel()),
             "candidates": [
-                {"removed": s, "mi_set_loss": loss, "mi_rank": mi_rank[tuple(s)], "measured": score}
-                for s, loss, score in zip(sets, losses, scores, strict=True)
+                {"removed": s, "mi_set_loss": loss, "mi_rank": rank[tuple(s)], "measured": score}
+                for s, loss, score in zip(self.sets, self.losses, scores, strict=True)
             ],
-            "chosen_mi_rank": mi_rank[tuple(sets[best])],
-            "fast_block_select": fbs,
-            "proposed_by": {name: sorted(removed) for name, removed in seeds.items()},
-            "verification_layer_passes": (verifier.layer_runs - runs_before) / total,
-            "cached_boundaries": len(verifier.cache.checkpoints) if verifier.cache is not None else 0,
-            "cache_bytes": verifier.cache.bytes if verifier.cache is not None else 0,
-            "verify_seconds": round(verifier.seconds, 3),
+            "fast_block_select": self.seeds["fast-block-select"],
+            "proposed_by": {name: sorted(removed) for name, removed in self.seeds.items()},
         }
-        return Choice(sets[best], len(sets), stop_reason=f"lowest measured {self.objective}", record=record)
+
+
+def winner(scores: list[float], tiebreak: list[float], what: str) -> int:
+    """The index of the lowest finite score (ties: lowest ``tiebreak``); no finite score is an error."""
+    finite = [i for i, score in enumerate(scores) if math.isfinite(score)]
+    if not finite:
+        raise NonFiniteError(
+            f"every one of {what} measured as NaN or infinite: the model's outputs are not finite on the "
+            "verification windows (check the model in float32, or the data)"
+        )
+    return min(finite, key=lambda i: (scores[i], tiebreak[i]))
+
+
+def cost_record(verifier: Verifier, runs_before: int, num_blocks: int) -> dict[str, Any]:
+    """What the verification cost: full-model passes over its tokens, and the cache it kept."""
+    return {
+        "verification_layer_passes": (verifier.layer_runs - runs_before) / num_blocks,
+        "cached_boundaries": len(verifier.cache.checkpoints) if verifier.cache is not None else 0,
+        "cache_bytes": verifier.cache.bytes if verifier.cache is not None else 0,
+        "verify_seconds": round(verifier.seconds, 3),
+    }

@@ -47,8 +47,9 @@ class _Replay(nn.Module):
         return self.state.to(hidden.device, hidden.dtype)
 
 
-class BoundaryCache:
-    """Dense block-boundary states of ``windows`` at checkpoints chosen to fit ``budget_bytes``."""
+class StateCache:
+    """Block-boundary states of a few windows at checkpoints chosen to fit ``budget_bytes``: ``states[s]``
+    holds, per batch, the state entering block ``s`` (``s >= 1``)."""
 
     def __init__(self, model: Any, windows: torch.Tensor, budget_bytes: int, batch_size: int = 4) -> None:
         self.windows, self.batch_size = windows, batch_size
@@ -60,13 +61,6 @@ class BoundaryCache:
         self.checkpoints = sorted({*range(1, total, step)})  # state s = input of block s (s >= 1)
         self.states: dict[int, list[torch.Tensor]] = {s: [] for s in self.checkpoints}
         self.bytes = per_state * len(self.checkpoints)
-        with torch.inference_mode(), block_state_hooks(decoder_layers(model), self._keep):
-            for ids in self.batches(input_device(model)):
-                model(input_ids=ids, use_cache=False)
-
-    def _keep(self, s: int, hidden: torch.Tensor) -> None:
-        if s in self.states:
-            self.states[s].append(hidden.detach().float().cpu())
 
     def batches(self, device: torch.device) -> Iterator[torch.Tensor]:
         for start in range(0, len(self.windows), self.batch_size):
@@ -78,10 +72,74 @@ class BoundaryCache:
         return max(usable) if usable else 0
 
 
+class BoundaryCache(StateCache):
+    """Dense block-boundary states of ``windows`` at checkpoints chosen to fit ``budget_bytes``."""
+
+    def __init__(self, model: Any, windows: torch.Tensor, budget_bytes: int, batch_size: int = 4) -> None:
+        super().__init__(model, windows, budget_bytes, batch_size)
+        with torch.inference_mode(), block_state_hooks(decoder_layers(model), self._keep):
+            for ids in self.batches(input_device(model)):
+                model(input_ids=ids, use_cache=False)
+
+    def _keep(self, s: int, hidden: torch.Tensor) -> None:
+        if s in self.states:
+            self.states[s].append(hidden.detach().float().cpu())
+
+
+class CutCache(StateCache):
+    """Block-boundary states of the model *without* ``removed`` (the state entering each block), so a variant
+    that removes one block more runs only from that block on; :meth:`advance` removes it for good.
+
+    ``states[s]`` is the state that enters original block ``s`` in the cut model; for a removed ``s`` that is
+    the state the next kept block reads.
+    """
+
+    def __init__(self, model: Any, windows: torch.Tensor, budget_bytes: int, batch_size: int = 4) -> None:
+        super().__init__(model, windows, budget_bytes, batch_size)
+        self.removed: list[int] = []
+        self._record(model, 0, [])
+
+    def advance(self, model: Any, block: int) -> int:
+        """Remove ``block`` too and refresh the states after it; returns the decoder layers that ran."""
+        removed = sorted({*self.removed, block})
+        start = self.start_for(block)
+        self._record(model, start, removed)
+        self.removed = removed
+        return layers_run(len(decoder_layers(model)), removed, start)
+
+    @torch.inference_mode()
+    def _record(self, model: Any, start: int, removed: list[int]) -> None:
+        """Run the model without ``removed`` from checkpoint ``start`` and keep the states after it."""
+        layers = decoder_layers(model)
+        kept = [j for j in range(start, len(layers)) if j not in set(removed)]
+        seen: dict[int, torch.Tensor] = {}
+
+        def keep(j: int) -> Any:
+            def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+                seen[j] = (args[0] if args else kwargs["hidden_states"]).detach().float().cpu()
+
+            return pre_hook
+
+        fresh: dict[int, list[torch.Tensor]] = {s: [] for s in self.checkpoints if s > start}
+        handles = [layers[j].register_forward_pre_hook(keep(j), with_kwargs=True) for j in kept]
+        try:
+            for _ in logits_from(model, self, removed, start):
+                for s, batches in fresh.items():
+                    first_kept = next((j for j in kept if j >= s), None)
+                    if first_kept is not None:  # none: every block from s on is removed, never a start
+                        batches.append(seen[first_kept])
+                seen.clear()
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.states.update(fresh)
+
+
 @contextmanager
 def _replaying(model: nn.Module, start: int, removed: Sequence[int], state: torch.Tensor) -> Iterator[None]:
-    """The model without ``removed`` and without blocks ``0 .. start-2``; block ``start-1`` returns ``state``."""
-    skipped = sorted(set(range(start - 1)) | set(removed))
+    """The model without ``removed`` and without blocks ``0 .. start-2``; the slot of block ``start-1``
+    (removed or not) returns ``state``, the state entering block ``start``."""
+    skipped = sorted((set(range(start - 1)) | set(removed)) - {start - 1})
     with skip_blocks(model, skipped):
         layers = decoder_layers(model)
         parent, attr = layers_parent(model)
@@ -95,7 +153,7 @@ def _replaying(model: nn.Module, start: int, removed: Sequence[int], state: torc
 
 @torch.inference_mode()
 def logits_from(
-    model: nn.Module, cache: BoundaryCache, removed: Sequence[int], first_changed: int
+    model: nn.Module, cache: StateCache, removed: Sequence[int], first_changed: int
 ) -> Iterator[torch.Tensor]:
     """Logits ``(batch, seq, vocab)`` of the model without ``removed``, batch by batch, from the cache.
 

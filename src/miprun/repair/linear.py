@@ -5,11 +5,12 @@ For a run ``[a..b]`` the dense model passed ``Y`` (state ``b + 1``) on; the cut 
 block ``a - 1``, which is ``B = (its residual) + X`` with ``X`` that block's MLP output. Replacing ``X`` by
 ``X T`` with ``T = argmin ||X T - (Y - B + X)||^2 + ridge`` restores the part of ``Y`` a linear map of
 ``X`` can explain, and ``T`` folds into the MLP output projection. Where the MLP output passes through a
-norm before the add (Gemma 2/3's post-feedforward norm) only a per-coordinate map folds (into that norm's
-weight); a run that starts at block 0 folds into an untied embedding, and is left unrepaired (and says
+norm before the add (Gemma 2/3's post-feedforward norm) a full map does not fold, but a scaled rotation
+does, exactly: the rotation into the MLP output projection, the scale into the norm's weight
+(:mod:`miprun.repair.rotation`); a run that starts at block 0 folds into an untied embedding, and is left unrepaired (and says
 so) when the embedding is tied to the LM head.
 
-The fit minimises squared error, not the model's loss, and on Gemma the per-coordinate map can raise the
+The fit minimises squared error, not the model's loss, and on Gemma a per-coordinate map can raise the
 loss (docs/repair.md). So each run's fold is kept only if it lowers the cut model's next-token loss on
 ``guard`` calibration windows left out of the fit; a run whose fold does not is left unrepaired, and the
 record says so.
@@ -34,9 +35,19 @@ from miprun.model.perplexity import mean_nll
 from miprun.model.surgery import skip_blocks
 from miprun.options import CalibrationConfig
 from miprun.repair.base import Repair, RepairContext, RepairRecord
-from miprun.repair.fold import embeddings_tied, fold_into_embedding, fold_into_mlp_output, parameter_name
+from miprun.repair.fold import (
+    embedding_fold_error,
+    embeddings_tied,
+    fold_into_embedding,
+    fold_into_mlp_output,
+    parameter_name,
+)
+from miprun.repair.rotation import as_map, fit_scaled_rotation
 
-Fold = Literal["auto", "full", "diagonal"]
+EXACT = 1e-4  # relative error below which a fold counts as exact (float32 round-off is ~1e-7)
+
+Fold = Literal["auto", "full", "diagonal", "rotation"]
+FOLDS = ("auto", "full", "diagonal", "rotation")
 
 
 def solve_map(xtx: torch.Tensor, xty: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -45,6 +56,25 @@ def solve_map(xtx: torch.Tensor, xty: torch.Tensor, ridge: float) -> torch.Tenso
     scale = float(xtx.diagonal().mean()) if d else 1.0
     gram = xtx + ridge * max(scale, 1e-12) * torch.eye(d, dtype=xtx.dtype, device=xtx.device)
     return torch.linalg.solve(gram, xty)
+
+
+MAX_RIDGE = 1e6  # beyond this the map is zero to float precision: nothing left to fit
+RANK_FLOOR = 1e-6  # the smallest ridge (relative) of a fit whose X^T X is rank-deficient
+
+
+def effective_ridge(xtx: torch.Tensor, ridge: float) -> tuple[float, str | None]:
+    """``ridge``, raised to :data:`RANK_FLOOR` when ``X^T X`` is numerically rank-deficient (the map would be
+    arbitrary, and huge, in the directions the data never visits), with a note saying so."""
+    if ridge >= RANK_FLOOR or xtx.shape[0] == 0:
+        return ridge, None
+    eig = torch.linalg.eigvalsh(xtx)
+    top = float(eig[-1].clamp_min(1e-300))
+    if float(eig[0]) > top * 1e-12:
+        return ridge, None
+    return RANK_FLOOR, (
+        f"X^T X is rank-deficient (smallest/largest eigenvalue {float(eig[0]) / top:.2g}): ridge raised from "
+        f"{ridge:g} to {RANK_FLOOR:g}"
+    )
 
 
 def solve_diagonal(xtx: torch.Tensor, xty: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -71,8 +101,9 @@ class LinearRepair(Repair):
 
     tokens: int = 32768  # calibration tokens of the fit: where the measured curve flattens (docs/repair.md)
     ridge: float = 1e-4  # relative to the mean diagonal of X^T X
-    fold: Fold = "auto"  # auto: full map where the MLP output is added as is, per-coordinate otherwise;
-    # diagonal: a per-coordinate map everywhere (into the post-MLP norm where there is one)
+    fold: Fold = "auto"  # auto: a full map where the MLP output is added as is, a scaled rotation where it
+    # passes a post-MLP norm first; diagonal: a per-coordinate map everywhere (into the post-MLP norm where
+    # there is one); rotation: an orthogonal map and a per-coordinate scale (:mod:`miprun.repair.rotation`)
     weighting: Literal["none", "relative"] = "none"  # relative: each token's error relative to its scale
     guard: int = 8  # calibration windows, left out of the fit, on which each run's fold must lower the cut
     # model's loss or be undone (0: keep every fold unchecked)
@@ -80,10 +111,13 @@ class LinearRepair(Repair):
     def __post_init__(self) -> None:
         if self.tokens < 0:
             raise InvalidOptionError(f"tokens must be at least 0 (0: the scoring windows), got {self.tokens}")
-        if not (math.isfinite(self.ridge) and self.ridge >= 0):
-            raise InvalidOptionError(f"ridge must be a finite number >= 0, got {self.ridge}")
-        if self.fold not in ("auto", "full", "diagonal"):
-            raise InvalidOptionError(f"fold must be 'auto', 'full' or 'diagonal', got {self.fold!r}")
+        if not (math.isfinite(self.ridge) and 0 <= self.ridge <= MAX_RIDGE):
+            raise InvalidOptionError(
+                f"ridge must be a number from 0 to {MAX_RIDGE:g} (relative to the mean diagonal of X^T X; "
+                f"default 1e-4), got {self.ridge}"
+            )
+        if self.fold not in FOLDS:
+            raise InvalidOptionError(f"fold must be one of {', '.join(FOLDS)}, got {self.fold!r}")
         if self.weighting not in ("none", "relative"):
             raise InvalidOptionError(f"weighting must be 'none' or 'relative', got {self.weighting!r}")
         if self.guard < 0:
@@ -101,19 +135,20 @@ class LinearRepair(Repair):
             return windows, None
         return windows[: -self.guard], windows[-self.guard :]
 
-    def _mode(self, model: nn.Module) -> Literal["full", "diagonal"]:
+    def _mode(self, model: nn.Module) -> Literal["full", "diagonal", "rotation"]:
         roles = layout_for(model_config(model)).roles
         if not mlp_adds_to_residual(model):
             raise UnsupportedArchitectureError(
                 f"model_type {model_config(model).model_type!r} normalises after the residual add here, so a "
                 "map folded into a block cannot restore a removed run; use --repair none"
             )
-        if self.fold == "auto":
-            return "diagonal" if roles.post_mlp_norm is not None else "full"
+        if self.fold == "auto":  # measured on Gemma-3: docs/repair.md, benchmarks/repair.py
+            return "rotation" if roles.post_mlp_norm is not None else "full"
         if self.fold == "full" and roles.post_mlp_norm is not None:
             raise UnsupportedArchitectureError(
                 "this family normalises the MLP output before the residual add, so a full map does not fold "
-                "into its weights; use fold=diagonal (folded into the norm) or fold=auto"
+                "into its weights; use fold=rotation (a scaled rotation, exact through the norm), "
+                "fold=diagonal or fold=auto"
             )
         return self.fold
 
@@ -152,6 +187,12 @@ class LinearRepair(Repair):
                 run.update(self._fit_run(ctx.model, a, sums, mode, run_edits))
             record.runs.append(run)
             fitted.append((run, run_edits))
+        if (
+            self.guard and ctx.check is None
+        ):  # e.g. fit() called directly, or too few windows to leave some out
+            for run, run_edits in fitted:
+                if run_edits:
+                    run["guard"] = "not run: no calibration windows were left out of the fit to check it on"
         edits = self._guarded(ctx, fitted) if self.guard and ctx.check is not None else _merged(fitted)
         record.changed = sorted(edits)
         return edits, record
@@ -188,15 +229,54 @@ class LinearRepair(Repair):
     def _fit_run(
         self, model: nn.Module, a: int, sums: LinearFitSums, mode: str, edits: dict[str, torch.Tensor]
     ) -> dict[str, Any]:
+        """One run's fit, regularised where ``X^T X`` is rank-deficient and refused where it is not finite."""
+        assert sums.xtx is not None
+        ridge, note = effective_ridge(sums.xtx, self.ridge)
+        run_edits: dict[str, torch.Tensor] = {}
+        result = self._fit_with(model, a, sums, mode, run_edits, ridge)
+        if note:
+            result["regularised"] = note
+        bad = sorted(name for name, value in run_edits.items() if not bool(torch.isfinite(value).all()))
+        unexplained = result.get("unexplained", 0.0)
+        if bad or not math.isfinite(unexplained):
+            return {
+                **{k: v for k, v in result.items() if k != "fold"},
+                "skipped": f"the fitted map is not finite ({', '.join(bad) or 'its unexplained share'}); this run "
+                "is left unrepaired (raise --repair-opt ridge)",
+            }
+        edits.update(run_edits)
+        return result
+
+    def _fit_with(
+        self,
+        model: nn.Module,
+        a: int,
+        sums: LinearFitSums,
+        mode: str,
+        edits: dict[str, torch.Tensor],
+        ridge: float,
+    ) -> dict[str, Any]:
         assert sums.xtx is not None and sums.xtd is not None and sums.dtd is not None
         xtr = sums.xtd + sums.xtx  # X^T (Y - B + X)
         rtr_diag = sums.dtd + 2 * sums.xtd.diagonal() + sums.xtx.diagonal()  # per-coordinate ||R||^2
         if a == 0:
-            T = solve_map(sums.xtx, xtr, self.ridge)
-            edits.update(fold_into_embedding(model, T))
-            return {"fold": "embedding", "unexplained": residual_fraction(sums.xtx, xtr, rtr_diag, T)}
+            T = solve_map(sums.xtx, xtr, ridge)
+            folded = fold_into_embedding(model, T)
+            error = embedding_fold_error(model, folded, T)
+            if error > EXACT:
+                return {
+                    "skipped": (
+                        f"the run starts at block 0 and a map folded into this family's embeddings does not give "
+                        f"(state 0) @ T (relative error {error:.2g}): something else enters that state"
+                    )
+                }
+            edits.update(folded)
+            fold = "embedding" + (" and position embedding" if len(folded) > 1 else "")
+            return {"fold": fold, "unexplained": residual_fraction(sums.xtx, xtr, rtr_diag, T)}
+        if mode == "rotation":
+            return self._fit_rotation(model, a - 1, sums.xtx, xtr, rtr_diag, edits, ridge)
         if mode == "diagonal":
-            t = solve_diagonal(sums.xtx, xtr, self.ridge)
+            t = solve_diagonal(sums.xtx, xtr, ridge)
             if layout_for(model_config(model)).roles.post_mlp_norm is not None:
                 edits.update(self._fold_into_norm(model, a - 1, t))
                 where = "post-mlp norm (per coordinate)"
@@ -204,10 +284,44 @@ class LinearRepair(Repair):
                 edits.update(fold_into_mlp_output(model, a - 1, torch.diag(t)))
                 where = "mlp output projection (per coordinate)"
             return {"fold": where, "unexplained": residual_fraction(sums.xtx, xtr, rtr_diag, torch.diag(t))}
-        T = solve_map(sums.xtx, xtr, self.ridge)
+        T = solve_map(sums.xtx, xtr, ridge)
         for name, value in fold_into_mlp_output(model, a - 1, T).items():
             edits[name] = value
         return {"fold": "mlp output projection", "unexplained": residual_fraction(sums.xtx, xtr, rtr_diag, T)}
+
+    def _fit_rotation(
+        self,
+        model: nn.Module,
+        block: int,
+        xtx: torch.Tensor,
+        xtr: torch.Tensor,
+        rtr_diag: torch.Tensor,
+        edits: dict[str, torch.Tensor],
+        ridge: float,
+    ) -> dict[str, Any]:
+        """A scaled rotation: ``Q`` folded into block ``block``'s MLP output projection, the scale into its
+        post-MLP norm (or, without one, ``Q diag(D)`` into the projection alone)."""
+        norm = self._post_mlp_norm(model, block)
+        if norm is None:
+            scale = torch.ones(xtx.shape[0], dtype=torch.float64, device=xtx.device)
+        else:
+            scale = norm.weight.detach().to(xtx.device, torch.float64) + (1.0 if _adds_one(norm) else 0.0)
+        fit = fit_scaled_rotation(xtx, xtr, scale, ridge)
+        if norm is None:
+            edits.update(fold_into_mlp_output(model, block, fit.rotation * fit.scale[None, :]))
+            where = "mlp output projection (scaled rotation)"
+        else:
+            edits.update(fold_into_mlp_output(model, block, fit.rotation))
+            edits.update(self._fold_into_norm(model, block, fit.scale / scale))
+            where = "mlp output projection (rotation) and post-mlp norm (scale)"
+        unexplained = residual_fraction(xtx, xtr, rtr_diag, as_map(fit, scale))
+        return {"fold": where, "unexplained": unexplained, "rotation_rounds": fit.iterations}
+
+    def _post_mlp_norm(self, model: nn.Module, block: int) -> Any:
+        roles = layout_for(model_config(model)).roles
+        if roles.post_mlp_norm is None:
+            return None
+        return layer_part(decoder_layers(model)[block], roles.post_mlp_norm)
 
     def _fold_into_norm(self, model: nn.Module, block: int, t: torch.Tensor) -> dict[str, torch.Tensor]:
         """The post-MLP norm's weight scaled per coordinate by ``t`` (Gemma stores the scale as ``1 + w``)."""

@@ -1,0 +1,170 @@
+"""``mi-search``: MI's shortlist and a greedy search on cached states, judged by the model after the repair.
+
+``mi-verified`` only measures sets that a one-pass signal proposes, and at 25-30 % of the blocks the best
+sets (SLEB's) remove early blocks that neither MI nor cosine ranks as redundant. SLEB finds them by
+re-measuring the model after every removal, at the cost of a full pass per kept block per step. This method
+keeps SLEB's idea at a fraction of its cost:
+
+1. MI's shortlist (``mi-verified``'s candidates) is measured on the cut alone, from cached dense states;
+2. a *lazy* greedy removes one block at a time from the cut model's own cached states
+   (:class:`~miprun.model.replay.CutCache`): the first step measures every block (each from that block
+   on), later steps re-measure only the ``width`` blocks whose last measurement was best and the kept
+   blocks beside the last removal, whose values change most; the rest keep their last measurement;
+3. the ``finalists`` best sets measured so far, with MI's best set, are measured again after the repair
+   when one is chosen, and the best wins.
+
+Every measurement is the KL divergence from the dense model's next-token distribution on the verification
+tokens (or the loss); the record gives the cost in full-model passes over those tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from tqdm.auto import tqdm
+
+from miprun.errors import InvalidOptionError
+from miprun.methods.base import Choice, Evidence
+from miprun.methods.verified import MiVerified, Verifier, cost_record, winner
+from miprun.model.replay import CutCache
+
+
+@dataclass
+class MiSearch(MiVerified):
+    """MI's shortlist plus a lazy greedy on cached states; the best measured set after the repair wins."""
+
+    name: ClassVar[str] = "mi-search"
+    summary: ClassVar[str] = (
+        "mi-verified's MI shortlist plus a greedy that re-measures the model after each removal from cached "
+        "states (SLEB's idea at a fraction of its cost); the best sets are measured again after the repair"
+    )
+
+    tokens: int = 1024  # verification tokens, from the calibration windows
+    width: int = 4  # blocks re-measured at each greedy step, best by their last measurement
+    finalists: int = 4  # best-measured sets measured again after the repair (when there is one)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for field_name in ("width", "finalists"):
+            if getattr(self, field_name) < 1:
+                raise InvalidOptionError(f"{field_name} must be at least 1, got {getattr(self, field_name)}")
+
+    def choose(self, evidence: Evidence, n: int, seed: int) -> Choice:
+        short = self.shortlist(evidence, n, seed)
+        verifier: Verifier = evidence.require("verifier", self.name)
+        runs_before = verifier.layer_runs
+        cut_scores = verifier.measure(short.sets, repaired=False)
+        greedy_before = verifier.layer_runs
+        ends, steps, greedy_passes = self.greedy(verifier, short.num_blocks, n)
+        greedy_here = (verifier.layer_runs - greedy_before) / short.num_blocks  # less where a path was reused
+        pool = {tuple(s): score for s, score in zip(short.sets, cut_scores, strict=True)}
+        for removed, score in ends:
+            pool.setdefault(tuple(removed), score)
+        ranked = sorted(pool, key=lambda key: (pool[key], key))
+        mi_best = min(zip(short.losses, short.sets, strict=True))[1]
+        finalists = [list(key) for key in dict.fromkeys([*ranked[: self.finalists], tuple(mi_best)])]
+        if verifier.repair is not None:
+            final = verifier.measure(finalists)
+            judged = "after the repair"
+        else:
+            final = [pool[tuple(s)] for s in finalists]
+            judged = "on the cut"
+        best = winner(final, [float(i) for i in range(len(final))], f"mi-search's {len(final)} finalists")
+        record = {
+            **short.record(cut_scores, self.objective, verifier),
+            "greedy": steps,
+            "greedy_layer_passes": greedy_passes,
+            "finalists": [
+                {"removed": s, "cut": pool[tuple(s)], "measured": score, "greedy": s == ends[0][0]}
+                for s, score in zip(finalists, final, strict=True)
+            ],
+            **cost_record(verifier, runs_before, short.num_blocks),
+        }
+        # what a run at this N alone costs: the whole greedy path to N, even where an earlier N paid for part
+        record["verification_layer_passes"] += greedy_passes - greedy_here
+        return Choice(
+            finalists[best],
+            len(pool),
+            stop_reason=f"lowest measured {self.objective} {judged} among {len(finalists)} finalists",
+            record=record,
+        )
+
+    def greedy(
+        self, verifier: Verifier, total: int, n: int
+    ) -> tuple[list[tuple[list[int], float]], list[dict[str, Any]], float]:
+        """Remove ``n`` blocks one at a time, each the one whose removal measures best (lazily re-measured).
+
+        Returns every size-``n`` set the last step measured with its value (the greedy's own set first), one
+        record per step, and what the path to ``n`` cost in full-model passes. The path is kept with the
+        verifier, so a larger N continues where a smaller one stopped (as SLEB's path serves every N).
+        """
+        key = ("greedy", self.width)
+        path = verifier.searches.get(key)
+        if path is None:
+            path = verifier.searches[key] = GreedyPath(verifier.cut_cache(), self.width, total)
+        path.extend(verifier, n)
+        return path.ends(n), [_public(step) for step in path.steps[:n]], path.passes(n)
+
+
+@dataclass
+class GreedyPath:
+    """The lazy greedy's state: the cut model's cached states, every step so far, each kept block's last
+    measurement, and the last step's block (removed from the cut only when the path goes on)."""
+
+    cut: CutCache
+    width: int
+    total: int
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    last_value: dict[int, float] = field(default_factory=dict)
+    pending: int | None = None
+
+    def extend(self, verifier: Verifier, n: int) -> None:
+        bar = tqdm(total=n, initial=len(self.steps), desc="greedy removals", unit="block", leave=False)
+        bar.disable = not verifier.progress
+        while len(self.steps) < n:
+            runs_before = verifier.layer_runs
+            if self.pending is not None:
+                verifier.advance(self.cut, self.pending)
+                del self.last_value[self.pending]
+            kept = [b for b in range(self.total) if b not in self.cut.removed]
+            fresh = kept if not self.steps else self._to_remeasure(kept, self.steps[-1]["block"])
+            values = verifier.measure_one_more(self.cut, fresh)
+            self.last_value.update(zip(fresh, values, strict=True))
+            best = winner(values, [float(b) for b in fresh], f"the greedy's step {len(self.steps) + 1}")
+            self.pending = fresh[best]
+            self.steps.append(
+                {
+                    "block": fresh[best],
+                    "measured": values[best],
+                    "remeasured": fresh,
+                    "values": values,
+                    "layer_passes": (verifier.layer_runs - runs_before) / self.total,
+                }
+            )
+            bar.update()
+        bar.close()
+
+    def ends(self, n: int) -> list[tuple[list[int], float]]:
+        """Every size-``n`` set step ``n`` measured, best first (the greedy's own choice first)."""
+        step, before = self.steps[n - 1], [s["block"] for s in self.steps[: n - 1]]
+        pairs = sorted(zip(step["values"], step["remeasured"], strict=True))
+        return [(sorted([*before, block]), value) for value, block in pairs]
+
+    def passes(self, n: int) -> float:
+        """Full-model passes the path to ``n`` cost: the cut cache's first pass and each step's measurements."""
+        return 1.0 + sum(step["layer_passes"] for step in self.steps[:n])
+
+    def _to_remeasure(self, kept: list[int], last: int) -> list[int]:
+        """The ``width`` kept blocks whose last measurement was best, and the kept blocks on either side of
+        the run the last removal joined (removing them would merge with it)."""
+        best = sorted(kept, key=lambda b: (self.last_value[b], b))[: self.width]
+        left = [b for b in kept if b < last]
+        right = [b for b in kept if b > last]
+        beside = ([left[-1]] if left else []) + ([right[0]] if right else [])
+        return list(dict.fromkeys([*best, *beside]))
+
+
+def _public(step: dict[str, Any]) -> dict[str, Any]:
+    """A greedy step as the manifest records it (without every re-measured value)."""
+    return {key: value for key, value in step.items() if key != "values"}

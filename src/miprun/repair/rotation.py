@@ -1,0 +1,90 @@
+"""The scaled-rotation map: the largest family of maps that folds *exactly* through an RMS norm.
+
+A block whose MLP output ``z`` passes through an RMS norm before the residual add (Gemma 2/3) adds
+``P = U diag(s)`` with ``U = z / rms(z)`` and ``s`` the norm's scale. For an orthogonal ``Q``,
+``rms(z Q) = rms(z)``, so ``W_down <- Q^T W_down`` with a new scale ``D`` makes the block add ``U Q D``:
+every map ``diag(s)^-1 Q D`` of ``P`` folds into a stock checkpoint (spec section 7). This module fits
+``Q`` and ``D`` to ``min ||U Q D - R||^2`` from the normal-equation sums ``P^T P`` and ``P^T R`` alone,
+by alternating an exact per-coordinate solve for ``D`` with an orthogonal Procrustes step for ``Q``.
+Pure functions over float64 tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ScaledRotation:
+    """``Q`` ``(d, d)`` orthogonal and ``D`` ``(d,)``: the map ``U -> U Q diag(D)``, and its squared error."""
+
+    rotation: torch.Tensor
+    scale: torch.Tensor
+    error: float  # ||U Q D - R||^2 minus ||R||^2 (the constant): lower is better
+    iterations: int
+
+
+def polar(m: torch.Tensor) -> torch.Tensor:
+    """The orthogonal matrix nearest ``m`` (its polar factor): ``argmax_Q tr(Q^T m)`` over orthogonal ``Q``."""
+    u, _, vh = torch.linalg.svd(m)
+    return u @ vh
+
+
+def _error(a: torch.Tensor, b: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> float:
+    """``||U Q D - R||^2 - ||R||^2`` from ``a = U^T U`` and ``b = U^T R``."""
+    qaq = q.T @ a @ q
+    return float((d * d * qaq.diagonal()).sum() - 2.0 * (d * (q.T @ b).diagonal()).sum())
+
+
+def _best_scale(
+    a: torch.Tensor, b: torch.Tensor, q: torch.Tensor, prior: torch.Tensor, rho: float
+) -> torch.Tensor:
+    """Per-coordinate least squares for ``D`` given ``Q``, pulled toward ``prior`` with weight ``rho``."""
+    return ((q.T @ b).diagonal() + rho * prior) / ((q.T @ a @ q).diagonal() + rho)
+
+
+def fit_scaled_rotation(
+    ptp: torch.Tensor,
+    ptr: torch.Tensor,
+    norm_scale: torch.Tensor,
+    ridge: float = 1e-4,
+    iterations: int = 40,
+) -> ScaledRotation:
+    """Fit ``R ~ P diag(norm_scale)^-1 Q diag(D)`` from ``P^T P`` and ``P^T R`` (float64, ``(d, d)`` each).
+
+    Starts from the map that changes nothing (``Q = I``, ``D = norm_scale``) and never returns a worse one.
+    Each round solves ``D`` exactly, then tries two ``Q`` steps and keeps the better: the Procrustes
+    solution of ``||U Q - R D^-1||`` (spec section 7) and a majorisation step that cannot increase the
+    error. ``ridge`` (relative to the mean diagonal of ``U^T U``) pulls ``D`` toward ``norm_scale``.
+    """
+    inv = 1.0 / norm_scale.to(torch.float64)
+    a = inv[:, None] * ptp * inv[None, :]  # U^T U
+    b = inv[:, None] * ptr  # U^T R
+    prior = norm_scale.to(torch.float64)
+    rho = ridge * max(float(a.diagonal().mean()), 1e-12)
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    lipschitz = float(torch.linalg.eigvalsh(a)[-1].clamp_min(1e-300))
+    q, d = eye, prior
+    best = ScaledRotation(q, d, _error(a, b, q, d), 0)
+    for it in range(1, iterations + 1):
+        d = _best_scale(a, b, q, prior, rho)
+        safe = torch.where(d.abs() > 1e-8, d, torch.full_like(d, 1e-8))
+        gradient = a @ q @ torch.diag(d * d) - b @ torch.diag(d)  # half the gradient in Q
+        steps = [polar(b / safe[None, :]), polar(lipschitz * float((d * d).max()) * q - gradient)]
+        scored = [(_error(a, b, s, _best_scale(a, b, s, prior, rho)), s) for s in steps]
+        err, q = min(scored, key=lambda e: e[0])
+        d = _best_scale(a, b, q, prior, rho)
+        err = _error(a, b, q, d)
+        if err < best.error - 1e-12 * abs(best.error):
+            best = ScaledRotation(q, d, err, it)
+        elif it > 1:
+            break
+    return best
+
+
+def as_map(fit: ScaledRotation, norm_scale: torch.Tensor) -> torch.Tensor:
+    """The fitted map on ``P`` as a ``(d, d)`` matrix: ``diag(norm_scale)^-1 Q diag(D)``."""
+    inv = 1.0 / norm_scale.to(torch.float64)
+    return inv[:, None] * fit.rotation * fit.scale[None, :]
