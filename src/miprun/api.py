@@ -145,6 +145,7 @@ def prune(
     share and selects the same blocks; only the main process evaluates, saves and shows progress.
     """
     from miprun.atomic import check_output, locked_output
+    from miprun.output.gguf_checks import check_before_load
 
     opts = with_overrides(options or PruneOptions(), **overrides)
     opts.check_budget()
@@ -153,6 +154,7 @@ def prune(
     if out_path is None or not distributed.is_main():
         return _prune(model, opts, scores, None, (overwrite, inputs))
     check_output(out_path, overwrite, inputs=inputs)  # fail before the expensive part
+    check_before_load(model, opts.output)  # fetches llama.cpp's converter once, if it is needed
     with locked_output(out_path):  # a second run to the same --out fails now, not hours later
         return _prune(model, opts, scores, out_path, (overwrite, inputs))
 
@@ -166,8 +168,8 @@ def _prune(
 ) -> PruneResult:
     """The stages of :func:`prune` once the options and the output are checked."""
     from miprun.atomic import check_output
-    from miprun.output.gguf import check_pruned_gguf
-    from miprun.output.save import SaveSettings, check_gguf_source, save
+    from miprun.output import gguf_checks
+    from miprun.output.save import SaveSettings, save
 
     overwrite, inputs = writing
     sc = opts.scoring
@@ -182,7 +184,7 @@ def _prune(
         if loaded.path is not None:
             inputs = (*inputs, Path(loaded.path))
             check_output(out, overwrite, inputs=inputs)
-        check_gguf_source(loaded, opts.output.out_format)
+        gguf_checks.check_after_load(loaded, opts.output)
     n = blocks_to_remove(info["num_blocks"], opts.num_blocks, opts.ratio)
     spans = method.exact  # the exact optimum reads every span anyway: keep them all in the manifest
     settings = RunSettings(
@@ -194,8 +196,8 @@ def _prune(
         with timed(timings, "live_evidence"):
             attach_live(loaded, method, evidence, repair, settings)
     removed, search = run(method, evidence, n, opts.calibration.seed)
-    if out is not None and opts.output.out_format != "transformers" and loaded.gguf is not None:
-        check_pruned_gguf(loaded.gguf, removed)  # before the repair and the cut, not after them
+    if out is not None:
+        gguf_checks.check_removal(loaded, opts.output, removed)  # before the repair and the cut
     timings["selection"] = search.seconds
     timings["optimum_for_comparison"] = search.optimum_seconds
     evaluation = _evaluate_before(loaded, opts, removed, repair.name != "none", main, timings)
@@ -221,7 +223,11 @@ def _prune(
     )
     if out is not None:
         save_dtype = resolve_dtype(opts.output.save_dtype, "cpu") if opts.output.save_dtype else None
-        save(loaded, plan, out, SaveSettings(overwrite, progress, save_dtype, opts.output.out_format, inputs))
+        output = opts.output
+        settings_out = SaveSettings(
+            overwrite, progress, save_dtype, output.out_format, output.gguf_type, inputs
+        )
+        save(loaded, plan, out, settings_out)
     return PruneResult(loaded.model, loaded.tokenizer, plan, out)
 
 
@@ -400,7 +406,9 @@ def _heal(
             evaluation["healed_ppl"] = _perplexity(student, evaluation.pop("_windows"), opts.progress)
     plan.heal = {**report.to_json(), "teacher": teacher.name, "timings": timings, "evaluation": evaluation}
     save_dtype = resolve_dtype(opts.save_dtype, "cpu") if opts.save_dtype else None
-    save(student, plan, out, SaveSettings(overwrite, opts.progress, save_dtype, "transformers", inputs))
+    save(
+        student, plan, out, SaveSettings(overwrite, opts.progress, save_dtype, "transformers", inputs=inputs)
+    )
     (work_dir / CHECKPOINT_NAME).unlink(missing_ok=True)  # done: the checkpoint served its purpose
     if work_dir.is_dir() and not any(work_dir.iterdir()):
         work_dir.rmdir()

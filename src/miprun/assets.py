@@ -165,6 +165,18 @@ def _pip_failure(cmd: list[str], code: int, output: str, what: str) -> str:
     )
 
 
+def pip_download(requirement: str, dest: Path, what: str, *, source: bool = False) -> Path:
+    """``pip download --no-deps REQUIREMENT`` into ``dest`` (the source archive with ``source``); its path."""
+    args = ["download", "--no-deps", "--disable-pip-version-check", "-d", str(dest), requirement]
+    if source:
+        args[1:1] = ["--no-binary", ":all:"]
+    _pip(args, what, tmpdir=dest.parent / "pip-tmp")
+    found = sorted(p for p in dest.iterdir() if p.is_file()) if dest.is_dir() else []
+    if not found:
+        raise AssetError(f"{what}: pip reported success but left nothing in {dest}; run it again")
+    return found[0]
+
+
 @contextlib.contextmanager
 def _status(message: str) -> Iterator[None]:
     """A spinner on an interactive terminal, nothing otherwise."""

@@ -354,9 +354,15 @@ class OutputOptions(Options):
 
     out_format: Literal["transformers", "gguf", "both"] = opt(
         "transformers",
-        "transformers (safetensors folder, default), gguf (model.gguf from a GGUF source: quantised tensors "
-        "copied as they are), or both.",
+        "transformers (safetensors folder, default), gguf (model.gguf: from a GGUF source its quantised tensors "
+        "copied as they are; from any other source written by llama.cpp's converter, fetched once), or both.",
         "--out-format",
+    )
+    gguf_type: str | None = opt(
+        None,
+        "Tensor type of model.gguf from a transformers source: f32, f16 (default), bf16, q8_0. A GGUF source "
+        "keeps its own types.",
+        "--gguf-type",
     )
     save_dtype: str | None = opt(
         None,
@@ -365,6 +371,13 @@ class OutputOptions(Options):
     )
 
     def check(self) -> None:
+        from miprun.output.llama_cpp import GGUF_TYPES
+
+        if self.gguf_type is not None and self.gguf_type not in GGUF_TYPES:
+            raise InvalidOptionError(
+                f"gguf_type (--gguf-type) must be one of {', '.join(GGUF_TYPES)}, got {self.gguf_type!r}; "
+                "K-quants such as Q4_K_M need llama.cpp's compiled llama-quantize, run on the f16 file"
+            )
         if self.save_dtype is not None and self.save_dtype not in DTYPE_NAMES:
             raise InvalidOptionError(
                 f"save_dtype (--save-dtype) must be one of {', '.join(DTYPE_NAMES)}, got {self.save_dtype!r}"

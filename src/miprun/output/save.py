@@ -3,7 +3,10 @@ checkpoint's dtype and/or a pruned GGUF, the tokenizer, ``miprun.json``, the rep
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from miprun.errors import GgufError
 from miprun.model.layouts import layout_for, model_config
 from miprun.output.manifest import MANIFEST_NAME, PrunePlan
 
@@ -19,6 +21,8 @@ if TYPE_CHECKING:
     from miprun.model.loading import LoadedModel
 
 GGUF_NAME = "model.gguf"
+TOKENIZER_SOURCES = ("tokenizer.model",)  # files of a source folder llama.cpp's converter reads
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,6 +33,9 @@ class SaveSettings:
     progress: bool = True
     save_dtype: torch.dtype | None = None  # None: the source checkpoint's dtype
     out_format: str = "transformers"  # transformers, gguf or both
+    gguf_type: str | None = (
+        None  # a transformers source's GGUF type (llama.cpp's converter); None: its default
+    )
     inputs: tuple[Path, ...] = ()  # what the run read: the output may neither be nor contain it
 
 
@@ -56,16 +63,6 @@ def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
     write_json(path, config)
 
 
-def check_gguf_source(loaded: LoadedModel, out_format: str) -> None:
-    """Refuse ``--out-format gguf/both`` before any work when the model did not come from a GGUF file."""
-    if out_format != "transformers" and loaded.gguf is None:
-        raise GgufError(
-            f"--out-format {out_format} writes a pruned copy of the model's GGUF file, but {loaded.name} was "
-            "loaded from a transformers folder; pass the .gguf file (or an embedded model) as --model, or save "
-            "as transformers and convert the folder with llama.cpp's convert_hf_to_gguf.py"
-        )
-
-
 def renumbered(name: str, layers_path: str, removed: list[int]) -> str:
     """A parameter name of the dense model (original numbering) as it is named after ``removed`` are cut."""
     prefix = layers_path + "."
@@ -87,6 +84,46 @@ def write_gguf(loaded: LoadedModel, plan: PrunePlan, folder: Path) -> Any:
         name: params[renumbered(name, layers_path, plan.removed)].detach() for name in plan.repair.changed
     }
     return write_pruned_gguf(loaded.gguf, folder / GGUF_NAME, plan.removed, replaced=replaced)
+
+
+def convert(loaded: LoadedModel, folder: Path, opts: SaveSettings) -> Any:
+    """``model.gguf`` through llama.cpp's converter, from ``folder`` when it holds the checkpoint already
+    (``both``), else from a scratch checkpoint in the model's own dtype, deleted afterwards."""
+    from miprun.output.llama_cpp import DEFAULT_GGUF_TYPE, convert_folder, tokenizer_problem
+
+    gguf_type = opts.gguf_type or DEFAULT_GGUF_TYPE
+    source = folder
+    if opts.out_format == "gguf":
+        source = folder / ".checkpoint-for-gguf"
+        save_weights(loaded.model, source, None)
+        loaded.tokenizer.save_pretrained(source)
+    _copy_tokenizer_sources(loaded, source)
+    try:
+        converted = convert_folder(source, folder / GGUF_NAME, gguf_type)
+    finally:
+        if source != folder:
+            shutil.rmtree(source, ignore_errors=True)
+    problem = tokenizer_problem(folder / GGUF_NAME, loaded.tokenizer)
+    if problem is not None:
+        log.warning(
+            "%s holds the model, but its tokenizer does not survive the round trip: %s. llama.cpp reads the "
+            "file's own vocabulary; with transformers, load the tokenizer from the source (%s) instead.",
+            GGUF_NAME,
+            problem,
+            loaded.name,
+        )
+    return dataclasses.replace(converted, tokenizer_problem=problem)
+
+
+def _copy_tokenizer_sources(loaded: LoadedModel, folder: Path) -> None:
+    """The source folder's ``tokenizer.model`` beside the saved tokenizer: llama.cpp's converter reads a
+    sentencepiece vocabulary from it (Llama-2, Gemma), which ``save_pretrained`` of a fast tokenizer drops."""
+    if loaded.path is None:
+        return
+    for name in TOKENIZER_SOURCES:
+        found = Path(loaded.path) / name
+        if found.is_file() and not (folder / name).exists():
+            shutil.copy2(found, folder / name)
 
 
 def save(loaded: LoadedModel, plan: PrunePlan, out: Path, settings: SaveSettings | None = None) -> None:
@@ -113,8 +150,12 @@ def save(loaded: LoadedModel, plan: PrunePlan, out: Path, settings: SaveSettings
             ("weights", lambda d: save_weights(loaded.model, d, dtype)),
             ("tokenizer", lambda d: loaded.tokenizer.save_pretrained(d)),
         ]
-    if opts.out_format in ("gguf", "both"):
+    if opts.out_format in ("gguf", "both") and loaded.gguf is not None:
         steps.append(("gguf", lambda d: written.__setitem__("gguf", write_gguf(loaded, plan, d))))
+    elif opts.out_format in ("gguf", "both"):
+        steps.append(
+            ("gguf (llama.cpp's converter)", lambda d: written.__setitem__("gguf", convert(loaded, d, opts)))
+        )
     steps += [
         ("manifest", manifest),
         ("report", lambda d: write_report(plan, d)),

