@@ -248,3 +248,24 @@ def test_prune_gguf_only_leaves_no_checkpoint_behind(tmp_path: Path, converter: 
     assert "model.gguf" in names and not any(n.endswith(".safetensors") for n in names)
     gguf_model = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf", dtype=torch.float32)
     assert (_logits(gguf_model) - _logits(result.model)).abs().max().item() < 1e-4
+
+
+@pytest.mark.integration
+def test_quiet_hides_the_gguf_loaders_own_bar(tmp_path: Path, converter: Path, capfd) -> None:
+    """transformers' GGUF loader draws a tqdm bar that ignores its own disable_progress_bar(); -q hides it."""
+    from transformers.utils import logging as hf_logging
+
+    from miprun.assets import convert_gguf
+
+    folder, _ = _folder(tmp_path, "llama")
+    llama_cpp.convert_folder(folder, tmp_path / "tiny.gguf", "f32")
+    capfd.readouterr()
+    hf_logging.enable_progress_bar()  # an earlier `-q` run in this process may have turned the bars off
+    convert_gguf(tmp_path / "tiny.gguf", tmp_path / "loud")
+    assert "de-quantizing" in capfd.readouterr().err
+    hf_logging.disable_progress_bar()
+    try:
+        convert_gguf(tmp_path / "tiny.gguf", tmp_path / "quiet")
+    finally:
+        hf_logging.enable_progress_bar()
+    assert "de-quantizing" not in capfd.readouterr().err

@@ -44,6 +44,7 @@ from miprun.pipeline import (
     score_model,
     timed,
 )
+from miprun.pipeline.explicit import explicit_removal, no_calibration
 from miprun.scores import ScoreResult
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,10 @@ def prune(
 
     opts = with_overrides(options or PruneOptions(), **overrides)
     opts.check_budget()
+    if opts.blocks and scores is not None:
+        raise InvalidOptionError(
+            "blocks (--blocks) names the removal set, and scores (--scores) are for choosing one; pass one of them"
+        )
     out_path = Path(out) if out is not None else None
     inputs = _inputs(model, scores, opts)
     if out_path is None or not distributed.is_main():
@@ -185,17 +190,21 @@ def _prune(
             inputs = (*inputs, Path(loaded.path))
             check_output(out, overwrite, inputs=inputs)
         gguf_checks.check_after_load(loaded, opts.output)
-    n = blocks_to_remove(info["num_blocks"], opts.num_blocks, opts.ratio)
+    n = len(opts.blocks) or blocks_to_remove(info["num_blocks"], opts.num_blocks, opts.ratio)
     spans = method.exact  # the exact optimum reads every span anyway: keep them all in the manifest
     settings = RunSettings(
         opts.calibration, opts.runtime, progress, sc.cache, sc.sequential, n, spans, timings
     )
-    result = _scores(loaded, (method, estimator), scores, settings, info)
-    evidence = evidence_of(result)
-    if method.live_keys:
-        with timed(timings, "live_evidence"):
-            attach_live(loaded, method, evidence, repair, settings)
-    removed, search = run(method, evidence, n, opts.calibration.seed)
+    result: ScoreResult | None = None
+    if opts.blocks:  # chosen elsewhere: no scores, no calibration pass
+        removed, search = explicit_removal(opts.blocks, info["num_blocks"])
+    else:
+        result = _scores(loaded, (method, estimator), scores, settings, info)
+        evidence = evidence_of(result)
+        if method.live_keys:
+            with timed(timings, "live_evidence"):
+                attach_live(loaded, method, evidence, repair, settings)
+        removed, search = run(method, evidence, n, opts.calibration.seed)
     if out is not None:
         gguf_checks.check_removal(loaded, opts.output, removed)  # before the repair and the cut
     timings["selection"] = search.seconds
@@ -208,15 +217,16 @@ def _prune(
     if evaluation:
         with timed(timings, "evaluation"):
             evaluation["pruned_ppl"] = _perplexity(loaded, evaluation.pop("_windows"), progress)
-    uses_mi = method.uses_mi and result.table is not None
+    table = result.table if result is not None and method.uses_mi else None
+    estimator_used = result.estimator if result is not None else None
     plan = PrunePlan(
         model=info,
         num_blocks_before=info["num_blocks"],
         removed=removed,
-        calibration=result.calibration,
+        calibration=result.calibration if result is not None else no_calibration(opts.calibration.seed),
         search=search,
-        estimator=result.estimator.params() if uses_mi and result.estimator is not None else None,
-        scores=result.table.to_json() if uses_mi and result.table is not None else None,
+        estimator=estimator_used.params() if table is not None and estimator_used is not None else None,
+        scores=table.to_json() if table is not None else None,
         repair=record,
         timings=timings,
         evaluation=evaluation,

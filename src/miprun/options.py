@@ -409,6 +409,13 @@ class PruneOptions(Options):
     ratio: float | None = opt(
         None, "Fraction of blocks to remove: N = ceil(T*R).", "--ratio", "-r", above=0, below=1
     )
+    blocks: list[int] = opt(
+        help="Remove exactly these blocks (0-based, e.g. 12,14,17: a set from a paper, another tool or an earlier "
+        "run); no scoring pass. Repair, evaluation, card and GGUF as for any method.",
+        factory=list,
+        parse=lambda items: split_ints(items),  # defined below
+        flags=("--blocks",),
+    )
     scoring: ScoringOptions = field(default_factory=ScoringOptions)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     repair_config: RepairOptions = field(default_factory=RepairOptions)
@@ -419,12 +426,22 @@ class PruneOptions(Options):
     progress: bool = opt(True, "Progress bars and log lines.", cli=False)
 
     def check_budget(self) -> None:
-        """Exactly one of ``num_blocks`` and ``ratio`` (checked when a run starts: a default object has neither)."""
-        if (self.num_blocks is None) == (self.ratio is None):
-            got = "neither" if self.num_blocks is None else f"both: {self.num_blocks} and {self.ratio}"
+        """Exactly one of ``num_blocks``, ``ratio`` and ``blocks`` (checked when a run starts: a default object
+        has none)."""
+        given = [
+            f"{name} {value}"
+            for name, value in (
+                ("--num-blocks", self.num_blocks),
+                ("--ratio", self.ratio),
+                ("--blocks", self.blocks),
+            )
+            if value not in (None, [])
+        ]
+        if len(given) != 1:
+            got = "none" if not given else " and ".join(given)
             raise InvalidOptionError(
-                f"give exactly one of num_blocks (--num-blocks N) or ratio (--ratio R), got {got}; "
-                "e.g. --num-blocks 3 or --ratio 0.2"
+                f"give exactly one of num_blocks (--num-blocks N), ratio (--ratio R) or blocks (--blocks I,J,...), "
+                f"got {got}; e.g. --num-blocks 3, --ratio 0.2 or --blocks 12,14,17"
             )
 
 

@@ -186,12 +186,20 @@ def card_facts(loaded: LoadedModel, plan: PrunePlan, folder: Path, gguf_report: 
         )
         if "cut_ppl" in ev:
             results.append(
-                Result(f"{text}, cut before repair", "perplexity", ev["cut_ppl"], ev.get("dense_ppl"), True)
+                Result(
+                    f"{text}, cut before repair",
+                    "perplexity",
+                    ev["cut_ppl"],
+                    ev.get("dense_ppl"),
+                    True,
+                    False,
+                )
             )
     results += _heal_results(plan)
     cal = plan.calibration
     return CardFacts(
         base_model=loaded.name,
+        base_model_id=base_model_id(loaded),
         layers_before=plan.num_blocks_before,
         removed=plan.removed,
         method=plan.search.method,
@@ -200,10 +208,35 @@ def card_facts(loaded: LoadedModel, plan: PrunePlan, folder: Path, gguf_report: 
         license=_license(loaded, source_license),
         repair=_repair_name(plan),
         repaired=[*plan.repair.changed, *_healed(plan)],
-        calibration=Calibration(cal.source, cal.num_windows, cal.seq_len, cal.tokens),
+        calibration=Calibration(cal.source, cal.num_windows, cal.seq_len, cal.tokens)
+        if cal.num_windows
+        else None,
         results=results,
         files=files,
     )
+
+
+def base_model_id(loaded: LoadedModel) -> str | None:
+    """The source's hub id, when miprun knows it: a hub name, an embedded model (or its cached folder), or a
+    folder whose ``config.json`` names one (``_name_or_path``)."""
+    from miprun.assets import EMBEDDED_MODELS, cache_dir
+    from miprun.output.card import hub_id
+
+    if (found := hub_id(loaded.name)) is not None:
+        return found
+    spec = EMBEDDED_MODELS.get(loaded.name)
+    if spec is None and loaded.path is not None:  # the embedded model's converted folder, passed as a path
+        folder = Path(loaded.path).resolve()
+        spec = next(
+            (s for s in EMBEDDED_MODELS.values() if folder == (cache_dir() / "models" / s.name).resolve()),
+            None,
+        )
+    if spec is not None:
+        return spec.hub_id
+    if loaded.path is not None and (config := Path(loaded.path) / "config.json").is_file():
+        named = json.loads(config.read_text(encoding="utf-8")).get("_name_or_path")
+        return hub_id(named) if isinstance(named, str) else None
+    return None
 
 
 def _license(loaded: LoadedModel, source_license: Any) -> str | None:
@@ -230,7 +263,7 @@ def _heal_results(plan: PrunePlan) -> list[Any]:
     text = f"held-out text ({healed['source']}, {healed['windows']} x {healed['seq_len']} tokens)"
     dense = healed["dense_ppl"]
     return [
-        Result(f"{text}, pruned before healing", "perplexity", healed["pruned_ppl"], dense, True),
+        Result(f"{text}, pruned before healing", "perplexity", healed["pruned_ppl"], dense, True, False),
         Result(f"{text}, healed", "perplexity", healed["healed_ppl"], dense, True),
     ]
 
