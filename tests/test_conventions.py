@@ -68,6 +68,18 @@ def test_blocks_through_the_cli_with_repair_evaluation_and_card(
     assert "explicit" in capsys.readouterr().out
 
 
+@pytest.mark.integration
+def test_blocks_with_a_sequential_repair_equals_the_whole_model_one(tiny_folder: Path) -> None:
+    """docs/large-models.md's recipe: an explicit set, repaired one layer at a time."""
+    common = dict(blocks=[1, 3], repair="linear", repair_params={"tokens": 0, "guard": 0}, progress=False)
+    common |= dict(source=str(CALIBRATION_TXT), samples=4, seq_len=24)
+    whole = miprun.prune(str(tiny_folder), **common)
+    layered = miprun.prune(str(tiny_folder), sequential=True, **common)
+    assert whole.plan.repair.changed and layered.plan.repair.changed == whole.plan.repair.changed
+    with torch.no_grad():
+        assert torch.allclose(layered.model(IDS).logits, whole.model(IDS).logits, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [

@@ -58,6 +58,10 @@ def _config(arch: str) -> PretrainedConfig:
         config.layer_types = ["full_attention"] * config.num_hidden_layers
     if arch == "mistral":
         config.sliding_window = None
+    if arch == "qwen3":  # the loader does not read head_dim back: it assumes the released models' 128
+        config.head_dim = 128
+        config.use_sliding_window, config.sliding_window = False, None
+        config.layer_types = ["full_attention"] * config.num_hidden_layers
     if arch.startswith("gemma"):
         config.sliding_window = 128
         config.query_pre_attn_scalar = 256  # the loader does not read it back: it assumes the released 256
@@ -101,7 +105,7 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
         return model(IDS).logits
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "phi3", "gemma2", "gemma3_text"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"]
 
 
 @pytest.mark.integration
@@ -269,3 +273,107 @@ def test_quiet_hides_the_gguf_loaders_own_bar(tmp_path: Path, converter: Path, c
     finally:
         hf_logging.enable_progress_bar()
     assert "de-quantizing" not in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_from_its_transformers_folder_to_gguf(converter_root: Path, tmp_path: Path) -> None:
+    """The issue's check: SmolLM2 pruned from the embedded model's *transformers* folder (not its GGUF) gets a
+    model.gguf that transformers reads with the folder's logits at f32, and the same greedy text at q8_0."""
+    from huggingface_hub import ModelCard
+    from transformers import AutoTokenizer
+
+    import miprun
+    from miprun.assets import embedded_model_dir
+
+    folder = embedded_model_dir("smollm2-135m")
+    out = tmp_path / "smollm2-p3"
+    miprun.prune(
+        str(folder), blocks=[12, 14, 17], out_format="both", gguf_type="f32", out=out, progress=False
+    )
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    f32 = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32).eval()
+    ids = tokenizer(
+        "The history of the city began when a small settlement grew by the river.", return_tensors="pt"
+    )
+    with torch.no_grad():
+        assert (pruned(**ids).logits - f32(**ids).logits).abs().max().item() < 1e-4
+    assert f32.config.num_hidden_layers == 27
+    assert llama_cpp.tokenizer_problem(out / "model.gguf", tokenizer) is None
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.license == "apache-2.0"
+
+    q8 = tmp_path / "q8"
+    q8.mkdir()
+    converted = llama_cpp.convert_folder(out, q8 / "model.gguf", "q8_0")
+    assert "Q8_0" in converted.type_counts
+    quantised = AutoModelForCausalLM.from_pretrained(q8, gguf_file="model.gguf", dtype=torch.float32).eval()
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        want = pruned.generate(**prompt, max_new_tokens=20, do_sample=False)
+        got = quantised.generate(**prompt, max_new_tokens=20, do_sample=False)
+    assert torch.equal(want, got), (tokenizer.decode(want[0]), tokenizer.decode(got[0]))
+
+
+@pytest.mark.slow
+def test_a_gguf_sourced_gemma_folder_says_why_its_tokenizer_does_not_round_trip(
+    converter_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The embedded Gemma's folder has no tokenizer.model (its tokenizer came from a GGUF): the converter
+    writes a BPE vocabulary that transformers cannot read back, and the run says so instead of failing."""
+    import miprun
+    from miprun.assets import embedded_model_dir
+
+    folder = embedded_model_dir("gemma3-270m")
+    out = tmp_path / "gemma-p6"
+    with caplog.at_level(logging.WARNING):
+        miprun.prune(
+            str(folder),
+            blocks=list(range(6, 12)),
+            out_format="gguf",
+            gguf_type="q8_0",
+            out=out,
+            progress=False,
+        )
+    assert (out / "model.gguf").is_file()
+    assert (
+        "tokenizer does not survive the round trip" in caplog.text
+        and "transformers cannot load it" in caplog.text
+    )
+    assert "Its tokenizer does not load back in transformers" in (out / "README.md").read_text()
+
+
+def _readme_gguf_commands() -> list[list[str]]:
+    """The `miprun prune` lines of the README's example for GGUF from a transformers source."""
+    import shlex
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("**From a transformers source**", 1)[1]
+    block = section.split("```sh", 1)[1].split("```", 1)[0]
+    return [shlex.split(line) for line in block.splitlines() if line.startswith("miprun prune")]
+
+
+@pytest.mark.integration
+def test_the_readmes_gguf_example_runs_on_a_tiny_model(tmp_path: Path, converter: Path) -> None:
+    """The README's commands as written, with only the model folder and the output replaced by tiny ones
+    (a random 30-block llama, so that the README's block indices exist)."""
+    from tiny_models import tiny_variant
+
+    from miprun.cli import main
+
+    commands = _readme_gguf_commands()
+    assert len(commands) == 2
+    folder = tmp_path / "tiny-30"
+    tiny_variant("llama", 30, 64).save_pretrained(folder)
+    _sentencepiece(folder)
+    train_tiny_tokenizer().save_pretrained(folder)
+    for i, command in enumerate(commands):
+        args = command[1:]
+        args[args.index("--model") + 1] = str(folder)
+        out = tmp_path / f"out{i}"
+        args[args.index("--out") + 1] = str(out)
+        assert main([*args, "-q"]) == 0, command
+        gguf_type = args[args.index("--gguf-type") + 1]
+        converted = llama_cpp._tensor_types(out / "model.gguf")
+        assert gguf_type.upper() in set(converted.values())
+        assert not any(name.startswith("blk.27.") for name in converted)  # 30 - 3 blocks: blk.0 .. blk.26

@@ -53,6 +53,7 @@ class OutputFile:
 
     name: str  # e.g. "model.safetensors", "model.gguf"
     tensor_types: Mapping[str, int] = field(default_factory=dict)
+    note: str | None = None  # what a reader must know about it (e.g. a tokenizer transformers cannot read)
 
     @property
     def is_gguf(self) -> bool:
@@ -188,7 +189,9 @@ def _files_section(files: Sequence[OutputFile]) -> str | None:
     lines = ["## Files", ""]
     for f in files:
         types = ", ".join(f"{name} x{count}" for name, count in f.tensor_types.items())
-        lines.append(f"- `{f.name}`" + (f": tensor types {types}" if types else ""))
+        lines.append(
+            f"- `{f.name}`" + (f": tensor types {types}" if types else "") + (f". {f.note}" if f.note else "")
+        )
     return "\n".join(lines)
 
 
@@ -291,5 +294,5 @@ def write_model_card(folder: Path | str, facts: CardFacts) -> Path:
     """Write `folder/README.md` atomically and return its path."""
     path = Path(folder) / "README.md"
     atomic_write_text(path, str(model_card(facts)))
-    log.info("Wrote the model card %s.", path)
+    log.info("Wrote the model card (%s).", path.name)  # the folder may be a temporary one the user never sees
     return path

@@ -176,7 +176,13 @@ def card_facts(loaded: LoadedModel, plan: PrunePlan, folder: Path, gguf_report: 
 
     files = [OutputFile(p.name) for p in sorted(folder.glob("*.safetensors"))]
     if gguf_report is not None:
-        files.append(OutputFile(GGUF_NAME, gguf_report.type_counts))
+        problem = getattr(gguf_report, "tokenizer_problem", None)
+        note = (
+            f"Its tokenizer does not load back in transformers ({problem}); use the base model's"
+            if problem
+            else None
+        )
+        files.append(OutputFile(GGUF_NAME, gguf_report.type_counts, note))
     ev = plan.evaluation
     results = []
     if "pruned_ppl" in ev:
@@ -219,29 +225,35 @@ def card_facts(loaded: LoadedModel, plan: PrunePlan, folder: Path, gguf_report: 
 def base_model_id(loaded: LoadedModel) -> str | None:
     """The source's hub id, when miprun knows it: a hub name, an embedded model (or its cached folder), or a
     folder whose ``config.json`` names one (``_name_or_path``)."""
-    from miprun.assets import EMBEDDED_MODELS, cache_dir
     from miprun.output.card import hub_id
 
     if (found := hub_id(loaded.name)) is not None:
         return found
-    spec = EMBEDDED_MODELS.get(loaded.name)
-    if spec is None and loaded.path is not None:  # the embedded model's converted folder, passed as a path
-        folder = Path(loaded.path).resolve()
-        spec = next(
-            (s for s in EMBEDDED_MODELS.values() if folder == (cache_dir() / "models" / s.name).resolve()),
-            None,
-        )
+    spec = _embedded_spec(loaded)
     if spec is not None:
-        return spec.hub_id
+        return str(spec.hub_id)
     if loaded.path is not None and (config := Path(loaded.path) / "config.json").is_file():
         named = json.loads(config.read_text(encoding="utf-8")).get("_name_or_path")
         return hub_id(named) if isinstance(named, str) else None
     return None
 
 
+def _embedded_spec(loaded: LoadedModel) -> Any:
+    """The embedded model ``loaded`` is, by name or by its converted folder passed as a path; else None."""
+    from miprun.assets import EMBEDDED_MODELS, cache_dir
+
+    spec = EMBEDDED_MODELS.get(loaded.name)
+    if spec is None and loaded.path is not None:
+        folder = Path(loaded.path).resolve()
+        spec = next(
+            (s for s in EMBEDDED_MODELS.values() if folder == (cache_dir() / "models" / s.name).resolve()),
+            None,
+        )
+    return spec
+
+
 def _license(loaded: LoadedModel, source_license: Any) -> str | None:
     """The source's license, when it declares one: its model card, its GGUF metadata, or the embedded model's."""
-    from miprun.assets import EMBEDDED_MODELS
 
     if loaded.path is not None and (found := source_license(loaded.path)):
         return str(found)
@@ -250,8 +262,8 @@ def _license(loaded: LoadedModel, source_license: Any) -> str | None:
 
         if found := gguf_license(loaded.gguf):
             return str(found)
-    spec = EMBEDDED_MODELS.get(loaded.name)
-    return spec.license_id if spec is not None else None
+    spec = _embedded_spec(loaded)
+    return str(spec.license_id) if spec is not None else None
 
 
 def _heal_results(plan: PrunePlan) -> list[Any]:
