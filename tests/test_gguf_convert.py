@@ -377,3 +377,47 @@ def test_the_readmes_gguf_example_runs_on_a_tiny_model(tmp_path: Path, converter
         converted = llama_cpp._tensor_types(out / "model.gguf")
         assert gguf_type.upper() in set(converted.values())
         assert not any(name.startswith("blk.27.") for name in converted)  # 30 - 3 blocks: blk.0 .. blk.26
+
+
+def test_the_converter_is_kept_from_the_archive_and_nothing_else(tmp_path: Path, monkeypatch) -> None:
+    """Installing from an archive on disk (MIPRUN_LLAMA_CPP_ARCHIVE): only the converter's files are kept."""
+    import io
+    import tarfile
+
+    top = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
+    members = {
+        top + "convert_hf_to_gguf.py": "print('converter')\n",
+        top + "LICENSE": "MIT\n",
+        top + "conversion/__init__.py": "TEXT_MODEL_MAP: dict[str, str] = {'LlamaForCausalLM': 'llama'}\n",
+        top + "conversion/llama.py": "\n",
+        top + "gguf-py/gguf/__init__.py": "\n",
+        top + "gguf-py/tests/test_x.py": "\n",
+        top + "ggml/src/ggml.c": "int x;\n",
+        "llama_cpp_python-0.3.36/llama_cpp/llama.py": "\n",
+    }
+    archive = tmp_path / "llama_cpp_python-0.3.36.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, text in members.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setenv(llama_cpp.ARCHIVE_ENV, str(archive))
+    root = llama_cpp.converter_dir()
+    kept = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    assert kept == [
+        "LICENSE",
+        "conversion/__init__.py",
+        "conversion/llama.py",
+        "convert_hf_to_gguf.py",
+        "gguf-py/gguf/__init__.py",
+    ]
+    assert llama_cpp.supported_architectures(root) == {"LlamaForCausalLM"}
+    assert archive.is_file()  # the user's archive is left where it was
+    assert llama_cpp.converter_dir() == root  # installed once
+
+
+def test_a_missing_archive_is_named(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(llama_cpp.ARCHIVE_ENV, str(tmp_path / "nope.tar.gz"))
+    with pytest.raises(GgufError, match="which is not a file"):
+        llama_cpp.converter_dir()

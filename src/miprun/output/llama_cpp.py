@@ -92,8 +92,8 @@ def converter_dir() -> Path:
                 f"the {REQUIREMENT} source archive ({archive.name}) holds no vendor/llama.cpp/{SCRIPT}; "
                 f"expected llama.cpp's converter there. Delete {root.parent} and try again."
             )
-        if root.exists():
-            shutil.rmtree(root)  # a leftover without the script in it
+        if root.exists() and not (root / SCRIPT).is_file():
+            shutil.rmtree(root)  # a leftover without the script in it (a complete one is kept below)
         try:
             os.replace(staging, root)
         except OSError:
