@@ -421,3 +421,18 @@ def test_a_missing_archive_is_named(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv(llama_cpp.ARCHIVE_ENV, str(tmp_path / "nope.tar.gz"))
     with pytest.raises(GgufError, match="which is not a file"):
         llama_cpp.converter_dir()
+
+
+@pytest.mark.integration
+def test_an_explicit_cut_that_llama_cpp_would_misread_is_refused_before_loading(
+    tmp_path: Path, converter: Path
+) -> None:
+    """--blocks on a Gemma-3 folder: the cut is known before the model is, so its layer roles are checked first."""
+    import miprun
+
+    folder = tmp_path / "gemma"
+    folder.mkdir()
+    config = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "num_hidden_layers": 12}
+    (folder / "config.json").write_text(json.dumps(config))  # no weights: loading would fail first
+    with pytest.raises(GgufError, match="every 6th layer"):
+        miprun.prune(str(folder), blocks=[2], out=tmp_path / "out", out_format="gguf", progress=False)

@@ -33,8 +33,11 @@ def gguf_source(model: Any) -> bool | None:
     return False if Path(name).expanduser().is_dir() else None
 
 
-def check_before_load(model: Any, output: OutputOptions) -> None:
-    """Everything the name and a local folder's ``config.json`` tell, and fetching the converter once."""
+def check_before_load(model: Any, output: OutputOptions, blocks: list[int] | None = None) -> None:
+    """Everything the name and a local folder's ``config.json`` tell, and fetching the converter once.
+
+    With an explicit removal set (``--blocks``) whether the cut is writable is known too, and checked.
+    """
     if output.out_format == "transformers":
         if output.gguf_type is not None:
             raise GgufError(
@@ -55,6 +58,15 @@ def check_before_load(model: Any, output: OutputOptions) -> None:
         config_path = Path(str(model)).expanduser() / "config.json"
         config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
         check_convertible(config, str(model))
+        text = config.get("text_config") or config
+        if blocks and isinstance(text.get("num_hidden_layers"), int):
+            from miprun.output.llama_cpp import check_layer_roles
+
+            check_layer_roles({"model_type": config.get("model_type"), **text}, blocks)
+    elif from_gguf and blocks and str(model).lower().endswith(".gguf") and Path(str(model)).is_file():
+        from miprun.output.gguf import check_pruned_gguf
+
+        check_pruned_gguf(Path(str(model)), blocks)
 
 
 def check_after_load(loaded: LoadedModel, output: OutputOptions) -> None:
