@@ -107,3 +107,55 @@ def test_card_without_estimator_repair_or_calibration_says_so(tmp_path: Path) ->
     card = model_card(_facts(repair="least-squares", repaired=repaired))
     assert "`least-squares`, which changed `model.layers.0.mlp.down_proj.weight`" in card.text
     assert "and 2 more" in card.text
+
+
+def test_results_become_the_hubs_model_index_without_intermediate_ones(tmp_path: Path) -> None:
+    results = (
+        Result("held-out text (heldout.txt, 16 x 256 tokens)", "perplexity", 31.2, 22.5, True),
+        Result(
+            "held-out text (heldout.txt, 16 x 256 tokens), cut before repair",
+            "perplexity",
+            40.0,
+            22.5,
+            True,
+            False,
+        ),
+    )
+    card = ModelCard.load(write_model_card(tmp_path, _facts(results=results)))
+    (only,) = card.data.eval_results
+    assert (only.metric_type, only.metric_value, only.task_type) == ("perplexity", 31.2, "text-generation")
+    assert only.dataset_name == "held-out text (heldout.txt, 16 x 256 tokens)"
+    assert card.data.model_name == "SmolLM2-135M-Instruct pruned to 27 blocks"
+    assert "cut before repair" in card.text  # still in the readable table
+    assert ModelCard.load(write_model_card(tmp_path, _facts(results=()))).data.eval_results is None
+
+
+def test_base_model_is_named_for_embedded_models_and_configs_that_name_one(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import json
+
+    from miprun.assets import cache_dir
+    from miprun.model.loading import LoadedModel
+    from miprun.output.save import base_model_id
+
+    monkeypatch.setenv("MIPRUN_CACHE", str(tmp_path / "cache"))
+
+    def loaded(name: str, path: Path | None = None) -> LoadedModel:
+        return LoadedModel(model=None, tokenizer=None, name=name, path=None if path is None else str(path))
+
+    embedded_folder = cache_dir() / "models" / "gemma3-270m"
+    embedded_folder.mkdir(parents=True)
+    assert base_model_id(loaded("smollm2-135m", cache_dir() / "models" / "smollm2-135m")) == (
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
+    assert base_model_id(loaded(str(embedded_folder), embedded_folder)) == "google/gemma-3-270m"
+    assert base_model_id(loaded("Qwen/Qwen2.5-0.5B")) == "Qwen/Qwen2.5-0.5B"
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_name_or_path": "meta-llama/Llama-3.2-1B"}))
+    assert base_model_id(loaded(str(folder), folder)) == "meta-llama/Llama-3.2-1B"
+    (folder / "config.json").write_text(json.dumps({"_name_or_path": "/home/me/llama"}))
+    assert base_model_id(loaded(str(folder), folder)) is None
+    card = model_card(_facts(base_model=str(folder), base_model_id="meta-llama/Llama-3.2-1B"))
+    assert card.data.base_model == "meta-llama/Llama-3.2-1B"

@@ -173,9 +173,18 @@ def test_out_may_not_replace_the_model_folder(capsys, tmp_path, tiny_tokenizer):
         (
             ["-n", "2", "--ratio", "0.2"],
             2,  # a command-line mistake: the usage line, before any work
-            re.escape("exactly one of num_blocks (--num-blocks N) or ratio (--ratio R), got both"),
+            re.escape(
+                "exactly one of num_blocks (--num-blocks N), ratio (--ratio R) or blocks (--blocks I,J,...), got"
+            )
+            + r"\s+"
+            + re.escape("--num-blocks 2 and --ratio 0.2"),
         ),
-        ([], 2, re.escape("exactly one of num_blocks (--num-blocks N) or ratio (--ratio R), got neither")),
+        (
+            [],
+            2,
+            re.escape("exactly one of num_blocks (--num-blocks N), ratio (--ratio R) or blocks")
+            + r".*got none",
+        ),
     ],
 )
 def test_bad_budget(capsys, tmp_path, tiny_dir, previous, flags, code, message):

@@ -45,6 +45,7 @@ from miprun.pipeline import (
     score_model,
     timed,
 )
+from miprun.pipeline.explicit import explicit_removal, no_calibration
 from miprun.scores import ScoreResult
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ def prune(
     share and selects the same blocks; only the main process evaluates, saves and shows progress.
     """
     from miprun.atomic import check_output, locked_output
+    from miprun.output.gguf_checks import check_before_load
 
     check_model_argument("prune", model)
     check_argument("prune", "options", options, (PruneOptions, None), "a PruneOptions or None")
@@ -164,11 +166,16 @@ def prune(
     check_flag_argument("prune", "overwrite", overwrite)
     opts = with_overrides(options or PruneOptions(), **overrides)
     opts.check_budget()
+    if opts.blocks and scores is not None:
+        raise InvalidOptionError(
+            "blocks (--blocks) names the removal set, and scores (--scores) are for choosing one; pass one of them"
+        )
     out_path = Path(out) if out is not None else None
     inputs = _inputs(model, scores, opts)
     if out_path is None or not distributed.is_main():
         return _prune(model, opts, scores, None, (overwrite, inputs))
     check_output(out_path, overwrite, inputs=inputs)  # fail before the expensive part
+    check_before_load(model, opts.output, opts.blocks)  # fetches llama.cpp's converter once, if needed
     with locked_output(out_path):  # a second run to the same --out fails now, not hours later
         return _prune(model, opts, scores, out_path, (overwrite, inputs))
 
@@ -182,8 +189,8 @@ def _prune(
 ) -> PruneResult:
     """The stages of :func:`prune` once the options and the output are checked."""
     from miprun.atomic import check_output
-    from miprun.output.gguf import check_pruned_gguf
-    from miprun.output.save import SaveSettings, check_gguf_source, save
+    from miprun.output import gguf_checks
+    from miprun.output.save import SaveSettings, save
 
     overwrite, inputs = writing
     sc = opts.scoring
@@ -198,20 +205,24 @@ def _prune(
         if loaded.path is not None:
             inputs = (*inputs, Path(loaded.path))
             check_output(out, overwrite, inputs=inputs)
-        check_gguf_source(loaded, opts.output.out_format)
-    n = blocks_to_remove(info["num_blocks"], opts.num_blocks, opts.ratio)
+        gguf_checks.check_after_load(loaded, opts.output)
+    n = len(opts.blocks) or blocks_to_remove(info["num_blocks"], opts.num_blocks, opts.ratio)
     spans = method.exact  # the exact optimum reads every span anyway: keep them all in the manifest
     settings = RunSettings(
         opts.calibration, opts.runtime, progress, sc.cache, sc.sequential, n, spans, timings
     )
-    result = _scores(loaded, (method, estimator), scores, settings, info)
-    evidence = evidence_of(result)
-    if method.live_keys:
-        with timed(timings, "live_evidence"):
-            attach_live(loaded, method, evidence, repair, settings)
-    removed, search = run(method, evidence, n, opts.calibration.seed)
-    if out is not None and opts.output.out_format != "transformers" and loaded.gguf is not None:
-        check_pruned_gguf(loaded.gguf, removed)  # before the repair and the cut, not after them
+    result: ScoreResult | None = None
+    if opts.blocks:  # chosen elsewhere: no scores, no calibration pass
+        removed, search = explicit_removal(opts.blocks, info["num_blocks"])
+    else:
+        result = _scores(loaded, (method, estimator), scores, settings, info)
+        evidence = evidence_of(result)
+        if method.live_keys:
+            with timed(timings, "live_evidence"):
+                attach_live(loaded, method, evidence, repair, settings)
+        removed, search = run(method, evidence, n, opts.calibration.seed)
+    if out is not None:
+        gguf_checks.check_removal(loaded, opts.output, removed)  # before the repair and the cut
     timings["selection"] = search.seconds
     timings["optimum_for_comparison"] = search.optimum_seconds
     evaluation = _evaluate_before(loaded, opts, removed, repair.name != "none", main, timings)
@@ -222,22 +233,27 @@ def _prune(
     if evaluation:
         with timed(timings, "evaluation"):
             evaluation["pruned_ppl"] = _perplexity(loaded, evaluation.pop("_windows"), progress)
-    uses_mi = method.uses_mi and result.table is not None
+    table = result.table if result is not None and method.uses_mi else None
+    estimator_used = result.estimator if result is not None else None
     plan = PrunePlan(
         model=info,
         num_blocks_before=info["num_blocks"],
         removed=removed,
-        calibration=result.calibration,
+        calibration=result.calibration if result is not None else no_calibration(opts.calibration.seed),
         search=search,
-        estimator=result.estimator.params() if uses_mi and result.estimator is not None else None,
-        scores=result.table.to_json() if uses_mi and result.table is not None else None,
+        estimator=estimator_used.params() if table is not None and estimator_used is not None else None,
+        scores=table.to_json() if table is not None else None,
         repair=record,
         timings=timings,
         evaluation=evaluation,
     )
     if out is not None:
         save_dtype = resolve_dtype(opts.output.save_dtype, "cpu") if opts.output.save_dtype else None
-        save(loaded, plan, out, SaveSettings(overwrite, progress, save_dtype, opts.output.out_format, inputs))
+        output = opts.output
+        settings_out = SaveSettings(
+            overwrite, progress, save_dtype, output.out_format, output.gguf_type, inputs
+        )
+        save(loaded, plan, out, settings_out)
     return PruneResult(loaded.model, loaded.tokenizer, plan, out)
 
 
@@ -464,7 +480,9 @@ def _heal(
             evaluation["healed_ppl"] = _perplexity(student, evaluation.pop("_windows"), opts.progress)
     plan.heal = {**report.to_json(), "teacher": teacher.name, "timings": timings, "evaluation": evaluation}
     save_dtype = resolve_dtype(opts.save_dtype, "cpu") if opts.save_dtype else None
-    save(student, plan, out, SaveSettings(overwrite, opts.progress, save_dtype, "transformers", inputs))
+    save(
+        student, plan, out, SaveSettings(overwrite, opts.progress, save_dtype, "transformers", inputs=inputs)
+    )
     (work_dir / CHECKPOINT_NAME).unlink(missing_ok=True)  # done: the checkpoint served its purpose
     if work_dir.is_dir() and not any(work_dir.iterdir()):
         work_dir.rmdir()

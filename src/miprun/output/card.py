@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from miprun.atomic import atomic_write_text
 from miprun.versions import package_versions
@@ -44,6 +44,7 @@ class Result:
     pruned: float
     dense: float | None = None
     lower_is_better: bool = False
+    final: bool = True  # a result of the model in this folder (not of an intermediate, e.g. before repair)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class OutputFile:
 
     name: str  # e.g. "model.safetensors", "model.gguf"
     tensor_types: Mapping[str, int] = field(default_factory=dict)
+    note: str | None = None  # what a reader must know about it (e.g. a tokenizer transformers cannot read)
 
     @property
     def is_gguf(self) -> bool:
@@ -74,6 +76,7 @@ class CardFacts:
     calibration: Calibration | None = None
     results: Sequence[Result] = ()
     files: Sequence[OutputFile] = ()
+    base_model_id: str | None = None  # its hub id when known (embedded model, config); else from base_model
     miprun_version: str = field(default_factory=lambda: package_versions()["miprun"])
     name: str | None = None  # the card's title; defaults to "<base> pruned to <n> blocks"
 
@@ -186,7 +189,9 @@ def _files_section(files: Sequence[OutputFile]) -> str | None:
     lines = ["## Files", ""]
     for f in files:
         types = ", ".join(f"{name} x{count}" for name, count in f.tensor_types.items())
-        lines.append(f"- `{f.name}`" + (f": tensor types {types}" if types else ""))
+        lines.append(
+            f"- `{f.name}`" + (f": tensor types {types}" if types else "") + (f". {f.note}" if f.note else "")
+        )
     return "\n".join(lines)
 
 
@@ -231,8 +236,27 @@ def _usage_section(facts: CardFacts) -> str:
     return "\n".join(parts)
 
 
+def _title(facts: CardFacts) -> str:
+    return facts.name or f"{Path(facts.base_model).name} pruned to {facts.layers_after} blocks"
+
+
+def _eval_results(results: Sequence[Result]) -> list[EvalResult]:
+    """The folder's own results as the hub's machine-readable ``model-index`` (intermediate ones left out)."""
+    return [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=re.sub(r"[^a-z0-9]+", "-", r.name.lower()).strip("-")[:80] or "text",
+            dataset_name=r.name,
+            metric_type=r.metric,
+            metric_value=float(r.pruned),
+        )
+        for r in results
+        if r.final
+    ]
+
+
 def _body(facts: CardFacts) -> str:
-    title = facts.name or f"{Path(facts.base_model).name} pruned to {facts.layers_after} blocks"
+    title = _title(facts)
     intro = (
         f"`{facts.base_model}` with {len(facts.removed)} of its {facts.layers_before} decoder blocks removed "
         "by miprun (depth pruning): whole transformer blocks are deleted and the rest are kept as they were "
@@ -253,12 +277,15 @@ def _body(facts: CardFacts) -> str:
 def model_card(facts: CardFacts) -> ModelCard:
     """The model card for a pruned model: hub metadata (front matter) and a body a person can read."""
     tags = [*TAGS, "gguf"] if facts.has_gguf else list(TAGS)
+    results = _eval_results(facts.results)
     data = ModelCardData(
-        base_model=hub_id(facts.base_model),
+        base_model=facts.base_model_id or hub_id(facts.base_model),
         license=facts.license,
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=tags,
+        model_name=_title(facts) if results else None,
+        eval_results=results or None,
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(facts)}")
 
@@ -267,5 +294,5 @@ def write_model_card(folder: Path | str, facts: CardFacts) -> Path:
     """Write `folder/README.md` atomically and return its path."""
     path = Path(folder) / "README.md"
     atomic_write_text(path, str(model_card(facts)))
-    log.info("Wrote the model card %s.", path)
+    log.info("Wrote the model card (%s).", path.name)  # the folder may be a temporary one the user never sees
     return path

@@ -90,8 +90,7 @@ def summary(plan: PrunePlan) -> str:
     lines += [
         f"| iterations / evaluations (MI values, scores or forward passes) | {s.iterations} / {s.num_evaluations} |",
         f"| stop reason | {s.stop_reason} |",
-        f"| calibration | {plan.calibration.source}: {plan.calibration.num_windows} x {plan.calibration.seq_len}"
-        f" tokens, seed {plan.calibration.seed} |",
+        f"| calibration | {_calibration(plan)} |",
     ]
     ev = plan.evaluation
     if "dense_ppl" in ev and "pruned_ppl" in ev:
@@ -117,3 +116,10 @@ def write_figure(fig: Any, path: Path, dpi: int = 110) -> None:
     fig.savefig(buffer, format="png", dpi=dpi)
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def _calibration(plan: PrunePlan) -> str:
+    cal = plan.calibration
+    if cal.num_windows == 0:  # the blocks were given, not chosen (--blocks)
+        return cal.source
+    return f"{cal.source}: {cal.num_windows} x {cal.seq_len} tokens, seed {cal.seed}"

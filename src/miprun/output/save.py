@@ -3,7 +3,10 @@ checkpoint's dtype and/or a pruned GGUF, the tokenizer, ``miprun.json``, the rep
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from miprun.errors import GgufError
 from miprun.model.layouts import layout_for, model_config
 from miprun.output.manifest import MANIFEST_NAME, PrunePlan
 
@@ -19,6 +21,8 @@ if TYPE_CHECKING:
     from miprun.model.loading import LoadedModel
 
 GGUF_NAME = "model.gguf"
+TOKENIZER_SOURCES = ("tokenizer.model",)  # files of a source folder llama.cpp's converter reads
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,6 +33,9 @@ class SaveSettings:
     progress: bool = True
     save_dtype: torch.dtype | None = None  # None: the source checkpoint's dtype
     out_format: str = "transformers"  # transformers, gguf or both
+    gguf_type: str | None = (
+        None  # a transformers source's GGUF type (llama.cpp's converter); None: its default
+    )
     inputs: tuple[Path, ...] = ()  # what the run read: the output may neither be nor contain it
 
 
@@ -56,16 +63,6 @@ def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
     write_json(path, config)
 
 
-def check_gguf_source(loaded: LoadedModel, out_format: str) -> None:
-    """Refuse ``--out-format gguf/both`` before any work when the model did not come from a GGUF file."""
-    if out_format != "transformers" and loaded.gguf is None:
-        raise GgufError(
-            f"--out-format {out_format} writes a pruned copy of the model's GGUF file, but {loaded.name} was "
-            "loaded from a transformers folder; pass the .gguf file (or an embedded model) as --model, or save "
-            "as transformers and convert the folder with llama.cpp's convert_hf_to_gguf.py"
-        )
-
-
 def renumbered(name: str, layers_path: str, removed: list[int]) -> str:
     """A parameter name of the dense model (original numbering) as it is named after ``removed`` are cut."""
     prefix = layers_path + "."
@@ -87,6 +84,46 @@ def write_gguf(loaded: LoadedModel, plan: PrunePlan, folder: Path) -> Any:
         name: params[renumbered(name, layers_path, plan.removed)].detach() for name in plan.repair.changed
     }
     return write_pruned_gguf(loaded.gguf, folder / GGUF_NAME, plan.removed, replaced=replaced)
+
+
+def convert(loaded: LoadedModel, folder: Path, opts: SaveSettings) -> Any:
+    """``model.gguf`` through llama.cpp's converter, from ``folder`` when it holds the checkpoint already
+    (``both``), else from a scratch checkpoint in the model's own dtype, deleted afterwards."""
+    from miprun.output.llama_cpp import DEFAULT_GGUF_TYPE, convert_folder, tokenizer_problem
+
+    gguf_type = opts.gguf_type or DEFAULT_GGUF_TYPE
+    source = folder
+    if opts.out_format == "gguf":
+        source = folder / ".checkpoint-for-gguf"
+        save_weights(loaded.model, source, None)
+        loaded.tokenizer.save_pretrained(source)
+    _copy_tokenizer_sources(loaded, source)
+    try:
+        converted = convert_folder(source, folder / GGUF_NAME, gguf_type)
+    finally:
+        if source != folder:
+            shutil.rmtree(source, ignore_errors=True)
+    problem = tokenizer_problem(folder / GGUF_NAME, loaded.tokenizer)
+    if problem is not None:
+        log.warning(
+            "%s holds the model, but its tokenizer does not survive the round trip: %s. llama.cpp reads the "
+            "file's own vocabulary; with transformers, load the tokenizer from the source (%s) instead.",
+            GGUF_NAME,
+            problem,
+            loaded.name,
+        )
+    return dataclasses.replace(converted, tokenizer_problem=problem)
+
+
+def _copy_tokenizer_sources(loaded: LoadedModel, folder: Path) -> None:
+    """The source folder's ``tokenizer.model`` beside the saved tokenizer: llama.cpp's converter reads a
+    sentencepiece vocabulary from it (Llama-2, Gemma), which ``save_pretrained`` of a fast tokenizer drops."""
+    if loaded.path is None:
+        return
+    for name in TOKENIZER_SOURCES:
+        found = Path(loaded.path) / name
+        if found.is_file() and not (folder / name).exists():
+            shutil.copy2(found, folder / name)
 
 
 def save(loaded: LoadedModel, plan: PrunePlan, out: Path, settings: SaveSettings | None = None) -> None:
@@ -113,8 +150,12 @@ def save(loaded: LoadedModel, plan: PrunePlan, out: Path, settings: SaveSettings
             ("weights", lambda d: save_weights(loaded.model, d, dtype)),
             ("tokenizer", lambda d: loaded.tokenizer.save_pretrained(d)),
         ]
-    if opts.out_format in ("gguf", "both"):
+    if opts.out_format in ("gguf", "both") and loaded.gguf is not None:
         steps.append(("gguf", lambda d: written.__setitem__("gguf", write_gguf(loaded, plan, d))))
+    elif opts.out_format in ("gguf", "both"):
+        steps.append(
+            ("gguf (llama.cpp's converter)", lambda d: written.__setitem__("gguf", convert(loaded, d, opts)))
+        )
     steps += [
         ("manifest", manifest),
         ("report", lambda d: write_report(plan, d)),
@@ -136,7 +177,13 @@ def card_facts(loaded: LoadedModel, plan: PrunePlan, folder: Path, gguf_report: 
 
     files = [OutputFile(p.name) for p in sorted(folder.glob("*.safetensors"))]
     if gguf_report is not None:
-        files.append(OutputFile(GGUF_NAME, gguf_report.type_counts))
+        problem = getattr(gguf_report, "tokenizer_problem", None)
+        note = (
+            f"Its tokenizer does not load back in transformers ({problem}); use the base model's"
+            if problem
+            else None
+        )
+        files.append(OutputFile(GGUF_NAME, gguf_report.type_counts, note))
     ev = plan.evaluation
     results = []
     if "pruned_ppl" in ev:
@@ -146,12 +193,20 @@ def card_facts(loaded: LoadedModel, plan: PrunePlan, folder: Path, gguf_report: 
         )
         if "cut_ppl" in ev:
             results.append(
-                Result(f"{text}, cut before repair", "perplexity", ev["cut_ppl"], ev.get("dense_ppl"), True)
+                Result(
+                    f"{text}, cut before repair",
+                    "perplexity",
+                    ev["cut_ppl"],
+                    ev.get("dense_ppl"),
+                    True,
+                    False,
+                )
             )
     results += _heal_results(plan)
     cal = plan.calibration
     return CardFacts(
         base_model=loaded.name,
+        base_model_id=base_model_id(loaded),
         layers_before=plan.num_blocks_before,
         removed=plan.removed,
         method=plan.search.method,
@@ -160,15 +215,46 @@ def card_facts(loaded: LoadedModel, plan: PrunePlan, folder: Path, gguf_report: 
         license=_license(loaded, source_license),
         repair=_repair_name(plan),
         repaired=[*plan.repair.changed, *_healed(plan)],
-        calibration=Calibration(cal.source, cal.num_windows, cal.seq_len, cal.tokens),
+        calibration=Calibration(cal.source, cal.num_windows, cal.seq_len, cal.tokens)
+        if cal.num_windows
+        else None,
         results=results,
         files=files,
     )
 
 
+def base_model_id(loaded: LoadedModel) -> str | None:
+    """The source's hub id, when miprun knows it: a hub name, an embedded model (or its cached folder), or a
+    folder whose ``config.json`` names one (``_name_or_path``)."""
+    from miprun.output.card import hub_id
+
+    if (found := hub_id(loaded.name)) is not None:
+        return found
+    spec = _embedded_spec(loaded)
+    if spec is not None:
+        return str(spec.hub_id)
+    if loaded.path is not None and (config := Path(loaded.path) / "config.json").is_file():
+        named = json.loads(config.read_text(encoding="utf-8")).get("_name_or_path")
+        return hub_id(named) if isinstance(named, str) else None
+    return None
+
+
+def _embedded_spec(loaded: LoadedModel) -> Any:
+    """The embedded model ``loaded`` is, by name or by its converted folder passed as a path; else None."""
+    from miprun.assets import EMBEDDED_MODELS, cache_dir
+
+    spec = EMBEDDED_MODELS.get(loaded.name)
+    if spec is None and loaded.path is not None:
+        folder = Path(loaded.path).resolve()
+        spec = next(
+            (s for s in EMBEDDED_MODELS.values() if folder == (cache_dir() / "models" / s.name).resolve()),
+            None,
+        )
+    return spec
+
+
 def _license(loaded: LoadedModel, source_license: Any) -> str | None:
     """The source's license, when it declares one: its model card, its GGUF metadata, or the embedded model's."""
-    from miprun.assets import EMBEDDED_MODELS
 
     if loaded.path is not None and (found := source_license(loaded.path)):
         return str(found)
@@ -177,8 +263,8 @@ def _license(loaded: LoadedModel, source_license: Any) -> str | None:
 
         if found := gguf_license(loaded.gguf):
             return str(found)
-    spec = EMBEDDED_MODELS.get(loaded.name)
-    return spec.license_id if spec is not None else None
+    spec = _embedded_spec(loaded)
+    return str(spec.license_id) if spec is not None else None
 
 
 def _heal_results(plan: PrunePlan) -> list[Any]:
@@ -190,7 +276,7 @@ def _heal_results(plan: PrunePlan) -> list[Any]:
     text = f"held-out text ({healed['source']}, {healed['windows']} x {healed['seq_len']} tokens)"
     dense = healed["dense_ppl"]
     return [
-        Result(f"{text}, pruned before healing", "perplexity", healed["pruned_ppl"], dense, True),
+        Result(f"{text}, pruned before healing", "perplexity", healed["pruned_ppl"], dense, True, False),
         Result(f"{text}, healed", "perplexity", healed["healed_ppl"], dense, True),
     ]
 
