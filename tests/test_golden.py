@@ -14,6 +14,7 @@ import miprun
 from miprun.model.loading import LoadedModel
 from miprun.options import CalibrationConfig
 
+pytestmark = pytest.mark.integration  # builds a tiny model of every recorded family
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "golden.json").read_text())
 ARCHS = sorted({key.split("/")[0] for key in GOLDEN})
 ESTIMATORS = {
