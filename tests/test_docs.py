@@ -6,18 +6,23 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import typer
 from conftest import CALIBRATION_TXT
 from tiny_models import tiny_config
 from transformers import AutoModelForCausalLM
 
 import miprun
+from miprun import estimators, methods, repair
 from miprun.assets import cache_dir
+from miprun.cli import app
+from miprun.evaluation.tasks import OFFLINE_TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -39,14 +44,31 @@ class Block:
         return f"{self.doc.name}: {self.code.splitlines()[0]}"
 
 
-def python_blocks() -> list[Block]:
-    blocks = []
+def blocks(*languages: str) -> list[Block]:
+    found = []
     for doc in DOCS:
         text = doc.read_text(encoding="utf-8")
         for m in re.finditer(r"^```(\w*)\n(.*?)^```", text, re.S | re.M):
-            if m.group(1) in ("python", "py"):
-                blocks.append(Block(doc, text.count("\n", 0, m.start()) + 1, m.group(2)))
-    return blocks
+            if m.group(1) in languages:
+                found.append(Block(doc, text.count("\n", 0, m.start()) + 1, m.group(2)))
+    return found
+
+
+def python_blocks() -> list[Block]:
+    return blocks("python", "py")
+
+
+def miprun_commands() -> list[tuple[str, list[str]]]:
+    """``(where, arguments)`` of every ``miprun ...`` line of the shell examples (``torchrun ... $(which
+    miprun) ...`` included), continuation lines joined and comments dropped."""
+    commands = []
+    for block in blocks("bash", "sh", "shell"):
+        for offset, line in enumerate(block.code.replace("\\\n", " ").splitlines()):
+            words = shlex.split(line, comments=True)
+            at = next((i for i, w in enumerate(words) if w in ("miprun", "miprun)")), None)
+            if at is not None:
+                commands.append((f"{block.doc.name}:{block.line + 1 + offset}", words[at + 1 :]))
+    return commands
 
 
 # ----------------------------------------------------------------------------- names and files
@@ -105,6 +127,61 @@ def test_every_python_file_the_docs_name_exists() -> None:
             if not any((base / path).exists() for base in (ROOT, ROOT / "src", ROOT / "src" / "miprun")):
                 missing[path] = doc.name
     assert not missing, f"files named in the docs that do not exist: {missing}"
+
+
+# ----------------------------------------------------------------------------- shell examples
+
+# Options whose values are registry names, and the registry each must be in.
+NAMED = {
+    "method": methods.REGISTRY,
+    "methods": methods.REGISTRY,
+    "repair": repair.REGISTRY,
+    "repairs": repair.REGISTRY,
+    "estimator": estimators.REGISTRY,
+    "tasks": OFFLINE_TASKS,
+}
+
+
+def parse_command(args: list[str]) -> dict[str, Any]:
+    """The parameters the real command line parses ``args`` into (nothing runs); a mistake raises."""
+    group = typer.main.get_command(app)
+    parent = group.make_context("miprun", list(args))
+    command = group.get_command(parent, args[0])
+    assert command is not None, f"no command {args[0]!r}"
+    return dict(command.make_context(args[0], args[1:], parent=parent).params)
+
+
+def unknown_names(params: dict[str, Any]) -> list[str]:
+    bad = []
+    for key, registry in NAMED.items():
+        values = params.get(key) or []
+        for value in [values] if isinstance(values, str) else values:
+            bad += [name for name in str(value).split(",") if name and name not in registry]
+    return bad
+
+
+def test_every_miprun_command_in_the_shell_examples_parses_with_known_names() -> None:
+    commands = miprun_commands()
+    assert len(commands) >= 20 and {args[0] for _, args in commands} >= {"prune", "score", "heal", "compare"}
+    wrong = {}
+    for where, args in commands:
+        try:
+            bad = unknown_names(parse_command(args))
+        except typer.TyperException as exc:  # the vendored click's usage errors
+            wrong[where] = f"{shlex.join(args)}: {exc.format_message()}"
+            continue
+        if bad:
+            wrong[where] = f"{shlex.join(args)}: unknown {bad}"
+    assert not wrong, wrong
+
+
+def test_the_command_check_catches_a_wrong_flag_and_a_wrong_name() -> None:
+    with pytest.raises(typer.TyperException, match="No such option: --num-block"):
+        parse_command(["prune", "--num-block", "3"])
+    assert unknown_names(parse_command(["prune", "-n", "3", "--method", "mi-optimal", "-o", "o"])) == []
+    assert unknown_names(
+        parse_command(["compare", "-n", "3", "--methods", "shortgpt,slab", "--out", "o"])
+    ) == ["slab"]
 
 
 # ----------------------------------------------------------------------------- Python examples
