@@ -4,7 +4,6 @@ example runs (on a tiny model standing in for the real one) or says here why it 
 from __future__ import annotations
 
 import importlib
-import os
 import re
 import shlex
 from collections.abc import Callable
@@ -13,62 +12,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import typer
 from conftest import CALIBRATION_TXT
-from tiny_models import tiny_config
+from doc_examples import (
+    DOCS,
+    ROOT,
+    Block,
+    cache_sharing_the_real_text,
+    miprun_commands,
+    python_blocks,
+    tiny_folder,
+)
 from transformers import AutoModelForCausalLM
 
 import miprun
 from miprun import estimators, methods, repair
-from miprun.assets import cache_dir
 from miprun.cli import app
 from miprun.evaluation.tasks import OFFLINE_TASKS
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 DOTTED = re.compile(r"\bmiprun(?:\.[A-Za-z_]\w*)+")
 PY_FILE = re.compile(r"[A-Za-z_][\w./-]*\.py\b")
 NOT_OURS = {"convert_hf_to_gguf.py"}  # llama.cpp's converter, named as what to run instead
-
-
-@dataclass(frozen=True)
-class Block:
-    """One fenced ```python block of a document."""
-
-    doc: Path
-    line: int  # of its opening fence
-    code: str
-
-    @property
-    def key(self) -> str:
-        return f"{self.doc.name}: {self.code.splitlines()[0]}"
-
-
-def blocks(*languages: str) -> list[Block]:
-    found = []
-    for doc in DOCS:
-        text = doc.read_text(encoding="utf-8")
-        for m in re.finditer(r"^```(\w*)\n(.*?)^```", text, re.S | re.M):
-            if m.group(1) in languages:
-                found.append(Block(doc, text.count("\n", 0, m.start()) + 1, m.group(2)))
-    return found
-
-
-def python_blocks() -> list[Block]:
-    return blocks("python", "py")
-
-
-def miprun_commands() -> list[tuple[str, list[str]]]:
-    """``(where, arguments)`` of every ``miprun ...`` line of the shell examples (``torchrun ... $(which
-    miprun) ...`` included), continuation lines joined and comments dropped."""
-    commands = []
-    for block in blocks("bash", "sh", "shell"):
-        for offset, line in enumerate(block.code.replace("\\\n", " ").splitlines()):
-            words = shlex.split(line, comments=True)
-            at = next((i for i, w in enumerate(words) if w in ("miprun", "miprun)")), None)
-            if at is not None:
-                commands.append((f"{block.doc.name}:{block.line + 1 + offset}", words[at + 1 :]))
-    return commands
 
 
 # ----------------------------------------------------------------------------- names and files
@@ -187,15 +152,6 @@ def test_the_command_check_catches_a_wrong_flag_and_a_wrong_name() -> None:
 # ----------------------------------------------------------------------------- Python examples
 
 
-def tiny_folder(folder: Path, tokenizer: Any, layers: int = 6, positions: int = 128) -> Path:
-    """A saved tiny Llama with the test tokenizer: what stands in for ``smollm2-135m`` or a user's path."""
-    config = tiny_config("llama")
-    config.num_hidden_layers, config.max_position_embeddings = layers, positions
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def demo_output(work: Path, tokenizer: Any) -> dict[str, Any]:
     """``out/demo`` as ``make demo`` leaves it, pruned from a tiny model on the fixture text."""
     model = tiny_folder(work / "tiny", tokenizer)
@@ -274,10 +230,6 @@ def test_python_example_runs(block, example, tmp_path, tiny_tokenizer, monkeypat
 @pytest.mark.parametrize(("block", "example"), examples(slow=True))
 def test_python_example_runs_on_the_real_text(block, example, tmp_path, tiny_tokenizer, monkeypatch) -> None:
     """The real calibration text, read from the shared cache; scores and models go to a cache of its own."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "data").symlink_to(cache_dir() / "data", target_is_directory=True)
-    (cache_dir() / "data").mkdir(parents=True, exist_ok=True)
-    monkeypatch.setenv("MIPRUN_CACHE", str(cache))
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", os.environ.get("TOKENIZERS_PARALLELISM", "false"))
+    monkeypatch.setenv("MIPRUN_CACHE", str(cache_sharing_the_real_text(tmp_path)))
+    torch.set_num_threads(1)  # a tiny model: more threads only spin (conftest restores the count)
     run_example(block, example, tmp_path, tiny_tokenizer, monkeypatch)
