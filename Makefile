@@ -26,7 +26,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy src/miprun
 
 test: lint typecheck
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20  # and the 20 slowest tests
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not integration"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from markers import _models_only_in_marked_tests, pytest_runtest_protocol  # noqa: F401  (models: marked tests)
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 

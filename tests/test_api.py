@@ -302,7 +302,7 @@ def test_an_option_changed_after_it_was_built_is_checked_again(tiny_tokenizer):
 def test_results_are_never_written_over_what_they_were_computed_from(tiny_tokenizer, tmp_path):
     """The writers' own check, for the Python API (the CLI refuses the same before any work)."""
     from miprun.atomic import UnsafeOutputError
-    from miprun.evaluation.evaluate import evaluate, write_json
+    from miprun.evaluation.evaluate import evaluate, write_result
 
     folder = tmp_path / "tiny"
     tiny_model("llama")[0].save_pretrained(folder)
@@ -315,5 +315,5 @@ def test_results_are_never_written_over_what_they_were_computed_from(tiny_tokeni
     text.write_text(HELDOUT_TXT.read_text())
     evaluation = evaluate(str(folder), ppl=[str(text)], ppl_seq_len=16, ppl_windows=2, progress=False)
     with pytest.raises(UnsafeOutputError, match=r"is the input .*heldout.txt"):
-        write_json(evaluation, text)
+        write_result(text, evaluation)
     assert (folder / "config.json").read_bytes() == config and text.read_text() == HELDOUT_TXT.read_text()

@@ -82,6 +82,7 @@ def arch(request: pytest.FixtureRequest) -> str:
 # --- layouts ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_every_tiny_arch_has_a_layout(arch: str) -> None:
     model, config = tiny_model(arch)
     assert arch in SUPPORTED
@@ -90,6 +91,7 @@ def test_every_tiny_arch_has_a_layout(arch: str) -> None:
     assert all(isinstance(layer, torch.nn.Module) for layer in decoder_layers(model))
 
 
+@pytest.mark.integration
 def test_base_model_runs_every_layer_and_has_no_head(arch: str) -> None:
     model, _ = tiny_model(arch)
     calls: list[int] = []
@@ -144,6 +146,7 @@ def _zero_block_outputs(model: torch.nn.Module) -> None:
                     layer_part(layer, bias).zero_()
 
 
+@pytest.mark.integration
 def test_roles_name_the_parts_that_write_to_the_residual_stream(arch: str) -> None:
     model, _ = tiny_model(arch)
     roles = layout_for(model.config).roles
@@ -181,6 +184,7 @@ def test_roles_name_the_parts_that_write_to_the_residual_stream(arch: str) -> No
 # --- remove_blocks ----------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_remove_blocks_fixes_structure_and_config(arch: str) -> None:
     model, config = tiny_model(arch)
     before = _per_layer_lists(config, NUM_LAYERS)
@@ -198,6 +202,7 @@ def test_remove_blocks_fixes_structure_and_config(arch: str) -> None:
     assert indices == [[new] * len(found) for new, found in enumerate(indices)]
 
 
+@pytest.mark.integration
 def test_remove_blocks_recounts_and_renumbers_layer_fields() -> None:
     model, _ = tiny_model("qwen2")  # max_window_layers=3: layers 0..2 full attention
     remove_blocks(model, REMOVED)
@@ -207,6 +212,7 @@ def test_remove_blocks_recounts_and_renumbers_layer_fields() -> None:
     assert model.config.mlp_only_layers == [0]
 
 
+@pytest.mark.integration
 def test_pruned_logits_equal_dense_with_blocks_skipped(arch: str) -> None:
     dense, _ = tiny_model(arch)
     pruned = remove_blocks(copy.deepcopy(dense), REMOVED)
@@ -253,6 +259,7 @@ def _logits_with_identity_blocks(
             handle.remove()
 
 
+@pytest.mark.integration
 def test_pruned_logits_equal_dense_with_identity_blocks(arch: str) -> None:
     dense, _ = tiny_model(arch)
     pruned = remove_blocks(copy.deepcopy(dense), REMOVED)
@@ -261,6 +268,7 @@ def test_pruned_logits_equal_dense_with_identity_blocks(arch: str) -> None:
     torch.testing.assert_close(_logits(pruned, ids), reference, atol=ATOL, rtol=0)
 
 
+@pytest.mark.integration
 def test_cached_generation_equals_uncached_after_removal(arch: str) -> None:
     model, _ = tiny_model(arch)
     remove_blocks(model, REMOVED)
@@ -270,6 +278,7 @@ def test_cached_generation_equals_uncached_after_removal(arch: str) -> None:
     assert torch.equal(cached, _generate(model, prompt, use_cache=False))
 
 
+@pytest.mark.integration
 def test_save_and_reload_gives_same_model(arch: str, tmp_path) -> None:
     model, _ = tiny_model(arch)
     remove_blocks(model, REMOVED)
@@ -297,6 +306,7 @@ def test_save_and_reload_gives_same_model(arch: str, tmp_path) -> None:
     ],
     ids=["duplicate", "out-of-range", "negative", "all", "float", "bool"],
 )
+@pytest.mark.integration
 def test_invalid_removal_sets_raise_and_leave_model_alone(removed: list, error: type, message: str) -> None:
     model, _ = tiny_model("llama")
     layers = decoder_layers(model)
@@ -308,6 +318,7 @@ def test_invalid_removal_sets_raise_and_leave_model_alone(removed: list, error: 
     assert num_blocks(model) == NUM_LAYERS == model.config.num_hidden_layers
 
 
+@pytest.mark.integration
 def test_removal_refused_when_layers_depend_on_their_index() -> None:
     config = tiny_config("gpt2")
     config.scale_attn_by_inverse_layer_idx = True
@@ -321,6 +332,7 @@ def test_removal_refused_when_layers_depend_on_their_index() -> None:
         remove_blocks(model, REMOVED)
 
 
+@pytest.mark.integration
 def test_skip_blocks_restores_on_exception() -> None:
     model, config = tiny_model("gemma2")
     layers, layer_types = decoder_layers(model), config.layer_types
@@ -333,6 +345,7 @@ def test_skip_blocks_restores_on_exception() -> None:
     assert _layer_indices(model) == [[i] * len(f) for i, f in enumerate(_layer_indices(model))]
 
 
+@pytest.mark.integration
 def test_stale_layer_idx_breaks_cached_generation() -> None:
     """Why `layer_idx` is renumbered: with the old indices the KV cache is read from the wrong slots."""
     model, _ = tiny_model("llama")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import popen
 
 from miprun import atomic
 from miprun.atomic import (
@@ -222,10 +223,9 @@ write_steps(out, [("weights", wait)], overwrite=False, progress=False)
 
 
 def python(*args: str, **kwargs) -> subprocess.Popen:
+    """A Python child (default signal dispositions, however pytest was started) importing this ``src``."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen(
-        [sys.executable, "-c", *args], env=env, stderr=subprocess.PIPE, text=True, **kwargs
-    )
+    return popen([sys.executable, "-c", *args], env=env, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
 def test_second_writer_fails_at_once_naming_the_first(tmp_path: Path) -> None:

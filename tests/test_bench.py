@@ -23,6 +23,7 @@ def _positive(x: float) -> bool:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
+@pytest.mark.integration
 def test_greedy_decode_matches_generate(arch):
     model, _ = tiny_model(arch)
     prompt = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -35,6 +36,7 @@ def test_greedy_decode_matches_generate(arch):
     assert cache_bytes(cache) > 0
 
 
+@pytest.mark.integration
 def test_cache_and_weight_bytes_known_answers():
     model, _ = tiny_model("llama")  # 6 layers, 2 kv heads of 16 dims, fp32
     _, cache = greedy_decode(model, torch.randint(3, 128, (3, 10)), 5)
@@ -73,6 +75,7 @@ def test_bench_pruned_against_dense(tiny_tokenizer):
     assert json.loads(json.dumps(result)) == result  # JSON-able as is
 
 
+@pytest.mark.integration
 def test_bench_rejects_a_bad_config_before_running(tiny_tokenizer, monkeypatch):
     import miprun.evaluation.bench as bench_module
 
@@ -96,6 +99,7 @@ def test_bench_rejects_a_bad_config_before_running(tiny_tokenizer, monkeypatch):
         bench(lm, repeat=2)
 
 
+@pytest.mark.integration
 def test_bench_refuses_a_prompt_and_decode_beyond_the_positions(tiny_tokenizer, monkeypatch):
     """`--prompt-len 100000` hung, `--new-tokens` past the positions was accepted (issue #19)."""
     import miprun.evaluation.bench as bench_module
@@ -110,6 +114,7 @@ def test_bench_refuses_a_prompt_and_decode_beyond_the_positions(tiny_tokenizer, 
         bench(lm, prompt_len=100, new_tokens=29)
 
 
+@pytest.mark.integration
 def test_bench_refuses_batch_sizes_whose_kv_cache_cannot_fit(tiny_tokenizer, monkeypatch):
     """`--batch-sizes 100000` was accepted (issue #19), then swapped or crashed."""
     import miprun.evaluation.bench as bench_module
@@ -127,6 +132,7 @@ def test_bench_refuses_batch_sizes_whose_kv_cache_cannot_fit(tiny_tokenizer, mon
     assert bench_module.kv_cache_estimate(lm.model, 10, 100) == 1536 * 1000
 
 
+@pytest.mark.integration
 def test_bench_flat_overrides_reach_the_config(tiny_tokenizer):
     lm = LoadedModel(tiny_model("llama")[0], tiny_tokenizer, "m", None)
     result = bench(lm, prompt_len=6, new_tokens=2, batch_sizes=[2], warmup=0, repeats=1)

@@ -62,6 +62,7 @@ def test_help_names_every_registered_choice(registry, flag, capsys):
     assert listed <= set(names), listed - set(names)
 
 
+@pytest.mark.integration
 def test_prune_through_the_cli(tiny_folder, tmp_path, capsys):
     out = tmp_path / "pruned"
     code = main(
@@ -95,6 +96,7 @@ def test_prune_through_the_cli(tiny_folder, tmp_path, capsys):
     assert manifest["evaluation"]["pruned_ppl"] > 0
 
 
+@pytest.mark.integration
 def test_mi_verified_shows_every_candidate_with_its_mi_rank_and_measured_score(tiny_folder, tmp_path, capsys):
     out = tmp_path / "verified"
     args = ["prune", "--model", str(tiny_folder), "-n", "2", "--method", "mi-verified", "--out", str(out)]
@@ -108,6 +110,7 @@ def test_mi_verified_shows_every_candidate_with_its_mi_rank_and_measured_score(t
     assert "(chosen)" in printed
 
 
+@pytest.mark.integration
 def test_score_then_prune_with_scores(tiny_folder, tmp_path, capsys):
     scores = tmp_path / "scores.json"
     assert main(["score", "--model", str(tiny_folder), "--out", str(scores), *TINY]) == 0
@@ -128,6 +131,7 @@ def test_score_then_prune_with_scores(tiny_folder, tmp_path, capsys):
         assert len(json.loads((out / "miprun.json").read_text())["removed"]) == int(n)
 
 
+@pytest.mark.integration
 def test_errors_are_one_line_without_traceback(tiny_folder, tmp_path, capsys):
     code = main(["prune", "--model", str(tiny_folder), "-n", "6", "--out", str(tmp_path / "x"), *TINY])
     err = capsys.readouterr().err

@@ -116,6 +116,7 @@ def test_coordinate_moments_merge_exactly(center: bool):
     assert torch.allclose(cov * scale, (a * b).mean(0), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_capture_fills_coordinates_and_normalises_tokens():
     model, _ = tiny_model("llama")
     ids = torch.randint(3, 128, (4, 10), generator=GEN)
@@ -136,6 +137,7 @@ def test_capture_fills_coordinates_and_normalises_tokens():
     assert float(coords.moments(1, 1, center=False)[0].mean()) == pytest.approx(1.0, rel=1e-3)
 
 
+@pytest.mark.integration
 def test_estimators_that_disagree_on_normalisation_read_separate_statistics_of_one_pass():
     normed, raw = get("coordinate", normalize=True), get("coordinate")
     requests = combine([*normed.statistics(), *raw.statistics(), *normed.statistics()])

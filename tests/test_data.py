@@ -246,6 +246,7 @@ def test_bos_starts_every_window_when_the_tokenizer_adds_it(
 # ------------------------------------------------------------------------------------------ perplexity
 
 
+@pytest.mark.integration
 def test_perplexity_matches_the_models_own_loss() -> None:
     model = _tiny_llama()
     windows = torch.randint(0, 128, (5, 12), generator=torch.Generator().manual_seed(0))
@@ -257,6 +258,7 @@ def test_perplexity_matches_the_models_own_loss() -> None:
     assert perplexity(model, windows, batch_size=3) == pytest.approx(math.exp(reference), rel=1e-5)
 
 
+@pytest.mark.integration
 def test_perplexity_rejects_bad_windows() -> None:
     with pytest.raises(ValueError, match="seq_len >= 2"):
         perplexity(_tiny_llama(), torch.zeros(3, 1, dtype=torch.long))
@@ -265,6 +267,7 @@ def test_perplexity_rejects_bad_windows() -> None:
 # --------------------------------------------------------------------------------------------- loading
 
 
+@pytest.mark.integration
 def test_load_local_folder(tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFast) -> None:
     _tiny_llama(vocab=len(tiny_tokenizer)).train().save_pretrained(tmp_path / "m")
     tok = PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer.backend_tokenizer, eos_token="</s>")
@@ -288,6 +291,7 @@ def test_load_local_folder(tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFa
         ("reshape", r"of the wrong shape \(model\.norm\.weight\)|could not load the model folder .*/m: "),
     ],
 )
+@pytest.mark.integration
 def test_incomplete_checkpoint_is_refused_not_filled_with_random_weights(
     tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFast, edit: str, message: str
 ) -> None:

@@ -86,6 +86,7 @@ def test_disk_offloaded_layers_score_and_prune_as_the_plain_path(folder, tiny_to
         assert torch.allclose(reloaded(IDS).logits, reference.model(IDS).logits, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_input_device_sees_through_full_offload(folder, tiny_tokenizer):
     lm = offloaded(folder, tiny_tokenizer, {})
     assert input_device(lm.model) == torch.device("cpu")

@@ -122,6 +122,7 @@ def two_ranks(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.integration
 def test_two_ranks_merge_to_the_single_process_statistics(two_ranks):
     a, b = (torch.load(two_ranks / f"rank{r}.pt", weights_only=False) for r in range(2))
     single = capture(tiny_model("qwen2")[0], WINDOWS, SPEC, CAL, progress=False)
@@ -150,6 +151,7 @@ def test_two_ranks_merge_to_the_single_process_statistics(two_ranks):
         assert torch.allclose(samples[0].state(s), samples[1].state(s), atol=1e-6)
 
 
+@pytest.mark.integration
 def test_data_parallel_prune_selects_the_blocks_of_one_process(two_ranks, tmp_path):
     from miprun.cli import main
 

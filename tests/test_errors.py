@@ -121,6 +121,7 @@ def test_unreadable_config(capsys, tmp_path):
     assert code == 1 and "could not load the model folder" in err and "not a valid JSON" in err
 
 
+@pytest.mark.integration
 def test_unreadable_weights(capsys, tmp_path, tiny_tokenizer):
     folder = save_tiny(tmp_path / "corrupt", tiny_tokenizer)
     (folder / "model.safetensors").write_bytes(b"\x00garbage")
@@ -138,6 +139,7 @@ def test_unsupported_architecture_before_reading_weights(capsys, tmp_path, confi
     assert code == 1 and f"model_type {model_type!r}" in err and "Supported model_types: " in err
 
 
+@pytest.mark.integration
 def test_out_may_not_replace_the_model_folder(capsys, tmp_path, tiny_tokenizer):
     folder = save_tiny(tmp_path / "model", tiny_tokenizer)
     before = (folder / "model.safetensors").read_bytes()
@@ -187,6 +189,7 @@ def test_out_may_not_replace_the_model_folder(capsys, tmp_path, tiny_tokenizer):
         ),
     ],
 )
+@pytest.mark.integration
 def test_bad_budget(capsys, tmp_path, tiny_dir, previous, flags, code, message):
     got, err = run_cli(capsys, *prune_args(tiny_dir, previous, "--overwrite", *flags))
     assert got == code and re.search(message, err), err
@@ -198,6 +201,7 @@ def test_bad_budget(capsys, tmp_path, tiny_dir, previous, flags, code, message):
 # ------------------------------------------------------------------------------------ calibration text
 
 
+@pytest.mark.integration
 def test_calibration_too_short_for_one_window(capsys, tmp_path, tiny_dir):
     short = tmp_path / "short.txt"
     short.write_text("Only a few words here.\n")
@@ -206,6 +210,7 @@ def test_calibration_too_short_for_one_window(capsys, tmp_path, tiny_dir):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration
 def test_non_utf8_calibration(capsys, tmp_path, tiny_dir):
     latin = tmp_path / "latin1.txt"
     latin.write_bytes("Un café au lait, s'il vous plaît.\n".encode("latin-1"))
@@ -216,6 +221,7 @@ def test_non_utf8_calibration(capsys, tmp_path, tiny_dir):
 @pytest.mark.parametrize(
     ("name", "content"), [("empty.txt", ""), ("blank.txt", "\n \n\n"), ("empty.jsonl", "\n")]
 )
+@pytest.mark.integration
 def test_empty_calibration(capsys, tmp_path, tiny_dir, name, content):
     path = tmp_path / name
     path.write_text(content)
@@ -223,6 +229,7 @@ def test_empty_calibration(capsys, tmp_path, tiny_dir, name, content):
     assert code == 1 and "holds no text" in err and "expected" in err
 
 
+@pytest.mark.integration
 def test_missing_calibration_file(capsys, tmp_path, tiny_dir):
     code, err = run_cli(
         capsys, *prune_args(tiny_dir, tmp_path / "out", "-n", "1", "--calib", str(tmp_path / "gone.txt"))
@@ -269,6 +276,7 @@ def test_scores_for_another_calibration(capsys, tmp_path, tiny_dir, scores_file)
         ('{"kind": "miprun-scores", "version": 2, "x": NaN}', "non-finite number NaN"),
     ],
 )
+@pytest.mark.integration
 def test_bad_scores_file(capsys, tmp_path, tiny_dir, content, message):
     path = tmp_path / "scores.json"
     path.write_text(content)
@@ -281,6 +289,7 @@ def test_bad_scores_file(capsys, tmp_path, tiny_dir, content, message):
 # ---------------------------------------------------------------------------------- the forward pass
 
 
+@pytest.mark.integration
 def test_non_finite_hidden_states_name_the_block(capsys, tmp_path, tiny_tokenizer):
     model, _ = tiny_model("llama")
     with torch.no_grad():
@@ -295,6 +304,7 @@ def test_non_finite_hidden_states_name_the_block(capsys, tmp_path, tiny_tokenize
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration
 def test_non_finite_message_advises_float32_only_for_half_precision():
     model, _ = tiny_model("llama")
     for dtype in (torch.bfloat16, torch.float16):
@@ -307,6 +317,7 @@ def test_non_finite_message_advises_float32_only_for_half_precision():
     assert issubclass(NonFiniteHiddenStateError, MiprunError) and NonFiniteHiddenStateError is NonFiniteError
 
 
+@pytest.mark.integration
 def test_debug_shows_the_traceback(tmp_path, tiny_dir):
     with pytest.raises(ValueError, match="between 1 and 5"):
         main(prune_args(tiny_dir, tmp_path / "out", "-n", "6", "--debug"))
@@ -315,6 +326,7 @@ def test_debug_shows_the_traceback(tmp_path, tiny_dir):
 # --------------------------------------------------------------------------------------- the output
 
 
+@pytest.mark.integration
 def test_existing_out_without_overwrite(capsys, tiny_dir, previous):
     code, err = run_cli(capsys, *prune_args(tiny_dir, previous, "-n", "1"))
     assert code == 1 and "already exists" in err and "--overwrite" in err
@@ -373,6 +385,7 @@ def test_overwrite_replaces_an_earlier_output_but_nothing_else(capsys, tmp_path,
 # -------------------------------------------------------------------------------------- safe loading
 
 
+@pytest.mark.integration
 def test_pickle_only_folder_is_refused_without_unpickling(capsys, monkeypatch, tmp_path, tiny_tokenizer):
     model, _ = tiny_model("llama")
     folder = tmp_path / "pickled"
@@ -385,6 +398,7 @@ def test_pickle_only_folder_is_refused_without_unpickling(capsys, monkeypatch, t
     assert "safetensors only" in err and "save_pretrained" in err
 
 
+@pytest.mark.integration
 def test_loading_is_safetensors_only_and_trusts_no_code_by_default(monkeypatch, tiny_dir):
     calls: list[tuple[str, dict]] = []
     for cls in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModelForCausalLM):

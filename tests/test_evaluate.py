@@ -149,6 +149,7 @@ def test_social_iqa_conversion_and_rendered_yaml(tmp_path):
 # ----------------------------------------------------------------------------------- perplexity
 
 
+@pytest.mark.integration
 def test_perplexity_through_evaluate_equals_the_perplexity_module(tiny_tokenizer):
     lm = loaded(tiny_tokenizer)
     result = evaluate(lm, ppl=[str(HELDOUT_TXT)], ppl_seq_len=24, ppl_windows=0, progress=False)  # 0: all
@@ -241,6 +242,7 @@ doc_to_target: label
 """
 
 
+@pytest.mark.integration
 def test_unknown_and_hub_tasks_fail_with_a_clear_message(tiny_tokenizer, tmp_path, monkeypatch, hub_offline):
     from lm_eval.tasks import TaskManager
 

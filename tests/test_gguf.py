@@ -187,6 +187,7 @@ IDS = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0
 
 
 @pytest.mark.parametrize("key", list(FAMILIES))
+@pytest.mark.integration
 def test_pruned_gguf_matches_source_with_blocks_removed(
     key: str, sources: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -220,6 +221,7 @@ def _tensors(path: Path) -> dict[str, gguf.ReaderTensor]:
     return {tensor.name: tensor for tensor in gguf.GGUFReader(path).tensors}
 
 
+@pytest.mark.integration
 def test_unchanged_tensors_are_copied_as_raw_blocks(sources: dict[str, Path], tmp_path: Path) -> None:
     source = sources["llama"]
     report = write_pruned_gguf(source, tmp_path / "pruned.gguf", [1, 4])
@@ -240,6 +242,7 @@ def test_unchanged_tensors_are_copied_as_raw_blocks(sources: dict[str, Path], tm
     assert not [p for p in tmp_path.iterdir() if p.name != "pruned.gguf"]  # no temporary file left behind
 
 
+@pytest.mark.integration
 def test_metadata_carried_over_and_per_layer_arrays_trimmed(sources: dict[str, Path], tmp_path: Path) -> None:
     # add a per-layer array, as gemma3n or llama.cpp's per-layer head counts store them
     source = tmp_path / "source.gguf"
@@ -275,6 +278,7 @@ def test_metadata_carried_over_and_per_layer_arrays_trimmed(sources: dict[str, P
     assert pruned_tok(text).input_ids == source_tok(text).input_ids
 
 
+@pytest.mark.integration
 def test_replaced_tensors_are_requantised_to_their_source_type(
     sources: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -330,6 +334,7 @@ def test_requantize_picks_the_nearest_type_it_can_write() -> None:
     assert requantize(values, Q.F32)[1] == Q.F32
 
 
+@pytest.mark.integration
 def test_gemma3_refuses_a_removal_that_shifts_its_global_layers(
     sources: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -357,6 +362,7 @@ def test_gemma3_refuses_a_removal_that_shifts_its_global_layers(
         ([True], "bool"),
     ],
 )
+@pytest.mark.integration
 def test_bad_indices_are_refused(
     removed: list[int], message: str, sources: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -373,6 +379,7 @@ def test_bad_indices_are_refused(
         ("model.layers.2.mlp.down_proj.weight", (96, 64), "shape"),
     ],
 )
+@pytest.mark.integration
 def test_bad_replacements_are_refused(
     name: str, shape: tuple[int, ...], message: str, sources: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -381,6 +388,7 @@ def test_bad_replacements_are_refused(
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.integration
 def test_missing_block_count_and_same_path_are_refused(sources: dict[str, Path], tmp_path: Path) -> None:
     writer = gguf.GGUFWriter(tmp_path / "bare.gguf", arch="llama")
     writer.write_header_to_file()

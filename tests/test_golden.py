@@ -14,6 +14,7 @@ import miprun
 from miprun.model.loading import LoadedModel
 from miprun.options import CalibrationConfig
 
+pytestmark = pytest.mark.integration  # builds a tiny model of every recorded family
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "golden.json").read_text())
 ARCHS = sorted({key.split("/")[0] for key in GOLDEN})
 ESTIMATORS = {
@@ -26,11 +27,15 @@ ESTIMATORS = {
 RENAMED = {"angular": "angular-mean"}
 CAL = CalibrationConfig(source=str(CALIBRATION_TXT), samples=6, seq_len=24, seed=0, batch_size=3)
 TIMINGS = {"forward_seconds"}
+# The scores come from float32 hidden states: a new torch or transformers kernel moves them by ~1e-8
+# relative (measured: transformers 5.25 against the recording), far below any real change of the method.
+# The chosen blocks are compared exactly.
+REL = 1e-6
 
 
 def _close(got: object, want: object) -> bool:
     if isinstance(want, float):
-        return isinstance(got, float) and got == pytest.approx(want, rel=1e-9, abs=1e-12)
+        return isinstance(got, float) and got == pytest.approx(want, rel=REL, abs=1e-12)
     if isinstance(want, list):
         return isinstance(got, list) and len(got) == len(want) and all(map(_close, got, want))
     if isinstance(want, dict):

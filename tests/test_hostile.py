@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CALIBRATION_TXT, HELDOUT_TXT
+from processes import popen
 from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM
 
@@ -127,7 +128,7 @@ from miprun.cli import main
 sys.exit(main({prune_args(tiny_dir, out, "--overwrite", "--method", "last-n")!r}))
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MIPRUN_CACHE": str(tmp_path / "cache")}
-    child = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
+    child = popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not marker.exists() and time.time() < deadline and child.poll() is None:
         time.sleep(0.1)

@@ -33,6 +33,7 @@ def test_spearman_known_values():
     assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(0.8660254, abs=1e-6)  # average ranks for ties
 
 
+@pytest.mark.integration
 def test_oracle_equals_the_perplexity_of_the_pruned_model(tmp_path):
     model, _ = tiny_model("qwen2")
     oracle = DamageOracle(model, IDS, cache_path=tmp_path / "oracle.json")
@@ -134,6 +135,7 @@ def test_update_replaces_only_the_rerun_methods_and_refuses_other_data(tiny_toke
         update(first, other)
 
 
+@pytest.mark.integration
 def test_update_reuses_the_dense_and_cut_only_task_results_it_already_has(tiny_tokenizer, monkeypatch):
     import miprun.evaluation.compare as cmp
 
@@ -172,6 +174,7 @@ def test_update_reuses_the_dense_and_cut_only_task_results_it_already_has(tiny_t
             assert row["tasks"] == by_set[tuple(sorted(row["removed"]))]
 
 
+@pytest.mark.integration
 def test_update_refuses_other_tasks_before_running_anything(tiny_tokenizer, tmp_path, monkeypatch):
     import miprun.evaluation.compare as cmp
 

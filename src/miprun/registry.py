@@ -9,7 +9,7 @@ import dataclasses
 import difflib
 import math
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 from miprun.errors import InvalidOptionError, InvalidTypeError, UnknownNameError
@@ -31,9 +31,18 @@ class Registry(Generic[T]):
         self._entries[name] = entry
         return entry
 
-    def register(self, name: str) -> Callable[[T], T]:
-        """Decorator form of :meth:`add`."""
-        return lambda entry: self.add(name, entry)
+    def register(self, entry: T) -> T:
+        """Register a plugin class under its own ``name`` attribute, so the name is written once, in the class.
+
+        Returns ``entry``, so it also serves as a class decorator (``@REGISTRY.register``).
+        """
+        name = getattr(entry, "name", None)
+        if not isinstance(name, str) or not name:
+            raise TypeError(
+                f"{entry!r} has no `name` string to register it as a {self.kind} under; "
+                "give the class a `name` class attribute, or use add(name, entry)"
+            )
+        return self.add(name, entry)
 
     def get(self, name: str) -> T:
         """The entry called ``name``; a miss suggests the closest name and lists all of them."""

@@ -29,10 +29,10 @@ NS = (1, 2, 3)
 def record() -> dict:
     import torch
     from conftest import CALIBRATION_TXT, train_tiny_tokenizer
-    from miprun.loading import LoadedModel
     from tiny_models import tiny_model
 
     from miprun.api import CalibrationConfig, score, select
+    from miprun.model.loading import LoadedModel
 
     torch.set_num_threads(1)
     tokenizer = train_tiny_tokenizer()

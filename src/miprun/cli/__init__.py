@@ -186,8 +186,8 @@ def eval_command(
 
     Example: miprun eval --model out/smollm2-pruned --tasks social_iqa,next_sentence --limit 200 --out eval.json
     """
-    from miprun.atomic import check_file_output
-    from miprun.evaluation.evaluate import evaluate, write_json
+    from miprun.atomic import check_file_output, write_json
+    from miprun.evaluation.evaluate import evaluate
     from miprun.options import with_overrides
 
     if out is not None:
@@ -196,7 +196,7 @@ def eval_command(
     result = evaluate(model, with_overrides(options, progress=not quiet))
     show.evaluation(result)
     if out is not None:
-        write_json(result, out)
+        write_json(out, result)
         show.out.print(f"results written to {out}")
 
 
@@ -214,9 +214,8 @@ def bench(
 
     Example: miprun bench --model out/smollm2-pruned --against smollm2-135m --out bench.json
     """
-    from miprun.atomic import check_file_output
+    from miprun.atomic import check_file_output, write_json
     from miprun.evaluation.bench import bench as run_bench
-    from miprun.evaluation.evaluate import write_json
 
     if out is not None:
         check_file_output(out, overwrite, inputs=(model, options.against))
@@ -224,7 +223,7 @@ def bench(
     result = run_bench(model, options)
     show.bench(result, options.config)
     if out is not None:
-        write_json(result, out)
+        write_json(out, result)
         show.out.print(f"results written to {out}")
 
 

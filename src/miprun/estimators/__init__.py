@@ -14,10 +14,10 @@ from miprun.options import DEFAULT_ESTIMATOR
 from miprun.registry import Registry
 
 REGISTRY: Registry[type[Estimator]] = Registry("estimator")
-REGISTRY.add("coordinate", CoordinateMI)
-REGISTRY.add("gaussian", GaussianMI)
-REGISTRY.add("renyi", RenyiMI)
-REGISTRY.add("binned", BinnedMI)
+REGISTRY.register(CoordinateMI)
+REGISTRY.register(GaussianMI)
+REGISTRY.register(RenyiMI)
+REGISTRY.register(BinnedMI)
 DEFAULT = DEFAULT_ESTIMATOR
 
 

@@ -1,8 +1,8 @@
 """Evaluate a (pruned) model: held-out perplexity and zero-shot multiple-choice accuracy.
 
-Perplexity comes from :mod:`miprun.perplexity` on non-overlapping windows of the *evaluation* split of
+Perplexity comes from :mod:`miprun.model.perplexity` on non-overlapping windows of the *evaluation* split of
 each text source. Accuracy comes from the real lm-evaluation-harness, driven in-process on the loaded
-model (``HFLM(pretrained=<model object>)``): the offline tasks of :mod:`miprun.tasks` run anywhere; any
+model (``HFLM(pretrained=<model object>)``): the offline tasks of :mod:`miprun.evaluation.tasks` run anywhere; any
 other name is passed to lm-eval as is and needs the Hugging Face Hub for its data.
 
 import miprun.evaluation.evaluate as ev
@@ -104,7 +104,7 @@ def run_tasks(
     """Zero-shot accuracy (``acc``, ``acc_norm``) of the in-memory model on ``tasks`` with lm-eval.
 
     Args:
-        tasks: offline task names (see :data:`miprun.tasks.OFFLINE_TASKS`) or lm-eval task names.
+        tasks: offline task names (see :data:`miprun.evaluation.tasks.OFFLINE_TASKS`) or lm-eval task names.
         limit: the first ``limit`` examples of each task (all when None).
         seed: seed of the next-sentence task's distractors and answer positions.
         task_text: held-out text the next-sentence task is built from (default: wiki).
@@ -267,9 +267,10 @@ def evaluate(
     return result
 
 
-def write_json(result: dict[str, Any], path: str | Path) -> None:
-    """Write an evaluation or benchmark result as strict, indented JSON, atomically; never over a file it
-    was computed from or into a model folder it read."""
+def write_result(path: str | Path, result: dict[str, Any]) -> None:
+    """Write an evaluation or benchmark result to ``path`` as strict, indented JSON, atomically (arguments in
+    :func:`miprun.atomic.write_json`'s order); never over a file it was computed from or into a model folder it
+    read."""
     from miprun.atomic import check_results_file
     from miprun.atomic import write_json as write
 

@@ -21,17 +21,17 @@ from miprun.options import DEFAULT_METHOD
 from miprun.registry import Registry
 
 REGISTRY: Registry[type[Method]] = Registry("method")
-REGISTRY.add("mi-prun", MiPrun)
-REGISTRY.add("mi-optimal", MiOptimal)
-REGISTRY.add("mi-verified", MiVerified)
-REGISTRY.add("mi-search", MiSearch)
-REGISTRY.add("shortgpt", ShortGPT)
-REGISTRY.add("angular", Angular)
-REGISTRY.add("angular-mean", AngularMean)
-REGISTRY.add("sleb", Sleb)
-REGISTRY.add("ppl-oneshot", PplOneshot)
-REGISTRY.add("last-n", LastN)
-REGISTRY.add("random", Random)
+REGISTRY.register(MiPrun)
+REGISTRY.register(MiOptimal)
+REGISTRY.register(MiVerified)
+REGISTRY.register(MiSearch)
+REGISTRY.register(ShortGPT)
+REGISTRY.register(Angular)
+REGISTRY.register(AngularMean)
+REGISTRY.register(Sleb)
+REGISTRY.register(PplOneshot)
+REGISTRY.register(LastN)
+REGISTRY.register(Random)
 
 # Evidence kept in scores files, by the key methods store it under: a class with to_json/from_json.
 EVIDENCE: Registry[Any] = Registry("evidence")

@@ -8,7 +8,7 @@ Nothing here parses options or prints: :mod:`miprun.api` decides what runs, :mod
 
 from __future__ import annotations
 
-from miprun.pipeline.repairing import RepairHook, attach_live, fit_repair, repair_model, repaired
+from miprun.pipeline.repairing import RepairHook, attach_live, fit_repair, repair_model
 from miprun.pipeline.scoring import (
     calibration_info,
     calibration_windows,
@@ -51,7 +51,6 @@ __all__ = [
     "repair_model",
     "repair_of",
     "repair_with",
-    "repaired",
     "score_model",
     "timed",
 ]

@@ -1,12 +1,10 @@
 """The repair stage: fit a repair on the dense model (one extra pass when it reads statistics) and fold it in,
-for good or inside a ``with`` block (to compare several), or for each of a method's candidate sets."""
+or fit it for each of a method's candidate sets."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -14,7 +12,6 @@ import torch
 from miprun.capture.statistic import CapturedStats
 from miprun.errors import DataError
 from miprun.methods import Evidence, GatherContext, Method
-from miprun.model.edits import edited
 from miprun.model.loading import LoadedModel
 from miprun.pipeline.scoring import calibration_windows, capture_pass
 from miprun.pipeline.setup import RunSettings
@@ -102,13 +99,3 @@ def attach_live(
         loaded.model, windows, None, run.calibration.batch_size, run.max_blocks, run.progress, hook
     )
     evidence.extras.update(method.attach(ctx))
-
-
-@contextmanager
-def repaired(
-    loaded: LoadedModel, repair: Repair, removed: list[int], run: RunSettings
-) -> Iterator[RepairRecord]:
-    """Inside the ``with`` block the model carries ``repair``'s edits for ``removed``; afterwards the originals."""
-    edits, record = fit_repair(loaded, repair, removed, run)
-    with edited(loaded.model, edits):
-        yield record

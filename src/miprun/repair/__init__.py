@@ -12,8 +12,8 @@ from miprun.repair.identity import NoRepair
 from miprun.repair.linear import LinearRepair
 
 REGISTRY: Registry[type[Repair]] = Registry("repair")
-REGISTRY.add("none", NoRepair)
-REGISTRY.add("linear", LinearRepair)
+REGISTRY.register(NoRepair)
+REGISTRY.register(LinearRepair)
 
 
 def build(name: str, params: Mapping[str, Any] | None = None) -> Repair:

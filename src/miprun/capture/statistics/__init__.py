@@ -11,11 +11,11 @@ from miprun.capture.statistics.sample import TokenSample
 from miprun.registry import Registry
 
 REGISTRY: Registry[type[Statistic]] = Registry("statistic")
-REGISTRY.add("moments", Moments)
-REGISTRY.add("coordinates", CoordinateMoments)
-REGISTRY.add("sample", TokenSample)
-REGISTRY.add("cosine", CosineSums)
-REGISTRY.add("linear-fit", LinearFitSums)
+REGISTRY.register(Moments)
+REGISTRY.register(CoordinateMoments)
+REGISTRY.register(TokenSample)
+REGISTRY.register(CosineSums)
+REGISTRY.register(LinearFitSums)
 
 __all__ = [
     "REGISTRY",
