@@ -33,7 +33,7 @@ from miprun.evaluation.tasks import OFFLINE_TASKS
 
 DOTTED = re.compile(r"\bmiprun(?:\.[A-Za-z_]\w*)+")
 PY_FILE = re.compile(r"[A-Za-z_][\w./-]*\.py\b")
-NOT_OURS = {"convert_hf_to_gguf.py"}  # llama.cpp's converter, named as what to run instead
+NOT_OURS = {"convert_hf_to_gguf.py", "vendor/llama.cpp/convert_hf_to_gguf.py"}  # llama.cpp's converter
 
 
 # ----------------------------------------------------------------------------- names and files
