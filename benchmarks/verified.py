@@ -45,13 +45,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     _, held = heldout_windows(loaded.tokenizer, "wiki", args.eval_seq_len, args.eval_samples)
     oracle = DamageOracle(loaded.model, held, batch_size=args.batch_size)
-    base = methods.build("mi-verified")
+    base = methods.build(args.method)
     scores = score_model(loaded, base, build_estimator(DEFAULT_ESTIMATOR), settings)
     calibration_tokens = cal.samples * cal.seq_len
     rows = []
     for spec in args.config:
         params = parse(spec)
-        method = methods.build("mi-verified", params)
+        method = methods.build(args.method, params)
         evidence = methods.Evidence(scores.num_blocks, scores.table, dict(scores.evidence))
         attach_live(loaded, method, evidence, None, settings)
         for n in args.num_blocks:
@@ -65,15 +65,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "num_blocks": n,
                     "removed": removed,
                     "ppl": oracle(removed),
-                    "chosen_mi_rank": record["chosen_mi_rank"],
+                    "chosen_mi_rank": record.get("chosen_mi_rank"),
                     "candidates": len(record["candidates"]),
                     "verification_x_forward": passes,
+                    # SLEB at this N over the same calibration tokens, in the same decoder-layer units
+                    "sleb_x_forward": sleb_layer_passes(scores.num_blocks, n),
                     "verify_seconds": record["verify_seconds"],
                 }
             )
             log.info("%s N=%d: %s ppl %.2f (%.2f fwd)", spec, n, removed, rows[-1]["ppl"], passes)
     return {
         "model": loaded.name,
+        "method": args.method,
         "dense_ppl": oracle.dense,
         "calibration": {"samples": cal.samples, "seq_len": cal.seq_len},
         "evaluation": {"samples": args.eval_samples, "seq_len": args.eval_seq_len},
@@ -81,12 +84,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def sleb_layer_passes(total: int, n: int) -> float:
+    """SLEB's cost to choose ``n`` of ``total`` blocks, in full-model passes counted by the decoder layers
+    each candidate runs (step ``k`` runs ``total - k`` candidates of ``total - k - 1`` layers each)."""
+    return sum((total - k) * (total - k - 1) for k in range(n)) / total
+
+
 def markdown(result: dict[str, Any]) -> str:
     ns = sorted({row["num_blocks"] for row in result["rows"]})
     configs = list(dict.fromkeys(row["config"] for row in result["rows"]))
     cal = result["calibration"]
     lines = [
-        f"### {result['model']}: mi-verified's held-out perplexity by configuration (cut only; dense "
+        f"### {result['model']}: {result.get('method', 'mi-verified')}'s held-out perplexity by configuration (cut only; dense "
         f"{result['dense_ppl']:.2f}; verification cost in forward passes over the {cal['samples']} x "
         f"{cal['seq_len']} calibration tokens, besides the one capture pass)",
         "",
@@ -97,7 +106,11 @@ def markdown(result: dict[str, Any]) -> str:
         cells = []
         for n in ns:
             row = next(r for r in result["rows"] if r["config"] == spec and r["num_blocks"] == n)
-            cells.append(f"{row['ppl']:.2f} (#{row['chosen_mi_rank']}, {row['verification_x_forward']:.1f})")
+            rank = f"#{row['chosen_mi_rank']}" if row.get("chosen_mi_rank") else "-"
+            ratio = row["verification_x_forward"] / row["sleb_x_forward"] if row.get("sleb_x_forward") else 0
+            cells.append(
+                f"{row['ppl']:.2f} ({rank}, {row['verification_x_forward']:.1f} = {ratio:.3f}x SLEB)"
+            )
         lines.append(f"| {spec} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -108,7 +121,10 @@ def main() -> None:
     )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--num-blocks", type=int, nargs="+", default=[3, 6, 9])
-    parser.add_argument("--config", action="append", help="mi-verified parameters KEY=VALUE,... (repeatable)")
+    parser.add_argument("--method", default="mi-verified", choices=["mi-verified", "mi-search"])
+    parser.add_argument(
+        "--config", action="append", help="the method's parameters KEY=VALUE,... (repeatable)"
+    )
     parser.add_argument("--samples", type=int, default=32, help="calibration windows (prune's default)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-samples", type=int, default=8)

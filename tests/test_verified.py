@@ -229,3 +229,28 @@ def test_mi_search_continues_its_greedy_path_for_a_larger_n_and_reports_the_whol
     assert two == alone[2] and three[0] == alone[3][0] and three[1] == alone[3][1]
     assert three[2] == pytest.approx(alone[3][2])  # the whole path's cost, not the increment
     assert (shared.layer_runs - runs_after_two) / 6 < three[2] - two[2] + 1e-9  # only the increment ran
+
+
+@pytest.mark.integration
+def test_mi_search_swaps_are_measured_like_any_set_and_only_kept_while_they_help(tiny_tokenizer):
+    lm = LoadedModel(tiny_model("llama")[0], tiny_tokenizer, "tiny-llama", None)
+    result = miprun.prune(
+        lm,
+        num_blocks=2,
+        method="mi-search",
+        method_params={"candidates": 2, "tokens": 96, "swap_rounds": 2},
+        calibration=CAL,
+        cache=False,
+        progress=False,
+    )
+    record = result.plan.search.params
+    dense = tiny_model("llama")[0]
+    verifier = Verifier(dense, _verification_windows(lm, 96), kl_topk=256, batch_size=CAL.batch_size)
+    for i, swap in enumerate(record["swaps"]):
+        assert swap["measured"] == pytest.approx(
+            verifier.measure([swap["best"]], repaired=False)[0], rel=1e-5
+        )
+        if i + 1 < len(record["swaps"]):  # a round is followed by another only if its swap was taken
+            assert record["swaps"][i + 1]["from"] == swap["best"]
+    best_cut = min(f["cut"] for f in record["finalists"])
+    assert all(swap["measured"] >= best_cut - 1e-12 for swap in record["swaps"])  # the best made the final

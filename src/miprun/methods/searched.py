@@ -10,7 +10,8 @@ keeps SLEB's idea at a fraction of its cost:
    (:class:`~miprun.model.replay.CutCache`): the first step measures every block (each from that block
    on), later steps re-measure only the ``width`` blocks whose last measurement was best and the kept
    blocks beside the last removal, whose values change most; the rest keep their last measurement;
-3. the ``finalists`` best sets measured so far, with MI's best set, are measured again after the repair
+3. a local search swaps one removed block for a kept one while the measurement falls (``swap_rounds``);
+4. the ``finalists`` best sets measured so far, with MI's best set, are measured again after the repair
    when one is chosen, and the best wins.
 
 Every measurement is the KL divergence from the dense model's next-token distribution on the verification
@@ -19,6 +20,7 @@ tokens (or the loss); the record gives the cost in full-model passes over those 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -43,12 +45,15 @@ class MiSearch(MiVerified):
     tokens: int = 1024  # verification tokens, from the calibration windows
     width: int = 4  # blocks re-measured at each greedy step, best by their last measurement
     finalists: int = 4  # best-measured sets measured again after the repair (when there is one)
+    swap_rounds: int = 2  # rounds of swapping one removed block for a kept one while the measurement falls
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for field_name in ("width", "finalists"):
-            if getattr(self, field_name) < 1:
-                raise InvalidOptionError(f"{field_name} must be at least 1, got {getattr(self, field_name)}")
+        for field_name, low in (("width", 1), ("finalists", 1), ("swap_rounds", 0)):
+            if getattr(self, field_name) < low:
+                raise InvalidOptionError(
+                    f"{field_name} must be at least {low}, got {getattr(self, field_name)}"
+                )
 
     def choose(self, evidence: Evidence, n: int, seed: int) -> Choice:
         short = self.shortlist(evidence, n, seed)
@@ -61,6 +66,9 @@ class MiSearch(MiVerified):
         pool = {tuple(s): score for s, score in zip(short.sets, cut_scores, strict=True)}
         for removed, score in ends:
             pool.setdefault(tuple(removed), score)
+        ranked = sorted(pool, key=lambda key: (pool[key], key))
+        path = verifier.searches[("greedy", self.width)]
+        swaps = self.swap(verifier, list(ranked[0]), pool[ranked[0]], path.last_value, pool, short.num_blocks)
         ranked = sorted(pool, key=lambda key: (pool[key], key))
         mi_best = min(zip(short.losses, short.sets, strict=True))[1]
         finalists = [list(key) for key in dict.fromkeys([*ranked[: self.finalists], tuple(mi_best)])]
@@ -75,6 +83,7 @@ class MiSearch(MiVerified):
             **short.record(cut_scores, self.objective, verifier),
             "greedy": steps,
             "greedy_layer_passes": greedy_passes,
+            "swaps": swaps,
             "finalists": [
                 {"removed": s, "cut": pool[tuple(s)], "measured": score, "greedy": s == ends[0][0]}
                 for s, score in zip(finalists, final, strict=True)
@@ -89,6 +98,44 @@ class MiSearch(MiVerified):
             stop_reason=f"lowest measured {self.objective} {judged} among {len(finalists)} finalists",
             record=record,
         )
+
+    def swap(
+        self,
+        verifier: Verifier,
+        current: list[int],
+        value: float,
+        prior: dict[int, float],
+        pool: dict[tuple[int, ...], float],
+        total: int,
+    ) -> list[dict[str, Any]]:
+        """Local search from the best set so far: each round measures the set with each removed block put
+        back, then swaps the two whose return helps most for the ``width`` kept blocks the greedy measured
+        best (``prior``) and the kept blocks beside the set's runs; the best swap is taken while it lowers the
+        measurement. Every set measured joins ``pool``; returns one record per round."""
+        rounds: list[dict[str, Any]] = []
+        for _ in range(self.swap_rounds):
+            back = [sorted(set(current) - {r}) for r in current]
+            back_values = verifier.measure(back, repaired=False)
+            give_back = [
+                current[i] for i in sorted(range(len(current)), key=lambda i: (back_values[i], i))[:2]
+            ]
+            kept = [b for b in range(total) if b not in current]
+            best_kept = sorted(kept, key=lambda b: (prior.get(b, math.inf), b))[: self.width]
+            beside = [b for b in kept if b - 1 in current or b + 1 in current]
+            adds = list(dict.fromkeys([*best_kept, *beside]))
+            trials: list[tuple[int, ...]] = list(
+                dict.fromkeys(tuple(sorted({*current, k} - {r})) for r in give_back for k in adds)
+            )
+            new = [t for t in trials if t not in pool]  # a set measured before keeps its value
+            pool.update(zip(new, verifier.measure([list(t) for t in new], repaired=False), strict=True))
+            if not trials:
+                break
+            best = min(trials, key=lambda t: (pool[t], t))
+            rounds.append({"from": current, "tried": len(new), "best": list(best), "measured": pool[best]})
+            if not pool[best] < value:
+                break
+            current, value = list(best), pool[best]
+        return rounds
 
     def greedy(
         self, verifier: Verifier, total: int, n: int
