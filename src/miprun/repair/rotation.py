@@ -27,9 +27,19 @@ class ScaledRotation:
 
 
 def polar(m: torch.Tensor) -> torch.Tensor:
-    """The orthogonal matrix nearest ``m`` (its polar factor): ``argmax_Q tr(Q^T m)`` over orthogonal ``Q``."""
-    u, _, vh = torch.linalg.svd(m)
-    return u @ vh
+    """The orthogonal matrix nearest ``m`` (its polar factor): ``argmax_Q tr(Q^T m)`` over orthogonal ``Q``.
+
+    Real activations are badly conditioned (Gemma's carry a few huge coordinates); where LAPACK's SVD does
+    not converge, ``m`` is nudged by a relative 1e-12 of its norm toward the identity and tried again.
+    """
+    for jitter in (0.0, 1e-12, 1e-9, 1e-6):
+        try:
+            nudged = m + jitter * float(m.norm()) * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+            u, _, vh = torch.linalg.svd(nudged / max(float(m.norm()), 1e-300))
+            return u @ vh
+        except torch.linalg.LinAlgError:
+            continue
+    raise torch.linalg.LinAlgError("the SVD of the Procrustes matrix did not converge, even nudged")
 
 
 def _error(a: torch.Tensor, b: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> float:
@@ -65,14 +75,20 @@ def fit_scaled_rotation(
     prior = norm_scale.to(torch.float64)
     rho = ridge * max(float(a.diagonal().mean()), 1e-12)
     eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-    lipschitz = float(torch.linalg.eigvalsh(a)[-1].clamp_min(1e-300))
+    lipschitz = max(float(torch.linalg.matrix_norm(a)), 1e-300)  # Frobenius >= the largest eigenvalue
     q, d = eye, prior
     best = ScaledRotation(q, d, _error(a, b, q, d), 0)
+    d = _best_scale(a, b, q, prior, rho)  # the per-coordinate map (Q = I): never worse than it
+    if _error(a, b, q, d) < best.error:
+        best = ScaledRotation(q, d, _error(a, b, q, d), 0)
     for it in range(1, iterations + 1):
         d = _best_scale(a, b, q, prior, rho)
         safe = torch.where(d.abs() > 1e-8, d, torch.full_like(d, 1e-8))
         gradient = a @ q @ torch.diag(d * d) - b @ torch.diag(d)  # half the gradient in Q
-        steps = [polar(b / safe[None, :]), polar(lipschitz * float((d * d).max()) * q - gradient)]
+        try:
+            steps = [polar(b / safe[None, :]), polar(lipschitz * float((d * d).max()) * q - gradient)]
+        except torch.linalg.LinAlgError:  # keep the best so far (at worst Q = I with the best scale)
+            break
         scored = [(_error(a, b, s, _best_scale(a, b, s, prior, rho)), s) for s in steps]
         err, q = min(scored, key=lambda e: e[0])
         d = _best_scale(a, b, q, prior, rho)
