@@ -15,6 +15,8 @@ from miprun.cli import main
 from miprun.errors import InvalidOptionError
 from miprun.model.surgery import remove_blocks
 
+pytestmark = pytest.mark.integration  # the refusals build a tiny model too
+
 IDS = torch.tensor([[1, 5, 9, 17, 33, 64, 100, 7, 3, 12]])
 CALIB = ["--calib", str(CALIBRATION_TXT), "--samples", "4", "--seq-len", "24"]
 
