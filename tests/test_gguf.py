@@ -483,6 +483,7 @@ def test_prune_writes_a_gguf_and_a_card_that_readers_load(
     assert "[3, 4]" in card.text or "3, 4" in card.text
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("key", ["llama", "qwen2", "gpt2"])
 def test_a_gguf_with_a_missing_tensor_is_refused(key: str, tmp_path: Path) -> None:
     """Every weight must come from the file: transformers would initialise a missing one at random."""
@@ -501,6 +502,7 @@ def test_a_gguf_with_a_missing_tensor_is_refused(key: str, tmp_path: Path) -> No
     assert (convert_gguf(whole, tmp_path / "converted") / "config.json").is_file()
 
 
+@pytest.mark.integration
 def test_a_damaged_conversion_cache_says_to_delete_it(
     sources: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

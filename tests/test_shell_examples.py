@@ -14,7 +14,7 @@ from doc_examples import Block, cache_sharing_the_real_text, commands_of, shell_
 from miprun.cli import main
 
 # The model paths of the examples; each becomes the tiny model (12 blocks, 512 positions).
-MODELS = {"./Llama-3.2-1B", "./big-model", "./my-34b", "./llama-2-70b", "./my-llama"}
+MODELS = {"./Llama-3.2-1B", "./big-model", "./my-34b", "./llama-2-70b", "./my-llama", "./Llama-3.1-70B"}
 # Option values replaced here: zero-shot examples per task only cost time (lm-eval: thousands of requests
 # at 200 or 500), and this machine has no GPU (the CPU runs the same code path).
 REPLACED = {"--limit": "3", "--device": "cpu"}
@@ -22,6 +22,8 @@ REPLACED = {"--limit": "3", "--device": "cpu"}
 CANNOT = {
     "torchrun": "several processes (GPUs): tests/test_distributed.py runs the data-parallel path on CPU",
     ".gguf": "needs a GGUF file: tests/test_gguf.py prunes tiny GGUF models of every family",
+    "--blocks 40,41": "names blocks of an 80-block model: tests/test_conventions.py runs --blocks with a "
+    "sequential repair on a tiny one",
 }
 
 

@@ -115,7 +115,8 @@ class MiSearch(MiVerified):
         rounds: list[dict[str, Any]] = []
         for _ in range(self.swap_rounds):
             back = [sorted(set(current) - {r}) for r in current]
-            back_values = verifier.measure(back, repaired=False)
+            # (one block removed: putting it back is the dense model, nothing to rank)
+            back_values = verifier.measure(back, repaired=False) if len(current) > 1 else [0.0]
             give_back = [
                 current[i] for i in sorted(range(len(current)), key=lambda i: (back_values[i], i))[:2]
             ]
