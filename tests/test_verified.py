@@ -80,6 +80,9 @@ def test_replaying_from_cached_states_equals_a_full_pass_of_the_pruned_model(arc
             expected = pruned(input_ids=WINDOWS).logits
         got = torch.cat(list(logits_from(model, cache, removed, min(removed))))
         assert torch.allclose(got, expected, atol=1e-5), removed
+        at = torch.tensor([2, 7, 15])  # the output layer on a few positions only
+        some = torch.cat(list(logits_from(model, cache, removed, min(removed), positions=at)))
+        assert torch.allclose(some, expected[:, at], atol=1e-5), removed
     with torch.no_grad():  # and the model itself is untouched
         assert torch.allclose(model(input_ids=WINDOWS).logits, tiny_model(arch)[0](input_ids=WINDOWS).logits)
 
@@ -97,10 +100,14 @@ def test_coarse_kl_is_exact_with_the_whole_vocabulary_and_a_lower_bound_otherwis
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("stride", [1, 3])  # every position, or the output layer on every third
 @pytest.mark.parametrize("objective", ["kl", "nll"])
-def test_the_verifier_measures_what_a_full_pass_of_the_pruned_model_gives(objective):
+def test_the_verifier_measures_what_a_full_pass_of_the_pruned_model_gives(objective, stride):
     model, _ = tiny_model("qwen2")
-    verifier = Verifier(model, WINDOWS, objective=objective, kl_topk=128, budget_bytes=1, batch_size=4)
+    verifier = Verifier(
+        model, WINDOWS, objective=objective, kl_topk=128, budget_bytes=1, batch_size=4, stride=stride
+    )
+    at = torch.arange(WINDOWS.shape[1] - 1, -1, -stride).flip(0)  # ends at the last position
     sets = [[4, 5], [1, 2], [0, 3]]
     measured = verifier.measure(sets)
     with torch.no_grad():
@@ -108,11 +115,33 @@ def test_the_verifier_measures_what_a_full_pass_of_the_pruned_model_gives(object
         for removed, value in zip(sets, measured, strict=True):
             logits = remove_blocks(copy.deepcopy(model), removed)(input_ids=WINDOWS).logits
             if objective == "kl":
-                logp, logq = dense.log_softmax(-1), logits.log_softmax(-1)
+                logp, logq = dense[:, at].log_softmax(-1), logits[:, at].log_softmax(-1)
                 direct = float((logp.exp() * (logp - logq)).sum(-1).mean())  # kl_topk = the vocabulary
             else:
-                direct = float(next_token_nll(logits, WINDOWS))
+                labelled = at[at < WINDOWS.shape[1] - 1]
+                direct = float(
+                    torch.nn.functional.cross_entropy(
+                        logits[:, labelled].flatten(0, 1), WINDOWS[:, labelled + 1].flatten()
+                    )
+                )
             assert value == pytest.approx(direct, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_the_cost_counts_the_output_layer_on_the_positions_it_scores(arch):
+    from miprun.model.replay import head_layers, layers_run
+
+    model, _ = tiny_model(arch)
+    head = head_layers(model)
+    params = sum(p.numel() for p in decoder_layers(model).parameters()) / len(decoder_layers(model))
+    assert head == pytest.approx(model.get_output_embeddings().weight.numel() / params)
+    for stride, scored in ((1, 16), (4, 4)):
+        verifier = Verifier(model, WINDOWS, kl_topk=8, budget_bytes=1 << 30, batch_size=4, stride=stride)
+        verifier.measure([[1]])  # the cache pass first (body only), then the dense targets and one set
+        before = verifier.layer_runs
+        verifier.measure([[2, 3]])
+        assert verifier.layer_runs - before == pytest.approx(layers_run(6, [2, 3], 2) + head * scored / 16)
 
 
 @pytest.mark.integration
