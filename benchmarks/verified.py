@@ -25,6 +25,7 @@ from miprun.estimators import build as build_estimator
 from miprun.evaluation.heldout import heldout_windows
 from miprun.evaluation.oracle import DamageOracle
 from miprun.model.loading import load_model
+from miprun.model.replay import head_layers
 from miprun.options import DEFAULT_ESTIMATOR, CalibrationConfig, RuntimeOptions
 from miprun.pipeline import RunSettings
 from miprun.pipeline.repairing import attach_live
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "candidates": len(record["candidates"]),
                     "verification_x_forward": passes,
                     # SLEB at this N over the same calibration tokens, in the same decoder-layer units
-                    "sleb_x_forward": sleb_layer_passes(scores.num_blocks, n),
+                    "sleb_x_forward": sleb_layer_passes(scores.num_blocks, n, head_layers(loaded.model)),
                     "verify_seconds": record["verify_seconds"],
                 }
             )
@@ -84,10 +85,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def sleb_layer_passes(total: int, n: int) -> float:
+def sleb_layer_passes(total: int, n: int, head: float) -> float:
     """SLEB's cost to choose ``n`` of ``total`` blocks, in full-model passes counted by the decoder layers
-    each candidate runs (step ``k`` runs ``total - k`` candidates of ``total - k - 1`` layers each)."""
-    return sum((total - k) * (total - k - 1) for k in range(n)) / total
+    each candidate runs (step ``k`` runs ``total - k`` candidates of ``total - k - 1`` layers each, and the
+    output layer, ``head`` decoder layers' worth, on every position)."""
+    return sum((total - k) * (total - k - 1 + head) for k in range(n)) / total
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -97,7 +99,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"### {result['model']}: {result.get('method', 'mi-verified')}'s held-out perplexity by configuration (cut only; dense "
         f"{result['dense_ppl']:.2f}; verification cost in forward passes over the {cal['samples']} x "
-        f"{cal['seq_len']} calibration tokens, besides the one capture pass)",
+        f"{cal['seq_len']} calibration tokens, besides the one capture pass; the output layer counts as its parameters' worth of decoder layers on the positions it scores)",
         "",
         "| configuration | " + " | ".join(f"N={n}: ppl (MI rank, cost)" for n in ns) + " |",
         "|---|" + "---|" * len(ns),

@@ -283,3 +283,35 @@ def test_mi_search_swaps_are_measured_like_any_set_and_only_kept_while_they_help
             assert record["swaps"][i + 1]["from"] == swap["best"]
     best_cut = min(f["cut"] for f in record["finalists"])
     assert all(swap["measured"] >= best_cut - 1e-12 for swap in record["swaps"])  # the best made the final
+
+
+@pytest.mark.integration
+def test_the_chosen_sets_repair_reuses_the_statistics_its_verification_captured(tiny_tokenizer, monkeypatch):
+    """mi-verified + linear fits its candidates' repairs from one pass; the chosen set's repair comes from
+    the same statistics (no second pass) and equals a repair of that set fitted on its own."""
+
+    def pruned(**how):
+        lm = LoadedModel(tiny_model("llama")[0], tiny_tokenizer, "tiny-llama", None)
+        return miprun.prune(
+            lm,
+            repair="linear",
+            repair_params={"tokens": 0},
+            calibration=CAL,
+            cache=False,
+            progress=False,
+            **how,
+        )
+
+    from miprun.pipeline import repairing
+
+    own_passes = []  # the repair's own calibration pass, counted around the real function
+    real = repairing.fit_repair
+    monkeypatch.setattr(repairing, "fit_repair", lambda *a, **k: own_passes.append(1) or real(*a, **k))
+    verified = pruned(num_blocks=2, method="mi-verified", method_params={"candidates": 4, "tokens": 96})
+    assert not own_passes  # the verification's statistics served the chosen set
+    alone = pruned(blocks=verified.plan.removed)
+    assert own_passes == [1]
+    assert verified.plan.repair.changed and verified.plan.repair.changed == alone.plan.repair.changed
+    got, want = verified.model.state_dict(), alone.model.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[name], want[name]) for name in want)

@@ -31,6 +31,7 @@ from miprun.model.surgery import remove_blocks, skip_blocks
 from miprun.options import CalibrationConfig, HealOptions, PruneOptions, ScoreOptions, with_overrides
 from miprun.output.manifest import PrunePlan
 from miprun.pipeline import (
+    RepairHook,
     RunSettings,
     attach_live,
     blocks_to_remove,
@@ -212,6 +213,7 @@ def _prune(
         opts.calibration, opts.runtime, progress, sc.cache, sc.sequential, n, spans, timings
     )
     result: ScoreResult | None = None
+    hook: RepairHook | None = None  # the repair a live method measured through, if any
     if opts.blocks:  # chosen elsewhere: no scores, no calibration pass
         removed, search = explicit_removal(opts.blocks, info["num_blocks"])
     else:
@@ -219,7 +221,7 @@ def _prune(
         evidence = evidence_of(result)
         if method.live_keys:
             with timed(timings, "live_evidence"):
-                attach_live(loaded, method, evidence, repair, settings)
+                hook = attach_live(loaded, method, evidence, repair, settings)
         removed, search = run(method, evidence, n, opts.calibration.seed)
     if out is not None:
         gguf_checks.check_removal(loaded, opts.output, removed)  # before the repair and the cut
@@ -227,7 +229,7 @@ def _prune(
     timings["optimum_for_comparison"] = search.optimum_seconds
     evaluation = _evaluate_before(loaded, opts, removed, repair.name != "none", main, timings)
     with timed(timings, "repair"):
-        record = repair_model(loaded, repair, removed, settings)
+        record = repair_model(loaded, repair, removed, settings, hook)
     with timed(timings, "surgery"):
         remove_blocks(loaded.model, removed)
     if evaluation:
