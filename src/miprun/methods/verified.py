@@ -70,6 +70,15 @@ def next_token_nll(
     return F.cross_entropy(logits[:, scored.to(logits.device)].flatten(0, 1).float(), labels.flatten())
 
 
+HEAD_BUDGET = 8.0  # decoder layers' worth of output layer per position, SmolLM2-135M's (docs/comparison.md)
+
+
+def auto_stride(model: Any) -> int:
+    """Score every position where the output layer costs about :data:`HEAD_BUDGET` decoder layers or less,
+    else every ``stride``-th position, so a measurement costs about as much on any vocabulary."""
+    return max(1, round(head_layers(model) / HEAD_BUDGET))
+
+
 def scored_positions(seq_len: int, stride: int) -> torch.Tensor | None:
     """Every ``stride``-th position of a window, ending at its last (None: every position)."""
     return None if stride <= 1 else torch.arange(seq_len - 1, -1, -stride).flip(0)
@@ -233,8 +242,9 @@ class MiVerified(Method):
     memory_mb: int = 1024  # bound on the cached dense states (and targets)
     k: int = 5  # Fast-Block-Select's candidate surplus, for its own proposal
     baselines: bool = True  # also measure the one-pass similarity methods' sets (cosine sums, same pass)
-    stride: int = 1  # the output layer scores every stride-th position of a window: it costs 30 decoder
-    # layers per token on Gemma-3-270M's 262k-token vocabulary, 8 on SmolLM2's 49k (the body: 18 and 30)
+    stride: int = 0  # the output layer scores every stride-th position of a window: it costs 30 decoder
+    # layers per token on Gemma-3-270M's 262k-token vocabulary, 8 on SmolLM2's 49k (the body: 18 and 30);
+    # 0: auto, about 8 decoder layers' worth per position (SmolLM2: every position; Gemma-3-270M: every 4th)
 
     def __post_init__(self) -> None:
         for field_name, low in (
@@ -243,7 +253,7 @@ class MiVerified(Method):
             ("kl_topk", 1),
             ("memory_mb", 1),
             ("k", 0),
-            ("stride", 1),
+            ("stride", 0),
         ):
             if getattr(self, field_name) < low:
                 raise InvalidOptionError(
@@ -275,7 +285,7 @@ class MiVerified(Method):
             ctx.batch_size,
             ctx.repair,
             ctx.progress,
-            self.stride,
+            self.stride or auto_stride(ctx.model),
         )
         return {"verifier": verifier}
 
