@@ -94,7 +94,7 @@ def _download_bigbench(tmp: Path) -> Iterator[tuple[str, IO[bytes]]]:
 
 def _archive_members(archive: Path) -> Iterator[tuple[str, IO[bytes]]]:
     """Yield ``(path under benchmark_tasks/, file)`` for the kept members of a BIG-bench archive."""
-    log.info("Reading %s", archive)
+    log.info("Reading %s", archive.name)  # it may lie in a temporary folder the user never sees
     with tarfile.open(archive, "r:*") as tar:
         for member in tar:
             _, sep, rel = member.name.partition(_BIGBENCH_PREFIX)

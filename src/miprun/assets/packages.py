@@ -37,7 +37,7 @@ def run_pip(args: list[str], what: str, *, tmpdir: Path | None = None, check: bo
     if tmpdir is not None:
         tmpdir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "TMPDIR": str(tmpdir), "TEMP": str(tmpdir), "TMP": str(tmpdir)}
-    log.info("%s: %s", what, " ".join(cmd))
+    log.info("%s: %s", what, shown(cmd))
     with status(f"{what} (pip)"):
         proc = subprocess.run(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, check=False
@@ -47,10 +47,15 @@ def run_pip(args: list[str], what: str, *, tmpdir: Path | None = None, check: bo
     return proc.stdout
 
 
+def shown(cmd: list[str]) -> str:
+    """``cmd`` as a user may read it: the temporary download folder (deleted afterwards) shown as DIR."""
+    return " ".join("DIR" if i and cmd[i - 1] == "-d" else part for i, part in enumerate(cmd))
+
+
 def pip_failure(cmd: list[str], code: int, output: str, what: str) -> str:
     tail = "\n".join(output.strip().splitlines()[-15:])
     return (
-        f"{what} failed: `{' '.join(cmd)}` exited with code {code}.\n{tail}\n"
+        f"{what} failed: `{shown(cmd)}` exited with code {code}.\n{tail}\n"
         "Check that this machine can reach the package index (or a mirror configured for pip), "
         "or run the command yourself and try again."
     )
@@ -64,7 +69,7 @@ def pip_download(requirement: str, dest: Path, what: str, *, source: bool = Fals
     run_pip(args, what, tmpdir=dest.parent / "pip-tmp")
     found = sorted(p for p in dest.iterdir() if p.is_file()) if dest.is_dir() else []
     if not found:
-        raise AssetError(f"{what}: pip reported success but left nothing in {dest}; run it again")
+        raise AssetError(f"{what}: pip reported success but left no file behind; run it again")
     return found[0]
 
 

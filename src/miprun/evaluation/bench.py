@@ -270,7 +270,7 @@ def bench(
     cfg = opts.config
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
-    loaded = [as_loaded(model, opts.runtime)] + (
+    loaded = [as_loaded(model, opts.runtime, revision=opts.revision)] + (
         [as_loaded(reference, opts.runtime)] if reference is not None else []
     )
     dev = next(loaded[0].model.parameters()).device

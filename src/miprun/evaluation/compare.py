@@ -19,12 +19,13 @@ from typing import Any
 import torch
 
 from miprun import methods
+from miprun.data.sources import check_sources
 from miprun.errors import InvalidOptionError
 from miprun.evaluation.heldout import heldout_windows
 from miprun.evaluation.oracle import DamageOracle
 from miprun.model.edits import edited
 from miprun.model.layouts import base_model, num_blocks
-from miprun.model.loading import LoadedModel, as_loaded
+from miprun.model.loading import LoadedModel, as_loaded, check_revision
 from miprun.model.placement import input_device
 from miprun.model.surgery import skip_blocks
 from miprun.options import CompareOptions, with_overrides
@@ -531,6 +532,8 @@ def run(
     from miprun.evaluation.evaluate import check_tasks
 
     check_tasks(opts.tasks)
+    check_revision(model, opts.revision)
+    check_sources(opts.calibration.source, opts.heldout.eval_source)
     previous = None
     if update_existing:
         path = Path(out) / COMPARISON_NAME
@@ -543,7 +546,7 @@ def run(
     inputs = _inputs(model, opts)
     check_output(out, replace, inputs=inputs, manifest=COMPARISON_NAME)  # before any work
     with locked_output(out):
-        loaded = as_loaded(model, opts.runtime)
+        loaded = as_loaded(model, opts.runtime, revision=opts.revision)
         if loaded.path is not None:
             inputs = (*inputs, Path(loaded.path))
             check_output(out, replace, inputs=inputs, manifest=COMPARISON_NAME)

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from miprun.assets import HubUnreachableError, is_hub_unreachable
+from miprun.data.sources import check_sources
 from miprun.errors import InvalidOptionError, MissingDependencyError, UnknownNameError
 from miprun.evaluation.heldout import heldout_windows, perplexity_record
 from miprun.evaluation.tasks import OFFLINE_TASKS, write_tasks
 from miprun.model.layouts import num_blocks
-from miprun.model.loading import LoadedModel, as_loaded
+from miprun.model.loading import LoadedModel, as_loaded, check_revision
 from miprun.options import EvaluateOptions, with_overrides
 from miprun.output.manifest import MANIFEST_NAME
 from miprun.pipeline import check_seq_len
@@ -215,9 +216,11 @@ def evaluate(
     opts = with_overrides(options or EvaluateOptions(), **overrides)
     check_something_to_measure(opts)
     check_tasks(opts.tasks)
+    check_revision(model, opts.revision)
+    check_sources(*([] if opts.no_ppl else opts.ppl), *([opts.task_text] if opts.task_text else []))
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    loaded = as_loaded(model, opts.runtime)
+    loaded = as_loaded(model, opts.runtime, revision=opts.revision)
     timings["load_model"] = round(time.perf_counter() - start, 3)
     result: dict[str, Any] = {
         "model": {

@@ -10,6 +10,7 @@ from miprun.options.fields import Options, opt
 from miprun.options.groups import (
     DEFAULT_COMPARE_METHODS,
     DEFAULT_REPAIR,
+    REVISION_HELP,
     SEED_MAX,
     CalibrationConfig,
     EstimatorOptions,
@@ -28,6 +29,7 @@ class ScoreOptions(Options):
 
     scoring: ScoringOptions = field(default_factory=ScoringOptions)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    revision: str | None = opt(None, REVISION_HELP, "--revision")
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     all_spans: bool = opt(True, "Score every span (a scores file serves any N and method).", cli=False)
     max_blocks: int | None = opt(
@@ -59,6 +61,7 @@ class PruneOptions(Options):
     repair_config: RepairOptions = field(default_factory=RepairOptions)
     evaluate: bool = opt(False, "Held-out perplexity of the dense and pruned model.", "--eval/--no-eval")
     heldout: HeldoutOptions = field(default_factory=HeldoutOptions)
+    revision: str | None = opt(None, REVISION_HELP, "--revision")
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     output: OutputOptions = field(default_factory=OutputOptions)
     progress: bool = opt(True, "Progress bars and log lines.", cli=False)
@@ -108,6 +111,7 @@ class EvaluateOptions(Options):
     task_text: str | None = opt(None, "Held-out text for next_sentence (default: wiki).", "--task-text")
     seed: int = opt(0, "Seed of the next_sentence distractors.", "--seed", min=0, max=SEED_MAX)
     batch_size: int = opt(4, "Windows (and task requests) per forward pass.", "--batch-size", min=1)
+    revision: str | None = opt(None, REVISION_HELP, "--revision")
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     progress: bool = opt(True, "Progress bars and log lines.", cli=False)
 
@@ -142,6 +146,7 @@ class BenchOptions(Options):
     against: str | None = opt(None, "Dense model to compare with, measured interleaved.", "--against")
     config: BenchConfig = field(default_factory=BenchConfig)
     threads: int | None = opt(None, "CPU threads for torch (default: torch's choice).", "--threads", min=1)
+    revision: str | None = opt(None, REVISION_HELP, "--revision")
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
 
 
@@ -194,6 +199,7 @@ class CompareOptions(Options):
     forward_repeats: int = opt(
         3, "Timed plain forward passes (the pruning-time reference).", "--forward-repeats", min=1
     )
+    revision: str | None = opt(None, REVISION_HELP, "--revision")
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     progress: bool = opt(True, "Progress bars and log lines.", cli=False)
 

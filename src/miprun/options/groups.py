@@ -14,6 +14,10 @@ SEED_MAX = 2**63 - 2  # torch generators take 64-bit seeds, and projections use 
 DEFAULT_METHOD = "mi-prun"
 DEFAULT_ESTIMATOR = "coordinate"  # chosen by measurement: docs/estimator-study.md
 DEFAULT_REPAIR = "none"
+REVISION_HELP = (
+    "Branch, tag or commit of a hub --model (e.g. a commit hash for a run you can repeat); recorded in "
+    "miprun.json. Refused for local folders, .gguf files and embedded models."
+)
 DEFAULT_COMPARE_METHODS = (
     "mi-prun",
     "mi-optimal",
@@ -76,6 +80,32 @@ class RuntimeOptions(Options):
             raise InvalidOptionError(
                 f"dtype (--dtype) must be auto or one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}"
             )
+        if self.device != "auto" and not _is_torch_device(self.device):
+            raise InvalidOptionError(
+                f"device (--device) must be auto or a torch device such as cpu, cuda, cuda:1 or mps, got "
+                f"{self.device!r}"
+            )
+        if self.device_map is not None and not (
+            self.device_map in DEVICE_MAPS or _is_torch_device(self.device_map)
+        ):
+            raise InvalidOptionError(
+                f"device_map (--device-map) must be one of {', '.join(DEVICE_MAPS)} or a device such as "
+                f"cuda:0, got {self.device_map!r}"
+            )
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # what from_pretrained spreads by name
+
+
+def _is_torch_device(name: str) -> bool:
+    """Whether torch parses ``name`` as a device (``cuda:1`` yes, ``gpu`` no); availability is not checked."""
+    import torch
+
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
 @dataclass

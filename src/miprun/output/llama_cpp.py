@@ -226,6 +226,7 @@ def convert_folder(folder: Path, out: Path, gguf_type: str, root: Path | None = 
     seconds = time.perf_counter() - start
     if proc.returncode != 0 or not out.is_file():
         tail = "\n".join(proc.stdout.strip().splitlines()[-12:])
+        tail = tail.replace(str(out.parent), "<output folder>")  # a temporary folder, gone by now
         raise GgufError(
             f"llama.cpp's converter ({REQUIREMENT}) could not write the pruned model as {gguf_type} GGUF "
             f"(exit code {proc.returncode}); its last lines:\n{tail}\n"

@@ -207,6 +207,7 @@ def card_facts(loaded: LoadedModel, plan: PrunePlan, folder: Path, gguf_report: 
     return CardFacts(
         base_model=loaded.name,
         base_model_id=base_model_id(loaded),
+        base_model_revision=loaded.revision,
         layers_before=plan.num_blocks_before,
         removed=plan.removed,
         method=plan.search.method,
