@@ -75,6 +75,45 @@ def _quiet(logger: str, quiet: bool) -> Iterator[None]:
         target.setLevel(old)
 
 
+@contextlib.contextmanager
+def _harness_quiet(quiet: bool) -> Iterator[None]:
+    """lm-eval without what nobody asked for: the git hash of the working folder (its ``git describe`` prints
+    "fatal: not a git repository" outside one); with ``quiet`` also its log lines, its bars and datasets'."""
+    import importlib
+
+    import datasets
+    import lm_eval.evaluator
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_swapped(lm_eval.evaluator, "get_git_commit_hash", lambda: None))
+        if quiet:
+            stack.enter_context(_quiet("lm_eval", True))
+            for name in ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface"):
+                module = importlib.import_module(name)  # each calls tqdm itself, deaf to any switch
+                if hasattr(module, "tqdm"):
+                    stack.enter_context(_swapped(module, "tqdm", _silent(module.tqdm)))
+            if not datasets.utils.are_progress_bars_disabled():
+                datasets.disable_progress_bars()  # "Generating test split"
+                stack.callback(datasets.enable_progress_bars)
+        yield
+
+
+def _silent(bar: Any) -> Any:
+    """``bar`` (a tqdm class) that never draws, whatever ``disable`` its caller passes."""
+    return lambda *args, **kwargs: bar(*args, **{**kwargs, "disable": True})
+
+
+@contextlib.contextmanager
+def _swapped(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """``owner.name`` is ``value`` for the duration."""
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
 def _harness_results(raw: dict[str, Any], names: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Our per-task record from lm-eval's output; ``names`` maps lm-eval task names to ours."""
     out: dict[str, dict[str, Any]] = {}
@@ -117,7 +156,7 @@ def run_tasks(
 
     offline = [t for t in tasks if t in OFFLINE_TASKS]
     hub = [t.removeprefix(PASS_THROUGH) for t in tasks if t not in OFFLINE_TASKS]
-    with _quiet("lm_eval", not progress):
+    with _harness_quiet(not progress):
         lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
         results: dict[str, dict[str, Any]] = {}
         if offline:
