@@ -182,7 +182,7 @@ def prune(
     if out_path is None or not distributed.is_main():
         return _prune(model, opts, scores, None, (overwrite, inputs))
     check_output(out_path, overwrite, inputs=inputs)  # fail before the expensive part
-    check_before_load(model, opts.output, opts.blocks)  # fetches llama.cpp's converter once, if needed
+    check_before_load(model, opts.output, opts.blocks, opts.revision)  # fetches llama.cpp's converter once
     with locked_output(out_path):  # a second run to the same --out fails now, not hours later
         return _prune(model, opts, scores, out_path, (overwrite, inputs))
 

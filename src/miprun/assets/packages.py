@@ -74,9 +74,9 @@ def pip_download(requirement: str, dest: Path, what: str, *, source: bool = Fals
 
 
 @contextlib.contextmanager
-def status(message: str) -> Iterator[None]:
-    """A spinner on an interactive terminal, nothing otherwise."""
-    if not sys.stderr.isatty():
+def status(message: str, show: bool = True) -> Iterator[None]:
+    """A spinner on an interactive terminal (and with ``show``), nothing otherwise."""
+    if not (show and sys.stderr.isatty()):
         yield
         return
     from rich.console import Console

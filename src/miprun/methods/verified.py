@@ -83,7 +83,9 @@ class Verifier:
 
     def _prepare(self) -> BoundaryCache:
         if self.cache is None:
-            self.cache = BoundaryCache(self.model, self.windows, self.budget_bytes, self.batch_size)
+            self.cache = BoundaryCache(
+                self.model, self.windows, self.budget_bytes, self.batch_size, progress=self.progress
+            )
             self.layer_runs += len(decoder_layers(self.model))
             if self.objective == "kl":
                 self.dense = self._dense_targets()
@@ -94,7 +96,15 @@ class Verifier:
         assert self.cache is not None
         k = min(self.kl_topk, self.model.get_output_embeddings().weight.shape[0])
         values, indices, tails = [], [], []
-        for logits in logits_from(self.model, self.cache, [], len(decoder_layers(self.model))):
+        passes = logits_from(self.model, self.cache, [], len(decoder_layers(self.model)))
+        bar = tqdm(
+            passes,
+            total=self.cache.num_batches,
+            desc="dense targets",
+            unit="batch",
+            disable=not self.progress,
+        )
+        for logits in bar:
             logp = F.log_softmax(logits.float(), dim=-1)
             top = logp.topk(k, dim=-1)
             values.append(top.values.cpu())

@@ -99,7 +99,7 @@ def convert(loaded: LoadedModel, folder: Path, opts: SaveSettings) -> Any:
         loaded.tokenizer.save_pretrained(source)
     _copy_tokenizer_sources(loaded, source)
     try:
-        converted = convert_folder(source, folder / GGUF_NAME, gguf_type)
+        converted = convert_folder(source, folder / GGUF_NAME, gguf_type, progress=opts.progress)
     finally:
         if source != folder:
             shutil.rmtree(source, ignore_errors=True)
