@@ -238,12 +238,13 @@ def bench(
     """
     from miprun.atomic import check_file_output, write_json
     from miprun.evaluation.bench import bench as run_bench
+    from miprun.options import with_overrides
 
     out, flag = _json_path(json_file, old_out, "bench")
     if out is not None:
         check_file_output(out, overwrite, inputs=(model, options.against), flag=flag)
     setup_logging(console, quiet)
-    result = run_bench(model, options)
+    result = run_bench(model, with_overrides(options, progress=not quiet))
     show.bench(result, options.config)
     if out is not None:
         write_json(out, result)

@@ -148,6 +148,7 @@ class BenchOptions(Options):
     threads: int | None = opt(None, "CPU threads for torch (default: torch's choice).", "--threads", min=1)
     revision: str | None = opt(None, REVISION_HELP, "--revision")
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    progress: bool = opt(True, "A progress bar over the rounds.", cli=False)
 
 
 @dataclass
