@@ -142,3 +142,22 @@ def test_out_is_a_folder_in_every_command_that_has_it_in_help() -> None:
         elif "--out" in shown:
             help_text = next(p.help for p in command.params if "--out" in p.opts)
             assert "folder" in help_text.lower(), (name, help_text)
+
+
+@pytest.mark.parametrize(
+    ("budget", "message"),
+    [
+        (["-n", "6"], "can remove between 1 and 5 of the model's 6 blocks"),
+        (["--ratio", "0.99"], "can remove between 1 and 5"),
+        (["--blocks", "2,6"], r"0-based indices in [0, 5] for this 6-block model"),
+    ],
+)
+def test_a_budget_too_large_for_a_local_folder_is_refused_from_its_config(
+    tmp_path: Path, capsys, budget, message
+):
+    folder = tmp_path / "config-only"  # no weights: a refusal that needed the model would fail on them first
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 6}))
+    assert main(["prune", "--model", str(folder), *budget, "--out", str(tmp_path / "o")]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert message in err and "no weights" not in err, err

@@ -46,7 +46,7 @@ from miprun.pipeline import (
     score_model,
     timed,
 )
-from miprun.pipeline.explicit import explicit_removal, no_calibration
+from miprun.pipeline.explicit import check_budget_before_load, explicit_removal, no_calibration
 from miprun.scores import ScoreResult
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,7 @@ def prune(
     inputs = _inputs(model, scores, opts)
     check_revision(model, opts.revision)  # refusals that need no model, before it is loaded
     check_sources(opts.calibration.source, *([opts.heldout.eval_source] if opts.evaluate else []))
+    check_budget_before_load(model, opts.blocks, opts.num_blocks, opts.ratio)
     if scores is not None and not isinstance(scores, ScoreResult):
         scores = ScoreResult.read(scores)  # a missing or damaged file; whether it fits the model comes later
     if out_path is None or not distributed.is_main():
