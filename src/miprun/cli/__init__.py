@@ -50,7 +50,12 @@ ModelOpt = Annotated[
         "Default: the embedded SmolLM2-135M-Instruct.",
     ),
 ]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log lines.")]
+QuietOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quiet", "-q", help="No progress bars, log lines or library warnings: results and errors."
+    ),
+]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
 # -o/--out names a folder in every command; a command that writes one JSON file takes --json FILE. Its old
 # spelling, --out FILE, still works there with a warning (hidden from --help).
