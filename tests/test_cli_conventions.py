@@ -161,3 +161,12 @@ def test_a_budget_too_large_for_a_local_folder_is_refused_from_its_config(
     assert main(["prune", "--model", str(folder), *budget, "--out", str(tmp_path / "o")]) == 1
     err = " ".join(capsys.readouterr().err.split())
     assert message in err and "no weights" not in err, err
+
+
+def test_an_offline_task_whose_text_is_too_short_is_refused_before_the_model(tmp_path: Path, capsys) -> None:
+    text = tmp_path / "short.txt"
+    text.write_text("One paragraph. Two sentences.\n\nAnother one. Also two.")
+    args = ["eval", "--model", MISSING_MODEL, "--no-ppl", "-t", "next_sentence", "--task-text", str(text)]
+    assert main(args) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the next-sentence task needs at least" in err and "model not found" not in err, err
