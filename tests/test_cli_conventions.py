@@ -161,6 +161,10 @@ def test_a_budget_too_large_for_a_local_folder_is_refused_from_its_config(
     assert main(["prune", "--model", str(folder), *budget, "--out", str(tmp_path / "o")]) == 1
     err = " ".join(capsys.readouterr().err.split())
     assert message in err and "no weights" not in err, err
+    if budget[0] == "-n":  # compare's list of N too
+        assert main(["compare", "--model", str(folder), "-n", "2,6", "--out", str(tmp_path / "c")]) == 1
+        err = " ".join(capsys.readouterr().err.split())
+        assert message in err and "no weights" not in err and not (tmp_path / "c").exists(), err
 
 
 def test_an_offline_task_whose_text_is_too_short_is_refused_before_the_model(tmp_path: Path, capsys) -> None:

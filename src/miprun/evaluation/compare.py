@@ -41,6 +41,7 @@ from miprun.pipeline import (
     repair_with,
     score_model,
 )
+from miprun.pipeline.explicit import check_budget_before_load
 
 log = logging.getLogger(__name__)
 
@@ -545,6 +546,8 @@ def run(
     replace = overwrite or update_existing
     inputs = _inputs(model, opts)
     check_output(out, replace, inputs=inputs, manifest=COMPARISON_NAME)  # before any work
+    for n in opts.num_blocks:  # against a local folder's config.json; any other source once it is loaded
+        check_budget_before_load(model, [], n, None)
     with locked_output(out):
         loaded = as_loaded(model, opts.runtime, revision=opts.revision)
         if loaded.path is not None:
