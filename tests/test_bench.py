@@ -168,7 +168,7 @@ def test_bench_through_the_cli(tiny_tokenizer, tmp_path, capsys):
         "--prompt-len",
         "8",
     ]
-    args += ["--new-tokens", "3", "--batch-sizes", "1,2", "--repeats", "2", "--out", str(out), "-q"]
+    args += ["--new-tokens", "3", "--batch-sizes", "1,2", "--repeats", "2", "--json", str(out), "-q"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "ideal layer ratio" in printed and "decode batch 2" in printed

@@ -116,10 +116,10 @@ def test_mi_verified_shows_every_candidate_with_its_mi_rank_and_measured_score(t
 @pytest.mark.integration
 def test_score_then_prune_with_scores(tiny_folder, tmp_path, capsys):
     scores = tmp_path / "scores.json"
-    assert main(["score", "--model", str(tiny_folder), "--out", str(scores), *TINY]) == 0
+    assert main(["score", "--model", str(tiny_folder), "--json", str(scores), *TINY]) == 0
     assert "scores written" in capsys.readouterr().out
     before = scores.read_text()
-    assert main(["score", "--model", str(tiny_folder), "--out", str(scores), "--seed", "1", *TINY]) == 1
+    assert main(["score", "--model", str(tiny_folder), "--json", str(scores), "--seed", "1", *TINY]) == 1
     assert "already exists; pass --overwrite" in capsys.readouterr().err and scores.read_text() == before
     data = json.loads(scores.read_text())
     assert data["scores"]["num_blocks"] == 6 and len(data["scores"]["spans"]) == 21

@@ -1,4 +1,5 @@
-"""Command-line conventions: `--version`, an explicit removal set (`--blocks`), `-q` quiet."""
+"""Command-line conventions on a tiny model: `--version`, an explicit removal set (`--blocks`), `-q` quiet, the
+revision recorded (the conventions that need no model: test_cli_conventions.py)."""
 
 from __future__ import annotations
 
@@ -128,3 +129,51 @@ def test_quiet_prints_no_progress_bar(tiny_folder: Path, tmp_path: Path, capfd) 
         hf_logging.enable_progress_bar()  # -q turns transformers' bars off for the whole process
     err = capfd.readouterr().err
     assert "%|" not in err and "Loading weights" not in err, err
+
+
+@pytest.mark.integration
+def test_quiet_eval_prints_nothing_on_stderr(tiny_folder: Path, tmp_path: Path, capfd, monkeypatch) -> None:
+    """-q: lm-eval's bars, datasets' "Generating test split" and git's "fatal: not a git repository" (lm-eval
+    asks git for the working folder's commit) stay off; without -q the bars are there."""
+    monkeypatch.chdir(tmp_path)  # not a git repository
+    text = tmp_path / "text.txt"  # next_sentence reads the evaluation split: a fifth of these paragraphs
+    text.write_text(
+        "\n\n".join(f"Paragraph {i} begins here. It goes on a while. It ends at {i}." for i in range(60))
+    )
+    args = ["eval", "-m", str(tiny_folder), "--ppl", str(HELDOUT_TXT), "--ppl-seq-len", "16"]
+    args += ["--ppl-windows", "2", "-t", "next_sentence", "--task-text", str(text), "--limit", "3"]
+    assert main(args) == 0
+    err = capfd.readouterr().err
+    assert "Running loglikelihood requests" in err and "fatal" not in err
+    assert main([*args, "-q", "--json", str(tmp_path / "eval.json")]) == 0
+    assert capfd.readouterr().err == ""
+    assert json.loads((tmp_path / "eval.json").read_text())["tasks"]["next_sentence"]["acc"] >= 0
+
+
+@pytest.mark.integration
+def test_quiet_prune_with_a_search_and_a_guarded_repair_prints_nothing(
+    tiny_folder: Path, tmp_path: Path, capfd
+):
+    args = ["prune", "-m", str(tiny_folder), "-n", "2", "--method", "mi-search", "--repair", "linear"]
+    args += ["--repair-opt", "tokens=0", "--out", str(tmp_path / "o"), *CALIB[:2], "--samples", "8"]
+    args += ["--seq-len", "24"]
+    assert main(args) == 0
+    err = capfd.readouterr().err
+    assert "greedy removals" in err and "repair guard" in err  # the long phases have bars
+    assert main([*args, "-q", "--overwrite"]) == 0
+    assert capfd.readouterr().err == ""
+
+
+@pytest.mark.integration
+def test_the_revision_is_recorded_in_the_manifest_and_the_card(tiny_folder: Path, tmp_path: Path) -> None:
+    """A hub model loaded at a revision (no hub here: a folder's LoadedModel marked as one) keeps it."""
+    import dataclasses
+
+    from huggingface_hub import ModelCard
+
+    from miprun.model.loading import load_model
+
+    loaded = dataclasses.replace(load_model(str(tiny_folder), device="cpu"), revision="0123abc")
+    miprun.prune(loaded, blocks=[1], out=tmp_path / "o", progress=False)
+    assert json.loads((tmp_path / "o" / "miprun.json").read_text())["model"]["revision"] == "0123abc"
+    assert "(revision `0123abc`)" in ModelCard.load(tmp_path / "o" / "README.md").text

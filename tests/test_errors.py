@@ -243,7 +243,7 @@ def test_missing_calibration_file(capsys, tmp_path, tiny_dir):
 @pytest.fixture(scope="module")
 def scores_file(tmp_path_factory, tiny_dir) -> Path:
     path = tmp_path_factory.mktemp("scores") / "scores.json"
-    assert main(["score", "--model", str(tiny_dir), "--out", str(path), "--no-cache", *TINY]) == 0
+    assert main(["score", "--model", str(tiny_dir), "--json", str(path), "--no-cache", *TINY]) == 0
     return path
 
 
@@ -283,7 +283,7 @@ def test_bad_scores_file(capsys, tmp_path, tiny_dir, content, message):
     code, err = run_cli(
         capsys, "prune", "--model", tiny_dir, "--scores", path, "-n", "1", "-o", tmp_path / "o"
     )
-    assert code == 1 and message in err and "miprun score --out FILE" in err
+    assert code == 1 and message in err and "miprun score --json FILE" in err
 
 
 # ---------------------------------------------------------------------------------- the forward pass

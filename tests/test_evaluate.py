@@ -287,7 +287,7 @@ def test_eval_through_the_cli(tiny_tokenizer, tmp_path, paragraph_file, capsys):
         str(paragraph_file),
         "--limit",
         "3",
-        "--out",
+        "--json",
         str(out),
         "-q",
     ]

@@ -437,15 +437,19 @@ def test_smollm2_q4_1_pruned_gguf_generates_like_the_source_with_blocks_removed(
 
 @pytest.mark.integration
 def test_prune_writes_a_gguf_and_a_card_that_readers_load(
-    sources: dict[str, Path], tmp_path: Path, monkeypatch
+    sources: dict[str, Path], tmp_path: Path, monkeypatch, caplog
 ) -> None:
     """`prune --out-format both --repair linear` from a GGUF source: the GGUF loads in transformers with the
-    logits of the pruned transformers model whose repaired tensors are quantised the same way."""
+    logits of the pruned transformers model whose repaired tensors are quantised the same way; the log never
+    names the temporary folder the output is written in before it is renamed into place."""
+    import logging
+
     from conftest import CALIBRATION_TXT
     from huggingface_hub import ModelCard
 
     import miprun
 
+    caplog.set_level(logging.INFO, logger="miprun")
     monkeypatch.setenv("MIPRUN_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     result = miprun.prune(
@@ -462,6 +466,9 @@ def test_prune_writes_a_gguf_and_a_card_that_readers_load(
         progress=False,
     )
     plan = result.plan
+    logged = [record.getMessage() for record in caplog.records]
+    assert any(line.startswith("Wrote model.gguf:") for line in logged), logged
+    assert not any(".tmp-" in line for line in logged), logged
     assert plan.removed == [3, 4] and plan.repair.changed == ["model.layers.2.mlp.down_proj.weight"]
     assert {"model.gguf", "model.safetensors", "README.md", "miprun.json"} <= {p.name for p in out.iterdir()}
     pruned_gguf = _load(out / "model.gguf")

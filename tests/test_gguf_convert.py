@@ -162,6 +162,31 @@ def test_an_architecture_the_converter_does_not_know_is_refused_before_loading(
         miprun.prune(str(folder), num_blocks=1, out=tmp_path / "out", out_format="gguf", progress=False)
 
 
+@pytest.mark.integration
+def test_a_hub_model_the_converter_does_not_know_is_refused_from_its_config_alone(
+    tmp_path: Path, converter: Path, monkeypatch
+) -> None:
+    """A hub name: its config.json (here from the hub's own cache, offline) is read before any weights."""
+    import huggingface_hub
+
+    import miprun
+
+    snapshot = tmp_path / "hub" / "models--org--odd" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(
+        json.dumps({"architectures": ["OPTForCausalLM"], "model_type": "opt"})
+    )
+    (tmp_path / "hub" / "models--org--odd" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--odd" / "refs" / "v1").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    # the cache holds no weights: a refusal that needed the model would fail on them first
+    with pytest.raises(GgufError, match=r"org/odd: llama\.cpp's converter .* cannot write OPTForCausalLM"):
+        miprun.prune(
+            "org/odd", num_blocks=1, out=tmp_path / "o", out_format="gguf", revision="v1", progress=False
+        )
+
+
 def test_gguf_type_is_refused_for_a_gguf_source_and_without_a_gguf_output(tmp_path: Path) -> None:
     import miprun
 

@@ -146,7 +146,7 @@ sys.exit(main({prune_args(tiny_dir, out, "--overwrite", "--method", "last-n")!r}
 
 def test_a_nan_span_in_a_scores_file_is_refused(tiny_dir, tmp_path, capsys):
     scores = tmp_path / "scores.json"
-    assert main(["score", "--model", str(tiny_dir), "--out", str(scores), *TINY]) == 0
+    assert main(["score", "--model", str(tiny_dir), "--json", str(scores), *TINY]) == 0
     data = json.loads(scores.read_text())
     data["scores"]["spans"][3]["nmi"] = math.nan
     scores.write_text(json.dumps(data))  # Python writes the bare NaN that strict parsers reject
@@ -288,7 +288,7 @@ def test_a_results_file_never_replaces_an_input(tiny_dir, tmp_path, capsys, comm
     targets = [tiny_dir / "config.json", tiny_dir / "results.json"]
     targets += [text] if command != "bench" else [tiny_dir / "model.safetensors"]
     for out in targets:
-        args = [command, "--model", str(tiny_dir), "--out", str(out), "--overwrite", *reads_text]
+        args = [command, "--model", str(tiny_dir), "--json", str(out), "--overwrite", *reads_text]
         assert main([*args, "--quiet"]) == 1, out
         err = capsys.readouterr().err
         assert "that this run reads" in err and ("is the input" in err or "lies inside the input" in err)
@@ -302,7 +302,7 @@ def test_a_results_file_never_replaces_an_input(tiny_dir, tmp_path, capsys, comm
 )
 def test_an_evaluation_that_measures_nothing_is_refused(tiny_dir, tmp_path, capsys, flags, message):
     out = tmp_path / "eval.json"
-    args = ["eval", "--model", str(tiny_dir), "--out", str(out), "--ppl-seq-len", "16", "--quiet"]
+    args = ["eval", "--model", str(tiny_dir), "--json", str(out), "--ppl-seq-len", "16", "--quiet"]
     assert main([*args, *flags]) == 1
     assert message in capsys.readouterr().err and not out.exists()
 
@@ -347,7 +347,7 @@ def test_bad_names_and_outputs_fail_before_any_work(tiny_dir, tmp_path, capsys, 
     else:
         out = tmp_path / "eval.json"
         out.write_text("{}")
-        assert main(["eval", "--model", str(tiny_dir), "--out", str(out), "--no-ppl"]) == 1
+        assert main(["eval", "--model", str(tiny_dir), "--json", str(out), "--no-ppl"]) == 1
         assert "already exists" in capsys.readouterr().err and out.read_text() == "{}"
 
 

@@ -387,7 +387,7 @@ def test_cli_score_and_prune_with_a_baseline(tiny_tokenizer, tmp_path, capsys):
                 "sleb",
                 "--max-blocks",
                 "2",
-                "-o",
+                "--json",
                 str(scores),
                 *tiny,
             ]

@@ -14,7 +14,7 @@ from tiny_models import tiny_model
 import miprun
 from miprun.methods.candidates import k_best_sets, propose, shifted
 from miprun.methods.search import brute_force_select, set_loss
-from miprun.methods.verified import Verifier, coarse_kl, next_token_nll
+from miprun.methods.verified import Verifier, coarse_kl
 from miprun.model.layouts import decoder_layers
 from miprun.model.loading import LoadedModel
 from miprun.model.replay import BoundaryCache, logits_from

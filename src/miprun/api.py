@@ -20,11 +20,12 @@ import torch
 
 from miprun.arguments import check_argument, check_flag_argument, check_model_argument, check_path_argument
 from miprun.capture import distributed
+from miprun.data.sources import check_sources
 from miprun.errors import InvalidOptionError
 from miprun.estimators import Estimator
 from miprun.evaluation.heldout import heldout_windows
 from miprun.methods import Method, SearchInfo, run
-from miprun.model.loading import LoadedModel, as_loaded, resolve_dtype
+from miprun.model.loading import LoadedModel, as_loaded, check_revision, resolve_dtype
 from miprun.model.perplexity import perplexity
 from miprun.model.placement import input_device
 from miprun.model.surgery import remove_blocks, skip_blocks
@@ -46,7 +47,7 @@ from miprun.pipeline import (
     score_model,
     timed,
 )
-from miprun.pipeline.explicit import explicit_removal, no_calibration
+from miprun.pipeline.explicit import check_budget_before_load, explicit_removal, no_calibration
 from miprun.scores import ScoreResult
 
 log = logging.getLogger(__name__)
@@ -94,12 +95,14 @@ def score(
     check_model_argument("score", model)
     check_argument("score", "options", options, (ScoreOptions, None), "a ScoreOptions or None")
     opts = with_overrides(options or ScoreOptions(), **overrides)
+    check_revision(model, opts.revision)  # refusals that need no model, before it is loaded
+    check_sources(opts.calibration.source)
     sc = opts.scoring
     method, estimator = method_of(sc), estimator_of(sc.estimation)
     progress, cache = opts.progress and distributed.is_main(), sc.cache
     timings: dict[str, float] = {}
     with timed(timings, "load_model"):
-        loaded = as_loaded(model, opts.runtime, sc.sequential)
+        loaded = as_loaded(model, opts.runtime, sc.sequential, opts.revision)
         info = model_info(loaded)
     from miprun.methods import default_max_blocks
 
@@ -173,10 +176,15 @@ def prune(
         )
     out_path = Path(out) if out is not None else None
     inputs = _inputs(model, scores, opts)
+    check_revision(model, opts.revision)  # refusals that need no model, before it is loaded
+    check_sources(opts.calibration.source, *([opts.heldout.eval_source] if opts.evaluate else []))
+    check_budget_before_load(model, opts.blocks, opts.num_blocks, opts.ratio)
+    if scores is not None and not isinstance(scores, ScoreResult):
+        scores = ScoreResult.read(scores)  # a missing or damaged file; whether it fits the model comes later
     if out_path is None or not distributed.is_main():
         return _prune(model, opts, scores, None, (overwrite, inputs))
     check_output(out_path, overwrite, inputs=inputs)  # fail before the expensive part
-    check_before_load(model, opts.output, opts.blocks)  # fetches llama.cpp's converter once, if needed
+    check_before_load(model, opts.output, opts.blocks, opts.revision)  # fetches llama.cpp's converter once
     with locked_output(out_path):  # a second run to the same --out fails now, not hours later
         return _prune(model, opts, scores, out_path, (overwrite, inputs))
 
@@ -200,7 +208,7 @@ def _prune(
     progress = opts.progress and main
     timings: dict[str, float] = {}
     with timed(timings, "load_model"):
-        loaded = as_loaded(model, opts.runtime, sc.sequential and scores is None)
+        loaded = as_loaded(model, opts.runtime, sc.sequential and scores is None, opts.revision)
         info = model_info(loaded)
     if out is not None:
         if loaded.path is not None:
@@ -272,7 +280,7 @@ def _scores(
         return score_model(loaded, method, estimator if method.uses_mi else None, settings)
     result = scores if isinstance(scores, ScoreResult) else ScoreResult.read(scores)
     check_scores_match(result, info, settings.calibration.source)
-    log.info("reusing scores from %s: no calibration pass", scores)
+    log.info("reusing the given scores: no calibration pass")
     for phase, seconds in result.timings.items():
         settings.timings.setdefault(phase, seconds)
     return result
@@ -467,7 +475,9 @@ def _heal(
     timings: dict[str, float] = {}
     with timed(timings, "load_model"):
         student = as_loaded(str(folder), opts.runtime)
-        teacher = as_loaded(teacher_name, opts.runtime)
+        teacher = as_loaded(
+            teacher_name, opts.runtime, revision=None if opts.teacher else plan.model.get("revision")
+        )
     if model_fingerprint(teacher.model) != plan.model.get("fingerprint"):
         raise InvalidOptionError(
             f"{teacher.name} is not the model {folder} was pruned from ({plan.model['name']}, fingerprint "

@@ -668,7 +668,9 @@ def _swap(
     _finish_swap(out, old)
 
 
-def check_file_output(out: str | Path, overwrite: bool, *, inputs: Iterable[str | Path | None] = ()) -> None:
+def check_file_output(
+    out: str | Path, overwrite: bool, *, inputs: Iterable[str | Path | None] = (), flag: str = "--out"
+) -> None:
     """Fail early if a single output file may not be written: a folder, existing without ``overwrite``, or
     one of the files the run reads (``inputs``: the model, its text) or a file inside an input folder.
 
@@ -677,11 +679,11 @@ def check_file_output(out: str | Path, overwrite: bool, *, inputs: Iterable[str 
     """
     path = Path(out)
     if path.is_dir():
-        raise OutputExistsError(f"--out {path} is a folder; give the path of a file to write")
-    _check_file_apart(_resolve(path), [given for given in inputs if given is not None])
+        raise OutputExistsError(f"{flag} {path} is a folder; give the path of a file to write")
+    _check_file_apart(_resolve(path), [given for given in inputs if given is not None], flag)
     if path.exists() and not overwrite:
         raise OutputExistsError(
-            f"{path} already exists; pass --overwrite to replace it, or choose another --out"
+            f"{path} already exists; pass --overwrite to replace it, or choose another {flag}"
         )
     _check_writable(_resolve(path))
 
@@ -692,7 +694,7 @@ def check_results_file(out: str | Path, inputs: Iterable[str | Path | None]) -> 
     _check_file_apart(_resolve(out), [given for given in inputs if given is not None])
 
 
-def _check_file_apart(out: Path, inputs: Iterable[str | Path]) -> None:
+def _check_file_apart(out: Path, inputs: Iterable[str | Path], flag: str = "--out") -> None:
     """Refuse an output file that is an input file of the run, or lies inside an input folder."""
     for given in inputs:
         if not os.path.lexists(Path(given).expanduser()):
@@ -700,10 +702,10 @@ def _check_file_apart(out: Path, inputs: Iterable[str | Path]) -> None:
         source = _resolve(given)
         if source == out:
             raise UnsafeOutputError(
-                f"--out {out} is the input {source} that this run reads; write the results to another file"
+                f"{flag} {out} is the input {source} that this run reads; write the results to another file"
             )
         if source in out.parents:
             raise UnsafeOutputError(
-                f"--out {out} lies inside the input {source} that this run reads, and would replace or add "
+                f"{flag} {out} lies inside the input {source} that this run reads, and would replace or add "
                 f"to its files; write the results to a file outside it"
             )

@@ -6,7 +6,6 @@ Options come from :mod:`miprun.options` (see :mod:`miprun.cli.params`); results 
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 from pathlib import Path
@@ -14,9 +13,9 @@ from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 
 from miprun.cli import show
+from miprun.cli.logs import libraries_restored, setup_logging
 from miprun.cli.params import with_options
 from miprun.options import (
     BenchOptions,
@@ -32,13 +31,13 @@ app = typer.Typer(
     help="Depth-prune causal language models by mutual information (MI-PRUN).\n\n"
     "Examples:\n\n"
     "  miprun prune --num-blocks 3 --out out/smollm2-pruned --eval\n\n"
-    "  miprun score --model ./my-llama --out scores.json\n\n"
+    "  miprun score --model ./my-llama --json scores.json\n\n"
     "  miprun prune --model ./my-llama --scores scores.json --ratio 0.2 --out out/llama-pruned\n\n"
     "  miprun list methods",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion: bash, zsh, fish, PowerShell
 )
 console = Console(stderr=True)
 
@@ -51,8 +50,18 @@ ModelOpt = Annotated[
         "Default: the embedded SmolLM2-135M-Instruct.",
     ),
 ]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log lines.")]
+QuietOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quiet", "-q", help="No progress bars, log lines or library warnings: results and errors."
+    ),
+]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
+# -o/--out names a folder in every command; a command that writes one JSON file takes --json FILE. Its old
+# spelling, --out FILE, still works there with a warning (hidden from --help).
+OldOutOpt = Annotated[
+    Path | None, typer.Option("--out", "-o", hidden=True, help="Deprecated: use --json FILE.")
+]
 OverwriteOpt = Annotated[
     bool,
     typer.Option(
@@ -83,16 +92,20 @@ def _root(
     """Depth-prune causal language models by mutual information (MI-PRUN)."""
 
 
-def _setup_logging(quiet: bool) -> None:
-    level = logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(
-        level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)]
+def _json_path(json_file: Path | None, old_out: Path | None, command: str) -> tuple[Path | None, str]:
+    """The JSON file a command writes and the flag that named it; ``--out FILE`` still works, with a warning."""
+    if old_out is None:
+        return json_file, "--json"
+    if json_file is not None:
+        raise typer.BadParameter("give the file once, as --json FILE (--out FILE is its old spelling)")
+    console.print(
+        f"miprun: warning: `{command} --out FILE` is deprecated: --out names a folder in every command; "
+        f"write this file with --json {old_out}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
     )
-    logging.getLogger("miprun").setLevel(level)
-    if quiet:  # transformers draws its own "Loading weights" bar otherwise
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    return old_out, "--out"
 
 
 def _main_process() -> bool:
@@ -125,7 +138,7 @@ def prune(
     from miprun.options import with_overrides
 
     main = _main_process()
-    _setup_logging(quiet or not main)
+    setup_logging(console, quiet or not main)
     result = api.prune(
         model, with_overrides(options, progress=not quiet), scores=scores, out=out, overwrite=overwrite
     )
@@ -137,10 +150,13 @@ def prune(
 @with_options(ScoreOptions)
 def score(
     options: ScoreOptions,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Scores file (JSON) to write.")],
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Scores file (JSON) to write (required).")
+    ] = None,
     model: ModelOpt = None,
+    old_out: OldOutOpt = None,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace --out if it exists (written atomically when done).")
+        bool, typer.Option("--overwrite", help="Replace --json if it exists (written atomically when done).")
     ] = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -150,20 +166,24 @@ def score(
     --method shortgpt, angular or angular-mean adds the cosine statistics those read; --method sleb or
     ppl-oneshot adds the forward passes those need.
 
-    Example: miprun score --out scores.json && miprun prune --scores scores.json -n 4 --out out/p4
+    Example: miprun score --json scores.json && miprun prune --scores scores.json -n 4 --out out/p4
 
-    Example: miprun score --method sleb --max-blocks 6 --out sleb.json
+    Example: miprun score --method sleb --max-blocks 6 --json sleb.json
 
-    Example (70B on one GPU): miprun score --model ./llama-70b --sequential --device cuda --out s.json
+    Example (70B on one GPU): miprun score --model ./llama-70b --sequential --device cuda --json s.json
     """
     from miprun import api
     from miprun.atomic import check_file_output
     from miprun.options import with_overrides
 
+    out, flag = _json_path(json_file, old_out, "score")
+    if out is None:
+        raise typer.BadParameter("give the scores file to write: --json FILE", param_hint="--json")
     inputs = (model, options.calibration.source)
-    check_file_output(out, overwrite, inputs=inputs)  # before any work, so a long run never ends in a refusal
+    # before any work, so a long run never ends in a refusal
+    check_file_output(out, overwrite, inputs=inputs, flag=flag)
     main = _main_process()
-    _setup_logging(quiet or not main)
+    setup_logging(console, quiet or not main)
     result = api.score(model, with_overrides(options, progress=not quiet))
     if not main:  # every process holds the same merged result; the main one writes it
         return
@@ -177,22 +197,26 @@ def score(
 def eval_command(
     options: EvaluateOptions,
     model: ModelOpt = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the results as JSON.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Write the results to this JSON file.")
+    ] = None,
+    old_out: OldOutOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --json if it exists.")] = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Held-out perplexity and zero-shot accuracy (acc, acc_norm through lm-evaluation-harness).
 
-    Example: miprun eval --model out/smollm2-pruned --tasks social_iqa,next_sentence --limit 200 --out eval.json
+    Example: miprun eval --model out/smollm2-pruned --tasks social_iqa,next_sentence --limit 200 --json eval.json
     """
     from miprun.atomic import check_file_output, write_json
     from miprun.evaluation.evaluate import evaluate
     from miprun.options import with_overrides
 
+    out, flag = _json_path(json_file, old_out, "eval")
     if out is not None:
-        check_file_output(out, overwrite, inputs=(model, *options.ppl, options.task_text))
-    _setup_logging(quiet)
+        check_file_output(out, overwrite, inputs=(model, *options.ppl, options.task_text), flag=flag)
+    setup_logging(console, quiet)
     result = evaluate(model, with_overrides(options, progress=not quiet))
     show.evaluation(result)
     if out is not None:
@@ -205,22 +229,27 @@ def eval_command(
 def bench(
     options: BenchOptions,
     model: ModelOpt = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the results as JSON.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Write the results to this JSON file.")
+    ] = None,
+    old_out: OldOutOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --json if it exists.")] = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Prefill latency, decode throughput, memory and size; with --against, pruned/dense ratios.
 
-    Example: miprun bench --model out/smollm2-pruned --against smollm2-135m --out bench.json
+    Example: miprun bench --model out/smollm2-pruned --against smollm2-135m --json bench.json
     """
     from miprun.atomic import check_file_output, write_json
     from miprun.evaluation.bench import bench as run_bench
+    from miprun.options import with_overrides
 
+    out, flag = _json_path(json_file, old_out, "bench")
     if out is not None:
-        check_file_output(out, overwrite, inputs=(model, options.against))
-    _setup_logging(quiet)
-    result = run_bench(model, options)
+        check_file_output(out, overwrite, inputs=(model, options.against), flag=flag)
+    setup_logging(console, quiet)
+    result = run_bench(model, with_overrides(options, progress=not quiet))
     show.bench(result, options.config)
     if out is not None:
         write_json(out, result)
@@ -260,7 +289,7 @@ def compare(
     from miprun.evaluation.compare import run
     from miprun.options import with_overrides
 
-    _setup_logging(quiet)
+    setup_logging(console, quiet)
     opts = with_overrides(options, progress=not quiet)
     paths = run(model, out, opts, update_existing=update, overwrite=overwrite)
     show.out.print((Path(out) / "comparison.md").read_text(encoding="utf-8"))
@@ -289,7 +318,7 @@ def heal(
     from miprun import api
     from miprun.options import with_overrides
 
-    _setup_logging(quiet)
+    setup_logging(console, quiet)
     result = api.heal(model, with_overrides(options, progress=not quiet), out=out, overwrite=overwrite)
     show.heal_summary(result)
 
@@ -325,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     atomic.last_signal = None
     try:
-        with interrupts_as_keyboard_interrupt():
+        with interrupts_as_keyboard_interrupt(), libraries_restored():
             # typer turns a KeyboardInterrupt inside a command into a returned 130, not an exception
             code = app(args=args, prog_name="miprun", standalone_mode=False)
         if code == 130:
@@ -335,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             return 130 if signum is None else 128 + signum
     except typer.Exit as exc:
         return int(exc.exit_code)
+    except SystemExit as exc:  # shell completion (--show-completion, _MIPRUN_COMPLETE) ends with sys.exit
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
     except typer.TyperException as exc:  # a command-line mistake: typer prints the usage line and why
         show_error = getattr(exc, "show", None)
         if show_error is not None:

@@ -73,13 +73,34 @@ def load_text(source: str | None, split: Split) -> TextSource:
     if split not in SPLITS:
         raise DataError(f"split must be one of {SPLITS}, not {split!r}")
     key = DEFAULT_SOURCE if source is None else source
-    if key in BUILTIN_SOURCES:
+    kind = _kind(key)
+    if kind == "builtin":
         return _builtin(key, split)
-    if key in HUB_SOURCES:
+    if kind == "hub":
         return _hub(key, split)
+    return _local(Path(key).expanduser())
+
+
+def check_sources(*sources: str | None) -> None:
+    """Refuse an unknown source name or an unusable local file now, before a model is loaded.
+
+    A local file is read (it is small next to a model); built-in and hub texts are fetched when used.
+    """
+    for source in sources:
+        key = DEFAULT_SOURCE if source is None else source
+        if _kind(key) == "local":
+            _local(Path(key).expanduser())
+
+
+def _kind(key: str) -> Literal["builtin", "hub", "local"]:
+    """Which kind of source ``key`` names; an error that lists them when it names none."""
+    if key in BUILTIN_SOURCES:
+        return "builtin"
+    if key in HUB_SOURCES:
+        return "hub"
     path = Path(key).expanduser()
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
-        return _local(path)
+        return "local"
     raise DataError(
         f"unknown text source {key!r}. Built-in: {', '.join(BUILTIN_SOURCES)}; "
         f"hub (needs network): {', '.join(HUB_SOURCES)}; or a path to a local .txt or .jsonl file."

@@ -21,6 +21,7 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from miprun.errors import InvalidOptionError
 from miprun.model.layouts import max_positions, model_config, num_blocks, text_config
@@ -270,7 +271,7 @@ def bench(
     cfg = opts.config
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
-    loaded = [as_loaded(model, opts.runtime)] + (
+    loaded = [as_loaded(model, opts.runtime, revision=opts.revision)] + (
         [as_loaded(reference, opts.runtime)] if reference is not None else []
     )
     dev = next(loaded[0].model.parameters()).device
@@ -291,11 +292,11 @@ def bench(
     clock = _Clock(dev)
     runners = [_Runner(x, cfg, prompt.to(dev), clock) for x in loaded]
     with _eval_mode(*(x.model for x in loaded)):
-        for r in range(cfg.warmup + cfg.repeats):
+        rounds = range(cfg.warmup + cfg.repeats)  # the bar moves between rounds, outside the timed calls
+        for r in tqdm(rounds, desc="bench rounds", unit="round", disable=not opts.progress):
             order = runners if r % 2 == 0 else runners[::-1]
             for runner in order:
                 runner.round(record=r >= cfg.warmup)
-            log.info("bench round %d/%d done", r + 1, cfg.warmup + cfg.repeats)
     results = [runner.summary(x.name, x.path) for runner, x in zip(runners, loaded, strict=True)]
     out: dict[str, Any] = {
         "device": str(dev),

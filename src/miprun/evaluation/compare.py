@@ -19,12 +19,13 @@ from typing import Any
 import torch
 
 from miprun import methods
+from miprun.data.sources import check_sources
 from miprun.errors import InvalidOptionError
 from miprun.evaluation.heldout import heldout_windows
 from miprun.evaluation.oracle import DamageOracle
 from miprun.model.edits import edited
 from miprun.model.layouts import base_model, num_blocks
-from miprun.model.loading import LoadedModel, as_loaded
+from miprun.model.loading import LoadedModel, as_loaded, check_revision
 from miprun.model.placement import input_device
 from miprun.model.surgery import skip_blocks
 from miprun.options import CompareOptions, with_overrides
@@ -40,6 +41,7 @@ from miprun.pipeline import (
     repair_with,
     score_model,
 )
+from miprun.pipeline.explicit import check_budget_before_load
 
 log = logging.getLogger(__name__)
 
@@ -531,6 +533,8 @@ def run(
     from miprun.evaluation.evaluate import check_tasks
 
     check_tasks(opts.tasks)
+    check_revision(model, opts.revision)
+    check_sources(opts.calibration.source, opts.heldout.eval_source)
     previous = None
     if update_existing:
         path = Path(out) / COMPARISON_NAME
@@ -542,8 +546,10 @@ def run(
     replace = overwrite or update_existing
     inputs = _inputs(model, opts)
     check_output(out, replace, inputs=inputs, manifest=COMPARISON_NAME)  # before any work
+    for n in opts.num_blocks:  # against a local folder's config.json; any other source once it is loaded
+        check_budget_before_load(model, [], n, None)
     with locked_output(out):
-        loaded = as_loaded(model, opts.runtime)
+        loaded = as_loaded(model, opts.runtime, revision=opts.revision)
         if loaded.path is not None:
             inputs = (*inputs, Path(loaded.path))
             check_output(out, replace, inputs=inputs, manifest=COMPARISON_NAME)

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from miprun.assets import HubUnreachableError, is_hub_unreachable
+from miprun.data.sources import check_sources
 from miprun.errors import InvalidOptionError, MissingDependencyError, UnknownNameError
 from miprun.evaluation.heldout import heldout_windows, perplexity_record
 from miprun.evaluation.tasks import OFFLINE_TASKS, write_tasks
 from miprun.model.layouts import num_blocks
-from miprun.model.loading import LoadedModel, as_loaded
+from miprun.model.loading import LoadedModel, as_loaded, check_revision
 from miprun.options import EvaluateOptions, with_overrides
 from miprun.output.manifest import MANIFEST_NAME
 from miprun.pipeline import check_seq_len
@@ -74,6 +75,45 @@ def _quiet(logger: str, quiet: bool) -> Iterator[None]:
         target.setLevel(old)
 
 
+@contextlib.contextmanager
+def _harness_quiet(quiet: bool) -> Iterator[None]:
+    """lm-eval without what nobody asked for: the git hash of the working folder (its ``git describe`` prints
+    "fatal: not a git repository" outside one); with ``quiet`` also its log lines, its bars and datasets'."""
+    import importlib
+
+    import datasets
+    import lm_eval.evaluator
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_swapped(lm_eval.evaluator, "get_git_commit_hash", lambda: None))
+        if quiet:
+            stack.enter_context(_quiet("lm_eval", True))
+            for name in ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface"):
+                module = importlib.import_module(name)  # each calls tqdm itself, deaf to any switch
+                if hasattr(module, "tqdm"):
+                    stack.enter_context(_swapped(module, "tqdm", _silent(module.tqdm)))
+            if not datasets.utils.are_progress_bars_disabled():
+                datasets.disable_progress_bars()  # "Generating test split"
+                stack.callback(datasets.enable_progress_bars)
+        yield
+
+
+def _silent(bar: Any) -> Any:
+    """``bar`` (a tqdm class) that never draws, whatever ``disable`` its caller passes."""
+    return lambda *args, **kwargs: bar(*args, **{**kwargs, "disable": True})
+
+
+@contextlib.contextmanager
+def _swapped(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """``owner.name`` is ``value`` for the duration."""
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
 def _harness_results(raw: dict[str, Any], names: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Our per-task record from lm-eval's output; ``names`` maps lm-eval task names to ours."""
     out: dict[str, dict[str, Any]] = {}
@@ -100,6 +140,7 @@ def run_tasks(
     seed: int = 0,
     task_text: str | None = None,
     progress: bool = False,
+    built: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Zero-shot accuracy (``acc``, ``acc_norm``) of the in-memory model on ``tasks`` with lm-eval.
 
@@ -108,6 +149,7 @@ def run_tasks(
         limit: the first ``limit`` examples of each task (all when None).
         seed: seed of the next-sentence task's distractors and answer positions.
         task_text: held-out text the next-sentence task is built from (default: wiki).
+        built: the folder :func:`write_tasks` already built the offline tasks in (else they are built here).
     """
     lm_eval = _lm_eval()
     check_tasks(tasks)  # a typo fails before any task runs
@@ -116,11 +158,11 @@ def run_tasks(
 
     offline = [t for t in tasks if t in OFFLINE_TASKS]
     hub = [t.removeprefix(PASS_THROUGH) for t in tasks if t not in OFFLINE_TASKS]
-    with _quiet("lm_eval", not progress):
+    with _harness_quiet(not progress):
         lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
         results: dict[str, dict[str, Any]] = {}
         if offline:
-            folder = write_tasks(offline, source=task_text, seed=seed)
+            folder = built or write_tasks(offline, source=task_text, seed=seed)
             manager = TaskManager(include_path=str(folder), include_defaults=False)  # no 10 s index scan
             names = {OFFLINE_TASKS[t].harness_name: t for t in offline}
             raw = lm_eval.simple_evaluate(
@@ -215,9 +257,13 @@ def evaluate(
     opts = with_overrides(options or EvaluateOptions(), **overrides)
     check_something_to_measure(opts)
     check_tasks(opts.tasks)
+    check_revision(model, opts.revision)
+    check_sources(*([] if opts.no_ppl else opts.ppl), *([opts.task_text] if opts.task_text else []))
+    offline = [t for t in opts.tasks if t in OFFLINE_TASKS]  # built now: a text too short for one says so
+    built = write_tasks(offline, source=opts.task_text, seed=opts.seed) if offline else None
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    loaded = as_loaded(model, opts.runtime)
+    loaded = as_loaded(model, opts.runtime, revision=opts.revision)
     timings["load_model"] = round(time.perf_counter() - start, 3)
     result: dict[str, Any] = {
         "model": {
@@ -255,6 +301,7 @@ def evaluate(
             seed=opts.seed,
             task_text=opts.task_text,
             progress=opts.progress,
+            built=built,
         )
         timings["tasks"] = round(time.perf_counter() - start, 3)
     result["settings"] = {

@@ -59,7 +59,7 @@ class Evidence:
 def missing(method: str, what: str, hint: str = "") -> MissingEvidenceError:
     return MissingEvidenceError(
         f"method {method!r} needs {what}, which these scores do not hold. Run "
-        f"`miprun score --method {method}{hint} --out FILE` and pass that file, or prune without --scores."
+        f"`miprun score --method {method}{hint} --json FILE` and pass that file, or prune without --scores."
     )
 
 

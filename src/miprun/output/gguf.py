@@ -507,7 +507,7 @@ def write_pruned_gguf(
     )
     log.info(
         "Wrote %s: %s blocks %d -> %d (removed %s), %.1f -> %.1f MB, %d replaced tensor(s).",
-        out,
+        out.name,  # its folder may be the output's temporary one, which the user never sees
         arch,
         total,
         len(kept),

@@ -3,8 +3,8 @@
 Two ways to a GGUF: a GGUF source (a ``.gguf`` file or an embedded model) is copied without the removed
 blocks (:mod:`miprun.output.gguf`); any other source is saved and converted by llama.cpp's converter
 (:mod:`miprun.output.llama_cpp`). What can be checked from the name and the folder's ``config.json`` is
-checked before the model is loaded; a hub model's config is only known once it is loaded; whether a cut
-is writable is known once the blocks are chosen, before the repair and the cut.
+checked before the model is loaded, a hub model's from its ``config.json`` alone (fetched before the weights);
+whether a cut is writable is known once the blocks are chosen, before the repair and the cut.
 """
 
 from __future__ import annotations
@@ -33,8 +33,11 @@ def gguf_source(model: Any) -> bool | None:
     return False if Path(name).expanduser().is_dir() else None
 
 
-def check_before_load(model: Any, output: OutputOptions, blocks: list[int] | None = None) -> None:
-    """Everything the name and a local folder's ``config.json`` tell, and fetching the converter once.
+def check_before_load(
+    model: Any, output: OutputOptions, blocks: list[int] | None = None, revision: str | None = None
+) -> None:
+    """Everything the name and the ``config.json`` of a local folder or a hub model tell, and fetching the
+    converter once.
 
     With an explicit removal set (``--blocks``) whether the cut is writable is known too, and checked.
     """
@@ -52,7 +55,13 @@ def check_before_load(model: Any, output: OutputOptions, blocks: list[int] | Non
             f"{model or 'the embedded model'} is a GGUF source, whose pruned copy keeps each tensor's own type "
             "(a Q4_1 file stays Q4_1). Drop --gguf-type, or pass the model's transformers folder."
         )
-    if from_gguf is False:
+    if from_gguf is None and isinstance(model, str):  # a hub name
+        config = _hub_config(model, revision)
+        if config is not None:
+            from miprun.output.llama_cpp import check_convertible
+
+            check_convertible(config, model)
+    elif from_gguf is False:
         from miprun.output.llama_cpp import check_convertible
 
         config_path = Path(str(model)).expanduser() / "config.json"
@@ -67,6 +76,25 @@ def check_before_load(model: Any, output: OutputOptions, blocks: list[int] | Non
         from miprun.output.gguf import check_pruned_gguf
 
         check_pruned_gguf(Path(str(model)), blocks)
+
+
+def _hub_config(name: str, revision: str | None) -> dict[str, Any] | None:
+    """A hub model's ``config.json`` (a few kB, from the hub's cache when offline); None when it cannot be
+    fetched, for the model's load to say why."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(name, "config.json", revision=revision)
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except Exception as exc:  # an unknown name, a private model: the load reports it in full
+        from miprun.assets import is_hub_unreachable
+
+        if is_hub_unreachable(exc):  # the load would fail the same way, after waiting as long again
+            from miprun.model.loading import _load_error
+
+            raise _load_error(exc, name, None, revision) from exc
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def check_after_load(loaded: LoadedModel, output: OutputOptions) -> None:

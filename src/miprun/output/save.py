@@ -99,7 +99,7 @@ def convert(loaded: LoadedModel, folder: Path, opts: SaveSettings) -> Any:
         loaded.tokenizer.save_pretrained(source)
     _copy_tokenizer_sources(loaded, source)
     try:
-        converted = convert_folder(source, folder / GGUF_NAME, gguf_type)
+        converted = convert_folder(source, folder / GGUF_NAME, gguf_type, progress=opts.progress)
     finally:
         if source != folder:
             shutil.rmtree(source, ignore_errors=True)
@@ -207,6 +207,7 @@ def card_facts(loaded: LoadedModel, plan: PrunePlan, folder: Path, gguf_report: 
     return CardFacts(
         base_model=loaded.name,
         base_model_id=base_model_id(loaded),
+        base_model_revision=loaded.revision,
         layers_before=plan.num_blocks_before,
         removed=plan.removed,
         method=plan.search.method,

@@ -7,7 +7,10 @@ as method ``explicit``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from miprun.errors import InvalidOptionError
 from miprun.methods import SearchInfo
@@ -51,3 +54,37 @@ def no_calibration(seed: int) -> CalibrationInfo:
         seed=seed,
         tokens=0,
     )
+
+
+def check_budget_before_load(
+    model: Any, blocks: Sequence[int], num_blocks: int | None, ratio: float | None
+) -> None:
+    """The removal budget against a local folder's ``config.json`` (its layer count), before the model loads.
+
+    Other sources (and configs that do not name ``num_hidden_layers``) are checked once the model is loaded.
+    """
+    from miprun.pipeline.setup import blocks_to_remove
+
+    total = _configured_layers(model)
+    if total is None:
+        return
+    if blocks:
+        explicit_removal(blocks, total)
+    else:
+        blocks_to_remove(total, num_blocks, ratio)
+
+
+def _configured_layers(model: Any) -> int | None:
+    """``num_hidden_layers`` of a local model folder's (text) config; None for anything else."""
+    if (
+        not isinstance(model, (str, Path))
+        or not (config := Path(model).expanduser() / "config.json").is_file()
+    ):
+        return None
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # the load says what is wrong with it
+    text = (data.get("text_config") or data) if isinstance(data, dict) else {}
+    layers = text.get("num_hidden_layers") if isinstance(text, dict) else None
+    return layers if isinstance(layers, int) and not isinstance(layers, bool) and layers > 0 else None

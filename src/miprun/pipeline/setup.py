@@ -156,4 +156,4 @@ def model_info(loaded: LoadedModel) -> dict[str, Any]:
         "model_type": config.model_type,
         "num_blocks": num_blocks(loaded.model),
         "fingerprint": model_fingerprint(loaded.model),
-    }
+    } | ({"revision": loaded.revision} if loaded.revision is not None else {})

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from miprun.capture.statistic import Statistic, Tap
 from miprun.capture.statistics import LinearFitSums
@@ -209,21 +210,24 @@ class LinearRepair(Repair):
                 return mean_nll(ctx.model, windows)[0]
 
         kept: dict[str, torch.Tensor] = {}
-        best = loss(kept)
-        for run, run_edits in fitted:
-            if not run_edits:
-                continue
-            trial = loss({**kept, **run_edits})
-            run["guard"] = {"windows": int(windows.shape[0]), "loss_without": best, "loss_with": trial}
-            if trial < best:
-                kept.update(run_edits)
-                best = trial
-            else:
-                run["reverted"] = (
-                    f"the fitted map raised the cut model's loss on {windows.shape[0]} held-out calibration "
-                    f"windows ({run['guard']['loss_without']:.4f} -> {trial:.4f} nats per token), so this run "
-                    "is left unrepaired"
-                )
+        trials = [(run, run_edits) for run, run_edits in fitted if run_edits]
+        # one pass over the check windows for the cut model, then one per fitted run
+        with tqdm(total=1 + len(trials), desc="repair guard", unit="pass", disable=not ctx.progress) as bar:
+            best = loss(kept)
+            bar.update()
+            for run, run_edits in trials:
+                trial = loss({**kept, **run_edits})
+                bar.update()
+                run["guard"] = {"windows": int(windows.shape[0]), "loss_without": best, "loss_with": trial}
+                if trial < best:
+                    kept.update(run_edits)
+                    best = trial
+                else:
+                    run["reverted"] = (
+                        f"the fitted map raised the cut model's loss on {windows.shape[0]} held-out calibration "
+                        f"windows ({run['guard']['loss_without']:.4f} -> {trial:.4f} nats per token), so this "
+                        "run is left unrepaired"
+                    )
         return kept
 
     def _fit_run(

@@ -1,4 +1,4 @@
-"""What one scoring run produced, and its file format (``miprun score --out FILE``).
+"""What one scoring run produced, and its file format (``miprun score --json FILE``).
 
 A :class:`ScoreResult` holds the MI span table (when an estimator ran), the evidence each method measured
 (cosine matrices, the SLEB path, one-shot losses), and enough about the model and the calibration text to
@@ -80,18 +80,18 @@ class ScoreResult:
         except (OSError, UnicodeDecodeError, ValueError) as err:
             raise ScoresError(
                 f"cannot read scores file {path}: {err}. Expected the JSON written by "
-                "`miprun score --out FILE`; re-create it with that command"
+                "`miprun score --json FILE`; re-create it with that command"
             ) from err
         if not isinstance(data, dict) or data.get("kind") != SCORES_KIND:
             raise ScoresError(
-                f"{path} is not a miprun scores file (write one with `miprun score --out FILE`)"
+                f"{path} is not a miprun scores file (write one with `miprun score --json FILE`)"
             )
         try:
             return cls.from_json(data)
         except (KeyError, TypeError, ValueError) as err:
             raise ScoresError(
                 f"{path} is an incomplete, invalid or incompatible miprun scores file ({err}); "
-                "re-create it with `miprun score --out FILE`"
+                "re-create it with `miprun score --json FILE`"
             ) from err
 
     @classmethod
