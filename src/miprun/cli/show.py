@@ -55,12 +55,12 @@ def prune_summary(result: Any) -> None:
         table.add_row("set loss / optimum / gap", f"{s.loss:.4f} / {s.optimal_loss:.4f} / {s.gap:.4f}")
     table.add_row("iterations / evaluations (MI, scores or passes)", f"{s.iterations} / {s.num_evaluations}")
     ev = plan.evaluation
-    if "dense_ppl" in ev:
-        steps = [f"{ev['dense_ppl']:.2f}"]
-        if "cut_ppl" in ev:
-            steps.append(f"{ev['cut_ppl']:.2f} (cut)")
-        steps.append(f"{ev['pruned_ppl']:.2f}")
-        table.add_row(f"held-out perplexity ({ev['windows']}x{ev['seq_len']} tok)", " -> ".join(steps))
+    if ev is not None:
+        steps = [f"{ev.dense_ppl:.2f}"]
+        if ev.cut_ppl is not None:
+            steps.append(f"{ev.cut_ppl:.2f} (cut)")
+        steps.append(f"{ev.pruned_ppl:.2f}")
+        table.add_row(f"held-out perplexity ({ev.windows}x{ev.seq_len} tok)", " -> ".join(steps))
     for phase, seconds in plan.timings.items():
         table.add_row(f"time: {phase}", f"{seconds:.2f} s")
     out.print(table)

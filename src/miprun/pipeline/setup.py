@@ -145,15 +145,29 @@ def blocks_to_remove(total: int, num_blocks: int | None, ratio: float | None) ->
     return n
 
 
-def model_info(loaded: LoadedModel) -> dict[str, Any]:
-    """Identity of a loaded model for manifests and scores files."""
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity of a loaded model, as manifests and scores files record it."""
+
+    name: str
+    path: str | None
+    model_type: str
+    num_blocks: int
+    fingerprint: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def model_info(loaded: LoadedModel) -> ModelInfo:
+    """Identity of a loaded model; an architecture miprun cannot prune fails here, before any forward pass."""
     config = loaded.model.config
-    layout = layout_for(config)  # an unsupported architecture fails here, before any forward pass
+    layout = layout_for(config)
     check_exact(text_config(config), layout)  # so does one whose layers cannot be renumbered
-    return {
-        "name": loaded.name,
-        "path": loaded.path,
-        "model_type": config.model_type,
-        "num_blocks": num_blocks(loaded.model),
-        "fingerprint": model_fingerprint(loaded.model),
-    }
+    return ModelInfo(
+        name=loaded.name,
+        path=loaded.path,
+        model_type=config.model_type,
+        num_blocks=num_blocks(loaded.model),
+        fingerprint=model_fingerprint(loaded.model),
+    )

@@ -53,6 +53,7 @@ class Repair(ABC):
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    changes_weights: ClassVar[bool] = True  # False: the cut alone (no fit, no extra pass, nothing to replay)
 
     def statistics(self, model: nn.Module, removed: list[int]) -> list[Statistic]:
         """What the repair's calibration pass must record for this removal set (none: no extra pass)."""

@@ -14,6 +14,7 @@ from miprun.repair.base import Repair, RepairContext, RepairRecord
 class NoRepair(Repair):
     name: ClassVar[str] = "none"
     summary: ClassVar[str] = "cut only: no weight is changed"
+    changes_weights: ClassVar[bool] = False
 
     def fit(self, ctx: RepairContext) -> tuple[dict[str, torch.Tensor], RepairRecord]:
         return {}, RepairRecord(self.name)
