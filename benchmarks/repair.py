@@ -27,7 +27,7 @@ from typing import Any
 from results_io import write_results
 
 from miprun import repair
-from miprun.evaluation.compare import forward_pass_seconds
+from miprun.evaluation.bench import forward_pass_seconds
 from miprun.evaluation.heldout import heldout_windows
 from miprun.evaluation.oracle import DamageOracle
 from miprun.model.edits import edited

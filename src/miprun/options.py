@@ -594,6 +594,21 @@ class CompareOptions(Options):
         parse=parse_key_values,
         flags=("--repair-opt",),
     )
+    method_params: dict[str, Any] = opt(
+        help="Method parameter KEY=VALUE (repeatable), given to every method that has that parameter, "
+        "e.g. --method-opt rank=mi.",
+        factory=dict,
+        parse=parse_key_values,
+        flags=("--method-opt",),
+    )
+    k: int = opt(
+        5, "Fast-Block-Select candidate surplus: floor(ln L)+k windows per group (mi-prun).", "--k", min=0
+    )
+    sequential: bool = opt(
+        False,
+        "Keep the model on the CPU and calibrate one decoder layer at a time on --device (as in prune).",
+        "--sequential",
+    )
     estimation: EstimatorOptions = field(default_factory=EstimatorOptions)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     heldout: HeldoutOptions = field(default_factory=HeldoutOptions)

@@ -257,8 +257,8 @@ def compare(
     Example (about ten minutes on 2 CPU cores):
     miprun compare -n 3 -n 6 --methods mi-prun,shortgpt,angular,sleb --samples 16 --seq-len 128 --out out/cmp
     """
-    from miprun.evaluation.compare import run
     from miprun.options import with_overrides
+    from miprun.pipeline.compare import run
 
     _setup_logging(quiet)
     opts = with_overrides(options, progress=not quiet)

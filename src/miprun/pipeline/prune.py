@@ -48,7 +48,7 @@ class Destination:
 
 
 def run_prune(
-    model: str | Path | LoadedModel | None,
+    model: str | LoadedModel | None,
     opts: PruneOptions,
     scores: ScoreResult | str | Path | None,
     dest: Destination,

@@ -79,7 +79,7 @@ class Run:
         self.info: ModelInfo = model_info(loaded)  # an unsupported architecture fails here
 
     @classmethod
-    def load(cls, model: str | Path | LoadedModel | None, settings: RunSettings, *, layerwise: bool) -> Run:
+    def load(cls, model: str | LoadedModel | None, settings: RunSettings, *, layerwise: bool) -> Run:
         """Load ``model`` (kept on the CPU for a ``layerwise`` capture) and check its architecture."""
         with timed(settings.timings, "load_model"):
             return cls(as_loaded(model, settings.runtime, layerwise), settings)
