@@ -323,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     from miprun.atomic import Interrupted, interrupts_as_keyboard_interrupt
 
     args = sys.argv[1:] if argv is None else argv
+    if "--help" in args:  # the plugins' own summaries, listed only when asked for
+        from miprun.cli.params import describe_plugins
+
+        describe_plugins(app)
     atomic.last_signal = None
     try:
         with interrupts_as_keyboard_interrupt():

@@ -27,11 +27,12 @@ from typing import Any, ClassVar
 from tqdm.auto import tqdm
 
 from miprun.errors import InvalidOptionError
-from miprun.methods.base import Choice, Evidence
+from miprun.methods.base import REGISTRY, Choice, Evidence
 from miprun.methods.verified import MiVerified, Verifier, cost_record, winner
 from miprun.model.replay import CutCache
 
 
+@REGISTRY.register
 @dataclass
 class MiSearch(MiVerified):
     """MI's shortlist plus a lazy greedy on cached states; the best measured set after the repair wins."""

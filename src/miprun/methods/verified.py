@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 
 from miprun.capture.statistic import Statistic
 from miprun.errors import InvalidOptionError, NonFiniteError
-from miprun.methods.base import Choice, Evidence, GatherContext, Method
+from miprun.methods.base import REGISTRY, Choice, Evidence, GatherContext, Method
 from miprun.methods.candidates import propose
 from miprun.methods.search import fast_block_select, set_loss
-from miprun.methods.similarity import Angular, AngularMean, ShortGPT
+from miprun.methods.similarity import Angular, AngularMean, CosineMatrices, ShortGPT
 from miprun.model.edits import edited
 from miprun.model.layouts import decoder_layers, layout_for, model_config
 from miprun.model.replay import BoundaryCache, CutCache, layers_run, logits_from
@@ -181,6 +181,7 @@ def _block_of(model: Any, name: str) -> int:
     return int(name[len(prefix) :].split(".")[0]) if name.startswith(prefix) else 0
 
 
+@REGISTRY.register
 @dataclass
 class MiVerified(Method):
     """Span MI proposes ``candidates`` removal sets; the model measures each on ``tokens`` tokens; the best wins."""
@@ -192,7 +193,7 @@ class MiVerified(Method):
         "budget, the best wins"
     )
     uses_mi: ClassVar[bool] = True
-    evidence_keys: ClassVar[tuple[str, ...]] = ("cosine", "cosine_last")
+    evidence_types: ClassVar[dict[str, type]] = {"cosine": CosineMatrices, "cosine_last": CosineMatrices}
     live_keys: ClassVar[tuple[str, ...]] = ("verifier",)
 
     candidates: int = 12  # removal sets measured

@@ -36,7 +36,15 @@ from miprun.output.comparison import (
 from miprun.pipeline.repairing import RepairHook
 from miprun.pipeline.run import Run, Selection, Variant, heldout_for, inputs_of
 from miprun.pipeline.scoring import calibration_windows
-from miprun.pipeline.setup import RunSettings, blocks_to_remove, check, estimator_of, method_with, repair_with
+from miprun.pipeline.setup import (
+    RunSettings,
+    blocks_to_remove,
+    check,
+    compared_methods,
+    estimator_of,
+    method_with,
+    repair_with,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +65,7 @@ def variants(opts: CompareOptions) -> list[Variant]:
     """Every method under every repair, each built as ``prune`` builds its one (same parameters, same ``k``)."""
     estimator = estimator_of(opts.estimation)
     fixes = [repair_with(name, opts.repair_params) for name in opts.repairs]
-    chosen = [method_with(name, opts.method_params, opts.k) for name in opts.methods]
+    chosen = [method_with(name, opts.method_params, opts.k) for name in compared_methods(opts)]
     return [Variant(method, estimator, fix) for method in chosen for fix in fixes]
 
 

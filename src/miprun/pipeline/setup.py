@@ -102,7 +102,7 @@ def check(options: Any) -> None:
             estimator_of(value)
         elif isinstance(value, RepairOptions):
             repair_of(value)
-    method_names = getattr(options, "methods", [])
+    method_names = compared_methods(options) if hasattr(options, "methods") else []
     for name in method_names:
         method_with(name, getattr(options, "method_params", {}), getattr(options, "k", 0))
     _refuse_unused("method", method_names, methods.REGISTRY, getattr(options, "method_params", {}))
@@ -110,6 +110,11 @@ def check(options: Any) -> None:
     for name in names:
         repair_with(name, getattr(options, "repair_params", {}))
     _refuse_unused("repair", names, repair.REGISTRY, getattr(options, "repair_params", {}))
+
+
+def compared_methods(options: Any) -> list[str]:
+    """The methods a comparison runs: those it names, or every method that belongs in the default comparison."""
+    return list(options.methods) or methods.default_comparison()
 
 
 def _refuse_unused(kind: str, names: list[str], registry: Any, params: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from miprun.capture.statistic import CapturedStats, Statistic
 from miprun.options import CalibrationConfig
+from miprun.registry import Registry
 
 
 @dataclass
@@ -80,3 +81,7 @@ class Repair(ABC):
 
     def params(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Every repair by name: a class registers itself with ``@REGISTRY.register`` (its ``name`` is the key).
+REGISTRY: Registry[type[Repair]] = Registry("repair")

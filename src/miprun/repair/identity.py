@@ -7,9 +7,10 @@ from typing import ClassVar
 
 import torch
 
-from miprun.repair.base import Repair, RepairContext, RepairRecord
+from miprun.repair.base import REGISTRY, Repair, RepairContext, RepairRecord
 
 
+@REGISTRY.register
 @dataclass
 class NoRepair(Repair):
     name: ClassVar[str] = "none"
