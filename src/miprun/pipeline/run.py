@@ -21,13 +21,13 @@ from miprun.estimators import Estimator
 from miprun.evaluation.heldout import HeldoutText, heldout_text
 from miprun.methods import Evidence, Method, SearchInfo
 from miprun.methods import run as choose_blocks
-from miprun.model.loading import LoadedModel, as_loaded
+from miprun.model.loading import LoadedModel, as_loaded, check_seq_len
 from miprun.model.perplexity import perplexity
 from miprun.model.placement import input_device
 from miprun.model.surgery import remove_blocks
 from miprun.options import HeldoutOptions, RepairOptions, ScoringOptions
 from miprun.pipeline.repairing import attach_live, repair_model
-from miprun.pipeline.scoring import check_scores_match, check_seq_len, evidence_of, score_model
+from miprun.pipeline.scoring import check_scores_match, evidence_of, score_model
 from miprun.pipeline.setup import (
     ModelInfo,
     RunSettings,

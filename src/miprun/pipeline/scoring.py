@@ -13,12 +13,11 @@ from miprun.capture.engine import capture
 from miprun.capture.sequential import capture_sequential
 from miprun.capture.statistic import CapturedStats, Statistic
 from miprun.data import TextSource, load_text, token_windows
-from miprun.errors import InvalidOptionError, ScoresError
+from miprun.errors import ScoresError
 from miprun.estimators import Estimator
 from miprun.methods import Evidence, GatherContext, Method
 from miprun.model.identity import tensor_fingerprint
-from miprun.model.layouts import max_positions
-from miprun.model.loading import LoadedModel, resolve_device
+from miprun.model.loading import LoadedModel, check_seq_len, resolve_device
 from miprun.options import (
     CalibrationConfig,
 )
@@ -27,16 +26,6 @@ from miprun.scores import CalibrationInfo, ScoreResult, ScoreTable
 from miprun.scores import cache as scores_cache
 
 log = logging.getLogger(__name__)
-
-
-def check_seq_len(loaded: LoadedModel, seq_len: int, flag: str) -> None:
-    """Refuse windows longer than the model's positions, before any text is read."""
-    limit = max_positions(loaded.model)
-    if limit is not None and seq_len > limit:
-        raise InvalidOptionError(
-            f"{flag} {seq_len} is longer than the {limit} positions {loaded.name} was built for; "
-            f"use {flag} {limit} or less"
-        )
 
 
 def calibration_windows(loaded: LoadedModel, cal: CalibrationConfig) -> tuple[TextSource, torch.Tensor]:
