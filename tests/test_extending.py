@@ -248,6 +248,33 @@ def test_the_new_plugins_work_from_the_command_line(registered, tiny_folder, tmp
     ]
     assert main(score) == 0
     assert "norm growth" in capsys.readouterr().out  # the evidence's own column in the score table
+    compare = ["compare", "--model", str(tiny_folder), "--calib", str(CALIBRATION_TXT), "--samples", "4"]
+    compare += [
+        "--seq-len",
+        "24",
+        "--eval-text",
+        str(CALIBRATION_TXT),
+        "--eval-samples",
+        "2",
+        "--eval-seq-len",
+        "24",
+    ]
+    compare += [
+        "-n",
+        "1,2",
+        "--methods",
+        "norm-growth",
+        "--repairs",
+        "none,scale-next",
+        "--repair-opt",
+        "factor=0.5",
+    ]
+    compare += ["--forward-repeats", "1", "--quiet", "--out", str(tmp_path / "cmp")]
+    assert main(compare) == 0
+    rows = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["rows"]
+    assert {(r["method"], r["repair"], r["num_blocks"]) for r in rows} == {
+        ("norm-growth", repair_name, n) for repair_name in ("none", "scale-next") for n in (1, 2)
+    }
 
 
 def _free_port() -> int:
