@@ -31,7 +31,7 @@ from miprun import estimators, methods
 from miprun.capture.engine import capture
 from miprun.capture.statistics import CosineSums
 from miprun.data import eval_windows, load_text, token_windows
-from miprun.evaluation.compare import forward_pass_seconds
+from miprun.evaluation.bench import forward_pass_seconds
 from miprun.evaluation.oracle import DamageOracle, spearman
 from miprun.methods.similarity import angular_select, block_influence, shortgpt_select
 from miprun.model.identity import model_fingerprint, tensor_fingerprint

@@ -22,7 +22,7 @@ from results_io import write_results
 
 from miprun import api, estimators
 from miprun.data import load_text, token_windows
-from miprun.evaluation.compare import forward_pass_seconds
+from miprun.evaluation.bench import forward_pass_seconds
 from miprun.model.loading import load_model
 
 

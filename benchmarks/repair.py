@@ -27,13 +27,14 @@ from typing import Any
 from results_io import write_results
 
 from miprun import repair
-from miprun.evaluation.compare import forward_pass_seconds
+from miprun.evaluation.bench import forward_pass_seconds
 from miprun.evaluation.heldout import heldout_windows
 from miprun.evaluation.oracle import DamageOracle
+from miprun.methods import default_comparison
 from miprun.model.edits import edited
 from miprun.model.loading import load_model
 from miprun.model.surgery import skip_blocks
-from miprun.options import DEFAULT_COMPARE_METHODS, CalibrationConfig, RuntimeOptions
+from miprun.options import CalibrationConfig, RuntimeOptions
 from miprun.pipeline import RunSettings
 from miprun.pipeline.repairing import RepairHook
 
@@ -48,7 +49,7 @@ DEFAULT_VARIANTS = [
     "diagonal=linear:fold=diagonal",
     "8k tokens=linear:tokens=8192",
 ]
-METHODS = [m for m in DEFAULT_COMPARE_METHODS if m not in ("last-n", "random")]  # the rest collapse
+METHODS = [m for m in default_comparison() if m not in ("last-n", "random")]  # the rest collapse
 
 
 def parse_variant(spec: str) -> tuple[str, str, dict[str, str]]:

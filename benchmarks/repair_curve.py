@@ -21,7 +21,7 @@ import torch
 from results_io import write_results
 
 from miprun import methods
-from miprun.evaluation.compare import forward_pass_seconds
+from miprun.evaluation.bench import forward_pass_seconds
 from miprun.evaluation.heldout import heldout_windows
 from miprun.evaluation.oracle import DamageOracle
 from miprun.model.edits import edited

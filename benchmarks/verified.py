@@ -21,11 +21,11 @@ from typing import Any
 from results_io import write_results
 
 from miprun import methods
+from miprun.capture.replay import head_layers
 from miprun.estimators import build as build_estimator
 from miprun.evaluation.heldout import heldout_windows
 from miprun.evaluation.oracle import DamageOracle
 from miprun.model.loading import load_model
-from miprun.model.replay import head_layers
 from miprun.options import DEFAULT_ESTIMATOR, CalibrationConfig, RuntimeOptions
 from miprun.pipeline import RunSettings
 from miprun.pipeline.repairing import attach_live

@@ -58,7 +58,7 @@ def test_prune_saves_a_checkpoint_that_transformers_loads(tiny_tokenizer, tmp_pa
     plan = result.plan
     assert len(plan.removed) == 2 and plan.num_blocks_after == 4
     assert plan.search.optimal_loss is not None and plan.search.gap is not None and plan.search.gap >= -1e-12
-    assert plan.evaluation["pruned_ppl"] > 0 and plan.evaluation["dense_ppl"] > 0
+    assert plan.evaluation.pruned_ppl > 0 and plan.evaluation.dense_ppl > 0
     for name in (
         "model.safetensors",
         "config.json",

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from processes import popen
 
-from miprun import atomic
+from miprun import transaction
 from miprun.atomic import (
     DiskFullError,
     Interrupted,
@@ -278,12 +278,12 @@ def test_second_thread_fails_at_once(tmp_path: Path) -> None:
 SIGNALLED_WRITER = """
 import json, os, signal, sys
 from pathlib import Path
-from miprun import atomic
+from miprun import atomic, transaction
 out, signum, at = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 def maybe_kill(step):
     if step == at:
         os.kill(os.getpid(), signum)
-atomic.step_hook = maybe_kill
+transaction.step_hook = maybe_kill
 def weights(d):
     (d / "model.safetensors").write_text("weights of new\\n" * 100)
     maybe_kill("writer")
@@ -348,7 +348,7 @@ def test_interrupt_raised_inside_the_swap_is_finished_in_process(
         if step == at:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(atomic, "step_hook", interrupt)
+    monkeypatch.setattr(transaction, "step_hook", interrupt)
     with pytest.raises(KeyboardInterrupt):
         write_steps(out, output_steps("new"), overwrite=True, progress=False)
     assert which_output(out) == "new"

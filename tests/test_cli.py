@@ -47,7 +47,7 @@ def test_help_documents_every_option(command, capsys):
     ("registry", "flag"), [("methods", "--method"), ("estimators", "--estimator"), ("repairs", "--repair")]
 )
 def test_help_names_every_registered_choice(registry, flag, capsys):
-    """The choices written in --help are the registry's, no more and no fewer."""
+    """The choices written in --help are the registry's, no more and no fewer, each with its own summary."""
     from miprun import estimators, methods, repair
 
     names = {"methods": methods.REGISTRY, "estimators": estimators.REGISTRY, "repairs": repair.REGISTRY}[
@@ -55,11 +55,12 @@ def test_help_names_every_registered_choice(registry, flag, capsys):
     ]
     assert main(["prune", "--help"]) == 0
     text = re.sub(r"(\w)- (\w)", r"\1-\2", " ".join(capsys.readouterr().out.split()))  # undo hyphen wraps
-    block = text.split(f"{flag} ", 1)[1].split("miprun list", 1)[0]  # the option's help, up to its pointer
-    assert all(name in block for name in names), block
-    block = re.sub(r"\([^)]*\)", "", block)  # drop parenthesised remarks: what is left lists the choices
-    listed = set(re.findall(r"[:,] ([a-z]+(?:-[a-z]+)*)", block))
-    assert listed <= set(names), listed - set(names)
+    block = text.split(f"{flag} ", 1)[1].split("Choices: ", 1)[1].split("Parameters: `miprun list", 1)[0]
+    listed = [entry.split(":", 1) for entry in block.rstrip(". ").split(" | ")]
+    assert {name.removesuffix(" (default)") for name, _ in listed} == set(names), listed
+    for name, summary in listed:  # generated from the plugin's own summary, not written in the help
+        plain = name.removesuffix(" (default)")
+        assert summary.strip() == re.sub(r"(\w)- (\w)", r"\1-\2", " ".join(names[plain].summary.split()))
 
 
 @pytest.mark.integration

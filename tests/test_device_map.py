@@ -79,7 +79,7 @@ def test_disk_offloaded_layers_score_and_prune_as_the_plain_path(folder, tiny_to
     mapped = prune(lm, num_blocks=2, method="mi-optimal", out=out, **ev, **KW)
     reference = prune(str(folder), num_blocks=2, method="mi-optimal", **ev, **KW)
     assert mapped.plan.removed == reference.plan.removed
-    assert mapped.plan.evaluation["pruned_ppl"] == pytest.approx(reference.plan.evaluation["pruned_ppl"])
+    assert mapped.plan.evaluation.pruned_ppl == pytest.approx(reference.plan.evaluation.pruned_ppl)
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert num_blocks(reloaded) == 4
     with torch.no_grad():

@@ -180,7 +180,7 @@ class Example:
     reason: str = ""  # why it is not run here at all
 
 
-ARCHITECTURE = "class definitions without their imports and registry lines: tests/test_extending.py runs them"
+ARCHITECTURE = "class definitions without their imports: tests/test_extending.py runs them"
 WIKI = "the API's default calibration text is the Wikipedia split of the real cache (fetched once, as by make demo)"
 EXAMPLES: dict[str, Example] = {
     "README.md: from transformers import AutoModelForCausalLM, AutoTokenizer": Example(demo_output),
@@ -188,7 +188,7 @@ EXAMPLES: dict[str, Example] = {
     "large-models.md: from transformers import AutoModelForCausalLM, AutoTokenizer": Example(
         real_defaults, slow=WIKI
     ),
-    "architecture.md: @dataclass": Example(reason=ARCHITECTURE),
+    "architecture.md: @REGISTRY.register": Example(reason=ARCHITECTURE),
 }
 
 

@@ -322,8 +322,9 @@ def test_compare_scores_each_block_set_once_and_skips_broken_models(
     tiny_tokenizer, social_iqa_file, monkeypatch
 ):
     import miprun.evaluation.evaluate as ev
-    from miprun.evaluation.compare import compare, markdown
     from miprun.options import CalibrationConfig, CompareOptions, HeldoutOptions
+    from miprun.output.comparison_report import markdown
+    from miprun.pipeline.compare import compare
 
     calls: list[list[str]] = []
     real = ev.run_tasks
@@ -345,13 +346,13 @@ def test_compare_scores_each_block_set_once_and_skips_broken_models(
         progress=False,
     )
     result = compare(loaded(tiny_tokenizer), options)
-    assert len(result["rows"]) == 4 * 2 and {r["repair"] for r in result["rows"]} == {"none"}
-    dense = result["dense_ppl"]
-    evaluated = {tuple(r["removed"]) for r in result["rows"] if r["ppl"] <= 1.5 * dense}
+    assert len(result.rows) == 4 * 2 and {r.repair for r in result.rows} == {"none"}
+    dense = result.dense_ppl
+    evaluated = {tuple(r.removed) for r in result.rows if r.ppl <= 1.5 * dense}
     assert len(calls) == 1 + len(evaluated)  # the dense model, then each distinct block set once
-    for row in result["rows"]:
-        assert ("tasks" in row) == (row["ppl"] <= 1.5 * dense)
-        if "tasks" in row:
-            assert row["tasks"]["social_iqa"]["examples"] == 3
-    assert result["dense_tasks"]["social_iqa"]["examples"] == 3
+    for row in result.rows:
+        assert (row.tasks is not None) == (row.ppl <= 1.5 * dense) == ("tasks" in row.to_json())
+        if row.tasks is not None:
+            assert row.tasks["social_iqa"]["examples"] == 3
+    assert result.dense_tasks["social_iqa"]["examples"] == 3
     assert "exceeds 1.5x dense" in markdown(result) and "social_iqa acc_norm" in markdown(result)

@@ -25,7 +25,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from miprun.assets import embedded_gguf
 from miprun.model.surgery import remove_blocks
-from miprun.output.gguf import GgufReport, gguf_block_count, requantize, to_gguf_layout, write_pruned_gguf
+from miprun.output.gguf import GgufReport, gguf_block_count, write_pruned_gguf
+from miprun.output.gguf_tensors import requantize, to_gguf_layout
 
 VOCAB = 128
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
@@ -538,3 +539,14 @@ def test_a_truncated_gguf_is_named_as_such(sources: dict[str, Path], tmp_path: P
     ):
         convert_gguf(truncated, tmp_path / "converted")
     assert not (tmp_path / "converted").exists()
+
+
+def test_every_family_whose_layout_knows_its_gguf_tensors_has_a_round_trip_here():
+    """One record per family (model/layouts.py) holds its GGUF facts; every family whose record says how
+    transformers' loader lays out its tensors is written, repaired tensor included, by the tests above."""
+    from miprun.model.layouts import LAYOUTS
+
+    known = {
+        layout.gguf.arch for layout in LAYOUTS.values() if layout.gguf is not None and layout.gguf.on_load
+    }
+    assert known == {family.arch for family in FAMILIES.values()}

@@ -103,7 +103,7 @@ def test_every_method_keeps_the_contract(name, full_scores, qwen2):
         assert first == again == sorted(set(first)) and len(first) == n and all(0 <= b < 6 for b in first)
         assert info.method == name and info.num_evaluations >= 0 and info.loss is not None
     for key in method.evidence_keys:
-        assert key in methods.EVIDENCE  # a scores file can carry it
+        assert methods.evidence_type(key) is method.evidence_types[key]  # a scores file can carry it
     if method.uses_mi:
         with pytest.raises(MissingEvidenceError):
             methods.run(method, methods.Evidence(6), 2, 0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import pytest
@@ -14,13 +14,15 @@ from tiny_models import tiny_model
 
 from miprun import repair
 from miprun.errors import InvalidOptionError, UnknownNameError
-from miprun.evaluation.compare import compare, markdown, update, write
 from miprun.evaluation.oracle import DamageOracle, spearman
 from miprun.model.identity import model_fingerprint
 from miprun.model.loading import LoadedModel
 from miprun.model.perplexity import perplexity
 from miprun.model.surgery import remove_blocks, skip_blocks
 from miprun.options import CalibrationConfig, CompareOptions, EstimatorOptions, HeldoutOptions, with_overrides
+from miprun.output.comparison import Comparison, ComparisonRow, TextSetup, update, write
+from miprun.output.comparison_report import markdown
+from miprun.pipeline.compare import compare
 from miprun.repair import Repair, RepairContext, RepairRecord
 
 IDS = torch.randint(3, 128, (3, 16), generator=torch.Generator().manual_seed(0))
@@ -76,16 +78,16 @@ def test_compare_runs_every_method_and_writes_outputs(tiny_tokenizer, tmp_path):
         progress=False,
     )
     result = compare(loaded, options)
-    assert len(result["rows"]) == 8 and result["forward_pass_seconds"] > 0
+    assert len(result.rows) == 8 and result.forward_pass_seconds > 0
     oracle = DamageOracle(model, result_windows(tiny_tokenizer))
-    assert result["dense_ppl"] == pytest.approx(oracle.dense, rel=1e-9)
-    for row in result["rows"]:
-        assert len(row["removed"]) == row["num_blocks"] and row["ppl"] > 0 and row["prune_x_forward"] > 0
-        assert row["repair"] == "none" and row["ppl"] == pytest.approx(oracle(row["removed"]), rel=1e-9)
+    assert result.dense_ppl == pytest.approx(oracle.dense, rel=1e-9)
+    for row in result.rows:
+        assert len(row.removed) == row.num_blocks and row.ppl > 0 and row.prune_x_forward > 0
+        assert row.repair == "none" and row.ppl == pytest.approx(oracle(row.removed), rel=1e-9)
         # only the MI method records its estimator
         want = {"name": "gaussian", "proj_dim": 16, "shrinkage": 0.05, "normalize": False}
-        assert row["estimator"] == (want if row["method"] == "mi-prun" else None)
-    rows = {(r["method"], r["num_blocks"]): r["removed"] for r in result["rows"]}
+        assert row.estimator == (want if row.method == "mi-prun" else None)
+    rows = {(r.method, r.num_blocks): r.removed for r in result.rows}
     assert rows[("last-n", 1)] == [4] and rows[("last-n", 2)] == [3, 4]  # deepest but the final block
     angular = rows[("angular", 2)]
     assert angular[1] == angular[0] + 1
@@ -96,7 +98,13 @@ def test_compare_runs_every_method_and_writes_outputs(tiny_tokenizer, tmp_path):
         "comparison_ppl.png",
         "comparison_time.png",
     }
-    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["model"] == "tiny-llama"
+    written = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert written["model"] == "tiny-llama" and written["kind"] == "miprun-comparison"
+    # the file keeps its format: what a row did not measure is left out, and it reads back as it was
+    assert set(written["rows"][0]) == {"method", "num_blocks", "removed", "repair", "mi_set_loss", "mi_evaluations",
+                                       "prune_seconds", "estimator", "search", "ppl", "prune_x_forward"}  # fmt: skip
+    assert set(written["calibration"]) == {"source", "windows", "seq_len", "seed"}
+    assert Comparison.from_json(written) == result
     assert "| shortgpt | 2 |" in markdown(result)
 
 
@@ -115,7 +123,7 @@ def test_update_replaces_only_the_rerun_methods_and_refuses_other_data(tiny_toke
     first = compare(loaded, options)
     second = compare(loaded, with_overrides(options, methods=["last-n", "random"]))
     merged = update(first, second)
-    assert sorted((r["method"], r["num_blocks"]) for r in merged["rows"]) == [
+    assert sorted((r.method, r.num_blocks) for r in merged.rows) == [
         ("last-n", 1),
         ("last-n", 2),
         ("random", 1),
@@ -123,10 +131,10 @@ def test_update_replaces_only_the_rerun_methods_and_refuses_other_data(tiny_toke
         ("shortgpt", 1),
         ("shortgpt", 2),
     ]
-    assert [r for r in merged["rows"] if r["method"] == "last-n"] == [
-        r for r in second["rows"] if r["method"] == "last-n"
+    assert [r for r in merged.rows if r.method == "last-n"] == [
+        r for r in second.rows if r.method == "last-n"
     ]
-    assert merged["earlier_forward_pass_seconds"] == {"shortgpt": first["forward_pass_seconds"]}
+    assert merged.earlier_forward_pass_seconds == {"shortgpt": first.forward_pass_seconds}
     assert "The rows of shortgpt come from an earlier run and are timed against its forward" in markdown(
         merged
     )
@@ -137,7 +145,7 @@ def test_update_replaces_only_the_rerun_methods_and_refuses_other_data(tiny_toke
 
 @pytest.mark.integration
 def test_update_reuses_the_dense_and_cut_only_task_results_it_already_has(tiny_tokenizer, monkeypatch):
-    import miprun.evaluation.compare as cmp
+    import miprun.pipeline.compare as cmp
 
     model, _ = tiny_model("llama")
     loaded = LoadedModel(model, tiny_tokenizer, "tiny-llama", None)
@@ -159,31 +167,35 @@ def test_update_reuses_the_dense_and_cut_only_task_results_it_already_has(tiny_t
     )
     first = compare(loaded, options)
     assert evaluated == [(), (4,), (3, 4)]  # dense, then last-n's two sets
-    first["rows"].append({**first["rows"][0], "repair": "linear", "tasks": {"social_iqa": {"acc_norm": 0.9}}})
+    first.rows.append(replace(first.rows[0], repair="linear", tasks={"social_iqa": {"acc_norm": 0.9}}))
     known = cmp.known_task_results(first)
     assert set(known) == {((), "none"), ((4,), "none"), ((3, 4), "none")}  # a repaired result is not reused
 
     evaluated.clear()
     second = compare(loaded, with_overrides(options, methods=["last-n", "random"]), known)
-    fresh = {tuple(sorted(r["removed"])) for r in second["rows"] if r["method"] == "random"} - {(4,), (3, 4)}
+    fresh = {tuple(sorted(r.removed)) for r in second.rows if r.method == "random"} - {(4,), (3, 4)}
     assert sorted(evaluated) == sorted(fresh)  # only the sets never evaluated before
-    assert second["dense_tasks"] == first["dense_tasks"]
-    by_set = {tuple(sorted(r["removed"])): r["tasks"] for r in first["rows"] if r.get("repair") == "none"}
-    for row in second["rows"]:
-        if row["method"] == "last-n":
-            assert row["tasks"] == by_set[tuple(sorted(row["removed"]))]
+    assert second.dense_tasks == first.dense_tasks
+    by_set = {tuple(sorted(r.removed)): r.tasks for r in first.rows if r.repair == "none"}
+    for row in second.rows:
+        if row.method == "last-n":
+            assert row.tasks == by_set[tuple(sorted(row.removed))]
 
 
 @pytest.mark.integration
 def test_update_refuses_other_tasks_before_running_anything(tiny_tokenizer, tmp_path, monkeypatch):
-    import miprun.evaluation.compare as cmp
+    import miprun.pipeline.compare as cmp
 
     model, _ = tiny_model("llama")
     loaded = LoadedModel(model, tiny_tokenizer, "tiny-llama", None)
-    previous = {"model": "tiny-llama", "num_blocks_total": 6, "tasks": ["social_iqa"], "task_limit": 5}
+    previous = Comparison(
+        model="tiny-llama", num_blocks_total=6, dense_ppl=10.0, calibration=TextSetup("wiki", 2, 16, 0),
+        evaluation=TextSetup("wiki", 2, 16), forward_pass_seconds=1.0, estimator="coordinate",
+        tasks=["social_iqa"], task_limit=5,
+    )  # fmt: skip
     earlier = tmp_path / "cmp"
     earlier.mkdir()
-    (earlier / "comparison.json").write_text(json.dumps({**previous, "kind": "miprun-comparison"}))
+    (earlier / "comparison.json").write_text(json.dumps({**previous.to_json(), "kind": "miprun-comparison"}))
     monkeypatch.setattr(cmp, "as_loaded", lambda *a, **k: loaded)
     monkeypatch.setattr(cmp, "compare", lambda *a, **k: pytest.fail("compared before checking the setup"))
     with pytest.raises(ValueError, match=r"cannot update the comparison: its tasks is \['social_iqa'\]"):
@@ -193,7 +205,7 @@ def test_update_refuses_other_tasks_before_running_anything(tiny_tokenizer, tmp_
 
 
 def test_compare_checks_names_before_loading_anything(tmp_path, monkeypatch):
-    import miprun.evaluation.compare as cmp
+    import miprun.pipeline.compare as cmp
 
     monkeypatch.setattr(cmp, "as_loaded", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(UnknownNameError, match="Did you mean 'shortgpt'"):
@@ -237,7 +249,7 @@ def test_compare_evaluates_each_repair_and_leaves_the_model_as_it_was(tiny_token
         progress=False,
     )
     result = compare(loaded, options)
-    assert sorted((r["num_blocks"], r["removed"], r["repair"]) for r in result["rows"]) == sorted(
+    assert sorted((r.num_blocks, r.removed, r.repair) for r in result.rows) == sorted(
         [
             (1, [4], "none"),
             (1, [4], HalveFinalNorm.name),
@@ -246,19 +258,18 @@ def test_compare_evaluates_each_repair_and_leaves_the_model_as_it_was(tiny_token
         ]
     )
     oracle = DamageOracle(model, result_windows(tiny_tokenizer))
-    for row in result["rows"]:
-        if row["repair"] == "none":
-            assert "repair_record" not in row and row["ppl"] == pytest.approx(
-                oracle(row["removed"]), rel=1e-9
-            )
+    for row in result.rows:
+        if row.repair == "none":
+            assert row.repair_record is None and row.ppl == pytest.approx(oracle(row.removed), rel=1e-9)
+            assert "repair_record" not in row.to_json()
             continue
-        assert row["repair_record"]["changed"] == ["model.norm.weight"] and row["repair_fit_seconds"] >= 0
+        assert row.repair_record["changed"] == ["model.norm.weight"] and row.repair_fit_seconds >= 0
         with torch.no_grad():  # the repaired row is the cut model with the edit folded in
             model.model.norm.weight.mul_(0.5)
-            with skip_blocks(model, row["removed"]):
-                assert row["ppl"] == pytest.approx(oracle.measure(), rel=1e-9)
+            with skip_blocks(model, row.removed):
+                assert row.ppl == pytest.approx(oracle.measure(), rel=1e-9)
             model.model.norm.weight.mul_(2.0)
-        assert row["ppl"] != pytest.approx(oracle(row["removed"]), rel=1e-3)
+        assert row.ppl != pytest.approx(oracle(row.removed), rel=1e-3)
     # edits are folded in for their rows only and undone after: the model comes back bit for bit
     assert model_fingerprint(model) == before
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
@@ -266,18 +277,16 @@ def test_compare_evaluates_each_repair_and_leaves_the_model_as_it_was(tiny_token
 
 
 def test_the_table_gives_mi_verifieds_gap_to_sleb_where_both_ran():
-    def row(method: str, n: int, ppl: float, seconds: float, repair: str = "none") -> dict:
-        return {"method": method, "num_blocks": n, "removed": list(range(n)), "ppl": ppl, "repair": repair,
-                "prune_seconds": seconds, "prune_x_forward": seconds}  # fmt: skip
+    def row(method: str, n: int, ppl: float, seconds: float, repair: str = "none") -> ComparisonRow:
+        return ComparisonRow(method, n, list(range(n)), ppl, seconds, seconds, repair=repair)
 
-    result = {
-        "model": "m", "num_blocks_total": 6, "dense_ppl": 10.0, "dense_tasks": {},
-        "evaluation": {"windows": 2, "seq_len": 8}, "calibration": {"windows": 2, "seq_len": 8},
-        "forward_pass_seconds": 1.0,
-        "rows": [row("mi-verified", 2, 11.0, 5.0), row("sleb", 2, 10.0, 100.0), row("shortgpt", 2, 12.0, 1.0),
-                 row("mi-verified", 2, 10.5, 8.0, "linear"), row("mi-verified", 3, 20.0, 5.0),
-                 row("mi-search", 2, 9.5, 10.0)],
-    }  # fmt: skip
+    result = Comparison(
+        model="m", num_blocks_total=6, dense_ppl=10.0, evaluation=TextSetup("t", 2, 8),
+        calibration=TextSetup("t", 2, 8, 0), forward_pass_seconds=1.0, estimator="coordinate",
+        rows=[row("mi-verified", 2, 11.0, 5.0), row("sleb", 2, 10.0, 100.0), row("shortgpt", 2, 12.0, 1.0),
+              row("mi-verified", 2, 10.5, 8.0, "linear"), row("mi-verified", 3, 20.0, 5.0),
+              row("mi-search", 2, 9.5, 10.0)],
+    )  # fmt: skip
     text = markdown(result)
     assert (
         "mi-search against SLEB (same N, same repair; pruning time in forward passes of each row's run): N=2: 9.50 vs 10.00 (-5.0 %) in 0.100x"
@@ -290,3 +299,88 @@ def test_the_table_gives_mi_verifieds_gap_to_sleb_where_both_ran():
     )
     assert "N=3" not in text.split("mi-verified against SLEB")[1].split("\n")[0]  # no SLEB row at N=3
     assert "linear" not in text.split("mi-verified against SLEB")[1].split("\n")[0]  # nor under the repair
+
+
+@pytest.mark.parametrize("name", ["compare-smollm2-135m", "compare-gemma3-270m"])
+def test_the_published_comparisons_read_into_records_and_write_back_unchanged(name):
+    """comparison.json keeps its format: the benchmark results written before the typed records round-trip."""
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "results" / name / "comparison.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    record = Comparison.from_json(data)
+    assert record.rows and all(isinstance(row, ComparisonRow) for row in record.rows)
+    written = record.to_json()
+    assert {k: v for k, v in written.items() if k != "rows"} == {
+        k: v for k, v in data.items() if k not in ("kind", "outputs", "rows")
+    }
+    for old, new in zip(data["rows"], written["rows"], strict=True):
+        assert {k: new[k] for k in old} == old  # every value as it was
+        # rows from before repairs (and before the estimator was recorded) gain the defaults they meant
+        added = {k: new[k] for k in set(new) - set(old)}
+        assert all(added[k] == {"repair": "none", "estimator": None, "search": {}}[k] for k in added)
+
+
+def test_a_comparison_with_a_field_it_does_not_know_is_refused_not_dropped():
+    data = Comparison(
+        "m", 6, 10.0, TextSetup("t", 2, 8, 0), TextSetup("t", 2, 8), 1.0, "coordinate"
+    ).to_json()
+    data["rows"] = [{**ComparisonRow("last-n", 1, [4], 11.0, 0.1, 0.1).to_json(), "surprise": 1}]
+    with pytest.raises(InvalidOptionError, match="its row has surprise"):
+        Comparison.from_json(data)
+
+
+@pytest.mark.integration
+def test_compare_takes_every_option_prune_takes_and_chooses_what_prune_chooses(tiny_tokenizer):
+    """One driver: --method-opt, --k, --sequential and --repair-opt reach compare's methods as they reach prune's,
+    and each compare row removes the blocks `prune` removes with the same settings."""
+    import miprun
+
+    model, _ = tiny_model("llama")
+    cal = CalibrationConfig(source=str(CALIBRATION_TXT), samples=4, seq_len=24)
+    estimation = EstimatorOptions(estimator="gaussian", estimator_params={"proj_dim": 16})
+    options = CompareOptions(
+        num_blocks=[2],
+        methods=["mi-prun", "shortgpt", "sleb"],
+        method_params={"rank": "mi"},
+        k=1,
+        sequential=True,
+        repairs=["none", "linear"],
+        repair_params={"guard": "0", "tokens": "0"},
+        calibration=cal,
+        estimation=estimation,
+        heldout=HeldoutOptions(eval_source=str(HELDOUT_TXT), eval_samples=2, eval_seq_len=24),
+        forward_repeats=1,
+        progress=False,
+    )
+    result = compare(LoadedModel(model, tiny_tokenizer, "tiny-llama", None), options)
+    rows = {(r.method, r.repair): r for r in result.rows}
+    assert rows[("mi-prun", "none")].search["k"] == 1 and rows[("mi-prun", "none")].search["rank"] == "mi"
+    assert rows[("mi-prun", "linear")].repair_record["params"]["guard"] == 0
+    for (method, repair_name), row in rows.items():
+        fresh, _ = tiny_model("llama")
+        params = {"rank": "mi"} if method == "mi-prun" else {}
+        pruned = miprun.prune(
+            LoadedModel(fresh, tiny_tokenizer, "tiny-llama", None),
+            num_blocks=2,
+            method=method,
+            method_params=params,
+            k=1,
+            sequential=True,
+            repair=repair_name,
+            repair_params={"guard": "0", "tokens": "0"} if repair_name == "linear" else {},
+            calibration=cal,
+            estimator="gaussian",
+            estimator_params={"proj_dim": 16},
+            cache=False,
+            progress=False,
+        )
+        assert pruned.plan.removed == row.removed, (method, repair_name)
+
+
+def test_compare_refuses_a_method_option_no_compared_method_has(tmp_path, monkeypatch):
+    import miprun.pipeline.compare as cmp
+
+    monkeypatch.setattr(cmp, "as_loaded", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(InvalidOptionError, match="no method among shortgpt, sleb has the parameter"):
+        cmp.run("tiny-llama", tmp_path, methods=["shortgpt", "sleb"], method_params={"rank": "mi"})

@@ -12,12 +12,12 @@ from conftest import CALIBRATION_TXT
 from tiny_models import tiny_model
 
 import miprun
+from miprun.capture.replay import BoundaryCache, logits_from
 from miprun.methods.candidates import k_best_sets, propose, shifted
 from miprun.methods.search import brute_force_select, set_loss
 from miprun.methods.verified import Verifier, coarse_kl
 from miprun.model.layouts import decoder_layers
 from miprun.model.loading import LoadedModel
-from miprun.model.replay import BoundaryCache, logits_from
 from miprun.model.surgery import remove_blocks
 from miprun.options import CalibrationConfig
 
@@ -130,7 +130,7 @@ def test_the_verifier_measures_what_a_full_pass_of_the_pruned_model_gives(object
 @pytest.mark.integration
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 def test_the_cost_counts_the_output_layer_on_the_positions_it_scores(arch):
-    from miprun.model.replay import head_layers, layers_run
+    from miprun.capture.replay import head_layers, layers_run
 
     model, _ = tiny_model(arch)
     head = head_layers(model)
@@ -177,7 +177,7 @@ def test_mi_verified_picks_the_candidate_with_the_best_measured_objective(repair
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
 @pytest.mark.parametrize("budget", [1 << 30, 1])  # every boundary cached, or one checkpoint only
 def test_a_cut_cache_replays_the_cut_model_one_block_more_like_a_full_pass(arch, budget):
-    from miprun.model.replay import CutCache
+    from miprun.capture.replay import CutCache
 
     model, _ = tiny_model(arch)
     cut = CutCache(model, WINDOWS, budget, batch_size=4)

@@ -22,32 +22,23 @@ from miprun.arguments import check_argument, check_flag_argument, check_model_ar
 from miprun.capture import distributed
 from miprun.data.sources import check_sources
 from miprun.errors import InvalidOptionError
-from miprun.estimators import Estimator
-from miprun.evaluation.heldout import heldout_windows
-from miprun.methods import Method, SearchInfo, run
+from miprun.evaluation.heldout import HeldoutText
+from miprun.methods import SearchInfo, default_max_blocks, run
 from miprun.model.loading import LoadedModel, as_loaded, check_revision, resolve_dtype
-from miprun.model.perplexity import perplexity
-from miprun.model.placement import input_device
-from miprun.model.surgery import remove_blocks, skip_blocks
-from miprun.options import CalibrationConfig, HealOptions, PruneOptions, ScoreOptions, with_overrides
-from miprun.output.manifest import PrunePlan
-from miprun.pipeline import (
-    RepairHook,
-    RunSettings,
-    attach_live,
-    blocks_to_remove,
-    check_scores_match,
-    check_seq_len,
-    estimator_of,
-    evidence_of,
-    method_of,
-    model_info,
-    repair_model,
-    repair_of,
-    score_model,
-    timed,
+from miprun.model.surgery import remove_blocks
+from miprun.options import (
+    CalibrationConfig,
+    HealOptions,
+    PruneOptions,
+    RepairOptions,
+    ScoreOptions,
+    with_overrides,
 )
-from miprun.pipeline.explicit import check_budget_before_load, explicit_removal, no_calibration
+from miprun.output.manifest import HeldoutEvaluation, PrunePlan
+from miprun.pipeline import RunSettings, blocks_to_remove, evidence_of, timed
+from miprun.pipeline.explicit import check_budget_before_load
+from miprun.pipeline.prune import Destination, PruneResult, run_prune
+from miprun.pipeline.run import Run, Variant, heldout_for, inputs_of, model_perplexity
 from miprun.scores import ScoreResult
 
 log = logging.getLogger(__name__)
@@ -65,16 +56,6 @@ __all__ = [
     "score",
     "select",
 ]
-
-
-@dataclass
-class PruneResult:
-    """The pruned in-memory model, its tokenizer, the plan, and where it was saved (if anywhere)."""
-
-    model: torch.nn.Module
-    tokenizer: Any
-    plan: PrunePlan
-    out: Path | None = None
 
 
 def score(
@@ -98,19 +79,14 @@ def score(
     check_revision(model, opts.revision)  # refusals that need no model, before it is loaded
     check_sources(opts.calibration.source)
     sc = opts.scoring
-    method, estimator = method_of(sc), estimator_of(sc.estimation)
-    progress, cache = opts.progress and distributed.is_main(), sc.cache
-    timings: dict[str, float] = {}
-    with timed(timings, "load_model"):
-        loaded = as_loaded(model, opts.runtime, sc.sequential, opts.revision)
-        info = model_info(loaded)
-    from miprun.methods import default_max_blocks
-
-    reach = opts.max_blocks if opts.max_blocks is not None else default_max_blocks(info["num_blocks"])
+    variant = Variant.of(sc, RepairOptions())
     settings = RunSettings(
-        opts.calibration, opts.runtime, progress, cache, sc.sequential, reach, opts.all_spans, timings
+        opts.calibration, opts.runtime, opts.progress and distributed.is_main(), sc.cache, sc.sequential
     )
-    return score_model(loaded, method, estimator, settings)
+    settings.all_spans = opts.all_spans
+    run = Run.load(model, settings, layerwise=sc.sequential, revision=opts.revision)
+    reach = opts.max_blocks if opts.max_blocks is not None else default_max_blocks(run.num_blocks)
+    return run.reaching(reach).scores(variant, mi=True)
 
 
 def select(
@@ -174,165 +150,19 @@ def prune(
         raise InvalidOptionError(
             "blocks (--blocks) names the removal set, and scores (--scores) are for choosing one; pass one of them"
         )
-    out_path = Path(out) if out is not None else None
-    inputs = _inputs(model, scores, opts)
+    inputs = inputs_of(model, scores, opts.calibration.source, opts.heldout.eval_source)
     check_revision(model, opts.revision)  # refusals that need no model, before it is loaded
     check_sources(opts.calibration.source, *([opts.heldout.eval_source] if opts.evaluate else []))
     check_budget_before_load(model, opts.blocks, opts.num_blocks, opts.ratio)
     if scores is not None and not isinstance(scores, ScoreResult):
         scores = ScoreResult.read(scores)  # a missing or damaged file; whether it fits the model comes later
-    if out_path is None or not distributed.is_main():
-        return _prune(model, opts, scores, None, (overwrite, inputs))
+    if out is None or not distributed.is_main():
+        return run_prune(model, opts, scores, Destination(None, overwrite, inputs))
+    out_path = Path(out)
     check_output(out_path, overwrite, inputs=inputs)  # fail before the expensive part
     check_before_load(model, opts.output, opts.blocks, opts.revision)  # fetches llama.cpp's converter once
     with locked_output(out_path):  # a second run to the same --out fails now, not hours later
-        return _prune(model, opts, scores, out_path, (overwrite, inputs))
-
-
-def _prune(
-    model: str | LoadedModel | None,
-    opts: PruneOptions,
-    scores: ScoreResult | str | Path | None,
-    out: Path | None,
-    writing: tuple[bool, tuple[Path, ...]],
-) -> PruneResult:
-    """The stages of :func:`prune` once the options and the output are checked."""
-    from miprun.atomic import check_output
-    from miprun.output import gguf_checks
-    from miprun.output.save import SaveSettings, save
-
-    overwrite, inputs = writing
-    sc = opts.scoring
-    method, estimator, repair = method_of(sc), estimator_of(sc.estimation), repair_of(opts.repair_config)
-    main = distributed.is_main()
-    progress = opts.progress and main
-    timings: dict[str, float] = {}
-    with timed(timings, "load_model"):
-        loaded = as_loaded(model, opts.runtime, sc.sequential and scores is None, opts.revision)
-        info = model_info(loaded)
-    if out is not None:
-        if loaded.path is not None:
-            inputs = (*inputs, Path(loaded.path))
-            check_output(out, overwrite, inputs=inputs)
-        gguf_checks.check_after_load(loaded, opts.output)
-    n = len(opts.blocks) or blocks_to_remove(info["num_blocks"], opts.num_blocks, opts.ratio)
-    spans = method.exact  # the exact optimum reads every span anyway: keep them all in the manifest
-    settings = RunSettings(
-        opts.calibration, opts.runtime, progress, sc.cache, sc.sequential, n, spans, timings
-    )
-    result: ScoreResult | None = None
-    hook: RepairHook | None = None  # the repair a live method measured through, if any
-    if opts.blocks:  # chosen elsewhere: no scores, no calibration pass
-        removed, search = explicit_removal(opts.blocks, info["num_blocks"])
-    else:
-        result = _scores(loaded, (method, estimator), scores, settings, info)
-        evidence = evidence_of(result)
-        if method.live_keys:
-            with timed(timings, "live_evidence"):
-                hook = attach_live(loaded, method, evidence, repair, settings)
-        removed, search = run(method, evidence, n, opts.calibration.seed)
-    if out is not None:
-        gguf_checks.check_removal(loaded, opts.output, removed)  # before the repair and the cut
-    timings["selection"] = search.seconds
-    timings["optimum_for_comparison"] = search.optimum_seconds
-    evaluation = _evaluate_before(loaded, opts, removed, repair.name != "none", main, timings)
-    with timed(timings, "repair"):
-        record = repair_model(loaded, repair, removed, settings, hook)
-    with timed(timings, "surgery"):
-        remove_blocks(loaded.model, removed)
-    if evaluation:
-        with timed(timings, "evaluation"):
-            evaluation["pruned_ppl"] = _perplexity(loaded, evaluation.pop("_windows"), progress)
-    table = result.table if result is not None and method.uses_mi else None
-    estimator_used = result.estimator if result is not None else None
-    plan = PrunePlan(
-        model=info,
-        num_blocks_before=info["num_blocks"],
-        removed=removed,
-        calibration=result.calibration if result is not None else no_calibration(opts.calibration.seed),
-        search=search,
-        estimator=estimator_used.params() if table is not None and estimator_used is not None else None,
-        scores=table.to_json() if table is not None else None,
-        repair=record,
-        timings=timings,
-        evaluation=evaluation,
-    )
-    if out is not None:
-        save_dtype = resolve_dtype(opts.output.save_dtype, "cpu") if opts.output.save_dtype else None
-        output = opts.output
-        settings_out = SaveSettings(
-            overwrite, progress, save_dtype, output.out_format, output.gguf_type, inputs
-        )
-        save(loaded, plan, out, settings_out)
-    return PruneResult(loaded.model, loaded.tokenizer, plan, out)
-
-
-def _scores(
-    loaded: LoadedModel,
-    parts: tuple[Method, Estimator],
-    scores: ScoreResult | str | Path | None,
-    settings: RunSettings,
-    info: dict[str, Any],
-) -> ScoreResult:
-    """Fresh (or cached) scores for the method, or the given scores checked against this model and text."""
-    method, estimator = parts
-    if scores is None:
-        return score_model(loaded, method, estimator if method.uses_mi else None, settings)
-    result = scores if isinstance(scores, ScoreResult) else ScoreResult.read(scores)
-    check_scores_match(result, info, settings.calibration.source)
-    log.info("reusing the given scores: no calibration pass")
-    for phase, seconds in result.timings.items():
-        settings.timings.setdefault(phase, seconds)
-    return result
-
-
-def _inputs(model: Any, scores: Any, opts: PruneOptions) -> tuple[Path, ...]:
-    """Files and folders this run reads, which an output folder must neither be nor contain."""
-    found = []
-    for value in (model, scores, opts.calibration.source, opts.heldout.eval_source):
-        if isinstance(value, (str, Path)) and Path(value).expanduser().exists():
-            found.append(Path(value).expanduser())
-    return tuple(found)
-
-
-def _evaluate_before(
-    loaded: LoadedModel,
-    opts: PruneOptions,
-    removed: list[int],
-    repaired: bool,
-    main: bool,
-    timings: dict[str, float],
-) -> dict[str, Any]:
-    """Held-out perplexity of the dense model (and of the plain cut, when a repair follows), if asked."""
-    ev = opts.heldout
-    if not (opts.evaluate and main):
-        return {}
-    check_seq_len(loaded, ev.eval_seq_len, "--eval-seq-len")
-    same = opts.calibration.source is not None and opts.calibration.source == ev.eval_source
-    if same and Path(str(ev.eval_source)).expanduser().is_file():
-        log.warning(
-            "%s is both the calibration and the held-out text: a local file is used whole for either, so the "
-            "held-out perplexity is measured on calibration text; pass another file with --eval-text",
-            ev.eval_source,
-        )
-    with timed(timings, "evaluation"):
-        text, windows = heldout_windows(loaded.tokenizer, ev.eval_source, ev.eval_seq_len, ev.eval_samples)
-        out: dict[str, Any] = {
-            "source": text.name,
-            "fingerprint": text.fingerprint,
-            "windows": int(windows.shape[0]),
-            "seq_len": int(windows.shape[1]),
-            "dense_ppl": _perplexity(loaded, windows, opts.progress),
-            "_windows": windows,
-        }
-        if repaired:
-            with skip_blocks(loaded.model, removed):
-                out["cut_ppl"] = _perplexity(loaded, windows, opts.progress)
-    return out
-
-
-def _perplexity(loaded: LoadedModel, windows: torch.Tensor, progress: bool) -> float:
-    return perplexity(loaded.model, windows, device=input_device(loaded.model), progress=progress)
+        return run_prune(model, opts, scores, Destination(out_path, overwrite, inputs))
 
 
 def apply_plan(
@@ -484,13 +314,19 @@ def _heal(
             f"{plan.model.get('fingerprint')}); pass that dense model as --teacher"
         )
     check_plan_matches(plan, folder / MANIFEST_NAME, student.model, teacher.model)
-    evaluation = _heal_evaluation_before(student, teacher, opts, timings)
+    held = heldout_for(student, opts.heldout) if opts.evaluate else None
+    evaluation = _heal_evaluation_before(student, teacher, held, opts.progress, timings)
     with timed(timings, "heal"):
         report = distil(student, teacher, opts.config, work_dir=work_dir, progress=opts.progress)
-    if evaluation:
+    if evaluation is not None and held is not None:
         with timed(timings, "evaluation"):
-            evaluation["healed_ppl"] = _perplexity(student, evaluation.pop("_windows"), opts.progress)
-    plan.heal = {**report.to_json(), "teacher": teacher.name, "timings": timings, "evaluation": evaluation}
+            evaluation.healed_ppl = model_perplexity(student, held.windows, opts.progress)
+    plan.heal = {
+        **report.to_json(),
+        "teacher": teacher.name,
+        "timings": timings,
+        "evaluation": evaluation.to_json() if evaluation is not None else {},
+    }
     save_dtype = resolve_dtype(opts.save_dtype, "cpu") if opts.save_dtype else None
     save(
         student, plan, out, SaveSettings(overwrite, opts.progress, save_dtype, "transformers", inputs=inputs)
@@ -502,20 +338,16 @@ def _heal(
 
 
 def _heal_evaluation_before(
-    student: LoadedModel, teacher: LoadedModel, opts: HealOptions, timings: dict[str, float]
-) -> dict[str, Any]:
+    student: LoadedModel,
+    teacher: LoadedModel,
+    held: HeldoutText | None,
+    progress: bool,
+    timings: dict[str, float],
+) -> HeldoutEvaluation | None:
     """Held-out perplexity of the dense and the pruned model before healing, if asked."""
-    if not opts.evaluate:
-        return {}
-    ev = opts.heldout
-    check_seq_len(student, ev.eval_seq_len, "--eval-seq-len")
+    if held is None:
+        return None
     with timed(timings, "evaluation"):
-        text, windows = heldout_windows(student.tokenizer, ev.eval_source, ev.eval_seq_len, ev.eval_samples)
-        return {
-            "source": text.name,
-            "windows": int(windows.shape[0]),
-            "seq_len": int(windows.shape[1]),
-            "dense_ppl": _perplexity(teacher, windows, opts.progress),
-            "pruned_ppl": _perplexity(student, windows, opts.progress),
-            "_windows": windows,
-        }
+        evaluation = held.record(model_perplexity(teacher, held.windows, progress), fingerprint=False)
+        evaluation.pruned_ppl = model_perplexity(student, held.windows, progress)
+    return evaluation

@@ -4,6 +4,8 @@ raises them before any work where the input can be checked up front."""
 
 from __future__ import annotations
 
+import errno
+
 
 class MiprunError(Exception):
     """Base of every error miprun raises on purpose (``except MiprunError`` catches them all)."""
@@ -63,3 +65,40 @@ class GgufError(MiprunError, ValueError):
 
 class MissingDependencyError(MiprunError, ImportError):
     """An optional package a feature needs is not installed (the message names the pip command)."""
+
+
+# ----------------------------------------------------------------------------- writing outputs
+
+
+class OutputExistsError(OutputError, FileExistsError):
+    """``out`` exists and may not be replaced: no ``--overwrite``, or it is not a miprun output."""
+
+
+class UnsafeOutputError(MiprunError, ValueError):
+    """``out`` overlaps an input or the current directory, or is a mount point."""
+
+
+class OutputNotWritableError(OutputError):
+    """The folder that would hold ``out`` does not allow writing."""
+
+
+class OutputBusyError(OutputError):
+    """Another process (or thread) is writing the same ``out`` now."""
+
+
+class DiskFullError(OutputError):
+    """The disk (or quota) filled up while writing; the previous output is untouched."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class NonFiniteJSONError(MiprunError, ValueError):
+    """A NaN or infinity was about to be written into a JSON file, which strict JSON cannot hold."""
+
+
+class UnprovenJournalError(OutputError):
+    """A ``.NAME.swap`` beside ``out`` that miprun cannot prove it wrote: recovery will not act on it."""

@@ -69,7 +69,7 @@ def foreign_files(folder: str | Path, manifest: str = MANIFEST_NAME) -> list[str
 
 def record_outputs(folder: Path, manifest: str = MANIFEST_NAME) -> list[str]:
     """Write the list of every other file in ``folder`` into its manifest (when it has one); returns it."""
-    from miprun.atomic import write_json
+    from miprun.files import write_json
 
     path = folder / manifest
     if not path.is_file():

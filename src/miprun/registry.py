@@ -44,6 +44,12 @@ class Registry(Generic[T]):
             )
         return self.add(name, entry)
 
+    def remove(self, name: str) -> T:
+        """Unregister ``name`` and return its entry (a notebook cell run again, a test undoing what it added)."""
+        if name not in self._entries:
+            raise UnknownNameError(self.miss(name))
+        return self._entries.pop(name)
+
     def get(self, name: str) -> T:
         """The entry called ``name``; a miss suggests the closest name and lists all of them."""
         if not isinstance(name, str):

@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from miprun.registry import Registry
+
 
 @dataclass(frozen=True)
 class Tap:
@@ -187,3 +189,7 @@ def combine(requests: list[Statistic]) -> list[Statistic]:
         else:
             out.append(want)
     return out
+
+
+# Every statistic by name: a class registers itself with ``@REGISTRY.register`` (its ``name`` is the key).
+REGISTRY: Registry[type[Statistic]] = Registry("statistic")

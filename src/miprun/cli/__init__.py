@@ -286,8 +286,8 @@ def compare(
     Example (about ten minutes on 2 CPU cores):
     miprun compare -n 3 -n 6 --methods mi-prun,shortgpt,angular,sleb --samples 16 --seq-len 128 --out out/cmp
     """
-    from miprun.evaluation.compare import run
     from miprun.options import with_overrides
+    from miprun.pipeline.compare import run
 
     setup_logging(console, quiet)
     opts = with_overrides(options, progress=not quiet)
@@ -348,17 +348,21 @@ def main(argv: list[str] | None = None) -> int:
     SIGTERM and SIGHUP (``timeout``, Slurm, ``docker stop``) stop a run the way Ctrl-C does: the same
     cleanup runs, and the exit code is 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM).
     """
-    from miprun import atomic
-    from miprun.atomic import Interrupted, interrupts_as_keyboard_interrupt
+    from miprun import signals
+    from miprun.signals import Interrupted, interrupts_as_keyboard_interrupt
 
     args = sys.argv[1:] if argv is None else argv
-    atomic.last_signal = None
+    if "--help" in args:  # the plugins' own summaries, listed only when asked for
+        from miprun.cli.params import describe_plugins
+
+        describe_plugins(app)
+    signals.last_signal = None
     try:
         with interrupts_as_keyboard_interrupt(), libraries_restored():
             # typer turns a KeyboardInterrupt inside a command into a returned 130, not an exception
             code = app(args=args, prog_name="miprun", standalone_mode=False)
         if code == 130:
-            signum = atomic.last_signal
+            signum = signals.last_signal
             why = "Ctrl-C" if signum is None else f"stopped by {signal.Signals(signum).name}"
             console.print(INTERRUPTED.format(why=why))
             return 130 if signum is None else 128 + signum

@@ -33,6 +33,47 @@ PANELS = {
 }
 
 
+# Options whose value names plugins: their help lists every registered plugin with its own summary, written
+# when help is shown (listing them imports the plugins, which a plain run of another command need not do).
+PLUGIN_OPTIONS = {
+    "method": "methods",
+    "methods": "methods",
+    "estimator": "estimators",
+    "repair": "repairs",
+    "repairs": "repairs",
+}
+
+
+def plugin_listing(kind: str, default: Any = None) -> str:
+    """Every plugin of ``kind`` (methods, estimators, repairs) with its summary; the default marked."""
+    from miprun import estimators, methods, repair
+
+    registries: dict[str, Any] = {
+        "methods": methods.REGISTRY,
+        "estimators": estimators.REGISTRY,
+        "repairs": repair.REGISTRY,
+    }
+    entries = sorted(registries[kind].items(), key=lambda item: item[0] != default)  # the default first
+    return " | ".join(
+        f"{name}{' (default)' if name == default else ''}: {cls.summary}" for name, cls in entries
+    )
+
+
+def describe_plugins(app: typer.Typer) -> None:
+    """Write into every plugin option's help the plugins registered now, from their own summaries."""
+    for command in app.registered_commands:
+        signature = getattr(command.callback, "__signature__", None)
+        for parameter in signature.parameters.values() if signature is not None else ():
+            kind = PLUGIN_OPTIONS.get(parameter.name)
+            infos = [m for m in getattr(parameter.annotation, "__metadata__", ()) if hasattr(m, "help")]
+            if kind is None or not infos:
+                continue
+            info = infos[0]
+            base = info.help.split(" Choices: ")[0]
+            default = parameter.default if isinstance(parameter.default, str) else None
+            info.help = f"{base} Choices: {plugin_listing(kind, default)}. Parameters: `miprun list {kind}`."
+
+
 def _owner(cls: type, path: tuple[str, ...]) -> type:
     """The option group class that holds a leaf reached through ``path``."""
     for name in path:
@@ -51,7 +92,10 @@ def _cli_type(hint: Any, f: dataclasses.Field) -> Any:
 def _parameter(name: str, f: dataclasses.Field, hint: Any, panel: str) -> inspect.Parameter:
     meta = f.metadata
     flags = list(meta.get("flags") or ()) or [flag(f)]
-    kwargs: dict[str, Any] = {"help": meta.get("help", ""), "rich_help_panel": panel}
+    text = meta.get("help", "")
+    if name in PLUGIN_OPTIONS:
+        text += f" Choices: `miprun list {PLUGIN_OPTIONS[name]}`."
+    kwargs: dict[str, Any] = {"help": text, "rich_help_panel": panel}
     for bound in ("min", "max"):
         if meta.get(bound) is not None:
             kwargs[bound] = meta[bound]

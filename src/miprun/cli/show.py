@@ -13,28 +13,25 @@ out = Console()
 
 
 def block_scores(result: Any) -> None:
-    """``miprun score``: per-block MI and NMI, and each method's own evidence where present."""
-    from miprun.methods.similarity import block_influence
-
+    """``miprun score``: per-block MI and NMI, then whatever each method's evidence shows of itself: per-block
+    columns (``columns(key)``) and lines below the table (``notes(key)``)."""
     ev = result.evidence
     est = result.estimator.name if result.estimator is not None else "no"
     table = Table(title=f"{result.model['name']}: scores per block ({est} MI)")
-    for name in ("block", "MI (nats)", "NMI", "ShortGPT BI"):
+    columns: dict[str, list[float]] = {}
+    for key, evidence in ev.items():
+        for title, values in (evidence.columns(key) if hasattr(evidence, "columns") else {}).items():
+            columns.setdefault(title, values)
+    for name in ("block", "MI (nats)", "NMI", *columns):
         table.add_column(name, justify="right")
-    if "oneshot" in ev:
-        table.add_column("loss without it", justify="right")
-    bi = block_influence(ev["cosine"].mean_cos) if "cosine" in ev else None
     mi = result.table.block_mi() if result.table is not None else [None] * result.num_blocks
     nmi = result.table.block_nmi() if result.table is not None else [None] * result.num_blocks
     for i, (m, n) in enumerate(zip(mi, nmi, strict=True)):
-        row = [str(i), _num(m), _num(n), _num(bi[i]) if bi is not None else "-"]
-        if "oneshot" in ev:
-            row.append(_num(ev["oneshot"].losses[i]))
-        table.add_row(*row)
+        table.add_row(str(i), _num(m), _num(n), *(_num(values[i]) for values in columns.values()))
     out.print(table)
-    if "sleb" in ev:
-        path = ev["sleb"]
-        out.print(f"SLEB greedy order: {path.order} (losses {[round(x, 4) for x in path.losses]})")
+    for key, evidence in ev.items():
+        for line in evidence.notes(key) if hasattr(evidence, "notes") else []:
+            out.print(line)
 
 
 def _num(value: float | None) -> str:
@@ -55,12 +52,12 @@ def prune_summary(result: Any) -> None:
         table.add_row("set loss / optimum / gap", f"{s.loss:.4f} / {s.optimal_loss:.4f} / {s.gap:.4f}")
     table.add_row("iterations / evaluations (MI, scores or passes)", f"{s.iterations} / {s.num_evaluations}")
     ev = plan.evaluation
-    if "dense_ppl" in ev:
-        steps = [f"{ev['dense_ppl']:.2f}"]
-        if "cut_ppl" in ev:
-            steps.append(f"{ev['cut_ppl']:.2f} (cut)")
-        steps.append(f"{ev['pruned_ppl']:.2f}")
-        table.add_row(f"held-out perplexity ({ev['windows']}x{ev['seq_len']} tok)", " -> ".join(steps))
+    if ev is not None:
+        steps = [f"{ev.dense_ppl:.2f}"]
+        if ev.cut_ppl is not None:
+            steps.append(f"{ev.cut_ppl:.2f} (cut)")
+        steps.append(f"{ev.pruned_ppl:.2f}")
+        table.add_row(f"held-out perplexity ({ev.windows}x{ev.seq_len} tok)", " -> ".join(steps))
     for phase, seconds in plan.timings.items():
         table.add_row(f"time: {phase}", f"{seconds:.2f} s")
     out.print(table)

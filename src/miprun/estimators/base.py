@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from miprun.capture.statistic import CapturedStats, Statistic
+from miprun.registry import Registry
 
 
 @dataclass
@@ -22,6 +23,7 @@ class Estimator(ABC):
     """
 
     name: ClassVar[str]
+    summary: ClassVar[str]  # one line for `miprun list estimators` and --help
 
     @abstractmethod
     def statistics(self) -> list[Statistic]:
@@ -58,3 +60,7 @@ def check_range(
     if not ok:
         bound = f"{'(' if open_low else '['}{low:g}, {'inf)' if high is None else f'{high:g}]'}"
         raise InvalidOptionError(f"{name} must lie in {bound}, got {value!r}")
+
+
+# Every estimator by name: a class registers itself with ``@REGISTRY.register`` (its ``name`` is the key).
+REGISTRY: Registry[type[Estimator]] = Registry("estimator")

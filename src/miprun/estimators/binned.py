@@ -15,7 +15,7 @@ import torch
 
 from miprun.capture.statistic import CapturedStats, Statistic
 from miprun.capture.statistics import TokenSample
-from miprun.estimators.base import Estimator, check_range
+from miprun.estimators.base import REGISTRY, Estimator, check_range
 
 
 def quantile_bins(x: torch.Tensor, bins: int) -> torch.Tensor:
@@ -60,11 +60,13 @@ def binned_mi(x: torch.Tensor, y: torch.Tensor, bins: int) -> float:
     return max(float(plugin_mi(counts).mean()), 0.0)
 
 
+@REGISTRY.register
 @dataclass
 class BinnedMI(Estimator):
     """Binned per-coordinate MI over a token sample of the two states."""
 
     name: ClassVar[str] = "binned"
+    summary: ClassVar[str] = "binned per-coordinate MI over a token sample"
 
     bins: int = 16  # equal-frequency bins per coordinate
     sample_tokens: int = (

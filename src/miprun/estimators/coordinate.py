@@ -24,7 +24,7 @@ import torch
 
 from miprun.capture.statistic import CapturedStats, Statistic
 from miprun.capture.statistics import CoordinateMoments
-from miprun.estimators.base import Estimator, check_range
+from miprun.estimators.base import REGISTRY, Estimator, check_range
 
 
 def coordinate_mi(var_x: torch.Tensor, var_y: torch.Tensor, cov_xy: torch.Tensor, shrinkage: float) -> float:
@@ -42,11 +42,15 @@ def coordinate_mi(var_x: torch.Tensor, var_y: torch.Tensor, cov_xy: torch.Tensor
     return float((-0.5 * torch.log1p(-(rho**2))).mean())
 
 
+@REGISTRY.register
 @dataclass
 class CoordinateMI(Estimator):
     """Mean per-coordinate Gaussian MI; by default under a zero-mean model (moments about zero, not shift-invariant)."""
 
     name: ClassVar[str] = "coordinate"
+    summary: ClassVar[str] = (
+        "mean per-coordinate Gaussian MI, by default under a zero-mean model (moments about zero; --est-opt center=true centres)"
+    )
 
     shrinkage: float = 0.05  # correlations are scaled by (1 - shrinkage)
     normalize: bool = False  # RMS-normalise each token's state first

@@ -14,7 +14,7 @@ import torch
 
 from miprun.capture.statistic import CapturedStats, Statistic
 from miprun.capture.statistics import Moments
-from miprun.estimators.base import Estimator, check_range
+from miprun.estimators.base import REGISTRY, Estimator, check_range
 
 _EIG_FLOOR = 1e-12  # smallest eigenvalue kept when a correlation matrix is singular (shrinkage 0)
 
@@ -59,11 +59,15 @@ def gaussian_mi(joint_cov: torch.Tensor, dx: int, shrinkage: float) -> float:
     return max(mi, 0.0)
 
 
+@REGISTRY.register
 @dataclass
 class GaussianMI(Estimator):
     """Gaussian MI of the joint covariance of two states, after a shared random projection to ``proj_dim`` (0: none)."""
 
     name: ClassVar[str] = "gaussian"
+    summary: ClassVar[str] = (
+        "Gaussian MI of the joint covariance of two states, after a shared random projection"
+    )
 
     proj_dim: int = 128  # projected width of the captured moments (0 = no projection)
     shrinkage: float = 0.05  # weight of the diagonal in the shrunk joint covariance

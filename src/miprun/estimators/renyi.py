@@ -16,7 +16,7 @@ import torch
 from miprun.capture.statistic import CapturedStats, Statistic
 from miprun.capture.statistics import TokenSample
 from miprun.errors import InvalidOptionError
-from miprun.estimators.base import Estimator, check_range
+from miprun.estimators.base import REGISTRY, Estimator, check_range
 
 
 def squared_distances(x: torch.Tensor) -> torch.Tensor:
@@ -86,6 +86,7 @@ def renyi_mi(x: torch.Tensor, y: torch.Tensor, alpha: float, sigma_x: float, sig
     return max(mi - joint_entropy(gx, gy, alpha), 0.0)
 
 
+@REGISTRY.register
 @dataclass
 class RenyiMI(Estimator):
     """Matrix-based Rényi MI over a token sample; per-state distances and entropies are cached.
@@ -95,6 +96,7 @@ class RenyiMI(Estimator):
     """
 
     name: ClassVar[str] = "renyi"
+    summary: ClassVar[str] = "matrix-based Rényi MI over a token sample"
 
     alpha: float = 1.01  # Rényi order; close to 1 approximates Shannon (von Neumann) entropy
     sample_tokens: int = 512  # tokens used (evenly from a larger sample): cost grows as their cube per pair

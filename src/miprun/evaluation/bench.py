@@ -24,11 +24,28 @@ import torch
 from tqdm.auto import tqdm
 
 from miprun.errors import InvalidOptionError
-from miprun.model.layouts import max_positions, model_config, num_blocks, text_config
+from miprun.model.layouts import base_model, max_positions, model_config, num_blocks, text_config
 from miprun.model.loading import LoadedModel, as_loaded
+from miprun.model.placement import input_device
 from miprun.options import BenchConfig, BenchOptions, with_overrides
 
 log = logging.getLogger(__name__)
+
+
+def forward_pass_seconds(model: Any, windows: torch.Tensor, batch_size: int, repeats: int) -> float:
+    """Median wall time of one plain forward pass of the model body over ``windows`` (the unit pruning times
+    are reported in)."""
+    body, device = base_model(model), input_device(model)
+    times = []
+    with torch.inference_mode():
+        for _ in range(max(1, repeats)):
+            start = time.perf_counter()
+            for i in range(0, len(windows), batch_size):
+                body(input_ids=windows[i : i + batch_size].to(device), use_cache=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 class _Clock:

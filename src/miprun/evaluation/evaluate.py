@@ -26,10 +26,9 @@ from miprun.errors import InvalidOptionError, MissingDependencyError, UnknownNam
 from miprun.evaluation.heldout import heldout_windows, perplexity_record
 from miprun.evaluation.tasks import OFFLINE_TASKS, write_tasks
 from miprun.model.layouts import num_blocks
-from miprun.model.loading import LoadedModel, as_loaded, check_revision
+from miprun.model.loading import LoadedModel, as_loaded, check_revision, check_seq_len
 from miprun.options import EvaluateOptions, with_overrides
 from miprun.output.manifest import MANIFEST_NAME
-from miprun.pipeline import check_seq_len
 from miprun.versions import package_versions
 
 log = logging.getLogger(__name__)

@@ -7,6 +7,7 @@ disjoint from calibration); see :mod:`miprun.model.perplexity` for the window co
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,6 +15,25 @@ import torch
 from miprun.data import TextSource, eval_windows, load_text
 from miprun.model.perplexity import mean_nll
 from miprun.model.placement import input_device
+from miprun.output.manifest import HeldoutEvaluation
+
+
+@dataclass
+class HeldoutText:
+    """Held-out text and the windows cut from it: what every held-out perplexity of a run is measured on."""
+
+    text: TextSource
+    windows: torch.Tensor  # (windows, seq_len) token ids
+
+    def record(self, dense_ppl: float, *, fingerprint: bool = True) -> HeldoutEvaluation:
+        """The evaluation record of a run measured on these windows, starting with the dense perplexity."""
+        return HeldoutEvaluation(
+            source=self.text.name,
+            windows=int(self.windows.shape[0]),
+            seq_len=int(self.windows.shape[1]),
+            dense_ppl=dense_ppl,
+            fingerprint=self.text.fingerprint if fingerprint else None,
+        )
 
 
 def heldout_windows(
@@ -22,6 +42,11 @@ def heldout_windows(
     """The evaluation split of ``source`` (default: wiki) and its first ``max_windows`` windows (all when None)."""
     text = load_text(source, "evaluation")
     return text, eval_windows(tokenizer, text, seq_len, max_windows)
+
+
+def heldout_text(tokenizer: Any, source: str | None, seq_len: int, max_windows: int | None) -> HeldoutText:
+    """:func:`heldout_windows` as one record."""
+    return HeldoutText(*heldout_windows(tokenizer, source, seq_len, max_windows))
 
 
 def perplexity_record(

@@ -1,44 +1,25 @@
-"""Pruning methods by name: one file per family, one registry line per method.
+"""Pruning methods by name: one file per family; each method class registers itself (``@REGISTRY.register``).
 
 Each method declares what it reads (:class:`~miprun.methods.base.Method`); :func:`run` turns the evidence
-into a removal set. Evidence that scores files keep is decoded by the ``EVIDENCE`` registry.
+into a removal set. Evidence that scores files keep is read back with the class its method declares (``evidence_types``).
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping
 from typing import Any
 
-from miprun.methods.base import Choice, Evidence, GatherContext, Method, SearchInfo, run
-from miprun.methods.forward import OneShotLosses, PplOneshot, Sleb, SlebPath
+from miprun.errors import UnknownNameError
+from miprun.methods.base import REGISTRY, Choice, Evidence, GatherContext, Method, SearchInfo, run
+from miprun.methods.forward import PplOneshot, Sleb
 from miprun.methods.mi import MiOptimal, MiPrun
 from miprun.methods.naive import LastN, Random
 from miprun.methods.searched import MiSearch
-from miprun.methods.similarity import Angular, AngularMean, CosineMatrices, ShortGPT
+from miprun.methods.similarity import Angular, AngularMean, ShortGPT
 from miprun.methods.verified import MiVerified
 from miprun.options import DEFAULT_METHOD
-from miprun.registry import Registry
-
-REGISTRY: Registry[type[Method]] = Registry("method")
-REGISTRY.register(MiPrun)
-REGISTRY.register(MiOptimal)
-REGISTRY.register(MiVerified)
-REGISTRY.register(MiSearch)
-REGISTRY.register(ShortGPT)
-REGISTRY.register(Angular)
-REGISTRY.register(AngularMean)
-REGISTRY.register(Sleb)
-REGISTRY.register(PplOneshot)
-REGISTRY.register(LastN)
-REGISTRY.register(Random)
-
-# Evidence kept in scores files, by the key methods store it under: a class with to_json/from_json.
-EVIDENCE: Registry[Any] = Registry("evidence")
-EVIDENCE.add("cosine", CosineMatrices)
-EVIDENCE.add("cosine_last", CosineMatrices)
-EVIDENCE.add("sleb", SlebPath)
-EVIDENCE.add("oneshot", OneShotLosses)
 
 MAX_BLOCKS_FRACTION = 0.25  # default reach of N-dependent evidence (the SLEB path) in a scores file
 
@@ -47,6 +28,24 @@ def build(name: str, params: Mapping[str, Any] | None = None) -> Method:
     """The method ``name`` with ``params`` typed and checked against its hyperparameters."""
     method: Method = REGISTRY.build(name, params)
     return method
+
+
+def evidence_type(key: str) -> Any:
+    """The class a scores file's evidence ``key`` is read back with, as the methods that gather it declare."""
+    known = {k: cls for _, method in REGISTRY.items() for k, cls in method.evidence_types.items()}
+    if key not in known:
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UnknownNameError(
+            f"no method gathers evidence {key!r}.{hint} Known evidence: {', '.join(sorted(known))}. The scores "
+            "file was written by a method this install does not have."
+        )
+    return known[key]
+
+
+def default_comparison() -> list[str]:
+    """The methods `miprun compare` runs without --methods: those whose class says they belong there."""
+    return [name for name, cls in REGISTRY.items() if cls.compared_by_default]
 
 
 def describe() -> str:
@@ -61,15 +60,27 @@ def default_max_blocks(num_blocks: int) -> int:
 
 __all__ = [
     "DEFAULT_METHOD",
-    "EVIDENCE",
     "REGISTRY",
+    "Angular",
+    "AngularMean",
     "Choice",
     "Evidence",
     "GatherContext",
+    "LastN",
     "Method",
+    "MiOptimal",
+    "MiPrun",
+    "MiSearch",
+    "MiVerified",
+    "PplOneshot",
+    "Random",
     "SearchInfo",
+    "ShortGPT",
+    "Sleb",
     "build",
+    "default_comparison",
     "default_max_blocks",
     "describe",
+    "evidence_type",
     "run",
 ]

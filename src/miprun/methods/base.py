@@ -21,6 +21,7 @@ from miprun.capture.statistic import CapturedStats, Statistic
 from miprun.errors import MissingEvidenceError
 from miprun.estimators.table import ScoreTable
 from miprun.methods.search import optimal_select, set_loss
+from miprun.registry import Registry
 
 
 @dataclass
@@ -101,9 +102,18 @@ class Method(ABC):
     summary: ClassVar[str]
     uses_mi: ClassVar[bool] = False  # reads the MI span table, so the estimator's statistics are captured
     exact: ClassVar[bool] = False  # its choice is the optimum of the MI set loss
-    evidence_keys: ClassVar[tuple[str, ...]] = ()  # what gather() adds to Evidence.extras
+    # What gather() adds to Evidence.extras, by key, with the class a scores file reads it back with
+    # (to_json/from_json); ``evidence_keys`` is derived from it.
+    evidence_types: ClassVar[dict[str, type]] = {}
+    evidence_keys: ClassVar[tuple[str, ...]] = ()
     n_dependent: ClassVar[bool] = False  # its evidence serves only N up to the max_blocks it was gathered for
     live_keys: ClassVar[tuple[str, ...]] = ()  # evidence that runs the model at choice time (never cached)
+    compared_by_default: ClassVar[bool] = True  # `miprun compare` without --methods runs it
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "evidence_types" in cls.__dict__:
+            cls.evidence_keys = tuple(cls.evidence_types)
 
     def statistics(self) -> list[Statistic]:
         """What the capture pass must record for this method (besides the estimator's, for MI methods)."""
@@ -153,3 +163,7 @@ def run(method: Method, evidence: Evidence, n: int, seed: int = 0) -> tuple[list
         info.optimal_loss = optimum.loss if optimum is not None else info.loss
         info.gap = info.loss - info.optimal_loss
     return choice.removed, info
+
+
+# Every method by name: a class registers itself with ``@REGISTRY.register`` (its ``name`` is the key).
+REGISTRY: Registry[type[Method]] = Registry("method")

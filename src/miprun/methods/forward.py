@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from miprun.errors import ScoresError
-from miprun.methods.base import Choice, Evidence, GatherContext, Method
+from miprun.methods.base import REGISTRY, Choice, Evidence, GatherContext, Method
 from miprun.methods.search import check_n
 from miprun.methods.similarity import lowest
 from miprun.model.layouts import num_blocks
@@ -52,6 +52,10 @@ class OneShotLosses:
     losses: list[float]
     forward_passes: int  # passes over all calibration windows
     seconds: float
+
+    def columns(self, key: str) -> dict[str, list[float]]:
+        """Per-block values for ``miprun score``'s table."""
+        return {"loss without it": self.losses}
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,6 +87,10 @@ class SlebPath:
         if not 0 < n <= self.max_blocks:
             raise evidence_too_short(self.max_blocks, n)
         return sorted(self.order[:n])
+
+    def notes(self, key: str) -> list[str]:
+        """Lines for ``miprun score`` below its table."""
+        return [f"SLEB greedy order: {self.order} (losses {[round(x, 4) for x in self.losses]})"]
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,11 +160,12 @@ def sleb_path(
 # ----------------------------------------------------------------------------- methods
 
 
+@REGISTRY.register
 @dataclass
 class Sleb(Method):
     name: ClassVar[str] = "sleb"
     summary: ClassVar[str] = "SLEB: greedy removal by calibration loss"
-    evidence_keys: ClassVar[tuple[str, ...]] = ("sleb",)
+    evidence_types: ClassVar[dict[str, type]] = {"sleb": SlebPath}
     n_dependent: ClassVar[bool] = True
 
     def gather(self, ctx: GatherContext) -> dict[str, Any]:
@@ -192,11 +201,12 @@ def evidence_too_short(held: int, n: int) -> Exception:
     )
 
 
+@REGISTRY.register
 @dataclass
 class PplOneshot(Method):
     name: ClassVar[str] = "ppl-oneshot"
     summary: ClassVar[str] = "Shortened LLaMA: N lowest one-block-removed PPL"
-    evidence_keys: ClassVar[tuple[str, ...]] = ("oneshot",)
+    evidence_types: ClassVar[dict[str, type]] = {"oneshot": OneShotLosses}
 
     def gather(self, ctx: GatherContext) -> dict[str, Any]:
         return {

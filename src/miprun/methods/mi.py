@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from miprun.errors import InvalidOptionError
-from miprun.methods.base import Choice, Evidence, Method
+from miprun.methods.base import REGISTRY, Choice, Evidence, Method
 from miprun.methods.search import fast_block_select, optimal_select
 
 
+@REGISTRY.register
 @dataclass
 class MiPrun(Method):
     """Fast-Block-Select (the paper's Algorithm 1) on span MI.
@@ -39,6 +40,7 @@ class MiPrun(Method):
         return Choice(sel.removed, len(table.requested), sel.iterations, sel.stop_reason, sel.history)
 
 
+@REGISTRY.register
 @dataclass
 class MiOptimal(Method):
     """The exact optimum of the MI set loss, by dynamic programming over every span."""

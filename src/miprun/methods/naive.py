@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from miprun.errors import InvalidOptionError
-from miprun.methods.base import Choice, Evidence, Method
+from miprun.methods.base import REGISTRY, Choice, Evidence, Method
 from miprun.methods.search import check_n
 
 
@@ -26,6 +26,7 @@ def random_select(total: int, n: int, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(total), n))
 
 
+@REGISTRY.register
 @dataclass
 class LastN(Method):
     name: ClassVar[str] = "last-n"
@@ -35,6 +36,7 @@ class LastN(Method):
         return Choice(last_n(evidence.num_blocks, n), 0, stop_reason="deepest but the final block")
 
 
+@REGISTRY.register
 @dataclass
 class Random(Method):
     name: ClassVar[str] = "random"

@@ -7,7 +7,7 @@ keeps SLEB's idea at a fraction of its cost:
 
 1. MI's shortlist (``mi-verified``'s candidates) is measured on the cut alone, from cached dense states;
 2. a *lazy* greedy removes one block at a time from the cut model's own cached states
-   (:class:`~miprun.model.replay.CutCache`): the first step measures every block (each from that block
+   (:class:`~miprun.capture.replay.CutCache`): the first step measures every block (each from that block
    on), later steps re-measure only the ``width`` blocks whose last measurement was best and the kept
    blocks beside the last removal, whose values change most; the rest keep their last measurement;
 3. a local search swaps one removed block for a kept one while the measurement falls (``swap_rounds``);
@@ -26,12 +26,13 @@ from typing import Any, ClassVar
 
 from tqdm.auto import tqdm
 
+from miprun.capture.replay import CutCache
 from miprun.errors import InvalidOptionError
-from miprun.methods.base import Choice, Evidence
+from miprun.methods.base import REGISTRY, Choice, Evidence
 from miprun.methods.verified import MiVerified, Verifier, cost_record, winner
-from miprun.model.replay import CutCache
 
 
+@REGISTRY.register
 @dataclass
 class MiSearch(MiVerified):
     """MI's shortlist plus a lazy greedy on cached states; the best measured set after the repair wins."""

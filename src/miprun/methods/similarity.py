@@ -22,7 +22,7 @@ import torch
 from miprun.capture.statistic import Statistic
 from miprun.capture.statistics import CosineSums
 from miprun.errors import ScoresError
-from miprun.methods.base import Choice, Evidence, GatherContext, Method
+from miprun.methods.base import REGISTRY, Choice, Evidence, GatherContext, Method
 from miprun.methods.search import check_n
 from miprun.ranking import check_chosen, rank
 
@@ -72,6 +72,11 @@ class CosineMatrices:
     def of(cls, sums: CosineSums) -> CosineMatrices:
         return cls(sums.mean_cos(), sums.mean_angle(), sums.count)
 
+    def columns(self, key: str) -> dict[str, list[float]]:
+        """Per-block values for ``miprun score``'s table: ShortGPT's block influence on these tokens."""
+        title = "ShortGPT BI" if key == "cosine" else "BI, last token"
+        return {title: block_influence(self.mean_cos)}
+
     def to_json(self) -> dict[str, Any]:
         return {
             "mean_cos": self.mean_cos.tolist(),
@@ -111,11 +116,12 @@ class _CosineMethod(Method):
         return evidence.require(self.key(), self.name)  # type: ignore[no-any-return]
 
 
+@REGISTRY.register
 @dataclass
 class ShortGPT(_CosineMethod):
     name: ClassVar[str] = "shortgpt"
     summary: ClassVar[str] = "ShortGPT: N lowest block influence 1 - cos(in, out)"
-    evidence_keys: ClassVar[tuple[str, ...]] = ("cosine",)
+    evidence_types: ClassVar[dict[str, type]] = {"cosine": CosineMatrices}
 
     def choose(self, evidence: Evidence, n: int, seed: int) -> Choice:
         influence = block_influence(self.matrices(evidence).mean_cos)
@@ -125,12 +131,13 @@ class ShortGPT(_CosineMethod):
         )
 
 
+@REGISTRY.register
 @dataclass
 class Angular(_CosineMethod):
     name: ClassVar[str] = "angular"
     summary: ClassVar[str] = "Gromov et al.: contiguous N with least angular distance (last token)"
     positions: ClassVar[Literal["all", "last"]] = "last"
-    evidence_keys: ClassVar[tuple[str, ...]] = ("cosine_last",)
+    evidence_types: ClassVar[dict[str, type]] = {"cosine_last": CosineMatrices}
 
     def choose(self, evidence: Evidence, n: int, seed: int) -> Choice:
         angle = self.matrices(evidence).mean_angle
@@ -139,9 +146,10 @@ class Angular(_CosineMethod):
         return Choice(removed, len(dist), stop_reason="smallest angular distance", record={"scores": dist})
 
 
+@REGISTRY.register
 @dataclass
 class AngularMean(Angular):
     name: ClassVar[str] = "angular-mean"
     summary: ClassVar[str] = "angular distance averaged over all tokens (not only the last)"
     positions: ClassVar[Literal["all", "last"]] = "all"
-    evidence_keys: ClassVar[tuple[str, ...]] = ("cosine",)
+    evidence_types: ClassVar[dict[str, type]] = {"cosine": CosineMatrices}

@@ -5,7 +5,7 @@ by the MI set loss, Fast-Block-Select's choice, and their neighbours), adds the 
 methods' choices (ShortGPT's blocks and the angular windows, from cosine sums of the same pass), and
 measures each with the model on a small token budget: the KL divergence of the pruned model's next-token
 distribution from the dense model's (or the calibration loss), after the repair when one is chosen. Each
-candidate runs only from its first changed block on, from cached dense states (:mod:`miprun.model.replay`).
+candidate runs only from its first changed block on, from cached dense states (:mod:`miprun.capture.replay`).
 The best measured wins.
 """
 
@@ -20,15 +20,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from miprun.capture.replay import BoundaryCache, CutCache, head_layers, layers_run, logits_from
 from miprun.capture.statistic import Statistic
 from miprun.errors import InvalidOptionError, NonFiniteError
-from miprun.methods.base import Choice, Evidence, GatherContext, Method
+from miprun.methods.base import REGISTRY, Choice, Evidence, GatherContext, Method
 from miprun.methods.candidates import propose
 from miprun.methods.search import fast_block_select, set_loss
-from miprun.methods.similarity import Angular, AngularMean, ShortGPT
+from miprun.methods.similarity import Angular, AngularMean, CosineMatrices, ShortGPT
 from miprun.model.edits import edited
 from miprun.model.layouts import decoder_layers, layout_for, model_config
-from miprun.model.replay import BoundaryCache, CutCache, head_layers, layers_run, logits_from
 
 Objective = Literal["kl", "nll"]
 
@@ -231,6 +231,7 @@ def _block_of(model: Any, name: str) -> int:
     return int(name[len(prefix) :].split(".")[0]) if name.startswith(prefix) else 0
 
 
+@REGISTRY.register
 @dataclass
 class MiVerified(Method):
     """Span MI proposes ``candidates`` removal sets; the model measures each on ``tokens`` tokens; the best wins."""
@@ -242,7 +243,7 @@ class MiVerified(Method):
         "budget, the best wins"
     )
     uses_mi: ClassVar[bool] = True
-    evidence_keys: ClassVar[tuple[str, ...]] = ("cosine", "cosine_last")
+    evidence_types: ClassVar[dict[str, type]] = {"cosine": CosineMatrices, "cosine_last": CosineMatrices}
     live_keys: ClassVar[tuple[str, ...]] = ("verifier",)
 
     candidates: int = 12  # removal sets measured

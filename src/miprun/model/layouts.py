@@ -51,6 +51,30 @@ GEMMA_ROLES = Roles(
 
 
 @dataclass(frozen=True)
+class GgufFacts:
+    """How llama.cpp stores a family in a GGUF file: what miprun's GGUF writer needs to know about it.
+
+    Attributes:
+        arch: llama.cpp's architecture name (``general.architecture``), e.g. "llama" for Mistral too.
+        on_load: how transformers' GGUF loader changes a tensor on load, which the writer inverts for a
+            repaired tensor: "none", "plus_one_norms" (norms stored as w + 1), "permuted_qk" (llama.cpp's
+            RoPE row order for Q and K) or "transposed" (the tensors ending in ``transposed``); None when
+            not known, so a repaired tensor cannot be written (plain pruning still works).
+        transposed: GGUF tensor-name endings Hugging Face stores transposed (GPT-2's Conv1D weights).
+        period: the positional period of layer roles that no GGUF key states (llama.cpp hard-codes it):
+            the layer at index i is the odd one out when (i + 1) % period == 0.
+        wrapper_prefix: the Hugging Face prefix of the text decoder inside a multimodal wrapper (a GGUF
+            holds only that decoder, named as ``model.``).
+    """
+
+    arch: str
+    on_load: str | None = "none"
+    transposed: tuple[str, ...] = ()
+    period: int | None = None
+    wrapper_prefix: str = ""
+
+
+@dataclass(frozen=True)
 class Layout:
     """The facts block surgery needs about one architecture family.
 
@@ -84,31 +108,42 @@ class Layout:
     base_path: str = "base_model"
     roles: Roles = field(default=LLAMA_ROLES)
     residual_mlp_if: tuple[tuple[str, Any], ...] = ()
+    gguf: GgufFacts | None = None  # None: llama.cpp has no such architecture (or miprun does not know it)
 
 
-LLAMA_LIKE = Layout(layers_path="model.layers")
-_QWEN_WINDOWED = Layout(layers_path="model.layers", layer_count_fields=("max_window_layers",))
-_GEMMA = Layout(layers_path="model.layers", roles=GEMMA_ROLES)
+LLAMA_LIKE = Layout(layers_path="model.layers", gguf=GgufFacts("llama", on_load="permuted_qk"))
+_GEMMA2_GGUF = GgufFacts("gemma2", on_load="plus_one_norms", period=2)
+_GEMMA3_GGUF = GgufFacts("gemma3", on_load="plus_one_norms", period=6)
 
 LAYOUTS: dict[str, Layout] = {
     "llama": LLAMA_LIKE,
-    "mistral": LLAMA_LIKE,
+    "mistral": LLAMA_LIKE,  # llama.cpp stores Mistral and Mixtral as "llama"
     "mixtral": LLAMA_LIKE,
-    "qwen2": _QWEN_WINDOWED,
-    "qwen3": _QWEN_WINDOWED,
+    "qwen2": Layout(
+        layers_path="model.layers", layer_count_fields=("max_window_layers",), gguf=GgufFacts("qwen2")
+    ),
+    "qwen3": Layout(
+        layers_path="model.layers", layer_count_fields=("max_window_layers",), gguf=GgufFacts("qwen3")
+    ),
     # The MoE/dense choice is `layer_idx not in mlp_only_layers and (layer_idx + 1) % decoder_sparse_step
     # == 0`; with a step of 1 it is fully stated by `mlp_only_layers`, which is renumbered.
     "qwen3_moe": Layout(
         layers_path="model.layers",
         layer_index_fields=("mlp_only_layers",),
         exact_only_if=(("decoder_sparse_step", 1),),
+        gguf=GgufFacts("qwen3moe", on_load=None),
     ),
-    "smollm3": LLAMA_LIKE,  # its per-layer `no_rope_layers` list is trimmed like `layer_types`
-    "gemma2": _GEMMA,
-    "gemma3_text": _GEMMA,
+    # its per-layer `no_rope_layers` list is trimmed like `layer_types`
+    "smollm3": Layout(layers_path="model.layers", gguf=GgufFacts("smollm3", on_load=None, period=4)),
+    "gemma2": Layout(layers_path="model.layers", roles=GEMMA_ROLES, gguf=_GEMMA2_GGUF),
+    "gemma3_text": Layout(layers_path="model.layers", roles=GEMMA_ROLES, gguf=_GEMMA3_GGUF),
     # multimodal: the decoder layers and their per-layer config fields live in the text part
-    "gemma3": Layout(layers_path="model.language_model.layers", roles=GEMMA_ROLES),
-    "phi3": LLAMA_LIKE,
+    "gemma3": Layout(
+        layers_path="model.language_model.layers",
+        roles=GEMMA_ROLES,
+        gguf=GgufFacts("gemma3", on_load="plus_one_norms", period=6, wrapper_prefix="model.language_model."),
+    ),
+    "phi3": Layout(layers_path="model.layers", gguf=GgufFacts("phi3")),
     "gpt2": Layout(
         layers_path="transformer.h",
         exact_only_if=(("scale_attn_by_inverse_layer_idx", False),),
@@ -117,6 +152,11 @@ LAYOUTS: dict[str, Layout] = {
             attn_out_proj="attn.c_proj.weight",
             pre_mlp_norm="ln_2",
             input_norm="ln_1",
+        ),
+        gguf=GgufFacts(
+            "gpt2",
+            on_load="transposed",
+            transposed=("attn_qkv.weight", "ffn_down.weight", "ffn_up.weight", "attn_output.weight"),
         ),
     ),
     "opt": Layout(
@@ -136,6 +176,7 @@ LAYOUTS: dict[str, Layout] = {
             mlp_out_proj=("mlp.dense_4h_to_h.weight",),
             attn_out_proj="attention.dense.weight",
         ),
+        gguf=GgufFacts("gptneox", on_load=None),
     ),
 }
 
@@ -159,6 +200,11 @@ def layout_for(config: Any) -> Layout:
             "any config fields that are per-layer); please open an issue or a pull request with it."
         )
     return layout
+
+
+def gguf_facts(arch: str) -> list[GgufFacts]:
+    """The GGUF facts of every family llama.cpp stores under architecture ``arch`` (several: Mistral is "llama")."""
+    return list(dict.fromkeys(x.gguf for x in LAYOUTS.values() if x.gguf is not None and x.gguf.arch == arch))
 
 
 def _get_path(obj: Any, path: str) -> Any:

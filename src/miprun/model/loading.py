@@ -20,7 +20,7 @@ from miprun.assets import (
     is_hub_unreachable,
 )
 from miprun.errors import InvalidOptionError, ModelLoadError, ModelNotFoundError
-from miprun.model.layouts import layout_for
+from miprun.model.layouts import layout_for, max_positions
 from miprun.options import DTYPE_NAMES
 
 log = logging.getLogger(__name__)
@@ -340,3 +340,13 @@ def _gguf_cache(path: Path) -> Path:
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     return cache_dir() / "models" / f"gguf-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def check_seq_len(loaded: LoadedModel, seq_len: int, flag: str) -> None:
+    """Refuse windows longer than the model's positions, before any text is read."""
+    limit = max_positions(loaded.model)
+    if limit is not None and seq_len > limit:
+        raise InvalidOptionError(
+            f"{flag} {seq_len} is longer than the {limit} positions {loaded.name} was built for; "
+            f"use {flag} {limit} or less"
+        )

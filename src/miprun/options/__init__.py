@@ -22,7 +22,6 @@ from miprun.options.commands import (
 )
 from miprun.options.fields import Options, accept_flat_names, flag, flat_fields, groups, opt, with_overrides
 from miprun.options.groups import (
-    DEFAULT_COMPARE_METHODS,
     DEFAULT_ESTIMATOR,
     DEFAULT_METHOD,
     DEFAULT_REPAIR,
@@ -40,7 +39,6 @@ from miprun.options.heal import HealConfig, HealOptions
 from miprun.options.parsers import parse_key_values, split_ints, split_list
 
 __all__ = [
-    "DEFAULT_COMPARE_METHODS",
     "DEFAULT_ESTIMATOR",
     "DEFAULT_METHOD",
     "DEFAULT_REPAIR",

@@ -8,7 +8,6 @@ from typing import Any
 from miprun.errors import InvalidOptionError
 from miprun.options.fields import Options, opt
 from miprun.options.groups import (
-    DEFAULT_COMPARE_METHODS,
     DEFAULT_REPAIR,
     REVISION_HELP,
     SEED_MAX,
@@ -162,8 +161,9 @@ class CompareOptions(Options):
         flags=("--num-blocks", "-n"),
     )
     methods: list[str] = opt(
-        help="Methods to compare (repeat or comma-separate); default: every method.",
-        factory=lambda: list(DEFAULT_COMPARE_METHODS),
+        help="Methods to compare (repeat or comma-separate); default: every method that says it belongs in the "
+        "default comparison (`miprun list methods`).",
+        factory=list,
         parse=split_list,
         flags=("--methods",),
     )
@@ -179,6 +179,21 @@ class CompareOptions(Options):
         factory=dict,
         parse=parse_key_values,
         flags=("--repair-opt",),
+    )
+    method_params: dict[str, Any] = opt(
+        help="Method parameter KEY=VALUE (repeatable), given to every method that has that parameter, "
+        "e.g. --method-opt rank=mi.",
+        factory=dict,
+        parse=parse_key_values,
+        flags=("--method-opt",),
+    )
+    k: int = opt(
+        5, "Fast-Block-Select candidate surplus: floor(ln L)+k windows per group (mi-prun).", "--k", min=0
+    )
+    sequential: bool = opt(
+        False,
+        "Keep the model on the CPU and calibrate one decoder layer at a time on --device (as in prune).",
+        "--sequential",
     )
     estimation: EstimatorOptions = field(default_factory=EstimatorOptions)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -207,5 +222,3 @@ class CompareOptions(Options):
     def check(self) -> None:
         if not self.num_blocks or min(self.num_blocks) < 1:
             raise InvalidOptionError(f"num_blocks (--num-blocks) must be positive, got {self.num_blocks}")
-        if not self.methods:
-            raise InvalidOptionError("methods (--methods) names no method")

@@ -18,19 +18,6 @@ REVISION_HELP = (
     "Branch, tag or commit of a hub --model (e.g. a commit hash for a run you can repeat); recorded in "
     "miprun.json. Refused for local folders, .gguf files and embedded models."
 )
-DEFAULT_COMPARE_METHODS = (
-    "mi-prun",
-    "mi-optimal",
-    "mi-verified",
-    "mi-search",
-    "shortgpt",
-    "angular",
-    "angular-mean",
-    "sleb",
-    "ppl-oneshot",
-    "last-n",
-    "random",
-)
 
 
 @dataclass
@@ -114,9 +101,8 @@ class EstimatorOptions(Options):
 
     estimator: str = opt(
         DEFAULT_ESTIMATOR,
-        "MI estimator: coordinate (default: per-coordinate Gaussian MI under a zero-mean model, i.e. from "
-        "moments about zero, not shift-invariant; --est-opt center=true centres), gaussian, renyi, binned "
-        "(see `miprun list estimators`).",
+        "MI estimator (the default, coordinate, was chosen by measurement: docs/estimator-study.md; "
+        "--est-opt center=true centres it).",
         "--estimator",
         "-e",
     )
@@ -135,8 +121,7 @@ class ScoringOptions(Options):
 
     method: str = opt(
         DEFAULT_METHOD,
-        "Pruning method: mi-prun (default), mi-optimal, mi-verified, mi-search, shortgpt, angular, angular-mean, sleb, ppl-oneshot, "
-        "last-n, random; `miprun list methods` says what each does and reads.",
+        "Pruning method.",
         "--method",
     )
     estimation: EstimatorOptions = field(default_factory=EstimatorOptions)
@@ -178,7 +163,7 @@ class RepairOptions(Options):
 
     repair: str = opt(
         DEFAULT_REPAIR,
-        "Repair after the cut: none (default), linear; `miprun list repairs` says what each does.",
+        "Repair after the cut.",
         "--repair",
     )
     repair_params: dict[str, Any] = opt(

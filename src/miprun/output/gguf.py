@@ -30,37 +30,24 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from miprun.atomic import atomic_path
 from miprun.errors import GgufError
+from miprun.output.gguf_tensors import (
+    encode_replaced,
+    field_value,
+    hard_coded_period,
+    hf_to_gguf_names,
+)
 
 log = logging.getLogger(__name__)
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
-# Architectures whose layers alternate by position with a period that no GGUF key states (llama.cpp
-# hard-codes it): the layer at index i is the odd one out (global attention, no RoPE) when (i + 1) % n == 0.
-_HARD_CODED_PERIOD = {
-    "gemma2": 2,
-    "gemma3": 6,
-    "gemma-embedding": 6,
-    "cohere2": 4,
-    "gpt-oss": 2,
-    "llama4": 4,
-    "smollm3": 4,
-}
-# Scalar keys (after `{arch}.`) that state such a period in the file itself.
+# Scalar keys (after `{arch}.`) that state the positional period of layer roles in the file itself; where
+# none does, the family's `GgufFacts.period` in model/layouts.py says what llama.cpp hard-codes.
 _PERIOD_KEYS = ("full_attention_interval", "interleave_moe_layer_step", "attention.sliding_window_pattern")
-
-# How transformers' GGUF loader changes a tensor on load, per GGUF architecture; we apply the inverse.
-# Architectures in none of these sets get no replaced tensors (plain pruning still works for them).
-_NO_TRANSFORM = frozenset({"qwen2", "qwen3", "phi3", "starcoder2", "stablelm"})
-_PLUS_ONE_NORMS = frozenset({"gemma2", "gemma3", "nemotron"})  # stored as w + 1, loaded as w - 1
-_PERMUTED_QK = frozenset({"llama"})  # llama.cpp permutes Q/K rows for its RoPE layout
-_TRANSPOSED = {"gpt2": ("attn_qkv.weight", "ffn_down.weight", "ffn_up.weight", "attn_output.weight")}
-
-_FLOAT_TYPES = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F64})
 
 
 @dataclass(frozen=True)
@@ -101,14 +88,8 @@ class GgufReport:
         return 1.0 - self.out_bytes / self.source_bytes
 
 
-def _field_value(reader: GGUFReader, key: str) -> Any:
-    """The decoded value of metadata `key`, or None when the file lacks it."""
-    found = reader.get_field(key)
-    return None if found is None else found.contents()
-
-
 def _architecture(reader: GGUFReader, path: Path) -> str:
-    arch = _field_value(reader, gguf.Keys.General.ARCHITECTURE)
+    arch = field_value(reader, gguf.Keys.General.ARCHITECTURE)
     if not isinstance(arch, str):
         raise GgufError(f"{path} has no general.architecture key; is it a GGUF model file?")
     return arch
@@ -116,7 +97,7 @@ def _architecture(reader: GGUFReader, path: Path) -> str:
 
 def _block_count(reader: GGUFReader, arch: str, path: Path) -> int:
     key = gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)
-    count = _field_value(reader, key)
+    count = field_value(reader, key)
     if not isinstance(count, int) or count <= 0:
         raise GgufError(
             f"{path} (architecture {arch!r}) has no positive {key} key (found {count!r}), so its blocks cannot be "
@@ -133,7 +114,7 @@ def gguf_block_count(path: Path | str) -> int:
 
 def gguf_license(path: Path | str) -> str | None:
     """The `general.license` the GGUF file at `path` declares (e.g. "apache-2.0"), or None."""
-    value = _field_value(GGUFReader(path), gguf.Keys.General.LICENSE)
+    value = field_value(GGUFReader(path), gguf.Keys.General.LICENSE)
     return value if isinstance(value, str) and value else None
 
 
@@ -163,10 +144,10 @@ def _check_removed(removed: Sequence[int], total: int) -> list[int]:
 def _period(reader: GGUFReader, arch: str) -> int | None:
     """The positional period of this architecture's layer roles, when it has one (see module docstring)."""
     for key in _PERIOD_KEYS:
-        value = _field_value(reader, f"{arch}.{key}")
+        value = field_value(reader, f"{arch}.{key}")
         if isinstance(value, int) and not isinstance(value, bool) and value > 1:
             return value
-    return _HARD_CODED_PERIOD.get(arch)
+    return hard_coded_period(arch)
 
 
 def pattern_changes(kept: Sequence[int], period: int) -> list[int]:
@@ -192,10 +173,10 @@ def _metadata(reader: GGUFReader, arch: str, total: int, kept: list[int]) -> tup
     changed: dict[str, Any] = {gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch): len(kept)}
     trimmed = _per_layer_arrays(reader, arch, total)
     for key in trimmed:
-        values = _field_value(reader, key)
+        values = field_value(reader, key)
         changed[key] = [values[i] for i in kept]
     leading = f"{arch}.leading_dense_block_count"  # dense blocks before the MoE ones, counted from the bottom
-    value = _field_value(reader, leading)
+    value = field_value(reader, leading)
     if isinstance(value, int):
         changed[leading] = sum(1 for i in kept if i < value)
     return changed, trimmed
@@ -203,105 +184,12 @@ def _metadata(reader: GGUFReader, arch: str, total: int, kept: list[int]) -> tup
 
 def _check_tail_blocks(reader: GGUFReader, arch: str, total: int, drop: list[int]) -> None:
     """Refuse removing the multi-token-prediction blocks that some files count as the last blocks."""
-    nextn = _field_value(reader, f"{arch}.nextn_predict_layers")
+    nextn = field_value(reader, f"{arch}.nextn_predict_layers")
     if isinstance(nextn, int) and nextn > 0 and any(i >= total - nextn for i in drop):
         raise GgufError(
             f"Blocks {total - nextn}..{total - 1} of this {arch} GGUF are its {nextn} multi-token-prediction "
             f"block(s), not decoder blocks; remove only blocks below {total - nextn}."
         )
-
-
-def _hf_to_gguf_names(hf_names: Sequence[str], arch: str, total: int) -> dict[str, str]:
-    """GGUF tensor name (original numbering) for each Hugging Face parameter name, via gguf's own name map."""
-    model_arch = next((key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == arch), None)
-    if model_arch is None:
-        raise GgufError(
-            f"The installed gguf package has no name map for architecture {arch!r}, so replaced tensors "
-            "cannot be named; upgrade gguf, or write the GGUF without a repair (--repair none) or as "
-            "transformers (--out-format transformers)."
-        )
-    name_map = gguf.get_tensor_name_map(model_arch, total)
-    names = {}
-    for hf_name in hf_names:
-        # A multimodal wrapper (gemma3) nests the text decoder one level down; a GGUF holds only that decoder.
-        candidates = (hf_name, hf_name.replace("model.language_model.", "model.", 1))
-        found = (name_map.get_name(name, try_suffixes=(".weight", ".bias")) for name in candidates)
-        gguf_name = next((name for name in found if name is not None), None)
-        if gguf_name is None:
-            raise GgufError(
-                f"Replaced tensor {hf_name!r} has no GGUF counterpart for architecture {arch!r} in gguf's name "
-                "map; pass Hugging Face parameter names in the original block numbering, such as "
-                "'model.layers.3.mlp.down_proj.weight'."
-            )
-        names[hf_name] = gguf_name
-    return names
-
-
-def _head_count(reader: GGUFReader, key: str, block: int) -> int | None:
-    """A head count that may be stored once or per layer."""
-    value = _field_value(reader, key)
-    if isinstance(value, list):
-        return int(value[block])
-    return value if isinstance(value, int) else None
-
-
-def _permute_qk(weights: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's Q/K row order for its RoPE: within each head, interleave the two rotary halves."""
-    half = weights.shape[0] // n_head // 2
-    return weights.reshape(n_head, 2, half, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
-
-
-def _is_transposed(arch: str, gguf_name: str) -> bool:
-    """Whether Hugging Face stores this tensor transposed (GPT-2's Conv1D weights are (in, out))."""
-    return gguf_name.endswith(_TRANSPOSED.get(arch, ()))
-
-
-def to_gguf_layout(
-    values: np.ndarray, arch: str, gguf_name: str, n_head: int | None = None, n_head_kv: int | None = None
-) -> np.ndarray:
-    """A Hugging Face parameter in the layout llama.cpp stores it in, inverting transformers' GGUF loader.
-
-    `n_head` and `n_head_kv` (the file's attention head counts) are needed for llama's Q and K only.
-
-    Raises:
-        ValueError: the loader transforms this architecture's tensors in a way not inverted here, or a
-            head count needed for that is missing.
-    """
-    if arch in _PERMUTED_QK:
-        if ".attn_q." not in gguf_name and ".attn_k." not in gguf_name:
-            return values
-        heads = n_head if ".attn_q." in gguf_name else (n_head_kv or n_head)
-        if not heads:
-            raise GgufError(
-                f"Writing {gguf_name!r} needs the {arch}.attention.head_count key, which the source GGUF lacks."
-            )
-        return _permute_qk(values, heads)
-    if arch in _PLUS_ONE_NORMS:
-        return values + 1 if "norm.weight" in gguf_name else values
-    if arch in _TRANSPOSED:
-        return np.ascontiguousarray(values.T) if _is_transposed(arch, gguf_name) else values
-    if arch in _NO_TRANSFORM:
-        return values
-    raise GgufError(
-        f"miprun does not know how transformers' GGUF loader lays out {arch!r} tensors, so it cannot write the "
-        f"replaced tensor {gguf_name!r}: write the GGUF without a repair (--repair none), or save the repaired "
-        "model as transformers (--out-format transformers)."
-    )
-
-
-def requantize(
-    values: np.ndarray, source_type: GGMLQuantizationType
-) -> tuple[np.ndarray, GGMLQuantizationType]:
-    """`values` encoded in `source_type` where gguf.quants can, else F16 (F32 where F16 overflows or is lower)."""
-    block, _ = gguf.GGML_QUANT_SIZES[source_type]
-    if values.shape[-1] % block == 0:
-        try:
-            return gguf.quants.quantize(values, source_type), source_type
-        except NotImplementedError:
-            pass
-    if source_type not in _FLOAT_TYPES and np.abs(values).max(initial=0.0) <= np.finfo(np.float16).max:
-        return values.astype(np.float16), GGMLQuantizationType.F16
-    return values.astype(np.float32), GGMLQuantizationType.F32
 
 
 @dataclass
@@ -312,12 +200,6 @@ class _Planned:
     data: np.ndarray
     qtype: GGMLQuantizationType
     raw: bool  # copied from the source file as is (its endianness), not computed here
-
-
-def _block_index(name: str) -> int | None:
-    """The block a tensor belongs to (`blk.N.*`), or None for the embedding, output norm and head."""
-    match = _BLOCK.match(name)
-    return None if match is None else int(match.group(1))
 
 
 def _new_name(name: str, new_index: Mapping[int, int]) -> str | None:
@@ -335,7 +217,7 @@ def _match_replaced(
     """Source GGUF tensor name -> Hugging Face name, for each replaced tensor, after checking it can be written."""
     tensors = {tensor.name for tensor in reader.tensors}
     by_gguf: dict[str, str] = {}
-    for hf_name, gguf_name in _hf_to_gguf_names(hf_names, arch, total).items():
+    for hf_name, gguf_name in hf_to_gguf_names(hf_names, arch, total).items():
         if gguf_name in by_gguf:
             raise GgufError(
                 f"Replaced tensors {by_gguf[gguf_name]!r} and {hf_name!r} both map to {gguf_name!r}; pass one."
@@ -351,26 +233,6 @@ def _match_replaced(
             )
         by_gguf[gguf_name] = hf_name
     return by_gguf
-
-
-def _encode_replaced(
-    reader: GGUFReader, arch: str, tensor: ReaderTensor, hf_name: str, value: torch.Tensor
-) -> tuple[np.ndarray, GGMLQuantizationType]:
-    """A replaced tensor's new value in llama.cpp's layout, encoded like the source tensor where possible."""
-    values = value.detach().to("cpu", torch.float32).numpy()
-    expected = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dimensions innermost first
-    if _is_transposed(arch, tensor.name):
-        expected = expected[::-1]
-    if values.shape != expected:
-        raise GgufError(
-            f"Replaced tensor {hf_name!r} has shape {tuple(values.shape)} but {tensor.name} in the source file "
-            f"holds {expected}; pass it in the Hugging Face model's own shape and orientation."
-        )
-    block = _block_index(tensor.name) or 0
-    n_head = _head_count(reader, gguf.Keys.Attention.HEAD_COUNT.format(arch=arch), block)
-    n_head_kv = _head_count(reader, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch), block)
-    values = to_gguf_layout(values, arch, tensor.name, n_head, n_head_kv)
-    return requantize(np.ascontiguousarray(values, dtype=np.float32), tensor.tensor_type)
 
 
 def _plan_tensors(
@@ -391,7 +253,7 @@ def _plan_tensors(
         if hf_name is None:
             planned.append(_Planned(name, tensor.data, tensor.tensor_type, raw=True))
             continue
-        data, qtype = _encode_replaced(reader, arch, tensor, hf_name, replaced[hf_name])
+        data, qtype = encode_replaced(reader, arch, tensor, hf_name, replaced[hf_name])
         planned.append(_Planned(name, data, qtype, raw=False))
         report.append(ReplacedTensor(hf_name, name, tensor.tensor_type.name, qtype.name))
     return planned, report
@@ -413,7 +275,7 @@ def _write_atomically(
     """Write the GGUF beside `out` and move it into place in one step (:func:`miprun.atomic.atomic_path`)."""
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
-        alignment = _field_value(reader, gguf.Keys.General.ALIGNMENT)
+        alignment = field_value(reader, gguf.Keys.General.ALIGNMENT)
         if isinstance(alignment, int):
             writer.data_alignment = alignment
         _copy_metadata(reader, writer, changed)
@@ -473,7 +335,7 @@ def write_pruned_gguf(
         raise GgufError(f"out {out} is the source GGUF itself; write the pruned file to another path.")
     reader = GGUFReader(source)
     arch = _architecture(reader, source)
-    split = _field_value(reader, "split.count")
+    split = field_value(reader, "split.count")
     if isinstance(split, int) and split > 1:
         raise GgufError(
             f"{source} is shard 1 of a {split}-file split GGUF; merge it first (llama-gguf-split --merge) and "

@@ -54,8 +54,6 @@ _MEMBERS = (
 )
 # Hugging Face model_type -> llama.cpp's architecture name, for the families whose layers take a role
 # (sliding or global attention, RoPE or not) from their position alone; see miprun.output.gguf.
-_POSITIONAL = {"gemma2": "gemma2", "gemma3": "gemma3", "gemma3_text": "gemma3", "cohere2": "cohere2"}
-_POSITIONAL |= {"llama4": "llama4", "llama4_text": "llama4", "smollm3": "smollm3", "gpt_oss": "gpt-oss"}
 
 
 @dataclass(frozen=True)
@@ -190,12 +188,15 @@ def check_layer_roles(config: Mapping[str, Any], removed: Sequence[int]) -> None
     attention) and the converter writes no key to say otherwise, so removing blocks can silently change
     the model llama.cpp runs. ``config`` is the dense model's (text) config.
     """
-    from miprun.output.gguf import _HARD_CODED_PERIOD, _pattern_message, pattern_changes
+    from miprun.model.layouts import LAYOUTS
+    from miprun.output.gguf import _pattern_message, pattern_changes
 
-    arch = _POSITIONAL.get(str(config.get("model_type")))
-    period = _HARD_CODED_PERIOD.get(arch or "")
-    if arch is None or period is None:
+    layout = LAYOUTS.get(str(config.get("model_type")))
+    facts = layout.gguf if layout is not None else None
+    period = facts.period if facts is not None else None
+    if facts is None or period is None:
         return
+    arch = facts.arch
     total = int(config["num_hidden_layers"])
     kept = [i for i in range(total) if i not in set(removed)]
     types = config.get("layer_types")

@@ -24,6 +24,31 @@ SCHEMA_VERSION = 2  # 2: kind, repair, optional MI fields (baselines no longer c
 
 
 @dataclass
+class HeldoutEvaluation:
+    """Held-out perplexity of one run: the dense model, the plain cut (when a repair follows), the result.
+
+    ``heal`` fills ``healed_ppl`` (its ``pruned_ppl`` is the model before healing); the JSON leaves out what
+    was not measured, as the manifest always has.
+    """
+
+    source: str
+    windows: int
+    seq_len: int
+    dense_ppl: float
+    fingerprint: str | None = None
+    cut_ppl: float | None = None
+    pruned_ppl: float | None = None
+    healed_ppl: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> HeldoutEvaluation | None:
+        return cls(**data) if data else None
+
+
+@dataclass
 class PrunePlan:
     """The record of one pruning run."""
 
@@ -37,7 +62,7 @@ class PrunePlan:
     repair: RepairRecord = field(default_factory=lambda: RepairRecord("none"))
     heal: dict[str, Any] | None = None  # what `miprun heal` did after the cut (a HealReport), if it ran
     timings: dict[str, float] = field(default_factory=dict)
-    evaluation: dict[str, Any] = field(default_factory=dict)
+    evaluation: HeldoutEvaluation | None = None  # with --eval
     outputs: list[str] = field(default_factory=list)  # files of the checkpoint besides the manifest
     versions: dict[str, str] = field(default_factory=package_versions)
     schema_version: int = SCHEMA_VERSION
@@ -50,6 +75,7 @@ class PrunePlan:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["num_blocks_after"] = self.num_blocks_after
+        data["evaluation"] = self.evaluation.to_json() if self.evaluation is not None else {}
         return data
 
     def write(self, path: Path) -> None:
@@ -66,6 +92,7 @@ class PrunePlan:
             data["calibration"] = CalibrationInfo(**data["calibration"])
             data["search"] = SearchInfo(**data["search"])
             data["repair"] = RepairRecord(**(data.get("repair") or {"name": "none"}))
+            data["evaluation"] = HeldoutEvaluation.from_json(data.get("evaluation"))
             data.setdefault("kind", MANIFEST_KIND)
             return cls(**data)
         except (OSError, ValueError, KeyError, TypeError) as err:

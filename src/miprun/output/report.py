@@ -93,10 +93,10 @@ def summary(plan: PrunePlan) -> str:
         f"| calibration | {_calibration(plan)} |",
     ]
     ev = plan.evaluation
-    if "dense_ppl" in ev and "pruned_ppl" in ev:
+    if ev is not None and ev.pruned_ppl is not None:
         lines.append(
-            f"| held-out perplexity ({ev['source']}, {ev['windows']} x {ev['seq_len']}) | "
-            f"dense {ev['dense_ppl']:.2f} -> pruned {ev['pruned_ppl']:.2f} |"
+            f"| held-out perplexity ({ev.source}, {ev.windows} x {ev.seq_len}) | "
+            f"dense {ev.dense_ppl:.2f} -> pruned {ev.pruned_ppl:.2f} |"
         )
     lines += ["", "| phase | seconds |", "|---|---|"]
     lines += [f"| {phase} | {sec:.2f} |" for phase, sec in plan.timings.items()]

@@ -186,21 +186,12 @@ def card_facts(loaded: LoadedModel, plan: PrunePlan, folder: Path, gguf_report: 
         files.append(OutputFile(GGUF_NAME, gguf_report.type_counts, note))
     ev = plan.evaluation
     results = []
-    if "pruned_ppl" in ev:
-        text = f"held-out text ({ev['source']}, {ev['windows']} x {ev['seq_len']} tokens)"
-        results.append(
-            Result(text, "perplexity", ev["pruned_ppl"], ev.get("dense_ppl"), lower_is_better=True)
-        )
-        if "cut_ppl" in ev:
+    if ev is not None and ev.pruned_ppl is not None:
+        text = f"held-out text ({ev.source}, {ev.windows} x {ev.seq_len} tokens)"
+        results.append(Result(text, "perplexity", ev.pruned_ppl, ev.dense_ppl, lower_is_better=True))
+        if ev.cut_ppl is not None:
             results.append(
-                Result(
-                    f"{text}, cut before repair",
-                    "perplexity",
-                    ev["cut_ppl"],
-                    ev.get("dense_ppl"),
-                    True,
-                    False,
-                )
+                Result(f"{text}, cut before repair", "perplexity", ev.cut_ppl, ev.dense_ppl, True, False)
             )
     results += _heal_results(plan)
     cal = plan.calibration
@@ -283,10 +274,17 @@ def _heal_results(plan: PrunePlan) -> list[Any]:
 
 
 def _repair_name(plan: PrunePlan) -> str | None:
-    names = [plan.repair.name] if plan.repair.name != "none" else []
+    names = [plan.repair.name] if _changes_weights(plan.repair.name) else []
     if plan.heal is not None:
         names.append("heal (distillation toward the dense model)")
     return " + ".join(names) or None
+
+
+def _changes_weights(name: str) -> bool:
+    """Whether the repair a plan names edits weights (a repair this install does not know is assumed to)."""
+    from miprun import repair
+
+    return name not in repair.REGISTRY or repair.REGISTRY.get(name).changes_weights
 
 
 def _healed(plan: PrunePlan) -> list[str]:

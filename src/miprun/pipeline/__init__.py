@@ -8,13 +8,13 @@ Nothing here parses options or prints: :mod:`miprun.api` decides what runs, :mod
 
 from __future__ import annotations
 
+from miprun.model.loading import check_seq_len
 from miprun.pipeline.repairing import RepairHook, attach_live, fit_repair, repair_model
 from miprun.pipeline.scoring import (
     calibration_info,
     calibration_windows,
     capture_pass,
     check_scores_match,
-    check_seq_len,
     evidence_of,
     gather,
     score_model,

@@ -115,7 +115,7 @@ def attach_live(
     if not method.live_keys:
         return None
     _, windows = calibration_windows(loaded, run.calibration)
-    hook = RepairHook(loaded, repair, run) if repair is not None and repair.name != "none" else None
+    hook = RepairHook(loaded, repair, run) if repair is not None and repair.changes_weights else None
     ctx = GatherContext(
         loaded.model, windows, None, run.calibration.batch_size, run.max_blocks, run.progress, hook
     )

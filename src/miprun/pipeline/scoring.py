@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, replace
-from typing import Any
 
 import torch
 
@@ -14,30 +13,19 @@ from miprun.capture.engine import capture
 from miprun.capture.sequential import capture_sequential
 from miprun.capture.statistic import CapturedStats, Statistic
 from miprun.data import TextSource, load_text, token_windows
-from miprun.errors import InvalidOptionError, ScoresError
+from miprun.errors import ScoresError
 from miprun.estimators import Estimator
 from miprun.methods import Evidence, GatherContext, Method
 from miprun.model.identity import tensor_fingerprint
-from miprun.model.layouts import max_positions
-from miprun.model.loading import LoadedModel, resolve_device
+from miprun.model.loading import LoadedModel, check_seq_len, resolve_device
 from miprun.options import (
     CalibrationConfig,
 )
-from miprun.pipeline.setup import RunSettings, model_info, timed
+from miprun.pipeline.setup import ModelInfo, RunSettings, model_info, timed
 from miprun.scores import CalibrationInfo, ScoreResult, ScoreTable
 from miprun.scores import cache as scores_cache
 
 log = logging.getLogger(__name__)
-
-
-def check_seq_len(loaded: LoadedModel, seq_len: int, flag: str) -> None:
-    """Refuse windows longer than the model's positions, before any text is read."""
-    limit = max_positions(loaded.model)
-    if limit is not None and seq_len > limit:
-        raise InvalidOptionError(
-            f"{flag} {seq_len} is longer than the {limit} positions {loaded.name} was built for; "
-            f"use {flag} {limit} or less"
-        )
 
 
 def calibration_windows(loaded: LoadedModel, cal: CalibrationConfig) -> tuple[TextSource, torch.Tensor]:
@@ -117,17 +105,17 @@ def score_model(
     key = None
     if run.cache and not distributed.is_distributed():
         key = _cache_key(loaded, info, text, windows, method, estimator, run)
-        owner = {"fingerprint": info["fingerprint"], "windows_fingerprint": tensor_fingerprint(windows)}
-        hit = scores_cache.read(key, info["num_blocks"], owner)
+        owner = {"fingerprint": info.fingerprint, "windows_fingerprint": tensor_fingerprint(windows)}
+        hit = scores_cache.read(key, info.num_blocks, owner)
         if hit is not None:
-            hit.model, hit.timings = info, timings  # this run's: loading and tokenizing only
+            hit.model, hit.timings = info.to_json(), timings  # this run's: loading and tokenizing only
             return hit
     spans = run.all_spans or key is not None  # a cached result must serve any N and method
     evidence, stats, measured = gather(loaded, windows, method, estimator, replace(run, all_spans=spans))
     timings.update(measured)
     result = ScoreResult(
         calibration=calibration_info(text, windows, run.calibration, stats.num_tokens),
-        model=info,
+        model=info.to_json(),
         table=evidence.table,
         estimator=estimator,
         evidence=evidence.extras,
@@ -140,7 +128,7 @@ def score_model(
 
 def _cache_key(
     loaded: LoadedModel,
-    info: dict[str, Any],
+    info: ModelInfo,
     text: TextSource,
     windows: torch.Tensor,
     method: Method,
@@ -158,7 +146,7 @@ def _cache_key(
     }
     param = next(loaded.model.parameters())
     return scores_cache.cache_key(
-        scores_cache.settings_for(info["fingerprint"], param, text.fingerprint, windows, scoring)
+        scores_cache.settings_for(info.fingerprint, param, text.fingerprint, windows, scoring)
     )
 
 
@@ -167,13 +155,13 @@ def evidence_of(result: ScoreResult) -> Evidence:
     return Evidence(num_blocks=result.num_blocks, table=result.table, extras=dict(result.evidence))
 
 
-def check_scores_match(scores: ScoreResult, info: dict[str, Any], source: str | None) -> None:
+def check_scores_match(scores: ScoreResult, info: ModelInfo, source: str | None) -> None:
     """Refuse scores made for another model or (when ``source`` is given) other calibration text."""
-    if scores.model.get("fingerprint") != info["fingerprint"]:
+    if scores.model.get("fingerprint") != info.fingerprint:
         raise ScoresError(
             f"the scores file was made for model {scores.model.get('name')!r} "
-            f"(fingerprint {scores.model.get('fingerprint')}), not for {info['name']!r} "
-            f"(fingerprint {info['fingerprint']}); re-run `miprun score` for this model"
+            f"(fingerprint {scores.model.get('fingerprint')}), not for {info.name!r} "
+            f"(fingerprint {info.fingerprint}); re-run `miprun score` for this model"
         )
     if source is not None:
         text = load_text(source, "calibration")

@@ -68,6 +68,16 @@ def method_of(scoring: ScoringOptions) -> Method:
     return methods.build(scoring.method, params)
 
 
+def method_with(name: str, params: dict[str, Any], k: int) -> Method:
+    """The method ``name`` with those of ``params`` it has, and ``k`` if it takes one (one --method-opt set
+    serves every method of a comparison)."""
+    fields = {f.name for f in dataclasses.fields(methods.REGISTRY.get(name))}
+    own = {key: value for key, value in params.items() if key in fields}
+    if "k" in fields:
+        own.setdefault("k", k)
+    return methods.build(name, own)
+
+
 def estimator_of(estimation: EstimatorOptions) -> Estimator:
     return estimators.build(estimation.estimator, estimation.estimator_params)
 
@@ -92,16 +102,28 @@ def check(options: Any) -> None:
             estimator_of(value)
         elif isinstance(value, RepairOptions):
             repair_of(value)
-    for name in getattr(options, "methods", []):
-        methods.build(name)
+    method_names = compared_methods(options) if hasattr(options, "methods") else []
+    for name in method_names:
+        method_with(name, getattr(options, "method_params", {}), getattr(options, "k", 0))
+    _refuse_unused("method", method_names, methods.REGISTRY, getattr(options, "method_params", {}))
     names = getattr(options, "repairs", [])
     for name in names:
         repair_with(name, getattr(options, "repair_params", {}))
-    known = {f.name for name in names for f in dataclasses.fields(repair.REGISTRY.get(name))}
-    unused = sorted(set(getattr(options, "repair_params", {}) if names else ()) - known)
+    _refuse_unused("repair", names, repair.REGISTRY, getattr(options, "repair_params", {}))
+
+
+def compared_methods(options: Any) -> list[str]:
+    """The methods a comparison runs: those it names, or every method that belongs in the default comparison."""
+    return list(options.methods) or methods.default_comparison()
+
+
+def _refuse_unused(kind: str, names: list[str], registry: Any, params: dict[str, Any]) -> None:
+    """A parameter that none of the named plugins has is a typo: refuse it, naming who was asked."""
+    known = {f.name for name in names for f in dataclasses.fields(registry.get(name))}
+    unused = sorted(set(params if names else ()) - known)
     if unused:
         raise InvalidOptionError(
-            f"no repair among {', '.join(names)} has the parameter(s) {', '.join(unused)}"
+            f"no {kind} among {', '.join(names)} has the parameter(s) {', '.join(unused)}"
         )
 
 
@@ -145,15 +167,34 @@ def blocks_to_remove(total: int, num_blocks: int | None, ratio: float | None) ->
     return n
 
 
-def model_info(loaded: LoadedModel) -> dict[str, Any]:
-    """Identity of a loaded model for manifests and scores files."""
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity of a loaded model, as manifests and scores files record it."""
+
+    name: str
+    path: str | None
+    model_type: str
+    num_blocks: int
+    fingerprint: str
+    revision: str | None = None  # the hub revision it was loaded at, when one was asked for
+
+    def to_json(self) -> dict[str, Any]:
+        record = dataclasses.asdict(self)
+        if self.revision is None:
+            del record["revision"]  # the files name a revision only when one was asked for
+        return record
+
+
+def model_info(loaded: LoadedModel) -> ModelInfo:
+    """Identity of a loaded model; an architecture miprun cannot prune fails here, before any forward pass."""
     config = loaded.model.config
-    layout = layout_for(config)  # an unsupported architecture fails here, before any forward pass
+    layout = layout_for(config)
     check_exact(text_config(config), layout)  # so does one whose layers cannot be renumbered
-    return {
-        "name": loaded.name,
-        "path": loaded.path,
-        "model_type": config.model_type,
-        "num_blocks": num_blocks(loaded.model),
-        "fingerprint": model_fingerprint(loaded.model),
-    } | ({"revision": loaded.revision} if loaded.revision is not None else {})
+    return ModelInfo(
+        name=loaded.name,
+        path=loaded.path,
+        model_type=config.model_type,
+        num_blocks=num_blocks(loaded.model),
+        fingerprint=model_fingerprint(loaded.model),
+        revision=loaded.revision,
+    )

@@ -1,4 +1,4 @@
-"""Repairs after the cut, by name: one file and one registry line each."""
+"""Repairs after the cut, by name: one file each; each repair class registers itself (``@REGISTRY.register``)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from miprun.options import DEFAULT_REPAIR
-from miprun.registry import Registry
-from miprun.repair.base import Repair, RepairContext, RepairRecord
+from miprun.repair.base import REGISTRY, Repair, RepairContext, RepairRecord
 from miprun.repair.identity import NoRepair
 from miprun.repair.linear import LinearRepair
-
-REGISTRY: Registry[type[Repair]] = Registry("repair")
-REGISTRY.register(NoRepair)
-REGISTRY.register(LinearRepair)
 
 
 def build(name: str, params: Mapping[str, Any] | None = None) -> Repair:
@@ -27,4 +22,14 @@ def describe() -> str:
     return "; ".join(f"{name} ({cls.summary})" for name, cls in REGISTRY.items())
 
 
-__all__ = ["DEFAULT_REPAIR", "REGISTRY", "Repair", "RepairContext", "RepairRecord", "build", "describe"]
+__all__ = [
+    "DEFAULT_REPAIR",
+    "REGISTRY",
+    "LinearRepair",
+    "NoRepair",
+    "Repair",
+    "RepairContext",
+    "RepairRecord",
+    "build",
+    "describe",
+]

@@ -17,6 +17,7 @@ from torch import nn
 
 from miprun.capture.statistic import CapturedStats, Statistic
 from miprun.options import CalibrationConfig
+from miprun.registry import Registry
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Repair(ABC):
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    changes_weights: ClassVar[bool] = True  # False: the cut alone (no fit, no extra pass, nothing to replay)
 
     def statistics(self, model: nn.Module, removed: list[int]) -> list[Statistic]:
         """What the repair's calibration pass must record for this removal set (none: no extra pass)."""
@@ -79,3 +81,7 @@ class Repair(ABC):
 
     def params(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Every repair by name: a class registers itself with ``@REGISTRY.register`` (its ``name`` is the key).
+REGISTRY: Registry[type[Repair]] = Registry("repair")

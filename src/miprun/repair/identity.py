@@ -7,13 +7,15 @@ from typing import ClassVar
 
 import torch
 
-from miprun.repair.base import Repair, RepairContext, RepairRecord
+from miprun.repair.base import REGISTRY, Repair, RepairContext, RepairRecord
 
 
+@REGISTRY.register
 @dataclass
 class NoRepair(Repair):
     name: ClassVar[str] = "none"
     summary: ClassVar[str] = "cut only: no weight is changed"
+    changes_weights: ClassVar[bool] = False
 
     def fit(self, ctx: RepairContext) -> tuple[dict[str, torch.Tensor], RepairRecord]:
         return {}, RepairRecord(self.name)

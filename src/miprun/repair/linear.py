@@ -35,7 +35,7 @@ from miprun.model.layouts import decoder_layers, layer_part, layout_for, mlp_add
 from miprun.model.perplexity import mean_nll
 from miprun.model.surgery import skip_blocks
 from miprun.options import CalibrationConfig
-from miprun.repair.base import Repair, RepairContext, RepairRecord
+from miprun.repair.base import REGISTRY, Repair, RepairContext, RepairRecord
 from miprun.repair.fold import (
     embedding_fold_error,
     embeddings_tied,
@@ -90,6 +90,7 @@ def residual_fraction(xtx: torch.Tensor, xtr: torch.Tensor, rtr: torch.Tensor, T
     return float(err / rtr.sum().clamp_min(1e-300))
 
 
+@REGISTRY.register
 @dataclass
 class LinearRepair(Repair):
     """A least-squares map per removed run, fitted on calibration activations and folded into weights."""

@@ -103,7 +103,7 @@ class ScoreResult:
         if est is not None:
             params = dict(est)
             estimator = estimators.build(params.pop("name"), params)
-        evidence = {k: methods.EVIDENCE.get(k).from_json(v) for k, v in (data.get("evidence") or {}).items()}
+        evidence = {k: methods.evidence_type(k).from_json(v) for k, v in (data.get("evidence") or {}).items()}
         evidence.update(_version1_evidence(data.get("baselines")))
         result = cls(
             calibration=CalibrationInfo(**data["calibration"]),

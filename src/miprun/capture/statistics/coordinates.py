@@ -7,10 +7,11 @@ from typing import ClassVar
 
 import torch
 
-from miprun.capture.statistic import BatchInfo, CaptureContext, Statistic, Tap, rms_normalize
+from miprun.capture.statistic import REGISTRY, BatchInfo, CaptureContext, Statistic, Tap, rms_normalize
 from miprun.capture.statistics.moments import recentre
 
 
+@REGISTRY.register
 @dataclass
 class CoordinateMoments(Statistic):
     """``cross[a, b, j] = sum_t z_a[t, j] z_b[t, j]`` over tokens, for every pair of states ``(a, b)``.

@@ -10,9 +10,10 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from miprun.capture.statistic import BatchInfo, CaptureContext, Statistic, Tap
+from miprun.capture.statistic import REGISTRY, BatchInfo, CaptureContext, Statistic, Tap
 
 
+@REGISTRY.register
 @dataclass
 class CosineSums(Statistic):
     """Sums over tokens of ``cos(state a, state b)`` and of ``arccos(cos) / pi`` for every pair ``(a, b)``.

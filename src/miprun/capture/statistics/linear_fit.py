@@ -16,9 +16,10 @@ from typing import ClassVar
 
 import torch
 
-from miprun.capture.statistic import BatchInfo, CaptureContext, Statistic, Tap
+from miprun.capture.statistic import REGISTRY, BatchInfo, CaptureContext, Statistic, Tap
 
 
+@REGISTRY.register
 @dataclass
 class LinearFitSums(Statistic):
     """``X^T X``, ``X^T (Y - B)`` and ``sum X^2``-style counts for one map, accumulated in float64."""

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from miprun.capture.statistic import BatchInfo, CaptureContext, Statistic, Tap, rms_normalize
+from miprun.capture.statistic import REGISTRY, BatchInfo, CaptureContext, Statistic, Tap, rms_normalize
 
 
 def random_projection(dim: int, out_dim: int, seed: int) -> torch.Tensor | None:
@@ -21,6 +21,7 @@ def random_projection(dim: int, out_dim: int, seed: int) -> torch.Tensor | None:
     return torch.randn(dim, out_dim, generator=gen, dtype=torch.float32) / out_dim**0.5
 
 
+@REGISTRY.register
 @dataclass
 class Moments(Statistic):
     """Running sums over tokens of the concatenated projected states ``z = [z_0, ..., z_T]``.

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from miprun.capture.statistic import BatchInfo, CaptureContext, Statistic, Tap, rms_normalize
+from miprun.capture.statistic import REGISTRY, BatchInfo, CaptureContext, Statistic, Tap, rms_normalize
 from miprun.capture.statistics.moments import random_projection
 
 
@@ -28,6 +28,7 @@ def even_rows(count: int, n: int) -> torch.Tensor:
     return torch.linspace(0, count - 1, n, dtype=torch.float64).round().long()
 
 
+@REGISTRY.register
 @dataclass
 class TokenSample(Statistic):
     """States of a seeded sample of ``capacity`` token positions, drawn over all windows: ``(tokens, dim)``."""
