@@ -31,10 +31,15 @@ def _miprun(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
-def test_show_completion_prints_a_bash_script(capsys) -> None:
-    assert main(["--show-completion", "bash"]) == 0
-    script = capsys.readouterr().out
-    assert "complete " in script and "_MIPRUN_COMPLETE=complete_bash" in script
+def test_show_completion_prints_a_bash_script() -> None:
+    # typer detects the user's shell from the process tree, which a background job (nohup, CI) may not show;
+    # its own switch makes --show-completion take the shell's name instead
+    named = {"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    done = _miprun("--show-completion", "bash", env=named)
+    assert done.returncode == 0, done.stderr
+    assert "complete " in done.stdout and "_MIPRUN_COMPLETE=complete_bash" in done.stdout
+    unknown = _miprun("--show-completion", "cmd.exe", env=named)
+    assert unknown.returncode == 2 and "is not one of 'bash'" in unknown.stderr and not unknown.stdout
 
 
 def test_completion_completes_commands_and_flags() -> None:

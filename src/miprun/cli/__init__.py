@@ -366,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
             why = "Ctrl-C" if signum is None else f"stopped by {signal.Signals(signum).name}"
             console.print(INTERRUPTED.format(why=why))
             return 130 if signum is None else 128 + signum
+        if isinstance(code, int) and code:  # e.g. completion asked for a shell it does not know
+            return code
     except typer.Exit as exc:
         return int(exc.exit_code)
     except SystemExit as exc:  # shell completion (--show-completion, _MIPRUN_COMPLETE) ends with sys.exit
