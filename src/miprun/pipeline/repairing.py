@@ -61,7 +61,7 @@ def repair_model(
     after the repair), saving the repair's own pass."""
     if hook is not None and hook.repair is repair and hook.covers(removed):
         start = time.perf_counter()
-        edits, record = hook.fit(removed)
+        edits, record = hook.fit(removed, run.progress)
         record.seconds = round(time.perf_counter() - start, 3)
     else:
         edits, record = fit_repair(loaded, repair, removed, run)
@@ -87,11 +87,11 @@ class RepairHook:
             self.windows, self.check = self.repair.split(drawn)
             self.stats = capture_pass(self.loaded, self.windows, requests, self.run)
 
-    def fit(self, removed: list[int]) -> tuple[dict[str, torch.Tensor], RepairRecord]:
+    def fit(self, removed: list[int], progress: bool = False) -> tuple[dict[str, torch.Tensor], RepairRecord]:
         """The repair's edits for ``removed`` and its record, from the statistics :meth:`prepare` captured."""
         tokens = self.stats.num_tokens if self.stats is not None else 0
         edits, record = self.repair.fit(
-            RepairContext(self.loaded.model, removed, self.stats, self.windows, False, self.check)
+            RepairContext(self.loaded.model, removed, self.stats, self.windows, progress, self.check)
         )
         record.tokens = tokens
         return edits, record
