@@ -14,25 +14,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import CALIBRATION_TXT, HELDOUT_TXT
-from safetensors import safe_open
 from tiny_models import tiny_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Trainer
 
-from miprun.atomic import atomic_file
 from miprun.data import eval_windows, load_text
 from miprun.errors import InvalidOptionError, InvalidTypeError
 from miprun.model.loading import LoadedModel
 from miprun.model.surgery import remove_blocks
 from miprun.repair import heal as heal_module
 from miprun.repair.heal import (
-    CHECKPOINT_NAME,
     HealCheckpointError,
     HealConfig,
     distill_loss,
     heal,
     linear_modules,
-    lr_at,
+    top_k_distill_loss,
 )
+from miprun.repair.heal.checkpoints import MARKER
+from miprun.repair.heal.loss import teacher_top_k
 
 # 10 steps of 2 windows of 32 tokens: the 20 windows the fixture text holds, each read once.
 SMALL = HealConfig(
@@ -61,11 +60,16 @@ def test_distill_loss_is_float32_for_half_precision_logits() -> None:
     assert distill_loss(logits, logits.flip(-1)).dtype == torch.float32
 
 
-def test_learning_rate_decays_from_lr_to_a_tenth() -> None:
-    rates = [lr_at(step, 10, 1.0) for step in range(10)]
-    assert rates[0] == pytest.approx(1.0) and rates[-1] == pytest.approx(0.1)
-    assert all(a > b for a, b in itertools.pairwise(rates))
-    assert lr_at(0, 1, 0.5) == pytest.approx(0.5)  # a single step runs at the full rate
+def test_top_k_loss_is_the_full_kl_at_the_whole_vocabulary_and_a_lower_bound_below() -> None:
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    full = distill_loss(student, teacher, 2.0).item()
+    whole = top_k_distill_loss(student, *teacher_top_k(teacher, 11, 2.0), 2.0).item()
+    assert whole == pytest.approx(full, rel=1e-4)
+    coarse = [top_k_distill_loss(student, *teacher_top_k(teacher, k, 2.0), 2.0).item() for k in (1, 3, 6, 11)]
+    assert all(a <= b + 1e-6 for a, b in itertools.pairwise(coarse))  # merging outcomes only lowers KL
+    values, _, tail = teacher_top_k(teacher, 3)
+    assert values.shape == (2, 5, 3) and torch.allclose(values.exp().sum(-1) + tail.exp(), torch.ones(2, 5))
 
 
 def test_config_counts_whole_batches_and_refuses_bad_values() -> None:
@@ -76,6 +80,8 @@ def test_config_counts_whole_batches_and_refuses_bad_values() -> None:
         HealConfig(tokens=2.5)  # type: ignore[arg-type]
     with pytest.raises(InvalidOptionError, match=r"lr \(--lr\) must be greater than 0"):
         HealConfig(lr=0.0)
+    with pytest.raises(InvalidOptionError, match=r"teacher_topk \(--teacher-topk\) must be at least 1"):
+        HealConfig(teacher_topk=0)
 
 
 # ----------------------------------------------------------------------------- real runs on tiny models
@@ -172,43 +178,53 @@ def test_resume_after_an_interrupt_ends_with_the_uninterrupted_weights(
 def test_an_interrupt_while_checkpointing_keeps_the_previous_checkpoint(
     tiny_tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    student, teacher = _pair("llama", tiny_tokenizer)
-    real, calls = heal_module.atomic_write_bytes, []
+    whole, teacher = _pair("llama", tiny_tokenizer)
+    heal(whole, teacher, SMALL, work_dir=tmp_path / "whole", progress=False)
+    student, _ = _pair("llama", tiny_tokenizer)
+    real, calls = Trainer._save_rng_state, []
 
-    def interrupted_second_write(path: Path, data: bytes) -> None:
-        calls.append(path)
-        if len(calls) < 2:
-            return real(path, data)
-        with atomic_file(path) as f:  # the real atomic write, stopped half way through the step-8 one
-            f.write(data[: len(data) // 2])
+    def interrupted_second_save(self: Any, output_dir: str) -> None:
+        calls.append(output_dir)
+        if len(calls) == 2:  # the step-8 checkpoint: its adapters and optimizer are written, the rest not
             raise KeyboardInterrupt
+        real(self, output_dir)
 
-    monkeypatch.setattr(heal_module, "atomic_write_bytes", interrupted_second_write)
+    monkeypatch.setattr(Trainer, "_save_rng_state", interrupted_second_save)
     with pytest.raises(KeyboardInterrupt):
-        heal(student, teacher, SMALL, work_dir=tmp_path, progress=False)
-    assert _checkpoint_step(tmp_path) == 4
-    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]  # no temp file left behind
+        heal(student, teacher, SMALL, work_dir=tmp_path / "cut", progress=False)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["checkpoint-4", "checkpoint-8"]
+    assert _checkpoint_step(tmp_path / "cut") == 4  # checkpoint-8 has no marker: unfinished, ignored
+    report = heal(student, teacher, SMALL, work_dir=tmp_path / "cut", progress=False)
+    assert report.resumed_at_step == 4
+    healed = dict(whole.model.named_parameters())
+    assert all(torch.equal(p, healed[n]) for n, p in student.model.named_parameters())
 
 
 @pytest.mark.integration
 def test_a_checkpoint_for_other_settings_or_models_is_refused(tiny_tokenizer: Any, tmp_path: Path) -> None:
     student, teacher = _pair("llama", tiny_tokenizer)
     few = dataclasses.replace(SMALL, tokens=256)  # 4 steps: one checkpoint
-    heal(copy.deepcopy(student), teacher, few, work_dir=tmp_path, progress=False)
 
+    heal(copy.deepcopy(student), teacher, few, work_dir=tmp_path, progress=False)
     other_lr = dataclasses.replace(few, lr=1e-3)
     with pytest.raises(HealCheckpointError, match=r"lr: checkpoint 0.01, now 0.001.*another --work-dir"):
         heal(copy.deepcopy(student), teacher, other_lr, work_dir=tmp_path, progress=False)
     other_cut, _ = _pair("llama", tiny_tokenizer, removed=(1, 2))
     with pytest.raises(HealCheckpointError, match="student: checkpoint"):
         heal(other_cut, teacher, few, work_dir=tmp_path, progress=False)
-    garbled = tmp_path / "garbled"
-    garbled.mkdir()
-    (garbled / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
+    garbled = tmp_path / "garbled" / "checkpoint-4"
+    garbled.mkdir(parents=True)
+    (garbled / MARKER).write_bytes(b"not a checkpoint")
     with pytest.raises(HealCheckpointError, match="not a readable healing checkpoint"):
-        heal(copy.deepcopy(student), teacher, few, work_dir=garbled, progress=False)
-    # checkpoint_every changes nothing in the result, so it may differ on resume
-    report = heal(student, teacher, dataclasses.replace(few, checkpoint_every=1), work_dir=tmp_path)
+        heal(copy.deepcopy(student), teacher, few, work_dir=garbled.parent, progress=False)
+    # checkpoint_every and gradient_accumulation change nothing in the result, so they may differ on resume
+    report = heal(
+        student,
+        teacher,
+        dataclasses.replace(few, checkpoint_every=1, gradient_accumulation=2),
+        work_dir=tmp_path,
+    )
     assert report.resumed and report.resumed_at_step == 4
 
 
@@ -223,8 +239,9 @@ def test_a_teacher_that_cannot_be_the_parent_is_refused(tiny_tokenizer: Any, tmp
 
 
 def _checkpoint_step(work_dir: Path) -> int:
-    with safe_open(str(work_dir / CHECKPOINT_NAME), framework="pt") as f:
-        return int(json.loads(f.metadata()["miprun_heal"])["step"])
+    """The step of the newest complete checkpoint (one with miprun's marker) in ``work_dir``."""
+    done = [p for p in work_dir.glob("checkpoint-*") if (p / MARKER).is_file()]
+    return max(int(json.loads((p / MARKER).read_text())["step"]) for p in done)
 
 
 @pytest.mark.slow

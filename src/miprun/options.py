@@ -651,6 +651,30 @@ class HealConfig(Options):
     source: str | None = opt(
         None, "Calibration text to train on (its calibration split; default: wiki).", "--calib"
     )
+    gradient_accumulation: int = opt(
+        1,
+        "Split each step's --batch-size windows into this many passes per process (same result, less memory).",
+        "--gradient-accumulation",
+        min=1,
+    )
+    bf16: bool = opt(False, "Train in bfloat16 autocast (Trainer's bf16).", "--bf16/--no-bf16")
+    gradient_checkpointing: bool = opt(
+        False,
+        "Recompute activations in the backward pass (less memory, about a third more time).",
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+    )
+    fsdp: str | None = opt(
+        None,
+        "Shard the student with FSDP under accelerate launch: Trainer's fsdp value, e.g. 'full_shard auto_wrap'.",
+        "--fsdp",
+    )
+    teacher_topk: int | None = opt(
+        None,
+        "Run the teacher once, cache its top-k next-token probabilities in --work-dir and train on them "
+        "(KL on the top k plus a tail bucket): teacher and student are never in memory together.",
+        "--teacher-topk",
+        min=1,
+    )
 
     @property
     def steps(self) -> int:

@@ -58,6 +58,15 @@ def coarse_kl(
     return kl.mean()
 
 
+def top_k_with_tail(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (values, indices, tail) ``coarse_kl`` compares against: top-k log-probabilities, their token ids,
+    and the log of the probability left outside them; (..., vocab) logits -> (..., k), (..., k), (...)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    top = logp.topk(k, dim=-1)
+    tail = torch.log1p(-top.values.exp().sum(-1).clamp(max=1 - 1e-7))
+    return top.values, top.indices, tail
+
+
 def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Mean NLL of every next token of ``ids`` (the first of each window is context only)."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten().to(logits.device))
@@ -95,11 +104,10 @@ class Verifier:
         k = min(self.kl_topk, self.model.get_output_embeddings().weight.shape[0])
         values, indices, tails = [], [], []
         for logits in logits_from(self.model, self.cache, [], len(decoder_layers(self.model))):
-            logp = F.log_softmax(logits.float(), dim=-1)
-            top = logp.topk(k, dim=-1)
-            values.append(top.values.cpu())
-            indices.append(top.indices.cpu())
-            tails.append(torch.log1p(-top.values.exp().sum(-1).clamp(max=1 - 1e-7)).cpu())
+            top_values, top_indices, tail = top_k_with_tail(logits, k)
+            values.append(top_values.cpu())
+            indices.append(top_indices.cpu())
+            tails.append(tail.cpu())
         return DenseTargets(values, indices, tails)
 
     def measure(self, sets: list[list[int]], repaired: bool = True) -> list[float]:
