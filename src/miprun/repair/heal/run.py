@@ -36,8 +36,8 @@ from miprun.repair.heal.trainer import DistillTrainer, RunState, StepHook, train
 log = logging.getLogger(__name__)
 
 # The settings that change the result (checkpoint_every, gradient_accumulation and the processes do not).
-_RESULT_FIELDS = ("tokens", "seq_len", "batch_size", "lr", "rank", "temperature", "seed", "source")
-_RESULT_FIELDS += ("bf16", "teacher_topk")
+_RESULT_FIELDS: tuple[str, ...] = ("tokens", "seq_len", "batch_size", "lr", "rank", "temperature", "seed")
+_RESULT_FIELDS += ("source", "bf16", "teacher_topk")
 
 
 @dataclass
@@ -101,8 +101,10 @@ def heal(
     if isinstance(teacher, LoadedModel):
         _check_pair(s_model, teacher.model)
         if config.teacher_topk is not None:
-            fingerprint = model_fingerprint(teacher.model)
-            teacher = teacher_targets(work_dir, config, fingerprint, lambda: teacher, args, progress)
+            dense = teacher
+            teacher = teacher_targets(
+                work_dir, config, model_fingerprint(dense.model), lambda: dense, args, progress
+            )
     windows, text_fingerprint = _windows(student.tokenizer, config)
     t_model = teacher.model if isinstance(teacher, LoadedModel) else None
     targets = teacher if isinstance(teacher, TeacherTargets) else None
@@ -239,7 +241,8 @@ def _adapters(model: nn.Module, targets: list[str], config: HealConfig) -> Itera
         bias="none",
     )
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
-    training, use_cache = model.training, getattr(model.config, "use_cache", None)
+    config_of: Any = getattr(model, "config", None)
+    training, use_cache = model.training, getattr(config_of, "use_cache", None)
     with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for the user
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         peft_model = get_peft_model(model, lora)  # adapters drawn from the run's seeded RNG
@@ -254,7 +257,7 @@ def _adapters(model: nn.Module, targets: list[str], config: HealConfig) -> Itera
             p.requires_grad_(trainable[name])  # peft froze the base weights
         model.train(training)  # Trainer left it in train mode
         if use_cache is not None:
-            model.config.use_cache = use_cache  # and switched the cache off
+            config_of.use_cache = use_cache  # and switched the cache off
 
 
 @contextmanager

@@ -140,18 +140,17 @@ class DistillTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
         """The windows in their seeded draw order: consecutive batches of the processes make a global batch."""
-        return torch.utils.data.SequentialSampler(
-            train_dataset if train_dataset is not None else self.train_dataset
-        )
+        dataset: Any = train_dataset if train_dataset is not None else self.train_dataset
+        return torch.utils.data.SequentialSampler(dataset)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
         self.accelerator.wait_for_everyone()  # every process wrote its part (RNG states)
         step = self.state.global_step
         if self.args.should_save:
-            checkpoints.complete(Path(self.args.output_dir) / f"{checkpoints.PREFIX}{step}", self.run.key, step,
+            checkpoints.complete(Path(str(self.args.output_dir)) / f"{checkpoints.PREFIX}{step}", self.run.key, step,
                                  self.run.losses)  # fmt: skip
-            recent = self.run.losses[-self.args.save_steps :]
+            recent = self.run.losses[-int(self.args.save_steps) :]
             log.info(
                 "heal step %d: KL %.4f nats/token (mean of the last %d steps), checkpoint written",
                 step, sum(recent) / max(1, len(recent)), len(recent),
