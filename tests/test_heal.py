@@ -19,15 +19,18 @@ from transformers import AutoModelForCausalLM, Trainer
 
 from miprun.data import eval_windows, load_text
 from miprun.errors import InvalidOptionError, InvalidTypeError
+from miprun.model.identity import model_fingerprint
 from miprun.model.loading import LoadedModel
 from miprun.model.surgery import remove_blocks
 from miprun.repair import heal as heal_module
 from miprun.repair.heal import (
+    TARGETS_NAME,
     HealCheckpointError,
     HealConfig,
     distill_loss,
     heal,
     linear_modules,
+    teacher_targets,
     top_k_distill_loss,
 )
 from miprun.repair.heal.checkpoints import MARKER
@@ -229,6 +232,45 @@ def test_a_checkpoint_for_other_settings_or_models_is_refused(tiny_tokenizer: An
 
 
 @pytest.mark.integration
+def test_heal_on_cached_top_k_targets_needs_no_teacher_in_memory(tiny_tokenizer: Any, tmp_path: Path) -> None:
+    student, teacher = _pair("llama", tiny_tokenizer)
+    before = _heldout_kl(student.model, teacher.model, tiny_tokenizer)
+    config = dataclasses.replace(SMALL, tokens=1280, teacher_topk=8)
+    loads: list[str] = []
+
+    def load_teacher() -> LoadedModel:
+        loads.append("teacher")
+        return teacher
+
+    targets = teacher_targets(tmp_path, config, model_fingerprint(teacher.model), load_teacher)
+    assert targets.values.shape == (40, 32, 8) and loads == ["teacher"]
+    again = teacher_targets(tmp_path, config, model_fingerprint(teacher.model), load_teacher)
+    assert loads == ["teacher"] and torch.equal(again.values, targets.values)  # read back, teacher not loaded
+    assert (tmp_path / TARGETS_NAME).is_file()
+
+    report = heal(student, again, config, work_dir=tmp_path / "work", progress=False)  # no teacher model
+    assert report.loss_end < report.loss_start
+    assert _heldout_kl(student.model, teacher.model, tiny_tokenizer) < 0.85 * before
+
+
+@pytest.mark.integration
+def test_top_k_at_the_whole_vocabulary_heals_like_the_full_kl(tiny_tokenizer: Any, tmp_path: Path) -> None:
+    full, teacher = _pair("llama", tiny_tokenizer)
+    original = _weights(full.model)
+    heal(full, teacher, SMALL, work_dir=tmp_path / "full", progress=False)
+    student, _ = _pair("llama", tiny_tokenizer)
+    whole = dataclasses.replace(SMALL, teacher_topk=128)  # the tiny vocabulary: the tail bucket is empty
+    report = heal(student, teacher, whole, work_dir=tmp_path / "top-k", progress=False)
+    assert (tmp_path / "top-k" / TARGETS_NAME).is_file()
+    healed = dict(full.model.named_parameters())
+    difference = max((p - healed[n]).abs().max().item() for n, p in student.model.named_parameters())
+    moved = max((p - original[n]).abs().max().item() for n, p in healed.items())
+    # Measured: 8.9e-5 against a 2.6e-2 move (float sums in another order, which Adam's step rescales).
+    assert difference < 0.01 * moved, (difference, moved)
+    assert report.config.teacher_topk == 128
+
+
+@pytest.mark.integration
 def test_a_teacher_that_cannot_be_the_parent_is_refused(tiny_tokenizer: Any, tmp_path: Path) -> None:
     student, teacher = _pair("llama", tiny_tokenizer)
     with pytest.raises(InvalidOptionError, match="same model object"):
@@ -401,3 +443,29 @@ def test_heal_refuses_a_manifest_that_disagrees_with_the_weights(
     with pytest.raises(ScoresError, match=message):
         heal_folder(pruned, out=tmp_path / "healed", progress=False)
     assert not (tmp_path / "healed").exists()
+
+
+@pytest.mark.integration
+def test_heal_through_the_cli_on_cached_teacher_targets(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    """`miprun heal --teacher-topk K`: the teacher runs once for the targets (and the dense perplexity), then
+    the student trains alone; the output records K and the work folder goes once the run is saved."""
+    import miprun
+    from miprun.cli import main
+
+    dense = tmp_path / "dense"
+    tiny_model("llama")[0].save_pretrained(dense)
+    tiny_tokenizer.save_pretrained(dense)
+    calib = ["--calib", str(CALIBRATION_TXT)]
+    miprun.prune(
+        str(dense), num_blocks=2, source=str(CALIBRATION_TXT), samples=4, seq_len=24, cache=False,
+        out=tmp_path / "pruned", progress=False,
+    )  # fmt: skip
+    args = ["heal", "--model", str(tmp_path / "pruned"), "--out", str(tmp_path / "healed"), *calib]
+    args += ["--tokens", "96", "--seq-len", "24", "--batch-size", "2", "--teacher-topk", "16", "--eval"]
+    assert main([*args, "--eval-text", str(CALIBRATION_TXT), "--eval-seq-len", "24", "-q"]) == 0
+    healed = json.loads((tmp_path / "healed" / "miprun.json").read_text())["heal"]
+    assert healed["config"]["teacher_topk"] == 16 and healed["steps"] == 2
+    assert healed["teacher"] == str(dense)
+    ev = healed["evaluation"]
+    assert ev["dense_ppl"] < ev["pruned_ppl"] and ev["healed_ppl"] > 0
+    assert not list(tmp_path.glob(".*.heal-work"))  # checkpoints and cached targets removed after the save

@@ -13,7 +13,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,13 +189,16 @@ def teacher_targets(
     config: HealConfig,
     teacher_fingerprint: str,
     load_teacher: Callable[[], LoadedModel],
-    args: Any,
+    args: Any = None,
     progress: bool = False,
 ) -> TeacherTargets:
     """The teacher's top-k targets, cached in ``work_dir``: the main process computes them (loading the
-    teacher only then), the others wait and read the file."""
-    with args.main_process_first(desc="the teacher's top-k targets"):
-        return cached_targets(work_dir / TARGETS_NAME, config, teacher_fingerprint, load_teacher, progress)
+    teacher only then), the others wait and read the file. ``args``: Trainer's, None in a single process."""
+    first = args.main_process_first(desc="the teacher's top-k targets") if args is not None else nullcontext()
+    with first:
+        return cached_targets(
+            Path(work_dir) / TARGETS_NAME, config, teacher_fingerprint, load_teacher, progress
+        )
 
 
 def _barrier(args: Any) -> None:
