@@ -271,6 +271,35 @@ def test_top_k_at_the_whole_vocabulary_heals_like_the_full_kl(tiny_tokenizer: An
 
 
 @pytest.mark.integration
+def test_accumulation_checkpointing_and_bf16_pass_through_to_trainer(
+    tiny_tokenizer: Any, tmp_path: Path
+) -> None:
+    whole, teacher = _pair("llama", tiny_tokenizer)
+    original = _weights(whole.model)
+    heal(whole, teacher, SMALL, work_dir=tmp_path / "whole", progress=False)
+    moved = max((p - original[n]).abs().max().item() for n, p in whole.model.named_parameters())
+
+    # Two windows a step, one per pass, activations recomputed: the same global batch, the same weights.
+    split, _ = _pair("llama", tiny_tokenizer)
+    lean = dataclasses.replace(SMALL, gradient_accumulation=2, gradient_checkpointing=True)
+    heal(split, teacher, lean, work_dir=tmp_path / "lean", progress=False)
+    healed = dict(whole.model.named_parameters())
+    difference = max((p - healed[n]).abs().max().item() for n, p in split.model.named_parameters())
+    assert difference < 0.01 * moved, (difference, moved)
+    assert not split.model.is_activation_checkpointing  # switched off again after the run
+
+    half, _ = _pair("llama", tiny_tokenizer)
+    before = _heldout_kl(half.model, teacher.model, tiny_tokenizer)
+    longer = dataclasses.replace(SMALL, tokens=1280, bf16=True)
+    report = heal(half, teacher, longer, work_dir=tmp_path / "bf16", progress=False)
+    assert all(p.dtype == torch.float32 for p in half.model.parameters())  # autocast, weights stay float32
+    assert _heldout_kl(half.model, teacher.model, tiny_tokenizer) < 0.85 * before
+    assert report.config.bf16 and report.losses != []
+    with pytest.raises(InvalidOptionError, match=r"batch_size \(--batch-size\) 2 does not split evenly"):
+        heal(half, teacher, dataclasses.replace(SMALL, gradient_accumulation=4), work_dir=tmp_path / "x")
+
+
+@pytest.mark.integration
 def test_a_teacher_that_cannot_be_the_parent_is_refused(tiny_tokenizer: Any, tmp_path: Path) -> None:
     student, teacher = _pair("llama", tiny_tokenizer)
     with pytest.raises(InvalidOptionError, match="same model object"):

@@ -161,7 +161,7 @@ def heal(
         trainer.accelerator.free_memory()
         del trainer
         if config.gradient_checkpointing:
-            s_model.gradient_checkpointing_disable()
+            s_model.activation_checkpointing_disable()
         peft_model.merge_and_unload()  # student.model now holds the merged weights, stock names and shapes
     log.info(
         "healed %s: %d steps (%d this call), KL %.4f -> %.4f nats/token, %.0f s",
