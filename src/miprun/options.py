@@ -663,10 +663,10 @@ class HealConfig(Options):
         "Recompute activations in the backward pass (less memory, about a third more time).",
         "--gradient-checkpointing/--no-gradient-checkpointing",
     )
-    fsdp: str | None = opt(
-        None,
-        "Shard the student with FSDP under accelerate launch: Trainer's fsdp value, e.g. 'full_shard auto_wrap'.",
-        "--fsdp",
+    fsdp: bool = opt(
+        False,
+        "Shard the student over the processes with FSDP2 (Trainer's fsdp=True) instead of replicating it (DDP).",
+        "--fsdp/--no-fsdp",
     )
     teacher_topk: int | None = opt(
         None,

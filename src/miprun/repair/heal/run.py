@@ -143,6 +143,10 @@ def heal(
             trainer.remove_callback(PrinterCallback)
         if on_step is not None:
             trainer.add_callback(StepHook(on_step, run, peft_model))
+        log.info(
+            "healing on %d process(es) (%s), %d window(s) per process and pass",
+            args.world_size, trainer.accelerator.distributed_type, args.per_device_train_batch_size,
+        )  # fmt: skip
         if found:
             log.info("resuming the healing run in %s at step %d", work_dir, found[1]["step"])
         start, wall, cpu = (found[1]["step"] if found else 0), time.perf_counter(), time.process_time()
@@ -162,6 +166,7 @@ def heal(
         del trainer
         if config.gradient_checkpointing:
             s_model.activation_checkpointing_disable()
+        _gather_shards(peft_model)  # after FSDP: whole weights in every process before the merge
         peft_model.merge_and_unload()  # student.model now holds the merged weights, stock names and shapes
     log.info(
         "healed %s: %d steps (%d this call), KL %.4f -> %.4f nats/token, %.0f s",
@@ -199,6 +204,20 @@ def teacher_targets(
         return cached_targets(
             Path(work_dir) / TARGETS_NAME, config, teacher_fingerprint, load_teacher, progress
         )
+
+
+def _gather_shards(model: nn.Module) -> None:
+    """Replace FSDP2's sharded parameters (DTensors) by whole ones, in every process (a no-op without FSDP).
+
+    Not run here: accelerate applies FSDP only on GPUs, and the machines that test miprun have none.
+    """
+    from torch.distributed.tensor import DTensor
+
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if isinstance(p, DTensor):
+                whole = nn.Parameter(p.full_tensor().detach(), requires_grad=p.requires_grad)
+                module.register_parameter(name, whole)
 
 
 def _barrier(args: Any) -> None:

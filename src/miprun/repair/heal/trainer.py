@@ -48,9 +48,13 @@ def training_arguments(config: HealConfig, work_dir: Path, *, cpu: bool, progres
         optim="adamw_torch",
         seed=config.seed,
         bf16=config.bf16,
-        activation_checkpointing=config.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},  # inputs of frozen embeddings need no grad
-        fsdp=config.fsdp or "",
+        # FSDP checkpoints activations itself (Trainer refuses both); inputs of frozen embeddings need no grad
+        activation_checkpointing=config.gradient_checkpointing and not config.fsdp,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        fsdp=True if config.fsdp else None,  # type: ignore[arg-type]  # annotated str, documented True
+        fsdp_config={"version": 2, "activation_checkpointing": config.gradient_checkpointing}
+        if config.fsdp
+        else None,
         save_strategy="steps",
         save_steps=config.checkpoint_every,
         save_total_limit=None,  # old checkpoints go only once a newer one is complete (checkpoints.complete)
