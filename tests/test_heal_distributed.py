@@ -109,3 +109,39 @@ def test_an_interrupted_two_process_heal_resumes(folders: tuple[Path, Path], tmp
     assert report["losses"] == pytest.approx(
         single.losses, rel=1e-5
     )  # steps 1-2 from the checkpoint, 3-5 new
+
+
+def test_sigterm_mid_heal_leaves_a_complete_checkpoint_and_no_output_and_the_rerun_resumes(
+    folders: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """SIGTERM (as a scheduler sends) while `miprun heal` trains: --out is not created, the newest checkpoint
+    on disk is complete, and the same command resumes from it and writes the output."""
+    import signal
+    import time
+
+    _, pruned = folders
+    out, work = tmp_path / "healed", tmp_path / "work"
+    longer = [a for a in CLI if not a.startswith("--tokens")] + ["--tokens=7680"]  # 60 steps: seconds
+    command = [sys.executable, "-m", "miprun", "heal", "--model", str(pruned), "--out", str(out)]
+    command += [*longer, "--work-dir", str(work)]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env["MIPRUN_CACHE"] = str(tmp_path / "miprun-cache")
+    child = popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while (
+        not list(work.glob(f"checkpoint-*/{MARKER}")) and child.poll() is None and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    time.sleep(0.3)  # into a later step, or into the next checkpoint's save
+    child.send_signal(signal.SIGTERM)
+    output, _ = child.communicate(timeout=120)
+    assert child.returncode != 0, output[-3000:]
+    assert "stopped by SIGTERM" in output or "healing stopped" in output, output[-3000:]
+    assert not out.exists()
+    steps = [json.loads(p.read_text())["step"] for p in work.glob(f"checkpoint-*/{MARKER}")]
+    assert steps and max(steps) < 60
+
+    _run([*command], tmp_path)
+    healed = json.loads((out / "miprun.json").read_text())["heal"]
+    assert healed["resumed"] and healed["resumed_at_step"] == max(steps) and healed["steps"] == 60
+    assert not work.exists()  # the finished run removed its checkpoints
