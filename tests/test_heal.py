@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import random
 from pathlib import Path
 from typing import Any
 
@@ -119,9 +120,10 @@ def test_heal_lowers_the_kl_and_leaves_a_stock_checkpoint(
     before = _heldout_kl(student.model, teacher.model, tiny_tokenizer)
 
     longer = dataclasses.replace(SMALL, tokens=1280)  # 20 steps: the fixture text read twice
-    rng = torch.get_rng_state()
+    rng, python_rng = torch.get_rng_state(), random.getstate()
     report = heal(student, teacher, longer, work_dir=tmp_path / "work", progress=False)
     assert torch.equal(torch.get_rng_state(), rng)  # the run seeds its own RNG, not the caller's
+    assert random.getstate() == python_rng  # Trainer's seeding included
     assert all(p.requires_grad for p in student.model.parameters())  # as before the adapters
 
     assert _heldout_kl(student.model, teacher.model, tiny_tokenizer) < 0.85 * before

@@ -284,8 +284,18 @@ def _adapters(model: nn.Module, targets: list[str], config: HealConfig) -> Itera
 
 @contextmanager
 def _seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """The run's own RNG, seeded: the caller's (CPU, and the student's CUDA device) is restored after."""
+    """The run's own RNG, seeded: the caller's (torch's on the CPU and the student's CUDA device, and Python's
+    and numpy's, which Trainer seeds too) is restored after."""
+    import random
+
+    import numpy as np
+
     cuda = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
-        yield
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
