@@ -636,7 +636,9 @@ class HealConfig(Options):
         20_480, "Calibration tokens the distillation trains on (whole batches).", "--tokens", min=1
     )
     seq_len: int = opt(256, "Tokens per training window.", "--seq-len", "-l", min=2)
-    batch_size: int = opt(4, "Windows per optimizer step.", "--batch-size", min=1)
+    batch_size: int = opt(
+        4, "Windows per optimizer step, all processes together (the global batch).", "--batch-size", min=1
+    )
     lr: float = opt(
         5e-3, "Peak learning rate of the adapters (cosine decay to a tenth of it).", "--lr", above=0
     )
@@ -660,7 +662,7 @@ class HealConfig(Options):
     bf16: bool = opt(False, "Train in bfloat16 autocast (Trainer's bf16).", "--bf16/--no-bf16")
     gradient_checkpointing: bool = opt(
         False,
-        "Recompute activations in the backward pass (less memory, about a third more time).",
+        "Recompute activations in the backward pass (less memory, more compute).",
         "--gradient-checkpointing/--no-gradient-checkpointing",
     )
     fsdp: bool = opt(
