@@ -106,13 +106,16 @@ def heal(
                 work_dir, config, model_fingerprint(dense.model), lambda: dense, args, progress
             )
     windows, text_fingerprint = _windows(student.tokenizer, config)
-    t_model = teacher.model if isinstance(teacher, LoadedModel) else None
-    targets = teacher if isinstance(teacher, TeacherTargets) else None
-    if targets is not None:
-        check_windows(targets, windows)
+    t_model: nn.Module | None = None
+    targets: TeacherTargets | None = None
+    if isinstance(teacher, LoadedModel):
+        t_model, teacher_fingerprint = teacher.model, model_fingerprint(teacher.model)
+    else:
+        check_windows(teacher, windows)
+        targets, teacher_fingerprint = teacher, teacher.teacher
     key = {
         "student": model_fingerprint(s_model),
-        "teacher": model_fingerprint(t_model) if t_model is not None else targets.teacher,  # type: ignore[union-attr]
+        "teacher": teacher_fingerprint,
         "text": text_fingerprint,
         "windows": tensor_fingerprint(windows),
         **{name: getattr(config, name) for name in _RESULT_FIELDS},
@@ -129,20 +132,7 @@ def heal(
         without_dropout(peft_model),
         interrupts_as_keyboard_interrupt(),
     ):
-        trainer = DistillTrainer(
-            model=peft_model,
-            args=args,
-            train_dataset=HealWindows(windows, targets),
-            teacher=t_model,
-            temperature=config.temperature,
-            run=run,
-        )
-        if not progress:
-            from transformers.trainer_callback import PrinterCallback
-
-            trainer.remove_callback(PrinterCallback)
-        if on_step is not None:
-            trainer.add_callback(StepHook(on_step, run, peft_model))
+        trainer = _trainer(peft_model, args, HealWindows(windows, targets), t_model, config, run, on_step)
         log.info(
             "healing on %d process(es) (%s), %d window(s) per process and pass",
             args.world_size, trainer.accelerator.distributed_type, args.per_device_train_batch_size,
@@ -153,7 +143,7 @@ def heal(
         try:
             trainer.train(resume_from_checkpoint=str(found[0]) if found else None)
         except KeyboardInterrupt:
-            done = checkpoints.checkpoints(work_dir)
+            done = [p for p in checkpoints.checkpoints(work_dir) if (p / checkpoints.MARKER).is_file()]
             log.warning(
                 "healing stopped; %s",
                 f"the newest complete checkpoint in {work_dir} is {done[-1].name}, and the same call resumes "
@@ -187,6 +177,28 @@ def heal(
         losses=list(run.losses),
         processes=args.world_size,
     )
+
+
+def _trainer(
+    model: nn.Module,
+    args: Any,
+    data: HealWindows,
+    teacher: nn.Module | None,
+    config: HealConfig,
+    run: RunState,
+    on_step: Callable[[int, float, nn.Module], None] | None,
+) -> DistillTrainer:
+    """Trainer for one run, with the step hook, and without the printed log dicts when progress is off."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer = DistillTrainer(
+        model=model, args=args, train_dataset=data, teacher=teacher, temperature=config.temperature, run=run
+    )
+    if args.disable_tqdm:
+        trainer.remove_callback(PrinterCallback)
+    if on_step is not None:
+        trainer.add_callback(StepHook(on_step, run, model))
+    return trainer
 
 
 def teacher_targets(
