@@ -486,12 +486,11 @@ def _heal(
         dense = (loaded or [load_teacher()])[0] if opts.evaluate else None
         evaluation = _heal_evaluation_before(None, dense, opts, timings)
         loaded.clear()
-        dense = None
+        dense = None  # the teacher leaves memory before the student comes in
         with timed(timings, "load_model"):
             student = as_loaded(str(folder), runtime)
-        check_plan_matches(
-            plan, folder / MANIFEST_NAME, student.model
-        )  # the teacher was checked with the targets
+        # the blocks against the plan; the teacher's fingerprint was checked when the targets were made
+        check_plan_matches(plan, folder / MANIFEST_NAME, student.model)
         evaluation = _heal_evaluation_before(student, None, opts, timings, evaluation)
     else:
         with timed(timings, "load_model"):
