@@ -91,7 +91,9 @@ class DistillTrainer(Trainer):
     def __init__(self, *args: Any, teacher: nn.Module | None, temperature: float, run: RunState, **kw: Any):
         super().__init__(*args, **kw)
         self.teacher, self.temperature, self.run = teacher, temperature, run
-        self.loss_is_scaled_for_ga = False  # a per-batch mean: Trainer divides it by the accumulation steps
+        # A per-batch mean: Trainer divides it by the accumulation steps, and scales it by nothing else.
+        self.loss_is_scaled_for_ga = False
+        self.model_accepts_loss_kwargs = False
         self._kl: torch.Tensor | None = None
         self._micro: list[torch.Tensor] = []
 
