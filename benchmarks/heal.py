@@ -63,8 +63,12 @@ def parse_run(text: str) -> HealConfig:
     for item in filter(None, text.split(",")):
         key, value = item.split("=", 1)
         default = getattr(config, key)
-        parsed = value if isinstance(default, str) else float(value)
-        setattr(config, key, int(parsed) if isinstance(default, int) else parsed)
+        if isinstance(default, bool):
+            setattr(config, key, value.lower() in ("1", "true", "yes"))
+            continue
+        parsed = value if isinstance(default, str) or key == "source" else float(value)
+        setattr(config, key, int(parsed) if isinstance(default, int) or key == "teacher_topk" else parsed)
+    config.validate()
     return config
 
 

@@ -21,6 +21,8 @@ REPLACED = {"--limit": "3", "--device": "cpu"}
 # A command holding one of these cannot run on this machine, for the reason given.
 CANNOT = {
     "torchrun": "several processes (GPUs): tests/test_distributed.py runs the data-parallel path on CPU",
+    "accelerate launch": "several processes (GPUs): tests/test_heal_distributed.py runs `miprun heal` under "
+    "accelerate launch with two CPU processes",
     ".gguf": "needs a GGUF file: tests/test_gguf.py prunes tiny GGUF models of every family",
     "--out out/llama-q8": "llama.cpp's converter needs a tokenizer it knows (the tiny one here is not): "
     "tests/test_gguf_convert.py runs this README line on a tiny model with a known tokenizer",

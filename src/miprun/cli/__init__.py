@@ -314,13 +314,19 @@ def heal(
     Checkpoints go beside --out (or to --work-dir); rerunning the same command resumes after an interruption.
 
     Example: miprun prune -n 6 --out out/p6 && miprun heal --model out/p6 --out out/p6-healed --eval
+
+    Several GPUs (Trainer under accelerate; --batch-size is the global batch):
+    accelerate launch --multi_gpu --num_processes 4 -m miprun heal --model out/p6 --out out/p6-healed --bf16
     """
     from miprun import api
     from miprun.options import with_overrides
 
     setup_logging(console, quiet)
+    from miprun.capture import distributed
+
     result = api.heal(model, with_overrides(options, progress=not quiet), out=out, overwrite=overwrite)
-    show.heal_summary(result)
+    if distributed.is_main():  # under accelerate launch, one summary
+        show.heal_summary(result)
 
 
 @app.command("list")

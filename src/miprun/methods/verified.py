@@ -58,6 +58,15 @@ def coarse_kl(
     return kl.mean()
 
 
+def top_k_with_tail(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (values, indices, tail) ``coarse_kl`` compares against: top-k log-probabilities, their token ids,
+    and the log of the probability left outside them; (..., vocab) logits -> (..., k), (..., k), (...)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    top = logp.topk(k, dim=-1)
+    tail = torch.log1p(-top.values.exp().sum(-1).clamp(max=1 - 1e-7))
+    return top.values, top.indices, tail
+
+
 def next_token_nll(
     logits: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -141,11 +150,10 @@ class Verifier:
             disable=not self.progress,
         )
         for logits in bar:
-            logp = F.log_softmax(logits.float(), dim=-1)
-            top = logp.topk(k, dim=-1)
-            values.append(top.values.cpu())
-            indices.append(top.indices.cpu())
-            tails.append(torch.log1p(-top.values.exp().sum(-1).clamp(max=1 - 1e-7)).cpu())
+            top_values, top_indices, tail = top_k_with_tail(logits, k)
+            values.append(top_values.cpu())
+            indices.append(top_indices.cpu())
+            tails.append(tail.cpu())
         return DenseTargets(values, indices, tails)
 
     def measure(self, sets: list[list[int]], repaired: bool = True) -> list[float]:

@@ -22,7 +22,9 @@ class HealConfig(Options):
         20_480, "Calibration tokens the distillation trains on (whole batches).", "--tokens", min=1
     )
     seq_len: int = opt(256, "Tokens per training window.", "--seq-len", "-l", min=2)
-    batch_size: int = opt(4, "Windows per optimizer step.", "--batch-size", min=1)
+    batch_size: int = opt(
+        4, "Windows per optimizer step, all processes together (the global batch).", "--batch-size", min=1
+    )
     lr: float = opt(
         5e-3, "Peak learning rate of the adapters (cosine decay to a tenth of it).", "--lr", above=0
     )
@@ -36,6 +38,30 @@ class HealConfig(Options):
     )
     source: str | None = opt(
         None, "Calibration text to train on (its calibration split; default: wiki).", "--calib"
+    )
+    gradient_accumulation: int = opt(
+        1,
+        "Split each step's --batch-size windows into this many passes per process (same result, less memory).",
+        "--gradient-accumulation",
+        min=1,
+    )
+    bf16: bool = opt(False, "Train in bfloat16 autocast (Trainer's bf16).", "--bf16/--no-bf16")
+    gradient_checkpointing: bool = opt(
+        False,
+        "Recompute activations in the backward pass (less memory, more compute).",
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+    )
+    fsdp: bool = opt(
+        False,
+        "Shard the student over the processes with FSDP2 (Trainer's fsdp=True) instead of replicating it (DDP).",
+        "--fsdp/--no-fsdp",
+    )
+    teacher_topk: int | None = opt(
+        None,
+        "Run the teacher once, cache its top-k next-token probabilities in --work-dir and train on them "
+        "(KL on the top k plus a tail bucket): teacher and student are never in memory together.",
+        "--teacher-topk",
+        min=1,
     )
 
     @property
