@@ -16,7 +16,7 @@ from rich.console import Console
 
 from miprun.cli import show
 from miprun.cli.logs import libraries_restored, setup_logging
-from miprun.cli.params import with_options
+from miprun.cli.params import json_path, with_options
 from miprun.options import (
     BenchOptions,
     CompareOptions,
@@ -92,22 +92,6 @@ def _root(
     """Depth-prune causal language models by mutual information (MI-PRUN)."""
 
 
-def _json_path(json_file: Path | None, old_out: Path | None, command: str) -> tuple[Path | None, str]:
-    """The JSON file a command writes and the flag that named it; ``--out FILE`` still works, with a warning."""
-    if old_out is None:
-        return json_file, "--json"
-    if json_file is not None:
-        raise typer.BadParameter("give the file once, as --json FILE (--out FILE is its old spelling)")
-    console.print(
-        f"miprun: warning: `{command} --out FILE` is deprecated: --out names a folder in every command; "
-        f"write this file with --json {old_out}",
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
-    )
-    return old_out, "--out"
-
-
 def _main_process() -> bool:
     """Join torchrun's process group if launched by it; whether this process prints and writes."""
     from miprun.capture import distributed
@@ -176,7 +160,7 @@ def score(
     from miprun.atomic import check_file_output
     from miprun.options import with_overrides
 
-    out, flag = _json_path(json_file, old_out, "score")
+    out, flag = json_path(console, json_file, old_out, "score")
     if out is None:
         raise typer.BadParameter("give the scores file to write: --json FILE", param_hint="--json")
     inputs = (model, options.calibration.source)
@@ -213,7 +197,7 @@ def eval_command(
     from miprun.evaluation.evaluate import evaluate
     from miprun.options import with_overrides
 
-    out, flag = _json_path(json_file, old_out, "eval")
+    out, flag = json_path(console, json_file, old_out, "eval")
     if out is not None:
         check_file_output(out, overwrite, inputs=(model, *options.ppl, options.task_text), flag=flag)
     setup_logging(console, quiet)
@@ -245,7 +229,7 @@ def bench(
     from miprun.evaluation.bench import bench as run_bench
     from miprun.options import with_overrides
 
-    out, flag = _json_path(json_file, old_out, "bench")
+    out, flag = json_path(console, json_file, old_out, "bench")
     if out is not None:
         check_file_output(out, overwrite, inputs=(model, options.against), flag=flag)
     setup_logging(console, quiet)

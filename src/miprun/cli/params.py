@@ -14,6 +14,7 @@ import inspect
 import re
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -182,3 +183,21 @@ def with_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]
         return command
 
     return decorate
+
+
+def json_path(
+    console: Any, json_file: Path | None, old_out: Path | None, command: str
+) -> tuple[Path | None, str]:
+    """The JSON file a command writes and the flag that named it; ``--out FILE`` still works, with a warning."""
+    if old_out is None:
+        return json_file, "--json"
+    if json_file is not None:
+        raise typer.BadParameter("give the file once, as --json FILE (--out FILE is its old spelling)")
+    console.print(
+        f"miprun: warning: `{command} --out FILE` is deprecated: --out names a folder in every command; "
+        f"write this file with --json {old_out}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    return old_out, "--out"
