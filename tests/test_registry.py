@@ -48,3 +48,16 @@ def test_a_class_without_a_name_is_refused() -> None:
     with pytest.raises(TypeError, match="no `name` string"):
         registry.register(Nameless)
     assert len(registry) == 0
+
+
+@pytest.mark.parametrize(
+    "package", ["miprun.methods", "miprun.repair", "miprun.estimators", "miprun.capture.statistics"]
+)
+def test_every_module_of_a_plugin_package_is_imported_so_a_new_plugin_file_needs_no_import_line(package):
+    import importlib
+    import pkgutil
+    import sys
+
+    pkg = importlib.import_module(package)
+    modules = [m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.ispkg and not m.name.startswith("_")]
+    assert modules and all(f"{package}.{name}" in sys.modules for name in modules)

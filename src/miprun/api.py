@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from miprun.arguments import check_argument, check_flag_argument, check_model_argument, check_path_argument
+from miprun.arguments import check_argument, check_flag_argument, check_path_argument
 from miprun.capture import distributed
 from miprun.data.sources import check_sources
 from miprun.errors import InvalidOptionError
 from miprun.methods import SearchInfo, default_max_blocks, run
-from miprun.model.loading import LoadedModel, check_revision
+from miprun.model.loading import LoadedModel, check_model_argument, check_revision
 from miprun.model.surgery import remove_blocks
 from miprun.options import (
     CalibrationConfig,

@@ -22,15 +22,6 @@ def check_argument(call: str, name: str, value: Any, expected: tuple[type | None
         raise InvalidTypeError(f"{where}{name} must be {what}, got {value!r} ({type(value).__name__})")
 
 
-def check_model_argument(call: str, model: Any) -> None:
-    """``model``: a name or path (str or Path), a LoadedModel, or None for the embedded default."""
-    from miprun.model.loading import LoadedModel
-
-    check_argument(
-        call, "model", model, (str, Path, LoadedModel, None), "a model name or path, a LoadedModel, or None"
-    )
-
-
 def check_path_argument(call: str, name: str, value: Any, optional: bool = False) -> None:
     """A path argument: a str or a Path (or None where ``optional``)."""
     expected: tuple[type | None, ...] = (str, Path, None) if optional else (str, Path)

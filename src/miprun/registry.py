@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import math
+import pkgutil
 import typing
 from collections.abc import Iterator, Mapping
 from typing import Any, Generic, TypeVar
@@ -15,6 +17,14 @@ from typing import Any, Generic, TypeVar
 from miprun.errors import InvalidOptionError, InvalidTypeError, UnknownNameError
 
 T = TypeVar("T")
+
+
+def import_plugins(package: str, path: list[str]) -> None:
+    """Import every module of a plugin package (not its sub-packages), so a plugin file registers itself with
+    no import line of its own; the package imports its built-in plugins first, which keeps their order."""
+    for module in pkgutil.iter_modules(path):
+        if not module.ispkg and not module.name.startswith("_"):
+            importlib.import_module(f"{package}.{module.name}")
 
 
 class Registry(Generic[T]):

@@ -11,6 +11,9 @@ from miprun.estimators.coordinate import CoordinateMI
 from miprun.estimators.gaussian import GaussianMI
 from miprun.estimators.renyi import RenyiMI
 from miprun.options import DEFAULT_ESTIMATOR
+from miprun.registry import import_plugins
+
+import_plugins(__name__, __path__)  # a plugin file anywhere in this package registers itself
 
 DEFAULT = DEFAULT_ESTIMATOR
 

@@ -20,6 +20,9 @@ from miprun.methods.searched import MiSearch
 from miprun.methods.similarity import Angular, AngularMean, ShortGPT
 from miprun.methods.verified import MiVerified
 from miprun.options import DEFAULT_METHOD
+from miprun.registry import import_plugins
+
+import_plugins(__name__, __path__)  # a plugin file anywhere in this package registers itself
 
 MAX_BLOCKS_FRACTION = 0.25  # default reach of N-dependent evidence (the SLEB path) in a scores file
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from miprun.arguments import check_argument
 from miprun.assets import (
     DEFAULT_MODEL,
     EMBEDDED_MODELS,
@@ -235,7 +236,6 @@ def as_loaded(
     check_revision(model, revision)
     if isinstance(model, LoadedModel):
         return model
-    from miprun.arguments import check_model_argument
     from miprun.options import RuntimeOptions
 
     check_model_argument("", model)
@@ -350,3 +350,10 @@ def check_seq_len(loaded: LoadedModel, seq_len: int, flag: str) -> None:
             f"{flag} {seq_len} is longer than the {limit} positions {loaded.name} was built for; "
             f"use {flag} {limit} or less"
         )
+
+
+def check_model_argument(call: str, model: Any) -> None:
+    """``model``: a name or path (str or Path), a LoadedModel, or None for the embedded default."""
+    check_argument(
+        call, "model", model, (str, Path, LoadedModel, None), "a model name or path, a LoadedModel, or None"
+    )

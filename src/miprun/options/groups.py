@@ -11,6 +11,7 @@ from miprun.options.parsers import parse_key_values
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 SEED_MAX = 2**63 - 2  # torch generators take 64-bit seeds, and projections use seed + 1
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # what llama.cpp's converter writes without its compiled tools
 DEFAULT_METHOD = "mi-prun"
 DEFAULT_ESTIMATOR = "coordinate"  # chosen by measurement: docs/estimator-study.md
 DEFAULT_REPAIR = "none"
@@ -197,8 +198,6 @@ class OutputOptions(Options):
     )
 
     def check(self) -> None:
-        from miprun.output.llama_cpp import GGUF_TYPES
-
         if self.gguf_type is not None and self.gguf_type not in GGUF_TYPES:
             raise InvalidOptionError(
                 f"gguf_type (--gguf-type) must be one of {', '.join(GGUF_TYPES)}, got {self.gguf_type!r}; "

@@ -33,12 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from miprun.errors import GgufError, MissingDependencyError
+from miprun.options.groups import GGUF_TYPES
 
 log = logging.getLogger(__name__)
 
 REQUIREMENT = "llama-cpp-python==0.3.36"
 LLAMA_CPP_COMMIT = "0c1e57098"
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # what the converter writes without llama.cpp's compiled tools
 DEFAULT_GGUF_TYPE = "f16"
 SCRIPT = "convert_hf_to_gguf.py"
 ARCHIVE_ENV = "MIPRUN_LLAMA_CPP_ARCHIVE"

@@ -6,9 +6,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from miprun.options import DEFAULT_REPAIR
+from miprun.registry import import_plugins
 from miprun.repair.base import REGISTRY, Repair, RepairContext, RepairRecord
 from miprun.repair.identity import NoRepair
 from miprun.repair.linear import LinearRepair
+
+import_plugins(__name__, __path__)  # a plugin file anywhere in this package registers itself
 
 
 def build(name: str, params: Mapping[str, Any] | None = None) -> Repair:

@@ -8,6 +8,9 @@ from miprun.capture.statistics.cosine import CosineSums
 from miprun.capture.statistics.linear_fit import LinearFitSums
 from miprun.capture.statistics.moments import Moments
 from miprun.capture.statistics.sample import TokenSample
+from miprun.registry import import_plugins
+
+import_plugins(__name__, __path__)  # a plugin file anywhere in this package registers itself
 
 __all__ = [
     "REGISTRY",
