@@ -9,6 +9,13 @@ minutes on 2 cores).
 
     python benchmarks/gguf_speed.py --model smollm2-135m --remove 12 14 17 \\
         --out benchmarks/results/gguf-smollm2-135m
+
+A GGUF that llama.cpp's converter wrote from a *transformers* checkpoint (``miprun prune --out-format gguf``
+on a folder or the embedded transformers model) is timed the same way with ``--pruned``: pass it and the dense
+model converted alike as ``--model`` (``--remove`` is then not used):
+
+    miprun prune -m FOLDER -n 3 --out-format both --gguf-type q8_0 --out out/p3
+    python benchmarks/gguf_speed.py --model dense-q8_0.gguf --pruned out/p3/model.gguf --out OUT
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import Any
 from results_io import write_results
 
 from miprun.assets import EMBEDDED_MODELS, embedded_gguf
-from miprun.output.gguf import write_pruned_gguf
+from miprun.output.gguf import gguf_block_count, write_pruned_gguf
 
 
 def source_gguf(model: str) -> Path:
@@ -74,9 +81,13 @@ def decode_speed(paths: dict[str, Path], args: argparse.Namespace) -> dict[str, 
 
 
 def markdown(result: dict[str, Any]) -> str:
+    what = (
+        f"{result['pruned']} against {result['source']}"
+        if "pruned" in result
+        else f"GGUF without blocks {result['removed']}"
+    )
     lines = [
-        f"### {result['model']}: GGUF without blocks {result['removed']} "
-        f"({result['blocks_before']} -> {result['blocks_after']} blocks)",
+        f"### {result['model']}: {what} ({result['blocks_before']} -> {result['blocks_after']} blocks)",
         "",
         "| file | bytes | tensor types |",
         "|---|---:|---|",
@@ -106,33 +117,58 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def given_files(model: str, source: Path, pruned: Path) -> dict[str, Any]:
+    """The record of a pruned GGUF written elsewhere (e.g. converted from a transformers checkpoint)."""
+    before, after = gguf_block_count(source), gguf_block_count(pruned)
+    size, out = source.stat().st_size, pruned.stat().st_size
+    return {
+        "model": model,
+        "source": source.name,
+        "pruned": pruned.name,
+        "removed": f"{before - after} blocks",
+        "blocks_before": before,
+        "blocks_after": after,
+        "source_bytes": size,
+        "out_bytes": out,
+        "shrink": 1 - out / size,
+        "type_counts": {},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2-135m", help="an embedded model name or a .gguf file")
-    parser.add_argument("--remove", type=int, nargs="+", required=True, help="blocks to remove (0-based)")
+    parser.add_argument("--remove", type=int, nargs="+", default=[], help="blocks to remove (0-based)")
+    parser.add_argument("--pruned", type=Path, help="a pruned GGUF written elsewhere: time it, write none")
     parser.add_argument("--prompt", default="The capital of France is")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if bool(args.pruned) == bool(args.remove):
+        parser.error("give one of --remove (prune the source GGUF here) and --pruned FILE (a pruned GGUF)")
     source = source_gguf(args.model)
     with tempfile.TemporaryDirectory() as tmp:
-        pruned = Path(tmp) / "pruned.gguf"
-        report = write_pruned_gguf(source, pruned, args.remove)
-        result: dict[str, Any] = {
-            "model": args.model,
-            "source": source.name,
-            "removed": sorted(args.remove),
-            "blocks_before": report.blocks_before,
-            "blocks_after": report.blocks_after,
-            "source_bytes": report.source_bytes,
-            "out_bytes": report.out_bytes,
-            "shrink": report.shrink,
-            "type_counts": dict(report.type_counts),
-        }
+        if args.pruned is not None:
+            pruned = args.pruned
+            result = given_files(args.model, source, pruned)
+        else:
+            pruned = Path(tmp) / "pruned.gguf"
+            report = write_pruned_gguf(source, pruned, args.remove)
+            result = {
+                "model": args.model,
+                "source": source.name,
+                "removed": sorted(args.remove),
+                "blocks_before": report.blocks_before,
+                "blocks_after": report.blocks_after,
+                "source_bytes": report.source_bytes,
+                "out_bytes": report.out_bytes,
+                "shrink": report.shrink,
+                "type_counts": dict(report.type_counts),
+            }
         if importlib.util.find_spec("llama_cpp") is None:
             result["speed_skipped"] = "llama-cpp-python is not installed (pip install llama-cpp-python)"
         else:
