@@ -59,5 +59,7 @@ def test_every_module_of_a_plugin_package_is_imported_so_a_new_plugin_file_needs
     import sys
 
     pkg = importlib.import_module(package)
-    modules = [m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.ispkg and not m.name.startswith("_")]
+    modules = [
+        m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.ispkg and not m.name.startswith("_")
+    ]
     assert modules and all(f"{package}.{name}" in sys.modules for name in modules)
