@@ -286,6 +286,68 @@ def test_mi_search_swaps_are_measured_like_any_set_and_only_kept_while_they_help
 
 
 @pytest.mark.integration
+def test_a_choice_reusing_the_verifiers_dense_states_still_counts_them_in_its_cost():
+    """Every N of a compare reuses one verifier: each N's cost is what it would cost alone."""
+    model, _ = tiny_model("llama")
+    verifier = Verifier(model, WINDOWS, batch_size=4)
+    fresh = verifier.mark()
+    verifier.measure([[1, 2], [3]], repaired=False)
+    first = verifier.runs_since(fresh)
+    assert verifier.setup_runs > 0 and first == pytest.approx(verifier.layer_runs)
+    again = verifier.mark()
+    verifier.measure([[1, 2], [3]], repaired=False)
+    assert verifier.runs_since(again) == pytest.approx(first)
+
+
+@pytest.mark.integration
+def test_mi_search_screens_on_a_prefix_of_its_tokens_and_judges_its_finalists_on_all(tiny_tokenizer):
+    """The shortlist, greedy and swaps run on the first ``screen_tokens``; the finalists are measured on
+    every verification token, and the cost counts the screen's work at its share of the tokens."""
+    lm = LoadedModel(tiny_model("llama")[0], tiny_tokenizer, "tiny-llama", None)
+    params = {"candidates": 3, "tokens": 120, "screen_tokens": 48, "width": 8, "swap_rounds": 1}
+    result = miprun.prune(
+        lm,
+        num_blocks=2,
+        method="mi-search",
+        method_params=params,
+        calibration=CAL,
+        cache=False,
+        progress=False,
+    )
+    record = result.plan.search.params
+    assert record["screen_tokens"] == 48 and record["verification_tokens"] == 120
+    dense = tiny_model("llama")[0]
+    full = Verifier(dense, _verification_windows(lm, 120), kl_topk=256, batch_size=CAL.batch_size)
+    screen = Verifier(dense, _verification_windows(lm, 48), kl_topk=256, batch_size=CAL.batch_size)
+    # the greedy ran on the screen: its first step's values are the screen's
+    step = record["greedy"][0]
+    assert step["measured"] == pytest.approx(
+        min(screen.measure([[b] for b in range(6)], repaired=False)), rel=1e-5
+    )
+    for finalist in record["finalists"]:
+        assert finalist["cut"] == pytest.approx(
+            screen.measure([finalist["removed"]], repaired=False)[0], rel=1e-5
+        )
+        assert finalist["measured"] == pytest.approx(
+            full.measure([finalist["removed"]], repaired=False)[0], rel=1e-5
+        )
+    assert result.plan.removed == min(record["finalists"], key=lambda f: f["measured"])["removed"]
+    # cost: the full verifier's setup and finalists, plus the screen's work at 48/120 of the tokens
+    assert record["verification_layer_passes"] > 0
+    alone = miprun.prune(
+        LoadedModel(tiny_model("llama")[0], tiny_tokenizer, "tiny-llama", None),
+        num_blocks=2,
+        method="mi-search",
+        method_params={**params, "screen_tokens": 120},
+        calibration=CAL,
+        cache=False,
+        progress=False,
+    )
+    assert alone.plan.search.params["screen_tokens"] == 120
+    assert record["verification_layer_passes"] < alone.plan.search.params["verification_layer_passes"]
+
+
+@pytest.mark.integration
 def test_the_chosen_sets_repair_reuses_the_statistics_its_verification_captured(tiny_tokenizer, monkeypatch):
     """mi-verified + linear fits its candidates' repairs from one pass; the chosen set's repair comes from
     the same statistics (no second pass) and equals a repair of that set fitted on its own."""

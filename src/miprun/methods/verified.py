@@ -110,6 +110,7 @@ class Verifier:
     dense: DenseTargets | None = field(default=None, init=False)
     layer_runs: float = field(default=0.0, init=False)  # decoder layers (output layer included, in decoder
     # layers by its parameters) run over the windows, all candidates
+    setup_runs: float = field(default=0.0, init=False)  # of which the dense states and targets, paid once
     searches: dict[Any, Any] = field(default_factory=dict, init=False)  # search state kept between N
     seconds: float = field(default=0.0, init=False)
 
@@ -125,6 +126,7 @@ class Verifier:
 
     def _prepare(self) -> BoundaryCache:
         if self.cache is None:
+            before = self.layer_runs
             self.cache = BoundaryCache(
                 self.model, self.windows, self.budget_bytes, self.batch_size, progress=self.progress
             )
@@ -133,7 +135,17 @@ class Verifier:
                 self.dense = self._dense_targets()
                 total = len(decoder_layers(self.model))
                 self.layer_runs += layers_run(total, [], self.cache.start_for(total)) + self.head_share
+            self.setup_runs += self.layer_runs - before
         return self.cache
+
+    def mark(self) -> tuple[float, float]:
+        """Where the cost counters stand, for :meth:`runs_since`."""
+        return self.layer_runs, self.setup_runs
+
+    def runs_since(self, mark: tuple[float, float]) -> float:
+        """Layer runs since ``mark`` as if this were the verifier's first use: the dense states and targets
+        count whether they were computed now or reused from an earlier choice (another N)."""
+        return self.layer_runs - mark[0] - (self.setup_runs - mark[1]) + self.setup_runs
 
     @torch.inference_mode()
     def _dense_targets(self) -> DenseTargets:
@@ -311,13 +323,13 @@ class MiVerified(Method):
     def choose(self, evidence: Evidence, n: int, seed: int) -> Choice:
         short = self.shortlist(evidence, n, seed)
         verifier: Verifier = evidence.require("verifier", self.name)
-        runs_before = verifier.layer_runs
+        mark = verifier.mark()
         scores = verifier.measure(short.sets)
         best = winner(scores, short.losses, f"mi-verified's {len(scores)} candidates")
         record = {
             **short.record(scores, self.objective, verifier),
             "chosen_mi_rank": short.mi_rank[tuple(short.sets[best])],
-            **cost_record(verifier, runs_before, short.num_blocks),
+            **cost_record(verifier, verifier.runs_since(mark), short.num_blocks),
         }
         return Choice(
             short.sets[best], len(short.sets), stop_reason=f"lowest measured {self.objective}", record=record
@@ -375,10 +387,10 @@ def winner(scores: list[float], tiebreak: list[float], what: str) -> int:
     return min(finite, key=lambda i: (scores[i], tiebreak[i]))
 
 
-def cost_record(verifier: Verifier, runs_before: float, num_blocks: int) -> dict[str, Any]:
-    """What the verification cost: full-model passes over its tokens, and the cache it kept."""
+def cost_record(verifier: Verifier, layer_runs: float, num_blocks: int) -> dict[str, Any]:
+    """What the verification cost: ``layer_runs`` in full-model passes over its tokens, and the cache kept."""
     return {
-        "verification_layer_passes": (verifier.layer_runs - runs_before) / num_blocks,
+        "verification_layer_passes": layer_runs / num_blocks,
         "output_layer_cost": round(head_layers(verifier.model), 2),  # in decoder layers per token, counted
         "scored_positions": "all" if verifier.positions is None else len(verifier.positions),
         "cached_boundaries": len(verifier.cache.checkpoints) if verifier.cache is not None else 0,
