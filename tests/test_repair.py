@@ -352,3 +352,27 @@ def test_ridge_zero_on_a_rank_deficient_calibration_is_recorded_and_the_guard_wi
 def test_ridge_must_be_sane():
     with pytest.raises(InvalidOptionError, match="ridge must be a number from 0 to"):
         LinearRepair(ridge=1e308)
+
+
+@pytest.mark.integration
+def test_a_text_shorter_than_the_repairs_tokens_gives_it_every_window_it_holds_and_says_so(
+    tiny_tokenizer, caplog
+):
+    """The default 32,768 fitting tokens are more than a short --calib holds: the fit reads all of it."""
+    from miprun.data import available_windows, load_text
+    from miprun.pipeline import RunSettings, fit_repair
+
+    loaded = LoadedModel(tiny_model("llama")[0], tiny_tokenizer, "tiny-llama", None)
+    held = available_windows(tiny_tokenizer, load_text(str(CALIBRATION_TXT), "calibration"), CAL.seq_len)
+    repair = LinearRepair(guard=2)  # tokens at the default
+    assert held < repair.tokens // CAL.seq_len  # the text is shorter than the repair asks for
+    run = RunSettings(CAL, RuntimeOptions(), progress=False)
+    with caplog.at_level("WARNING"):
+        edits, record = fit_repair(loaded, repair, [3, 4], run)
+    assert record.tokens == (held - 2) * CAL.seq_len  # every window but the guard's two
+    assert (
+        edits
+        and record.runs[0].get("guard")
+        != "not run: no calibration windows were left out of the fit to check it on"
+    )
+    assert f"the calibration text holds {held}" in caplog.text

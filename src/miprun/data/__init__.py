@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 from miprun.data.sources import BUILTIN_SOURCES, DEFAULT_SOURCE, TextSource, load_text
-from miprun.data.windows import eval_windows, token_windows
+from miprun.data.windows import available_windows, eval_windows, token_windows
 
-__all__ = ["BUILTIN_SOURCES", "DEFAULT_SOURCE", "TextSource", "eval_windows", "load_text", "token_windows"]
+__all__ = [
+    "BUILTIN_SOURCES",
+    "DEFAULT_SOURCE",
+    "TextSource",
+    "available_windows",
+    "eval_windows", "load_text", "token_windows"]

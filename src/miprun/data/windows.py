@@ -55,6 +55,11 @@ def _cut(tokenizer: Any, source: TextSource, seq_len: int) -> torch.Tensor:
     return windows
 
 
+def available_windows(tokenizer: Any, source: TextSource, seq_len: int) -> int:
+    """How many non-overlapping windows of ``seq_len`` tokens the source holds."""
+    return int(_cut(tokenizer, source, seq_len).shape[0])
+
+
 def token_windows(
     tokenizer: Any, source: TextSource, num_windows: int, seq_len: int, seed: int
 ) -> torch.Tensor:

@@ -10,6 +10,7 @@ from dataclasses import replace
 import torch
 
 from miprun.capture.statistic import CapturedStats
+from miprun.data import available_windows, load_text
 from miprun.errors import DataError
 from miprun.methods import Evidence, GatherContext, Method
 from miprun.model.loading import LoadedModel
@@ -38,7 +39,21 @@ def fit_repair(
 
 
 def repair_windows(loaded: LoadedModel, repair: Repair, fit_run: RunSettings) -> torch.Tensor:
-    """The windows of a repair's own calibration pass; a text too short for them says what to change."""
+    """The windows of a repair's own calibration pass: as many as it asks for, or every window of a shorter
+    text (said in the log; the repair's record gives the tokens it read)."""
+    cal = fit_run.calibration
+    held = available_windows(loaded.tokenizer, load_text(cal.source, "calibration"), cal.seq_len)
+    if 0 < held < cal.samples:
+        log.warning(
+            "the %s repair reads up to %d windows of %d tokens; the calibration text holds %d, so it fits on "
+            "those (%d tokens; a larger --calib gives it more)",
+            repair.name,
+            cal.samples,
+            cal.seq_len,
+            held,
+            held * cal.seq_len,
+        )
+        fit_run = replace(fit_run, calibration=replace(cal, samples=held))
     try:
         return calibration_windows(loaded, fit_run.calibration)[1]
     except DataError as err:
