@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     # SLEB at this N over the same calibration tokens, in the same decoder-layer units
                     "sleb_x_forward": sleb_layer_passes(scores.num_blocks, n, head_layers(loaded.model)),
                     "verify_seconds": record["verify_seconds"],
+                    **search_summary(record),
                 }
             )
             log.info("%s N=%d: %s ppl %.2f (%.2f fwd)", spec, n, removed, rows[-1]["ppl"], passes)
@@ -82,6 +83,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "calibration": {"samples": cal.samples, "seq_len": cal.seq_len},
         "evaluation": {"samples": args.eval_samples, "seq_len": args.eval_seq_len},
         "rows": rows,
+    }
+
+
+def search_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """What mi-search measured on its way (empty for mi-verified): the greedy's path, the sets each swap
+    round tried, and the finalists with their screened and final values."""
+    if "greedy" not in record:
+        return {}
+    return {
+        "screen_tokens": record.get("screen_tokens"),
+        "greedy_path": [step["block"] for step in record["greedy"]],
+        "greedy_remeasured": [len(step["remeasured"]) for step in record["greedy"]],
+        "greedy_x_forward": record["greedy_layer_passes"],
+        "swaps_tried": [round_["tried"] for round_ in record["swaps"]],
+        "finalists": [[f["removed"], f["cut"], f["measured"]] for f in record["finalists"]],
     }
 
 

@@ -45,6 +45,8 @@ def test_prune_saves_a_checkpoint_that_transformers_loads(tiny_tokenizer, tmp_pa
     result = prune(
         lm,
         num_blocks=2,
+        method="mi-prun",  # MI-PRUN's one pass: its plan records the optimum it is compared against
+        repair="none",
         calibration=CAL,
         estimator="gaussian",
         estimator_params={"proj_dim": 16},
@@ -99,7 +101,16 @@ def test_scores_file_is_reused_without_a_forward_pass(tiny_tokenizer, tmp_path):
     layers = decoder_layers(lm.model)
     handle = layers[0].register_forward_pre_hook(no_forward)
     try:
-        result = prune(lm, num_blocks=2, scores=path, out=tmp_path / "p2", progress=False)
+        # MI-PRUN without a repair: the default (mi-search + linear) measures and repairs with the model
+        result = prune(
+            lm,
+            num_blocks=2,
+            scores=path,
+            method="mi-prun",
+            repair="none",
+            out=tmp_path / "p2",
+            progress=False,
+        )
     finally:
         handle.remove()
     assert result.plan.removed == select(first, 2)[0]
@@ -162,7 +173,8 @@ def test_plan_round_trips(tiny_tokenizer, tmp_path):
     again = PrunePlan.read(path)
     assert again.to_json() == result.plan.to_json()  # every field, not a sample of them
     assert json.loads(path.read_text())["kind"] == "miprun-plan"
-    assert again.repair.name == "none" and again.repair.changed == []
+    assert again.search.method == "mi-search" and again.repair.name == "linear"  # the defaults
+    assert again.repair.changed == result.plan.repair.changed
 
 
 def test_an_options_object_and_flat_overrides_are_the_same_run(tiny_tokenizer):
@@ -269,7 +281,12 @@ def test_the_documented_options_objects_work():
 
 def test_a_plan_is_checked_against_the_model_it_is_applied_to(tiny_tokenizer, tmp_path):
     result = prune(
-        loaded("llama", tiny_tokenizer), num_blocks=2, calibration=CAL, cache=False, progress=False
+        loaded("llama", tiny_tokenizer),
+        num_blocks=2,
+        repair="none",  # a repaired plan is refused for another reason (its weights are not in it)
+        calibration=CAL,
+        cache=False,
+        progress=False,
     )
     plan = result.plan
     qwen2 = tiny_model("qwen2")[0]

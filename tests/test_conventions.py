@@ -40,7 +40,7 @@ def test_version(capsys) -> None:
 
 @pytest.mark.integration
 def test_blocks_removes_exactly_those_blocks_without_a_scoring_pass(tiny_folder: Path) -> None:
-    result = miprun.prune(str(tiny_folder), blocks=[4, 1], progress=False)
+    result = miprun.prune(str(tiny_folder), blocks=[4, 1], repair="none", progress=False)  # the cut alone
     expected, _ = tiny_model("llama")
     remove_blocks(expected, [1, 4])
     with torch.no_grad():
@@ -174,6 +174,6 @@ def test_the_revision_is_recorded_in_the_manifest_and_the_card(tiny_folder: Path
     from miprun.model.loading import load_model
 
     loaded = dataclasses.replace(load_model(str(tiny_folder), device="cpu"), revision="0123abc")
-    miprun.prune(loaded, blocks=[1], out=tmp_path / "o", progress=False)
+    miprun.prune(loaded, blocks=[1], repair="none", out=tmp_path / "o", progress=False)
     assert json.loads((tmp_path / "o" / "miprun.json").read_text())["model"]["revision"] == "0123abc"
     assert "(revision `0123abc`)" in ModelCard.load(tmp_path / "o" / "README.md").text

@@ -36,8 +36,11 @@ FAST = ["--estimator", "gaussian", "--est-opt", "proj_dim=16", "--quiet"]
 TINY = ["--calib", str(CALIBRATION_TXT), "--samples", "4", "--seq-len", "24", *FAST]
 CAL = CalibrationConfig(source=str(CALIBRATION_TXT), samples=4, seq_len=24, seed=0, batch_size=2)
 EST = {"estimator": "gaussian", "estimator_params": {"proj_dim": 16}}
+# MI-PRUN without a repair: a run that reuses scores needs no forward pass (the default, mi-search + linear,
+# measures and repairs with the model)
+ONE_PASS = {**EST, "method": "mi-prun", "repair": "none"}
 # Fields that hold wall-clock times: the only things allowed to differ between two identical runs.
-TIME_KEYS = {"timings", "seconds", "optimum_seconds"}
+TIME_KEYS = {"timings", "seconds", "optimum_seconds", "verify_seconds"}
 
 
 def save_tiny(folder: Path, tokenizer, seed: int = 0, arch: str = "llama") -> Path:
@@ -486,7 +489,7 @@ def _tiny_loaded(tokenizer) -> LoadedModel:
 @pytest.mark.integration
 def test_second_prune_reuses_cached_scores(caplog, tmp_path, tiny_tokenizer):
     caplog.set_level(logging.INFO, logger="miprun")
-    first = prune(_tiny_loaded(tiny_tokenizer), num_blocks=1, calibration=CAL, **EST, progress=False)
+    first = prune(_tiny_loaded(tiny_tokenizer), num_blocks=1, calibration=CAL, **ONE_PASS, progress=False)
     cached = list((cache_dir() / "scores").glob("*.json"))
     assert len(cached) == 1 and "reusing cached scores" not in caplog.text
     assert cached_entry(cached[0]).table.to_json() == first.plan.scores
@@ -494,12 +497,12 @@ def test_second_prune_reuses_cached_scores(caplog, tmp_path, tiny_tokenizer):
     lm = _tiny_loaded(tiny_tokenizer)
     handle = decoder_layers(lm.model)[0].register_forward_pre_hook(no_forward)
     try:
-        again = prune(lm, num_blocks=2, calibration=CAL, **EST, out=tmp_path / "p2", progress=False)
+        again = prune(lm, num_blocks=2, calibration=CAL, **ONE_PASS, out=tmp_path / "p2", progress=False)
     finally:
         handle.remove()
     assert "reusing cached scores" in caplog.text and "capture" not in again.plan.timings
     fresh = prune(
-        _tiny_loaded(tiny_tokenizer), num_blocks=2, calibration=CAL, **EST, cache=False, progress=False
+        _tiny_loaded(tiny_tokenizer), num_blocks=2, calibration=CAL, **ONE_PASS, cache=False, progress=False
     )
     assert again.plan.removed == fresh.plan.removed == select(cached_entry(cached[0]), 2)[0]
     assert again.plan.search.loss == fresh.plan.search.loss
@@ -561,12 +564,19 @@ def test_interrupted_run_resumes_without_a_forward_pass(monkeypatch, tmp_path, t
     with monkeypatch.context() as patch:
         patch.setattr(PreTrainedModel, "save_pretrained", _failing_save(KeyboardInterrupt()))
         with pytest.raises(KeyboardInterrupt):
-            prune(_tiny_loaded(tiny_tokenizer), num_blocks=2, calibration=CAL, **EST, out=out, progress=False)
+            prune(
+                _tiny_loaded(tiny_tokenizer),
+                num_blocks=2,
+                calibration=CAL,
+                **ONE_PASS,
+                out=out,
+                progress=False,
+            )
     assert not out.exists()
     lm = _tiny_loaded(tiny_tokenizer)
     handle = decoder_layers(lm.model)[0].register_forward_pre_hook(no_forward)
     try:
-        prune(lm, num_blocks=2, calibration=CAL, **EST, out=out, progress=False)
+        prune(lm, num_blocks=2, calibration=CAL, **ONE_PASS, out=out, progress=False)
     finally:
         handle.remove()
     assert (out / "model.safetensors").is_file() and (out / MANIFEST_NAME).is_file()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CALIBRATION_TXT, HELDOUT_TXT, train_tiny_tokenizer
+from conftest import CALIBRATION_TXT, HELDOUT_TXT, REAL_CACHE, train_tiny_tokenizer
 from tiny_models import VOCAB, tiny_config
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
@@ -388,8 +388,12 @@ def test_the_readmes_gguf_example_runs_on_a_tiny_model(tmp_path: Path, converter
 
     commands = _readme_gguf_commands()
     assert len(commands) == 2
+    # the default repair reads the default calibration text: the real one, from the user's cache
+    (Path(os.environ["MIPRUN_CACHE"]) / "data").symlink_to(REAL_CACHE / "data", target_is_directory=True)
     folder = tmp_path / "tiny-30"
-    tiny_variant("llama", 30, 64).save_pretrained(folder)
+    model = tiny_variant("llama", 30, 64)
+    model.config.max_position_embeddings = 512  # rotary positions: room for the default 256-token windows
+    model.save_pretrained(folder)
     _sentencepiece(folder)
     train_tiny_tokenizer().save_pretrained(folder)
     for i, command in enumerate(commands):

@@ -198,7 +198,9 @@ def test_angular_removes_the_contiguous_window_of_least_angular_distance(tiny_to
 def test_mi_scores_do_not_capture_cosine_and_say_how_to_get_it(tiny_tokenizer):
     """Cosine sums cost a batch of full-width unit vectors per layer: only captured for methods that read them."""
     lm = loaded(tiny_tokenizer, "llama")
-    result = score(lm, calibration=CAL, estimator="gaussian", estimator_params=GAUSS, cache=False)
+    result = score(
+        lm, calibration=CAL, estimator="gaussian", estimator_params=GAUSS, method="mi-prun", cache=False
+    )
     assert result.evidence == {}
     with pytest.raises(MissingEvidenceError, match="miprun score --method shortgpt"):
         select(result, 2, method="shortgpt")
@@ -341,7 +343,9 @@ def test_scores_file_serves_baselines_without_a_forward_pass(method, tiny_tokeni
         assert select(again, n, method=method)[0] == select(first, n, method=method)[0]
     handle = decoder_layers(lm.model)[0].register_forward_pre_hook(_no_forward)
     try:
-        result = prune(lm, num_blocks=2, method=method, scores=path, out=tmp_path / "p2", progress=False)
+        result = prune(
+            lm, num_blocks=2, method=method, repair="none", scores=path, out=tmp_path / "p2", progress=False
+        )
     finally:
         handle.remove()
     assert result.plan.removed == select(first, 2, method=method)[0]

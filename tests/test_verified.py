@@ -310,6 +310,7 @@ def test_mi_search_screens_on_a_prefix_of_its_tokens_and_judges_its_finalists_on
         num_blocks=2,
         method="mi-search",
         method_params=params,
+        repair="none",  # finalists measured on the cut, comparable with a plain verifier's measurement
         calibration=CAL,
         cache=False,
         progress=False,
@@ -339,6 +340,7 @@ def test_mi_search_screens_on_a_prefix_of_its_tokens_and_judges_its_finalists_on
         num_blocks=2,
         method="mi-search",
         method_params={**params, "screen_tokens": 120},
+        repair="none",
         calibration=CAL,
         cache=False,
         progress=False,

@@ -78,7 +78,7 @@ def score(
     check_revision(model, opts.revision)  # refusals that need no model, before it is loaded
     check_sources(opts.calibration.source)
     sc = opts.scoring
-    variant = Variant.of(sc, RepairOptions())
+    variant = Variant.of(sc, RepairOptions(repair="none"))  # scores serve any repair
     settings = RunSettings(
         opts.calibration, opts.runtime, opts.progress and distributed.is_main(), sc.cache, sc.sequential
     )

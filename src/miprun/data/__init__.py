@@ -10,4 +10,7 @@ __all__ = [
     "DEFAULT_SOURCE",
     "TextSource",
     "available_windows",
-    "eval_windows", "load_text", "token_windows"]
+    "eval_windows",
+    "load_text",
+    "token_windows",
+]

@@ -26,6 +26,7 @@ from miprun.options.groups import (
     DEFAULT_METHOD,
     DEFAULT_REPAIR,
     DTYPE_NAMES,
+    LAYERWISE_METHOD,
     SEED_MAX,
     CalibrationConfig,
     EstimatorOptions,
@@ -34,6 +35,7 @@ from miprun.options.groups import (
     RepairOptions,
     RuntimeOptions,
     ScoringOptions,
+    default_method,
 )
 from miprun.options.heal import HealConfig, HealOptions
 from miprun.options.parsers import parse_key_values, split_ints, split_list
@@ -43,6 +45,7 @@ __all__ = [
     "DEFAULT_METHOD",
     "DEFAULT_REPAIR",
     "DTYPE_NAMES",
+    "LAYERWISE_METHOD",
     "SEED_MAX",
     "BenchConfig",
     "BenchOptions",
@@ -60,6 +63,7 @@ __all__ = [
     "RuntimeOptions",
     "ScoreOptions",
     "ScoringOptions",
+    "default_method",
     "flag",
     "flat_fields",
     "groups",

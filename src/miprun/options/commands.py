@@ -8,7 +8,6 @@ from typing import Any
 from miprun.errors import InvalidOptionError
 from miprun.options.fields import Options, opt
 from miprun.options.groups import (
-    DEFAULT_REPAIR,
     REVISION_HELP,
     SEED_MAX,
     CalibrationConfig,
@@ -169,7 +168,7 @@ class CompareOptions(Options):
     )
     repairs: list[str] = opt(
         help="Repairs to apply to every method's choice (repeat or comma-separate); default: none.",
-        factory=lambda: [DEFAULT_REPAIR],
+        factory=lambda: ["none"],
         parse=split_list,
         flags=("--repairs",),
     )

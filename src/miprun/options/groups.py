@@ -12,9 +12,18 @@ from miprun.options.parsers import parse_key_values
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 SEED_MAX = 2**63 - 2  # torch generators take 64-bit seeds, and projections use seed + 1
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # what llama.cpp's converter writes without its compiled tools
-DEFAULT_METHOD = "mi-prun"
+DEFAULT_METHOD = "mi-search"  # chosen by measurement: docs/comparison.md (issue 16)
+LAYERWISE_METHOD = "mi-prun"  # the default with --sequential: one pass, never the whole model at once
 DEFAULT_ESTIMATOR = "coordinate"  # chosen by measurement: docs/estimator-study.md
-DEFAULT_REPAIR = "none"
+DEFAULT_REPAIR = "linear"  # where the model's family can fold it (else none): docs/repair.md
+
+
+def default_method(sequential: bool) -> str:
+    """The method a run without ``--method`` uses: ``mi-search`` measures candidates with the whole model, so
+    a layer-by-layer run (a model larger than the device) gets MI-PRUN's one pass."""
+    return LAYERWISE_METHOD if sequential else DEFAULT_METHOD
+
+
 REVISION_HELP = (
     "Branch, tag or commit of a hub --model (e.g. a commit hash for a run you can repeat); recorded in "
     "miprun.json. Refused for local folders, .gguf files and embedded models."
@@ -120,9 +129,9 @@ class EstimatorOptions(Options):
 class ScoringOptions(Options):
     """How blocks are scored and chosen."""
 
-    method: str = opt(
-        DEFAULT_METHOD,
-        "Pruning method.",
+    method: str | None = opt(
+        None,
+        f"Pruning method (default: {DEFAULT_METHOD}; {LAYERWISE_METHOD}, MI-PRUN's one pass, with --sequential).",
         "--method",
     )
     estimation: EstimatorOptions = field(default_factory=EstimatorOptions)
@@ -162,9 +171,9 @@ class HeldoutOptions(Options):
 class RepairOptions(Options):
     """What repairs the model after the cut."""
 
-    repair: str = opt(
-        DEFAULT_REPAIR,
-        "Repair after the cut.",
+    repair: str | None = opt(
+        None,
+        f"Repair after the cut (default: {DEFAULT_REPAIR} where the model's family can fold it, else none).",
         "--repair",
     )
     repair_params: dict[str, Any] = opt(

@@ -7,21 +7,22 @@ load -> scores (or --scores, or --blocks) -> select -> [held-out: dense, cut] ->
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from miprun.capture import distributed
+from miprun.errors import UnsupportedArchitectureError
 from miprun.evaluation.heldout import HeldoutText
 from miprun.model.loading import LoadedModel, resolve_dtype
 from miprun.model.surgery import skip_blocks
-from miprun.options import PruneOptions
+from miprun.options import PruneOptions, RepairOptions
 from miprun.output.manifest import HeldoutEvaluation, PrunePlan
 from miprun.pipeline.explicit import explicit_removal, no_calibration
 from miprun.pipeline.run import Run, Selection, Variant
-from miprun.pipeline.setup import RunSettings, blocks_to_remove, timed
+from miprun.pipeline.setup import RunSettings, blocks_to_remove, repair_of, timed
 from miprun.repair import RepairRecord
 from miprun.scores import ScoreResult
 
@@ -62,6 +63,7 @@ def run_prune(
     progress = opts.progress and distributed.is_main()
     settings = RunSettings(opts.calibration, opts.runtime, progress, sc.cache, sc.sequential)
     run = Run.load(model, settings, layerwise=sc.sequential and scores is None, revision=opts.revision)
+    variant = _repair_for(run, variant, opts.repair_config)
     if dest.out is not None:
         if run.loaded.path is not None:
             dest.inputs = (*dest.inputs, Path(run.loaded.path))
@@ -141,6 +143,20 @@ def _heldout(run: Run, opts: PruneOptions) -> HeldoutText | None:
         )
     with timed(run.timings, "evaluation"):
         return run.heldout(ev)
+
+
+def _repair_for(run: Run, variant: Variant, options: RepairOptions) -> Variant:
+    """The variant, or without a repair where the default one cannot repair this model (said in the log);
+    a repair asked for by name that cannot is refused before any work."""
+    why = variant.repair.unsupported(run.loaded.model)
+    if why is None:
+        return variant
+    if options.repair is not None:
+        raise UnsupportedArchitectureError(why)
+    log.warning(
+        "no repair after the cut (the default, %s, does not apply here: %s)", variant.repair.name, why
+    )
+    return replace(variant, repair=repair_of(replace(options, repair="none")))
 
 
 def _evaluate_before(

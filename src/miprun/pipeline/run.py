@@ -121,6 +121,16 @@ class Run:
         result = given if isinstance(given, ScoreResult) else ScoreResult.read(given)
         check_scores_match(result, self.info, self.settings.calibration.source)
         log.info("reusing the given scores: no calibration pass")
+        # what measures or repairs with the model from here on reads the windows the scores were made on
+        made, cal = result.calibration, self.settings.calibration
+        self.settings.calibration = replace(
+            cal,
+            source=cal.source or made.source,
+            samples=made.num_windows,
+            seq_len=made.seq_len,
+            seed=made.seed,
+            exclude_first_token=made.exclude_first_token,
+        )
         for phase, seconds in result.timings.items():
             self.timings.setdefault(phase, seconds)
         return result

@@ -20,11 +20,13 @@ from miprun.model.layouts import layout_for, num_blocks, text_config
 from miprun.model.loading import LoadedModel
 from miprun.model.surgery import check_exact
 from miprun.options import (
+    DEFAULT_REPAIR,
     CalibrationConfig,
     EstimatorOptions,
     RepairOptions,
     RuntimeOptions,
     ScoringOptions,
+    default_method,
     groups,
 )
 from miprun.repair import Repair
@@ -60,12 +62,14 @@ class RunSettings:
 
 
 def method_of(scoring: ScoringOptions) -> Method:
-    """The method the options name, with its parameters (``k`` goes to methods that take one)."""
-    cls = methods.REGISTRY.get(scoring.method)
+    """The method the options name (or the default), with its parameters (``k`` goes to methods that take
+    one)."""
+    name = scoring.method or default_method(scoring.sequential)
+    cls = methods.REGISTRY.get(name)
     params = dict(scoring.method_params)
     if "k" in {f.name for f in dataclasses.fields(cls)}:
         params.setdefault("k", scoring.k)
-    return methods.build(scoring.method, params)
+    return methods.build(name, params)
 
 
 def method_with(name: str, params: dict[str, Any], k: int) -> Method:
@@ -83,7 +87,8 @@ def estimator_of(estimation: EstimatorOptions) -> Estimator:
 
 
 def repair_of(options: RepairOptions) -> Repair:
-    return repair.build(options.repair, options.repair_params)
+    """The repair the options name, or the default (:func:`miprun.pipeline.prune.run_prune` drops a default that cannot fold)."""
+    return repair.build(options.repair or DEFAULT_REPAIR, options.repair_params)
 
 
 def repair_with(name: str, params: dict[str, Any]) -> Repair:

@@ -60,6 +60,16 @@ class Repair(ABC):
         """What the repair's calibration pass must record for this removal set (none: no extra pass)."""
         return []
 
+    def unsupported(self, model: nn.Module) -> str | None:
+        """Why this repair cannot repair ``model``, or None where it can: a repair that changes weights
+        cannot edit weights offloaded to disk (accelerate keeps them on the meta device between passes)."""
+        if self.changes_weights and any(p.device.type == "meta" for p in model.parameters()):
+            return (
+                "some weights are offloaded to disk (device_map), and a repair edits weights in place; load the "
+                "model on CPU or GPU memory, or use --repair none"
+            )
+        return None
+
     def calibration(self, cal: CalibrationConfig) -> CalibrationConfig:
         """The windows of the repair's own pass (by default the scoring windows)."""
         return cal

@@ -137,6 +137,13 @@ class LinearRepair(Repair):
             return windows, None
         return windows[: -self.guard], windows[-self.guard :]
 
+    def unsupported(self, model: nn.Module) -> str | None:
+        try:
+            self._mode(model)
+        except UnsupportedArchitectureError as err:
+            return str(err)
+        return super().unsupported(model)
+
     def _mode(self, model: nn.Module) -> Literal["full", "diagonal", "rotation"]:
         roles = layout_for(model_config(model)).roles
         if not mlp_adds_to_residual(model):
