@@ -109,6 +109,9 @@ class Method(ABC):
     n_dependent: ClassVar[bool] = False  # its evidence serves only N up to the max_blocks it was gathered for
     live_keys: ClassVar[tuple[str, ...]] = ()  # evidence that runs the model at choice time (never cached)
     compared_by_default: ClassVar[bool] = True  # `miprun compare` without --methods runs it
+    # Non-empty for the measured reference of the comparison report: the methods with live evidence are set
+    # against its rows (same N, same repair) under this display name.
+    reference: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
