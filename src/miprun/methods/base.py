@@ -118,6 +118,12 @@ class Method(ABC):
         if "evidence_types" in cls.__dict__:
             cls.evidence_keys = tuple(cls.evidence_types)
 
+    @classmethod
+    def example(cls) -> Method:
+        """A small instance for the registry-wide contract tests (tests/test_contracts.py) on a tiny model:
+        the defaults, unless a plugin's defaults need more than a tiny model holds."""
+        return cls()
+
     def statistics(self) -> list[Statistic]:
         """What the capture pass must record for this method (besides the estimator's, for MI methods)."""
         return []

@@ -56,6 +56,12 @@ class Repair(ABC):
     summary: ClassVar[str]
     changes_weights: ClassVar[bool] = True  # False: the cut alone (no fit, no extra pass, nothing to replay)
 
+    @classmethod
+    def example(cls) -> Repair:
+        """A small instance for the registry-wide contract tests (tests/test_contracts.py) on a tiny model:
+        the defaults, unless a plugin's defaults need more than a tiny model holds."""
+        return cls()
+
     def statistics(self, model: nn.Module, removed: list[int]) -> list[Statistic]:
         """What the repair's calibration pass must record for this removal set (none: no extra pass)."""
         return []
