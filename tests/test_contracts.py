@@ -100,6 +100,7 @@ def test_method_chooses_n_distinct_blocks_in_range(name, tiny_tokenizer):
         num_blocks=2,
         method=name,
         method_params=example.params(),
+        repair="none",  # the method's choice alone
         calibration=CAL,
         cache=False,
         progress=False,

@@ -56,12 +56,6 @@ class Repair(ABC):
     summary: ClassVar[str]
     changes_weights: ClassVar[bool] = True  # False: the cut alone (no fit, no extra pass, nothing to replay)
 
-    @classmethod
-    def example(cls) -> Repair:
-        """A small instance for the registry-wide contract tests (tests/test_contracts.py) on a tiny model:
-        the defaults, unless a plugin's defaults need more than a tiny model holds."""
-        return cls()
-
     def statistics(self, model: nn.Module, removed: list[int]) -> list[Statistic]:
         """What the repair's calibration pass must record for this removal set (none: no extra pass)."""
         return []
@@ -87,6 +81,12 @@ class Repair(ABC):
 
     def params(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def example(cls) -> Repair:
+        """A small instance for the registry-wide contract tests (tests/test_contracts.py) on a tiny model:
+        the defaults, unless a plugin's defaults need more than a tiny model holds."""
+        return cls()
 
 
 # Every repair by name: a class registers itself with ``@REGISTRY.register`` (its ``name`` is the key).
