@@ -22,6 +22,7 @@ from miprun.errors import MissingEvidenceError
 from miprun.estimators.table import ScoreTable
 from miprun.methods.search import optimal_select, set_loss
 from miprun.registry import Registry
+from miprun.scores.evidence import EVIDENCE_TYPES
 
 
 @dataclass
@@ -117,6 +118,8 @@ class Method(ABC):
         super().__init_subclass__(**kwargs)
         if "evidence_types" in cls.__dict__:
             cls.evidence_keys = tuple(cls.evidence_types)
+            for key, evidence in cls.evidence_types.items():  # so a scores file reads it back
+                EVIDENCE_TYPES.add(key, evidence)
 
     @classmethod
     def example(cls) -> Method:
