@@ -93,3 +93,25 @@ def test_reading_scores_imports_no_method() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONPATH": src}
     )
     assert out.stdout.strip() == "False"
+
+
+def test_one_key_takes_one_class_but_a_class_defined_again_replaces_itself() -> None:
+    from miprun.scores.evidence import EvidenceTypes
+
+    def defined() -> type:
+        class Matrix:  # the same name each time, as a notebook cell run again defines it
+            pass
+
+        return Matrix
+
+    class Other:
+        pass
+
+    types = EvidenceTypes()
+    first, again = defined(), defined()
+    types.add("m", first)
+    types.add("m", first)  # several methods reading one key with one class
+    types.add("m", again)
+    assert types.get("m") is again
+    with pytest.raises(ValueError, match="needs a key of its own"):
+        types.add("m", Other)

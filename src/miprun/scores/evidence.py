@@ -24,7 +24,9 @@ class EvidenceTypes:
 
     def add(self, key: str, cls: type) -> None:
         held = self._classes.setdefault(key, cls)
-        if held is not cls:
+        if held is not cls and _same_name(held, cls):  # the class defined again (a notebook cell run twice)
+            self._classes[key] = cls
+        elif held is not cls:
             raise ValueError(
                 f"evidence {key!r} is read with {held.__qualname__} already; {cls.__qualname__} needs a key "
                 "of its own (a scores file holds one class per key)"
@@ -47,6 +49,10 @@ class EvidenceTypes:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._classes)
+
+
+def _same_name(a: type, b: type) -> bool:
+    return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
 
 
 # Process-wide, as every registry is: filled once as the method classes are defined.
