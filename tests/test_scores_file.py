@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,7 +91,11 @@ def test_reading_scores_imports_no_method() -> None:
     code = "import sys, miprun.scores.result; print(any(m.startswith('miprun.methods') for m in sys.modules))"
     src = str(Path(__file__).resolve().parent.parent / "src")
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONPATH": src}
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": src},
     )
     assert out.stdout.strip() == "False"
 
