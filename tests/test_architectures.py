@@ -82,6 +82,15 @@ def arch(request: pytest.FixtureRequest) -> str:
 # --- layouts ----------------------------------------------------------------------------------------
 
 
+def test_the_per_family_suite_runs_over_the_whole_layout_table() -> None:
+    """The `arch` fixture is the layout table itself; each of its families has a tiny model to test."""
+    from tiny_models import _BUILDERS
+
+    assert sorted(ARCHS) == SUPPORTED
+    missing = sorted(set(SUPPORTED) - set(_BUILDERS))
+    assert not missing, f"layout families with no tiny config in tests/tiny_models.py: {missing}"
+
+
 @pytest.mark.integration
 def test_every_tiny_arch_has_a_layout(arch: str) -> None:
     model, config = tiny_model(arch)

@@ -369,6 +369,22 @@ def test_interrupt_handlers_are_scoped_and_respect_nohup() -> None:
         signal.signal(signal.SIGHUP, hup_before)
 
 
+def test_the_caller_learns_which_signal_stopped_it_even_from_a_nested_block() -> None:
+    """The CLI's exit code (128 + signum) comes from the record its block yields, not from module state."""
+    term_before = signal.getsignal(signal.SIGTERM)
+    with interrupts_as_keyboard_interrupt() as outer:
+        assert outer.signum is None
+        with interrupts_as_keyboard_interrupt() as inner:  # as heal's training loop inside the CLI's block
+            assert inner is outer
+            with pytest.raises(Interrupted):
+                signal.raise_signal(signal.SIGTERM)
+        assert outer.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is outer  # the nested block left the handler alone
+    assert signal.getsignal(signal.SIGTERM) == term_before
+    with interrupts_as_keyboard_interrupt() as fresh:  # each outermost block starts a new record
+        assert fresh.signum is None
+
+
 def test_siblings_that_merely_look_like_temporaries_survive(tmp_path: Path) -> None:
     """Recovery deletes only what its journal names by the run's random token, never a look-alike."""
     out = make_output(tmp_path / "out", "old")

@@ -269,7 +269,7 @@ def test_the_new_plugins_work_from_the_command_line(registered, tiny_folder, tmp
         "--repair-opt",
         "factor=0.5",
     ]
-    compare += ["--forward-repeats", "1", "--quiet", "--out", str(tmp_path / "cmp")]
+    compare += ["--sequential", "--forward-repeats", "1", "--quiet", "--out", str(tmp_path / "cmp")]
     assert main(compare) == 0
     rows = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["rows"]
     assert {(r["method"], r["repair"], r["num_blocks"]) for r in rows} == {

@@ -29,6 +29,8 @@ from transformers import (
     SmolLM3Config,
 )
 
+from miprun.model.layouts import SUPPORTED
+
 NUM_LAYERS = 6
 VOCAB = 128
 SLIDING_WINDOW = 4  # shorter than the test prompts, so the sliding-window caches really roll over
@@ -195,11 +197,18 @@ _BUILDERS = {
     "gpt_neox": _gpt_neox,
 }
 
-ARCHS: list[str] = list(_BUILDERS)
+# Every family of the layout table (miprun.model.layouts.LAYOUTS), so a new entry there runs through every
+# per-family test (tests/test_architectures.py, tests/test_capture.py) with no line of its own in them.
+ARCHS: list[str] = list(SUPPORTED)
 
 
 def tiny_config(arch: str) -> PretrainedConfig:
     """The tiny config for `arch` (a `model_type`), with eager attention so results are reproducible."""
+    if arch not in _BUILDERS:
+        raise KeyError(
+            f"the layout table has {arch!r}, which tests/tiny_models.py cannot build: add a tiny config for it "
+            "(a `_{arch}()` builder in _BUILDERS), so the per-family suite tests the new family"
+        )
     config = _BUILDERS[arch]()
     config._attn_implementation = "eager"
     return config

@@ -187,9 +187,9 @@ def apply_plan(
     path = Path(plan) if not isinstance(plan, PrunePlan) else Path("(the PrunePlan given)")
     plan = plan if isinstance(plan, PrunePlan) else PrunePlan.read(path)
     check_removed(plan.num_blocks_before, plan.removed, path)
-    made_for = plan.model.get("name")
+    made_for = plan.model.name
     found_type = getattr(getattr(model, "config", None), "model_type", None)
-    want_type = plan.model.get("model_type")
+    want_type = plan.model.model_type
     if want_type is not None and found_type != want_type:
         raise InvalidOptionError(
             f"the plan was made for {made_for!r}, a {want_type} model; this model is a {found_type}: apply "
@@ -211,7 +211,7 @@ def apply_plan(
             "does not hold; load the pruned folder itself (AutoModelForCausalLM.from_pretrained(FOLDER)), or "
             f"prune the dense model again with --repair {plan.repair.name}"
         )
-    fingerprint = plan.model.get("fingerprint")
+    fingerprint = plan.model.fingerprint
     if strict and fingerprint is not None and (mine := model_fingerprint(model)) != fingerprint:
         raise InvalidOptionError(
             f"the plan was made for {made_for!r} (fingerprint {fingerprint}); this model's fingerprint is "
@@ -245,7 +245,7 @@ def heal(
     opts = with_overrides(options or HealOptions(), **overrides)
     folder, out_path = Path(model).expanduser(), Path(out)
     plan = plan_of(folder)
-    teacher_name = opts.teacher or plan.model.get("path") or plan.model["name"]
+    teacher_name = opts.teacher or plan.model.path or plan.model.name
     work_dir = Path(opts.work_dir) if opts.work_dir else out_path.parent / f".{out_path.name}.heal-work"
     inputs = tuple(p for p in (folder, Path(str(teacher_name)), Path(str(opts.config.source))) if p.exists())
     check_work_dir(work_dir, out_path)

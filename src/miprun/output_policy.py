@@ -140,7 +140,9 @@ def _check_file_apart(out: Path, inputs: Iterable[str | Path], flag: str = "--ou
 
 # ----------------------------------------------------------------------------- one writer at a time
 
-_HELD: dict[Path, int] = {}  # outputs whose lock this process holds -> the holding thread
+# Outputs whose lock this process holds -> the holding thread. Process-wide by nature: a lock file is held
+# per process, and a nested write (prune inside a notebook's own locked_output) must see the outer hold.
+_HELD: dict[Path, int] = {}
 
 
 def holding(out: Path) -> bool:

@@ -8,6 +8,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -24,23 +25,32 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+@dataclass
+class Caught:
+    """The handler that raises :class:`Interrupted`, and the last signal it turned (None: none, or Ctrl-C),
+    kept for the caller, since a library on the way up may catch the exception itself."""
+
+    signum: int | None = None
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        self.signum = signum
+        raise Interrupted(signum)
+
+
 @contextmanager
-def interrupts_as_keyboard_interrupt() -> Iterator[None]:
-    """Turn SIGTERM and SIGHUP (``timeout``, Slurm, ``docker stop``) into :class:`Interrupted`, as Ctrl-C.
+def interrupts_as_keyboard_interrupt() -> Iterator[Caught]:
+    """Turn SIGTERM and SIGHUP (``timeout``, Slurm, ``docker stop``) into :class:`Interrupted`, as Ctrl-C;
+    yields the :class:`Caught` record of which signal it was (the enclosing block's, when nested).
 
     Only in the main thread (elsewhere it does nothing); a signal that is ignored (``nohup``) stays ignored.
     """
-
-    def raise_interrupted(signum: int, _frame: object) -> None:
-        global last_signal
-        last_signal = signum
-        raise Interrupted(signum)
-
-    with _replaced_handlers(_TERMINATING, raise_interrupted):
-        yield
-
-
-last_signal: int | None = None  # the last SIGTERM/SIGHUP turned into Interrupted (libraries may catch it)
+    outer = [h for h in map(signal.getsignal, _TERMINATING) if h not in (None, signal.SIG_IGN)]
+    if outer and all(isinstance(handler, Caught) for handler in outer):
+        yield outer[0]  # type: ignore[misc]  # nested: the enclosing block already turns them, and records
+        return
+    caught = Caught()
+    with _replaced_handlers(_TERMINATING, caught):
+        yield caught
 
 
 @contextmanager

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 # Test hook: called with "journal-written", "old-moved-aside", "new-moving-in" and "swapped" during a swap.
+# Left module-wide on purpose: the crash tests set it in a child process before any call, to kill that process
+# between two renames; passing it down would put a test-only parameter on every writer. None in real runs.
 step_hook: Callable[[str], None] | None = None
 
 

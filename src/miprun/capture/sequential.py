@@ -154,12 +154,14 @@ def _sweep(
     model: nn.Module,
     windows: torch.Tensor,
     reducers: list[Reducer],
+    current: list[Reducer],
     device: torch.device,
     attention_mask: torch.Tensor | None,
 ) -> int:
     """Run the reducers' batches through every layer, one layer on ``device`` at a time; returns bytes parked.
 
-    The tap hooks (block states and module roles) fire as each layer runs, into the batch's reducer.
+    The tap hooks (block states and module roles) fire as each layer runs, into the batch's reducer, which
+    ``current`` holds while its batch runs.
     """
     spans = [(r.batch.start, r.batch.stop) for r in reducers]
     states, calls = catch_layer_inputs(model, windows, spans, device, attention_mask)
@@ -172,18 +174,15 @@ def _sweep(
             layer.to(device)
         try:
             for b, reducer in enumerate(reducers):
-                _CURRENT[:] = [reducer]
+                current[:] = [reducer]
                 out = _run_layer(layer, states[b], calls[i][b], device)  # (batch, seq, hidden)
                 states[b] = out.to(CPU)
         finally:
-            _CURRENT.clear()
+            current.clear()
             if movable:
                 layer.to(home)
         calls[i] = []  # this layer's masks and position embeddings are no longer needed
     return sum(r.parked_bytes() for r in reducers) + sum(s.numel() * s.element_size() for s in states)
-
-
-_CURRENT: list[Reducer] = []  # the reducer of the batch a layer is running on, for the tap hooks
 
 
 @torch.inference_mode()
@@ -214,11 +213,12 @@ def capture_sequential(
     all_taps = [t for per in taps for t in per if t.state != 0]  # state 0 is fed from the caught inputs
     per_sweep, done, sweeps = 1, 0, 0
     bar = tqdm(total=len(batches), desc="calibration (sequential)", unit="batch", disable=not progress)
-    with bar, tap_hooks(model, all_taps, lambda tap, h: _CURRENT[0].feed(tap, h, model)):
+    current: list[Reducer] = []  # the reducer of the batch a layer is running on, for the tap hooks
+    with bar, tap_hooks(model, all_taps, lambda tap, h: current[0].feed(tap, h, model)):
         while done < len(batches):
             group: list[BatchInfo] = batches[done : done + per_sweep]
             reducers = [Reducer(stats.statistics, taps, batch, device=dev, park=CPU) for batch in group]
-            parked = _sweep(model, windows, reducers, dev, attention_mask)
+            parked = _sweep(model, windows, reducers, current, dev, attention_mask)
             for reducer in reducers:  # in batch order, as the whole-model pass accumulates
                 reducer.finish()
                 stats.num_tokens += reducer.batch.num_tokens

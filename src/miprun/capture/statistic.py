@@ -77,6 +77,12 @@ class Statistic(ABC):
 
     name: ClassVar[str]
 
+    @classmethod
+    def example(cls) -> Statistic:
+        """A small instance for the registry-wide contract tests (tests/test_contracts.py) on a tiny model:
+        the defaults, unless a plugin's defaults need more than a tiny model holds."""
+        return cls()
+
     def config(self) -> tuple[Any, ...]:
         """Identity of what is captured: class and configuration fields."""
         init = [f.name for f in dataclasses.fields(self) if f.init]  # type: ignore[arg-type]

@@ -338,7 +338,6 @@ def main(argv: list[str] | None = None) -> int:
     SIGTERM and SIGHUP (``timeout``, Slurm, ``docker stop``) stop a run the way Ctrl-C does: the same
     cleanup runs, and the exit code is 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM).
     """
-    from miprun import signals
     from miprun.signals import Interrupted, interrupts_as_keyboard_interrupt
 
     args = sys.argv[1:] if argv is None else argv
@@ -346,13 +345,12 @@ def main(argv: list[str] | None = None) -> int:
         from miprun.cli.params import describe_plugins
 
         describe_plugins(app)
-    signals.last_signal = None
     try:
-        with interrupts_as_keyboard_interrupt(), libraries_restored():
+        with interrupts_as_keyboard_interrupt() as caught, libraries_restored():
             # typer turns a KeyboardInterrupt inside a command into a returned 130, not an exception
             code = app(args=args, prog_name="miprun", standalone_mode=False)
         if code == 130:
-            signum = signals.last_signal
+            signum = caught.signum
             why = "Ctrl-C" if signum is None else f"stopped by {signal.Signals(signum).name}"
             console.print(INTERRUPTED.format(why=why))
             return 130 if signum is None else 128 + signum

@@ -42,7 +42,7 @@ def prune_summary(result: Any) -> None:
     """``miprun prune``: what was removed, how, the evaluation and the time of each phase."""
     plan = result.plan
     s = plan.search
-    table = Table(title=f"{plan.model['name']}: {plan.num_blocks_before} -> {plan.num_blocks_after} blocks")
+    table = Table(title=f"{plan.model.name}: {plan.num_blocks_before} -> {plan.num_blocks_after} blocks")
     table.add_column("what")
     table.add_column("value", justify="right")
     table.add_row("removed blocks (0-based)", str(plan.removed))
@@ -120,22 +120,22 @@ def searched_finalists(record: dict[str, Any], chosen: list[int]) -> None:
 def heal_summary(result: Any) -> None:
     """``miprun heal``: how long, how far the loss fell, and the perplexities when measured."""
     healed = result.plan.heal
-    table = Table(title=f"{result.plan.model['name']}: healed toward {healed['teacher']}")
+    report = healed.report
+    table = Table(title=f"{result.plan.model.name}: healed toward {healed.teacher}")
     table.add_column("what")
     table.add_column("value", justify="right")
-    table.add_row("steps / tokens", f"{healed['steps']} / {healed['tokens']}")
+    table.add_row("steps / tokens", f"{report.steps} / {report.tokens}")
     table.add_row(
-        "KL to the dense model (first -> last batch)",
-        f"{healed['loss_start']:.4f} -> {healed['loss_end']:.4f}",
+        "KL to the dense model (first -> last batch)", f"{report.loss_start:.4f} -> {report.loss_end:.4f}"
     )
-    table.add_row("resumed", f"at step {healed['resumed_at_step']}" if healed["resumed"] else "no")
-    ev = healed.get("evaluation") or {}
-    if "healed_ppl" in ev:
+    table.add_row("resumed", f"at step {report.resumed_at_step}" if report.resumed else "no")
+    ev = healed.evaluation
+    if ev is not None and ev.healed_ppl is not None:
         table.add_row(
-            f"held-out perplexity ({ev['windows']}x{ev['seq_len']} tok): dense / pruned / healed",
-            f"{ev['dense_ppl']:.2f} / {ev['pruned_ppl']:.2f} / {ev['healed_ppl']:.2f}",
+            f"held-out perplexity ({ev.windows}x{ev.seq_len} tok): dense / pruned / healed",
+            f"{ev.dense_ppl:.2f} / {ev.pruned_ppl:.2f} / {ev.healed_ppl:.2f}",
         )
-    table.add_row("time: heal (wall / CPU)", f"{healed['seconds']:.0f} s / {healed['cpu_seconds']:.0f} s")
+    table.add_row("time: heal (wall / CPU)", f"{report.seconds:.0f} s / {report.cpu_seconds:.0f} s")
     out.print(table)
     out.print(f"healed model: {result.out}")
 

@@ -25,6 +25,12 @@ class Estimator(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]  # one line for `miprun list estimators` and --help
 
+    @classmethod
+    def example(cls) -> Estimator:
+        """A small instance for the registry-wide contract tests (tests/test_contracts.py) on a tiny model:
+        the defaults, unless a plugin's defaults need more than a tiny model holds."""
+        return cls()
+
     @abstractmethod
     def statistics(self) -> list[Statistic]:
         """What the capture pass must record for this estimator."""

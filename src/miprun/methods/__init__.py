@@ -6,12 +6,10 @@ into a removal set. Evidence that scores files keep is read back with the class 
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Mapping
 from typing import Any
 
-from miprun.errors import UnknownNameError
 from miprun.methods.base import REGISTRY, Choice, Evidence, GatherContext, Method, SearchInfo, run
 from miprun.methods.forward import PplOneshot, Sleb
 from miprun.methods.mi import MiOptimal, MiPrun
@@ -21,6 +19,7 @@ from miprun.methods.similarity import Angular, AngularMean, ShortGPT
 from miprun.methods.verified import MiVerified
 from miprun.options import DEFAULT_METHOD
 from miprun.registry import import_plugins
+from miprun.scores.evidence import EVIDENCE_TYPES
 
 import_plugins(__name__, __path__)  # a plugin file anywhere in this package registers itself
 
@@ -35,15 +34,7 @@ def build(name: str, params: Mapping[str, Any] | None = None) -> Method:
 
 def evidence_type(key: str) -> Any:
     """The class a scores file's evidence ``key`` is read back with, as the methods that gather it declare."""
-    known = {k: cls for _, method in REGISTRY.items() for k, cls in method.evidence_types.items()}
-    if key not in known:
-        close = difflib.get_close_matches(key, known, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise UnknownNameError(
-            f"no method gathers evidence {key!r}.{hint} Known evidence: {', '.join(sorted(known))}. The scores "
-            "file was written by a method this install does not have."
-        )
-    return known[key]
+    return EVIDENCE_TYPES.get(key)
 
 
 def default_comparison() -> list[str]:

@@ -22,6 +22,7 @@ from miprun.errors import MissingEvidenceError
 from miprun.estimators.table import ScoreTable
 from miprun.methods.search import optimal_select, set_loss
 from miprun.registry import Registry
+from miprun.scores.evidence import EVIDENCE_TYPES
 
 
 @dataclass
@@ -109,11 +110,22 @@ class Method(ABC):
     n_dependent: ClassVar[bool] = False  # its evidence serves only N up to the max_blocks it was gathered for
     live_keys: ClassVar[tuple[str, ...]] = ()  # evidence that runs the model at choice time (never cached)
     compared_by_default: ClassVar[bool] = True  # `miprun compare` without --methods runs it
+    # Non-empty for the measured reference of the comparison report: the methods with live evidence are set
+    # against its rows (same N, same repair) under this display name.
+    reference: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "evidence_types" in cls.__dict__:
             cls.evidence_keys = tuple(cls.evidence_types)
+            for key, evidence in cls.evidence_types.items():  # so a scores file reads it back
+                EVIDENCE_TYPES.add(key, evidence)
+
+    @classmethod
+    def example(cls) -> Method:
+        """A small instance for the registry-wide contract tests (tests/test_contracts.py) on a tiny model:
+        the defaults, unless a plugin's defaults need more than a tiny model holds."""
+        return cls()
 
     def statistics(self) -> list[Statistic]:
         """What the capture pass must record for this method (besides the estimator's, for MI methods)."""

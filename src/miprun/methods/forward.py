@@ -167,6 +167,7 @@ class Sleb(Method):
     summary: ClassVar[str] = "SLEB: greedy removal by calibration loss"
     evidence_types: ClassVar[dict[str, type]] = {"sleb": SlebPath}
     n_dependent: ClassVar[bool] = True
+    reference: ClassVar[str] = "SLEB"  # the comparison report's yardstick for methods that measure
 
     def gather(self, ctx: GatherContext) -> dict[str, Any]:
         path = sleb_path(

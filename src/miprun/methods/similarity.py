@@ -94,6 +94,18 @@ class CosineMatrices:
 
         return cls(matrix(data["mean_cos"]), matrix(data["mean_angle"]), int(data["tokens"]))
 
+    @classmethod
+    def from_version1(cls, data: dict[str, Any]) -> CosineMatrices | None:
+        """A version-1 scores file's raw cosine and angle sums, as mean matrices (None if it counted none)."""
+        if not data.get("count"):
+            return None
+        count = float(data["count"])
+        cos = torch.tensor(data["cos_sum"], dtype=torch.float64) / count
+        angle = torch.tensor(data["angle_sum"], dtype=torch.float64) / count
+        if not (torch.isfinite(cos).all() and torch.isfinite(angle).all()):
+            raise ScoresError("the cosine statistics in the scores file are not finite")
+        return cls(cos, angle, int(count))
+
 
 @dataclass
 class _CosineMethod(Method):

@@ -1,9 +1,13 @@
-"""Cheap content fingerprints, so that scores are never reused for another model or other text."""
+"""A model's identity as the files record it, and cheap content fingerprints, so that scores are never reused
+for another model or other text."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,6 +15,28 @@ from torch import nn
 from miprun.model.layouts import model_config
 
 _IGNORED_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity of a loaded model, as manifests and scores files record it."""
+
+    name: str
+    path: str | None
+    model_type: str
+    num_blocks: int
+    fingerprint: str
+    revision: str | None = None  # the hub revision it was loaded at, when one was asked for
+
+    def to_json(self) -> dict[str, Any]:
+        record = dataclasses.asdict(self)
+        if self.revision is None:
+            del record["revision"]  # the files name a revision only when one was asked for
+        return record
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelInfo:
+        return cls(**data)
 
 
 def tensor_fingerprint(t: torch.Tensor) -> str:

@@ -71,30 +71,42 @@ def _earlier_note(result: Comparison) -> list[str]:
 
 
 def _verified_note(result: Comparison) -> list[str]:
-    """Each method that measures its candidates with the model (mi-verified, mi-search) against SLEB, where
-    the comparison ran both: the perplexity gap and the time ratio."""
+    """Each method that measures its candidates with the model (its class has live evidence) against the
+    reference method (the class whose ``reference`` names it, SLEB), where the comparison ran both: the
+    perplexity gap and the time ratio."""
     rows = {(r.method, r.num_blocks, r.repair): r for r in result.rows}
     lines = []
-    for method in sorted({key[0] for key in rows if key[0] != "sleb" and _measures_with_model(key[0])}):
-        pairs = [
-            (key[1:], row, rows[("sleb", *key[1:])])
-            for key, row in sorted(rows.items())
-            if key[0] == method and ("sleb", *key[1:]) in rows
-        ]
-        if not pairs:
-            continue
-        lines += [
-            "",
-            f"{method} against SLEB (same N, same repair; pruning time in forward passes of each row's run): "
-            + "; ".join(
-                f"N={n}{'' if repair == CUT_ONLY else ' + ' + repair}: {v.ppl:.2f} vs {s.ppl:.2f} "
-                f"({100 * (v.ppl / s.ppl - 1):+.1f} %) in "
-                f"{v.prune_x_forward / s.prune_x_forward:.3f}x SLEB's pruning time"
-                for (n, repair), v, s in pairs
-            )
-            + ".",
-        ]
+    for ref, label in _references(result):
+        measuring = sorted({key[0] for key in rows if key[0] != ref and _measures_with_model(key[0])})
+        for method in measuring:
+            pairs = [
+                (key[1:], row, rows[(ref, *key[1:])])
+                for key, row in sorted(rows.items())
+                if key[0] == method and (ref, *key[1:]) in rows
+            ]
+            if not pairs:
+                continue
+            lines += [
+                "",
+                f"{method} against {label} (same N, same repair; pruning time in forward passes of each row's "
+                "run): "
+                + "; ".join(
+                    f"N={n}{'' if repair == CUT_ONLY else ' + ' + repair}: {v.ppl:.2f} vs {s.ppl:.2f} "
+                    f"({100 * (v.ppl / s.ppl - 1):+.1f} %) in "
+                    f"{v.prune_x_forward / s.prune_x_forward:.3f}x {label}'s pruning time"
+                    for (n, repair), v, s in pairs
+                )
+                + ".",
+            ]
     return lines
+
+
+def _references(result: Comparison) -> list[tuple[str, str]]:
+    """(method name, display name) of each registered reference method with rows in the comparison."""
+    present = {r.method for r in result.rows}
+    return [
+        (name, cls.reference) for name, cls in methods.REGISTRY.items() if cls.reference and name in present
+    ]
 
 
 def _measures_with_model(name: str) -> bool:

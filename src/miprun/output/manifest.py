@@ -14,7 +14,9 @@ from typing import Any
 
 from miprun.errors import ScoresError
 from miprun.methods.base import SearchInfo
+from miprun.model.identity import ModelInfo
 from miprun.repair.base import RepairRecord
+from miprun.repair.heal_report import HealReport
 from miprun.scores.result import CalibrationInfo
 from miprun.versions import package_versions
 
@@ -49,10 +51,41 @@ class HeldoutEvaluation:
 
 
 @dataclass
+class HealRecord:
+    """What ``miprun heal`` did after the cut. The manifest keeps it flat under ``heal``: the training
+    report's fields beside the teacher, the time of each phase and the held-out evaluation."""
+
+    report: HealReport
+    teacher: str
+    timings: dict[str, float] = field(default_factory=dict)
+    evaluation: HeldoutEvaluation | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.report.to_json(),
+            "teacher": self.teacher,
+            "timings": self.timings,
+            "evaluation": self.evaluation.to_json() if self.evaluation is not None else {},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> HealRecord | None:
+        if not data:
+            return None
+        report = {k: v for k, v in data.items() if k not in ("teacher", "timings", "evaluation")}
+        return cls(
+            HealReport.from_json(report),
+            data["teacher"],
+            dict(data.get("timings") or {}),
+            HeldoutEvaluation.from_json(data.get("evaluation")),
+        )
+
+
+@dataclass
 class PrunePlan:
     """The record of one pruning run."""
 
-    model: dict[str, Any]  # name, path, model_type, content fingerprint
+    model: ModelInfo  # name, path, model_type, number of blocks, content fingerprint
     num_blocks_before: int
     removed: list[int]
     calibration: CalibrationInfo
@@ -60,7 +93,7 @@ class PrunePlan:
     estimator: dict[str, Any] | None = None  # None for methods that read no MI
     scores: dict[str, Any] | None = None  # ScoreTable.to_json() when an MI table was computed
     repair: RepairRecord = field(default_factory=lambda: RepairRecord("none"))
-    heal: dict[str, Any] | None = None  # what `miprun heal` did after the cut (a HealReport), if it ran
+    heal: HealRecord | None = None  # what `miprun heal` did after the cut, if it ran
     timings: dict[str, float] = field(default_factory=dict)
     evaluation: HeldoutEvaluation | None = None  # with --eval
     outputs: list[str] = field(default_factory=list)  # files of the checkpoint besides the manifest
@@ -74,6 +107,8 @@ class PrunePlan:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        data["model"] = self.model.to_json()
+        data["heal"] = self.heal.to_json() if self.heal is not None else None
         data["num_blocks_after"] = self.num_blocks_after
         data["evaluation"] = self.evaluation.to_json() if self.evaluation is not None else {}
         return data
@@ -89,6 +124,8 @@ class PrunePlan:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
             data.pop("num_blocks_after", None)
+            data["model"] = ModelInfo.from_json(data["model"])
+            data["heal"] = HealRecord.from_json(data.get("heal"))
             data["calibration"] = CalibrationInfo(**data["calibration"])
             data["search"] = SearchInfo(**data["search"])
             data["repair"] = RepairRecord(**(data.get("repair") or {"name": "none"}))

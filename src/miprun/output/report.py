@@ -50,7 +50,7 @@ def plot(plan: PrunePlan, path: Path) -> None:
     ax_blocks.bar(idx, values, color=["tab:red" if i in removed else "tab:blue" for i in idx])
     ax_blocks.set_xlabel("block (0-based)")
     ax_blocks.set_ylabel(label)
-    ax_blocks.set_title(f"{plan.model['name']}: red = removed {sorted(removed)}")
+    ax_blocks.set_title(f"{plan.model.name}: red = removed {sorted(removed)}")
     if plan.scores is not None:
         low = min(values) if values else 0.0
         ax_blocks.set_ylim(max(0.0, low - 0.05), 1.0)
@@ -72,7 +72,7 @@ def summary(plan: PrunePlan) -> str:
     s = plan.search
     estimator = f", estimator `{plan.estimator['name']}`" if plan.estimator else ""
     lines = [
-        f"# miprun report: {plan.model['name']}",
+        f"# miprun report: {plan.model.name}",
         "",
         f"Removed **{len(plan.removed)} of {plan.num_blocks_before}** blocks (0-based, original numbering): "
         f"`{plan.removed}` with `{s.method}`{estimator}; repair `{plan.repair.name}`.",

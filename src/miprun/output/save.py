@@ -262,14 +262,14 @@ def _license(loaded: LoadedModel, source_license: Any) -> str | None:
 def _heal_results(plan: PrunePlan) -> list[Any]:
     from miprun.output.card import Result
 
-    healed = (plan.heal or {}).get("evaluation") or {}
-    if "healed_ppl" not in healed:
+    healed = plan.heal.evaluation if plan.heal is not None else None
+    if healed is None or healed.healed_ppl is None or healed.pruned_ppl is None:
         return []
-    text = f"held-out text ({healed['source']}, {healed['windows']} x {healed['seq_len']} tokens)"
-    dense = healed["dense_ppl"]
+    text = f"held-out text ({healed.source}, {healed.windows} x {healed.seq_len} tokens)"
+    dense = healed.dense_ppl
     return [
-        Result(f"{text}, pruned before healing", "perplexity", healed["pruned_ppl"], dense, True, False),
-        Result(f"{text}, healed", "perplexity", healed["healed_ppl"], dense, True),
+        Result(f"{text}, pruned before healing", "perplexity", healed.pruned_ppl, dense, True, False),
+        Result(f"{text}, healed", "perplexity", healed.healed_ppl, dense, True),
     ]
 
 
@@ -290,7 +290,7 @@ def _changes_weights(name: str) -> bool:
 def _healed(plan: PrunePlan) -> list[str]:
     if plan.heal is None:
         return []
-    cfg = plan.heal["config"]
+    report = plan.heal.report
     return [
-        f"LoRA (rank {cfg['rank']}) distilled on {plan.heal['tokens']} tokens, merged into every linear layer"
+        f"LoRA (rank {report.config.rank}) distilled on {report.tokens} tokens, merged into every linear layer"
     ]

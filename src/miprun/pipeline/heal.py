@@ -14,7 +14,7 @@ from miprun.errors import InvalidOptionError
 from miprun.evaluation.heldout import HeldoutText
 from miprun.model.loading import LoadedModel, as_loaded, resolve_dtype
 from miprun.options import HealOptions
-from miprun.output.manifest import HeldoutEvaluation, PrunePlan
+from miprun.output.manifest import HealRecord, HeldoutEvaluation, PrunePlan
 from miprun.pipeline.prune import Destination
 from miprun.pipeline.run import heldout_for, model_perplexity
 from miprun.pipeline.setup import timed
@@ -73,7 +73,7 @@ def run_heal(
     runtime = opts.runtime
     if args.world_size > 1 and not cpu and runtime.device_map is None:
         runtime = dataclasses.replace(runtime, device=str(args.device))  # each process on its own GPU
-    revision = None if opts.teacher else plan.model.get("revision")  # the parent at the version pruned
+    revision = None if opts.teacher else plan.model.revision  # the parent at the version pruned
     loaded: list[LoadedModel] = []
 
     def load_teacher() -> LoadedModel:
@@ -86,7 +86,7 @@ def run_heal(
     evaluation: HeldoutEvaluation | None = None
     if opts.config.teacher_topk is not None:  # the teacher runs once (unless cached), then leaves memory
         teacher = teacher_targets(
-            work_dir, opts.config, plan.model["fingerprint"], load_teacher, args, opts.progress
+            work_dir, opts.config, plan.model.fingerprint, load_teacher, args, opts.progress
         )
         if opts.evaluate:  # the dense perplexity while the teacher is here
             held = heldout_for((loaded or [load_teacher()])[0], opts.heldout)
@@ -110,12 +110,7 @@ def run_heal(
         with timed(timings, "evaluation"):
             evaluation.healed_ppl = model_perplexity(student, held.windows, opts.progress)
     label = teacher.name if isinstance(teacher, LoadedModel) else str(teacher_name)
-    plan.heal = {
-        **report.to_json(),
-        "teacher": label,
-        "timings": timings,
-        "evaluation": evaluation.to_json() if evaluation is not None else {},
-    }
+    plan.heal = HealRecord(report, label, timings, evaluation)
     if args.should_save:  # the main process; the others hold the same merged weights
         save_dtype = resolve_dtype(opts.save_dtype, "cpu") if opts.save_dtype else None
         save(
@@ -135,10 +130,10 @@ def _heal_teacher(
     from miprun.model.identity import model_fingerprint
 
     teacher = as_loaded(name, runtime, revision=revision)
-    if model_fingerprint(teacher.model) != plan.model.get("fingerprint"):
+    if model_fingerprint(teacher.model) != plan.model.fingerprint:
         raise InvalidOptionError(
-            f"{teacher.name} is not the model {folder} was pruned from ({plan.model['name']}, fingerprint "
-            f"{plan.model.get('fingerprint')}); pass that dense model as --teacher"
+            f"{teacher.name} is not the model {folder} was pruned from ({plan.model.name}, fingerprint "
+            f"{plan.model.fingerprint}); pass that dense model as --teacher"
         )
     return teacher
 

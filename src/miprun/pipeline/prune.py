@@ -116,7 +116,7 @@ def _plan(
     estimator = result.estimator if result is not None and table is not None else None
     calibration = result.calibration if result is not None else no_calibration(run.settings.calibration.seed)
     return PrunePlan(
-        model=run.info.to_json(),
+        model=run.info,
         num_blocks_before=run.num_blocks,
         removed=chosen.removed,
         calibration=calibration,

@@ -21,6 +21,7 @@ from miprun.estimators import Estimator
 from miprun.evaluation.heldout import HeldoutText, heldout_text
 from miprun.methods import Evidence, Method, SearchInfo
 from miprun.methods import run as choose_blocks
+from miprun.model.identity import ModelInfo
 from miprun.model.loading import LoadedModel, as_loaded, check_seq_len
 from miprun.model.perplexity import perplexity
 from miprun.model.placement import input_device
@@ -29,7 +30,6 @@ from miprun.options import HeldoutOptions, RepairOptions, ScoringOptions
 from miprun.pipeline.repairing import RepairHook, attach_live, repair_model
 from miprun.pipeline.scoring import check_scores_match, evidence_of, score_model
 from miprun.pipeline.setup import (
-    ModelInfo,
     RunSettings,
     estimator_of,
     method_of,

@@ -16,12 +16,12 @@ from miprun.data import TextSource, load_text, token_windows
 from miprun.errors import ScoresError
 from miprun.estimators import Estimator
 from miprun.methods import Evidence, GatherContext, Method
-from miprun.model.identity import tensor_fingerprint
+from miprun.model.identity import ModelInfo, tensor_fingerprint
 from miprun.model.loading import LoadedModel, check_seq_len, resolve_device
 from miprun.options import (
     CalibrationConfig,
 )
-from miprun.pipeline.setup import ModelInfo, RunSettings, model_info, timed
+from miprun.pipeline.setup import RunSettings, model_info, timed
 from miprun.scores import CalibrationInfo, ScoreResult, ScoreTable
 from miprun.scores import cache as scores_cache
 

@@ -15,7 +15,7 @@ from miprun import estimators, methods, repair
 from miprun.errors import InvalidOptionError, InvalidTypeError
 from miprun.estimators import Estimator
 from miprun.methods import Method
-from miprun.model.identity import model_fingerprint
+from miprun.model.identity import ModelInfo, model_fingerprint
 from miprun.model.layouts import layout_for, num_blocks, text_config
 from miprun.model.loading import LoadedModel
 from miprun.model.surgery import check_exact
@@ -170,24 +170,6 @@ def blocks_to_remove(total: int, num_blocks: int | None, ratio: float | None) ->
             f"pass --num-blocks between 1 and {total - 1} or a smaller --ratio"
         )
     return n
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Identity of a loaded model, as manifests and scores files record it."""
-
-    name: str
-    path: str | None
-    model_type: str
-    num_blocks: int
-    fingerprint: str
-    revision: str | None = None  # the hub revision it was loaded at, when one was asked for
-
-    def to_json(self) -> dict[str, Any]:
-        record = dataclasses.asdict(self)
-        if self.revision is None:
-            del record["revision"]  # the files name a revision only when one was asked for
-        return record
 
 
 def model_info(loaded: LoadedModel) -> ModelInfo:

@@ -92,6 +92,12 @@ class Repair(ABC):
     def params(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def example(cls) -> Repair:
+        """A small instance for the registry-wide contract tests (tests/test_contracts.py) on a tiny model:
+        the defaults, unless a plugin's defaults need more than a tiny model holds."""
+        return cls()
+
 
 # Every repair by name: a class registers itself with ``@REGISTRY.register`` (its ``name`` is the key).
 REGISTRY: Registry[type[Repair]] = Registry("repair")

@@ -16,6 +16,7 @@ from typing import Any
 from miprun.errors import ScoresError
 from miprun.estimators import Estimator
 from miprun.estimators.table import ScoreTable
+from miprun.scores.evidence import EVIDENCE_TYPES
 
 SCORES_KIND = "miprun-scores"
 SCORES_VERSION = 2  # 1: baselines kept raw cosine sums under "baselines"
@@ -96,14 +97,14 @@ class ScoreResult:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ScoreResult:
-        from miprun import estimators, methods
+        from miprun import estimators
 
         est = data.get("estimator")
         estimator = None
         if est is not None:
             params = dict(est)
             estimator = estimators.build(params.pop("name"), params)
-        evidence = {k: methods.evidence_type(k).from_json(v) for k, v in (data.get("evidence") or {}).items()}
+        evidence = {k: EVIDENCE_TYPES.get(k).from_json(v) for k, v in (data.get("evidence") or {}).items()}
         evidence.update(_version1_evidence(data.get("baselines")))
         result = cls(
             calibration=CalibrationInfo(**data["calibration"]),
@@ -125,27 +126,16 @@ def _reject_constant(name: str) -> float:
 
 
 def _version1_evidence(baselines: dict[str, Any] | None) -> dict[str, Any]:
-    """Evidence from a version-1 file's ``baselines``: raw cosine sums become mean matrices."""
-    import torch
-
-    from miprun.methods.forward import OneShotLosses, SlebPath
-    from miprun.methods.similarity import CosineMatrices
-
+    """Evidence from a version-1 file's ``baselines``, each converted by its class (raw cosine sums become
+    mean matrices)."""
     out: dict[str, Any] = {}
-    if not baselines:
-        return out
-    cosine = baselines.get("cosine")
-    if cosine and cosine.get("count"):
-        count = float(cosine["count"])
-        cos = torch.tensor(cosine["cos_sum"], dtype=torch.float64) / count
-        angle = torch.tensor(cosine["angle_sum"], dtype=torch.float64) / count
-        if not (torch.isfinite(cos).all() and torch.isfinite(angle).all()):
-            raise ScoresError("the cosine statistics in the scores file are not finite")
-        out["cosine"] = CosineMatrices(cos, angle, int(count))
-    if baselines.get("oneshot"):
-        out["oneshot"] = OneShotLosses(**baselines["oneshot"])
-    if baselines.get("sleb"):
-        out["sleb"] = SlebPath(**baselines["sleb"])
+    for key, raw in (baselines or {}).items():
+        if not raw:
+            continue
+        cls: Any = EVIDENCE_TYPES.get(key)
+        value = cls.from_version1(raw) if hasattr(cls, "from_version1") else cls(**raw)
+        if value is not None:
+            out[key] = value
     for key, value in out.items():
         losses = getattr(value, "losses", [])
         if any(not math.isfinite(float(x)) for x in losses):

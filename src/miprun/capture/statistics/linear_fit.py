@@ -35,6 +35,11 @@ class LinearFitSums(Statistic):
     dtd: torch.Tensor | None = field(default=None, init=False, repr=False)  # (d,): per-coordinate (Y - B)^2
     count: int = field(default=0, init=False)
 
+    @classmethod
+    def example(cls) -> LinearFitSums:
+        """The map from what enters block 0 to what it adds (its default source names no tap)."""
+        return cls(Tap(state=0), base=0, target=1)
+
     def taps(self, ctx: CaptureContext) -> list[Tap]:
         return [self.source, Tap(state=self.base), Tap(state=self.target)]
 

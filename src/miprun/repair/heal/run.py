@@ -14,7 +14,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,34 +31,13 @@ from miprun.repair.heal import checkpoints
 from miprun.repair.heal.data import TARGETS_NAME, HealWindows, TeacherTargets, cached_targets, check_windows
 from miprun.repair.heal.data import heal_windows as _windows
 from miprun.repair.heal.trainer import DistillTrainer, RunState, StepHook, training_arguments, without_dropout
+from miprun.repair.heal_report import HealReport
 
 log = logging.getLogger(__name__)
 
 # The settings that change the result (checkpoint_every, gradient_accumulation and the processes do not).
 _RESULT_FIELDS: tuple[str, ...] = ("tokens", "seq_len", "batch_size", "lr", "rank", "temperature", "seed")
 _RESULT_FIELDS += ("source", "bf16", "teacher_topk")
-
-
-@dataclass
-class HealReport:
-    """What a healing run did: steps and tokens in all (resumed ones included), this call's time, the loss."""
-
-    steps: int
-    tokens: int
-    seconds: float  # wall time of this call's training
-    cpu_seconds: float  # process CPU time of this call's training (all threads)
-    loss_start: float  # KL(teacher || student) in nats per token, first batch of the run
-    loss_end: float  # the same on the last batch
-    resumed: bool
-    resumed_at_step: int
-    config: HealConfig
-    target_modules: list[str] = field(default_factory=list)  # suffixes of the adapted linear layers
-    trainable_parameters: int = 0
-    losses: list[float] = field(default_factory=list)  # every step's KL, in order
-    processes: int = 1  # the processes that shared each batch (accelerate launch / torchrun)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def linear_modules(model: nn.Module) -> list[str]:
