@@ -125,7 +125,7 @@ class Run:
         made, cal = result.calibration, self.settings.calibration
         self.settings.calibration = replace(
             cal,
-            source=cal.source or made.source,
+            source=cal.source or made.source.removesuffix(":calibration"),  # built-ins: "wiki:calibration"
             samples=made.num_windows,
             seq_len=made.seq_len,
             seed=made.seed,
