@@ -351,3 +351,14 @@ def test_resolve_device_and_dtype() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(InvalidOptionError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_a_texts_name_gives_back_the_source_it_was_loaded_from():
+    from conftest import CALIBRATION_TXT
+
+    from miprun.data import source_of
+
+    assert source_of("wiki:calibration") == "wiki" and source_of("nyt:evaluation") == "nyt"
+    assert source_of("wikitext2:calibration") == "wikitext2"
+    assert source_of("notes/my:calibration") == "notes/my:calibration"  # a local path is its own name
+    assert source_of(str(CALIBRATION_TXT)) == str(CALIBRATION_TXT)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from miprun.data.sources import BUILTIN_SOURCES, DEFAULT_SOURCE, TextSource, load_text
+from miprun.data.sources import BUILTIN_SOURCES, DEFAULT_SOURCE, TextSource, load_text, source_of
 from miprun.data.windows import available_windows, eval_windows, token_windows
 
 __all__ = [
@@ -12,5 +12,6 @@ __all__ = [
     "available_windows",
     "eval_windows",
     "load_text",
+    "source_of",
     "token_windows",
 ]

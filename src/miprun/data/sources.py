@@ -81,6 +81,13 @@ def load_text(source: str | None, split: Split) -> TextSource:
     return _local(Path(key).expanduser())
 
 
+def source_of(name: str) -> str:
+    """The ``source`` that :func:`load_text` takes for a text named ``name``: built-in and hub texts are named
+    ``KEY:SPLIT`` (e.g. ``wiki:calibration``), local files by their path."""
+    key, _, split = name.rpartition(":")
+    return key if split in SPLITS and key in (*BUILTIN_SOURCES, *HUB_SOURCES) else name
+
+
 def check_sources(*sources: str | None) -> None:
     """Refuse an unknown source name or an unusable local file now, before a model is loaded.
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from miprun.data import source_of
 from miprun.estimators import Estimator
 from miprun.evaluation.heldout import HeldoutText, heldout_text
 from miprun.methods import Evidence, Method, SearchInfo
@@ -125,7 +126,7 @@ class Run:
         made, cal = result.calibration, self.settings.calibration
         self.settings.calibration = replace(
             cal,
-            source=cal.source or made.source.removesuffix(":calibration"),  # built-ins: "wiki:calibration"
+            source=cal.source or source_of(made.source),
             samples=made.num_windows,
             seq_len=made.seq_len,
             seed=made.seed,
