@@ -71,7 +71,7 @@ def test_disk_offloaded_layers_score_and_prune_as_the_plain_path(folder, tiny_to
     lm = offloaded(folder, tiny_tokenizer, {2: "disk", 3: "disk", 5: "disk"})
     assert any(p.device.type == "meta" for p in lm.model.parameters())  # really offloaded
     plain = score(str(folder), **KW)
-    assert score(lm, **KW).model["fingerprint"] == plain.model["fingerprint"]  # scores files interchange
+    assert score(lm, **KW).model.fingerprint == plain.model.fingerprint  # scores files interchange
     assert score(lm, **KW).table.to_json() == plain.table.to_json()
     assert score(lm, sequential=True, **KW).table.to_json() == plain.table.to_json()
     ev = dict(evaluate=True, eval_source=str(HELDOUT_TXT), eval_samples=2, eval_seq_len=24)

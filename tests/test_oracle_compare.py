@@ -20,8 +20,8 @@ from miprun.model.loading import LoadedModel
 from miprun.model.perplexity import perplexity
 from miprun.model.surgery import remove_blocks, skip_blocks
 from miprun.options import CalibrationConfig, CompareOptions, EstimatorOptions, HeldoutOptions, with_overrides
-from miprun.output.comparison import Comparison, ComparisonRow, TextSetup, update, write
-from miprun.output.comparison_report import markdown
+from miprun.output.comparison import Comparison, ComparisonRow, TextSetup, update
+from miprun.output.comparison_report import markdown, write
 from miprun.pipeline.compare import compare
 from miprun.repair import Repair, RepairContext, RepairRecord
 

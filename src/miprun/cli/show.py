@@ -17,7 +17,7 @@ def block_scores(result: Any) -> None:
     columns (``columns(key)``) and lines below the table (``notes(key)``)."""
     ev = result.evidence
     est = result.estimator.name if result.estimator is not None else "no"
-    table = Table(title=f"{result.model['name']}: scores per block ({est} MI)")
+    table = Table(title=f"{result.model.name}: scores per block ({est} MI)")
     columns: dict[str, list[float]] = {}
     for key, evidence in ev.items():
         for title, values in (evidence.columns(key) if hasattr(evidence, "columns") else {}).items():

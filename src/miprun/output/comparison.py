@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,32 +163,6 @@ def update(previous: Comparison, result: Comparison) -> Comparison:
     earlier.update(previous.earlier_forward_pass_seconds or {})
     kept = {m: s for m, s in earlier.items() if m not in fresh}
     return dataclasses.replace(result, rows=rows, earlier_forward_pass_seconds=kept)
-
-
-def write(
-    result: Comparison, folder: str | Path, *, overwrite: bool = False, inputs: tuple[Path, ...] = ()
-) -> list[Path]:
-    """``comparison.json``, ``comparison.md`` and the plots into ``folder``, as one atomic output.
-
-    The folder follows ``prune``'s policy (:func:`miprun.atomic.write_steps`): an existing one is replaced
-    only with ``overwrite`` and only when it holds nothing but an earlier comparison's files.
-    """
-    from miprun.atomic import atomic_write_text, write_json, write_steps
-    from miprun.output.comparison_report import markdown, plot
-
-    folder = Path(folder)
-    plots: list[Path] = []
-
-    def tables(d: Path) -> None:
-        write_json(d / COMPARISON_NAME, {**result.to_json(), "kind": COMPARISON_KIND}, indent=1)
-        atomic_write_text(d / "comparison.md", markdown(result))
-
-    steps: list[tuple[str, Callable[[Path], None]]] = [
-        ("comparison", tables),
-        ("plots", lambda d: plots.extend(plot(result, d))),
-    ]
-    write_steps(folder, steps, overwrite=overwrite, progress=False, inputs=inputs, manifest=COMPARISON_NAME)
-    return [folder / COMPARISON_NAME, folder / "comparison.md", *(folder / p.name for p in plots)]
 
 
 def _without_none(data: dict[str, Any], optional: tuple[str, ...]) -> dict[str, Any]:

@@ -1,11 +1,13 @@
-"""A comparison shown: the markdown table (with its notes) and the plots of ``miprun compare``."""
+"""A comparison shown and written: the markdown table (with its notes), the plots, and the output folder
+of ``miprun compare``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from miprun import methods
-from miprun.output.comparison import CUT_ONLY, Comparison, ComparisonRow
+from miprun.output.comparison import COMPARISON_KIND, COMPARISON_NAME, CUT_ONLY, Comparison, ComparisonRow
 
 
 def markdown(result: Comparison) -> str:
@@ -208,3 +210,28 @@ def plot(result: Comparison, folder: Path) -> list[Path]:
         paths.append(folder / "comparison_accuracy.png")
         write_figure(fig, paths[-1])
     return paths
+
+
+def write(
+    result: Comparison, folder: str | Path, *, overwrite: bool = False, inputs: tuple[Path, ...] = ()
+) -> list[Path]:
+    """``comparison.json``, ``comparison.md`` and the plots into ``folder``, as one atomic output.
+
+    The folder follows ``prune``'s policy (:func:`miprun.atomic.write_steps`): an existing one is replaced
+    only with ``overwrite`` and only when it holds nothing but an earlier comparison's files.
+    """
+    from miprun.atomic import atomic_write_text, write_json, write_steps
+
+    folder = Path(folder)
+    plots: list[Path] = []
+
+    def tables(d: Path) -> None:
+        write_json(d / COMPARISON_NAME, {**result.to_json(), "kind": COMPARISON_KIND}, indent=1)
+        atomic_write_text(d / "comparison.md", markdown(result))
+
+    steps: list[tuple[str, Callable[[Path], None]]] = [
+        ("comparison", tables),
+        ("plots", lambda d: plots.extend(plot(result, d))),
+    ]
+    write_steps(folder, steps, overwrite=overwrite, progress=False, inputs=inputs, manifest=COMPARISON_NAME)
+    return [folder / COMPARISON_NAME, folder / "comparison.md", *(folder / p.name for p in plots)]

@@ -32,8 +32,8 @@ from miprun.output.comparison import (
     TextSetup,
     check_setup,
     update,
-    write,
 )
+from miprun.output.comparison_report import write
 from miprun.pipeline.explicit import check_budget_before_load
 from miprun.pipeline.repairing import RepairHook
 from miprun.pipeline.run import Run, Selection, Variant, heldout_for, inputs_of

@@ -108,14 +108,14 @@ def score_model(
         owner = {"fingerprint": info.fingerprint, "windows_fingerprint": tensor_fingerprint(windows)}
         hit = scores_cache.read(key, info.num_blocks, owner)
         if hit is not None:
-            hit.model, hit.timings = info.to_json(), timings  # this run's: loading and tokenizing only
+            hit.model, hit.timings = info, timings  # this run's: loading and tokenizing only
             return hit
     spans = run.all_spans or key is not None  # a cached result must serve any N and method
     evidence, stats, measured = gather(loaded, windows, method, estimator, replace(run, all_spans=spans))
     timings.update(measured)
     result = ScoreResult(
         calibration=calibration_info(text, windows, run.calibration, stats.num_tokens),
-        model=info.to_json(),
+        model=info,
         table=evidence.table,
         estimator=estimator,
         evidence=evidence.extras,
@@ -157,10 +157,10 @@ def evidence_of(result: ScoreResult) -> Evidence:
 
 def check_scores_match(scores: ScoreResult, info: ModelInfo, source: str | None) -> None:
     """Refuse scores made for another model or (when ``source`` is given) other calibration text."""
-    if scores.model.get("fingerprint") != info.fingerprint:
+    if scores.model.fingerprint != info.fingerprint:
         raise ScoresError(
-            f"the scores file was made for model {scores.model.get('name')!r} "
-            f"(fingerprint {scores.model.get('fingerprint')}), not for {info.name!r} "
+            f"the scores file was made for model {scores.model.name!r} "
+            f"(fingerprint {scores.model.fingerprint}), not for {info.name!r} "
             f"(fingerprint {info.fingerprint}); re-run `miprun score` for this model"
         )
     if source is not None:

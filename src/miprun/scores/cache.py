@@ -90,7 +90,7 @@ def _not_its_owner(entry: dict[str, Any], key: str, result: ScoreResult, owner: 
     if "key" in entry and entry["key"] != key:
         return f"it was stored under the key {entry['key']}, not this one"
     made_for = {
-        "fingerprint": (result.model.get("fingerprint"), "model"),
+        "fingerprint": (result.model.fingerprint, "model"),
         "windows_fingerprint": (result.calibration.windows_fingerprint, "token windows"),
     }
     for field, want in owner.items():

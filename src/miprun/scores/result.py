@@ -16,6 +16,7 @@ from typing import Any
 from miprun.errors import ScoresError
 from miprun.estimators import Estimator
 from miprun.estimators.table import ScoreTable
+from miprun.model.identity import ModelInfo
 from miprun.scores.evidence import EVIDENCE_TYPES
 
 SCORES_KIND = "miprun-scores"
@@ -41,7 +42,7 @@ class ScoreResult:
     """Scores of every block and span (when an estimator ran) and every method's evidence, with provenance."""
 
     calibration: CalibrationInfo
-    model: dict[str, Any]
+    model: ModelInfo
     table: ScoreTable | None = None
     estimator: Estimator | None = None
     evidence: dict[str, Any] = field(default_factory=dict)  # key -> object with to_json()
@@ -49,13 +50,13 @@ class ScoreResult:
 
     @property
     def num_blocks(self) -> int:
-        return int(self.model["num_blocks"])
+        return self.model.num_blocks
 
     def to_json(self) -> dict[str, Any]:
         return {
             "kind": SCORES_KIND,
             "version": SCORES_VERSION,
-            "model": self.model,
+            "model": self.model.to_json(),
             "estimator": self.estimator.params() if self.estimator is not None else None,
             "calibration": asdict(self.calibration),
             "scores": self.table.to_json() if self.table is not None else None,
@@ -70,7 +71,7 @@ class ScoreResult:
         """
         from miprun.atomic import check_results_file, write_json
 
-        check_results_file(path, [self.model.get("path"), self.calibration.source])
+        check_results_file(path, [self.model.path, self.calibration.source])
         write_json(path, self.to_json())
 
     @classmethod
@@ -108,7 +109,7 @@ class ScoreResult:
         evidence.update(_version1_evidence(data.get("baselines")))
         result = cls(
             calibration=CalibrationInfo(**data["calibration"]),
-            model=dict(data["model"]),
+            model=ModelInfo.from_json(data["model"]),
             table=ScoreTable.from_json(data["scores"]) if data.get("scores") is not None else None,
             estimator=estimator,
             evidence=evidence,
