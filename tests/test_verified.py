@@ -249,12 +249,12 @@ def test_mi_search_continues_its_greedy_path_for_a_larger_n_and_reports_the_whol
     alone = {}
     for n in (2, 3):  # each N on a verifier of its own: the reference
         verifier = Verifier(lm.model, windows, kl_topk=256, batch_size=CAL.batch_size)
-        alone[n] = MiSearch(candidates=3, tokens=96).greedy(verifier, 6, n)
+        alone[n] = MiSearch(candidates=3, tokens=96).greedy(verifier, verifier, 6, n)
     shared = Verifier(lm.model, windows, kl_topk=256, batch_size=CAL.batch_size)
     method = MiSearch(candidates=3, tokens=96)
-    two = method.greedy(shared, 6, 2)
+    two = method.greedy(shared, shared, 6, 2)
     runs_after_two = shared.layer_runs
-    three = method.greedy(shared, 6, 3)
+    three = method.greedy(shared, shared, 6, 3)
     assert two == alone[2] and three[0] == alone[3][0] and three[1] == alone[3][1]
     assert three[2] == pytest.approx(alone[3][2])  # the whole path's cost, not the increment
     assert (shared.layer_runs - runs_after_two) / 6 < three[2] - two[2] + 1e-9  # only the increment ran
@@ -347,6 +347,50 @@ def test_mi_search_screens_on_a_prefix_of_its_tokens_and_judges_its_finalists_on
     )
     assert alone.plan.search.params["screen_tokens"] == 120
     assert record["verification_layer_passes"] < alone.plan.search.params["verification_layer_passes"]
+
+
+@pytest.mark.integration
+def test_mi_search_ranks_its_widest_sweeps_on_the_probe_and_counts_them_at_its_share(tiny_tokenizer):
+    """The shortlist and the greedy's first step (every block alone) run on the first ``probe_tokens``; the
+    shortlist's best ``finalists`` and every later step run on the screen; the cost falls accordingly."""
+    params = {"candidates": 4, "tokens": 144, "screen_tokens": 72, "probe_tokens": 24, "finalists": 2}
+
+    def search(**override):
+        lm = LoadedModel(tiny_model("llama")[0], tiny_tokenizer, "tiny-llama", None)
+        return miprun.prune(
+            lm,
+            num_blocks=2,
+            method="mi-search",
+            method_params={**params, **override},
+            repair="none",
+            calibration=CAL,
+            cache=False,
+            progress=False,
+        ).plan.search.params
+
+    record = search()
+    assert (record["probe_tokens"], record["screen_tokens"]) == (24, 72)
+    dense = tiny_model("llama")[0]
+    probe = Verifier(dense, _verification_windows(lm_of(tiny_tokenizer), 24), batch_size=CAL.batch_size)
+    screen = Verifier(dense, _verification_windows(lm_of(tiny_tokenizer), 72), batch_size=CAL.batch_size)
+    singles = probe.measure([[b] for b in range(6)], repaired=False)
+    first, second = record["greedy"]
+    assert first["block"] == min(range(6), key=lambda b: (singles[b], b))
+    assert first["measured"] == pytest.approx(min(singles), rel=1e-5)
+    assert second["measured"] == pytest.approx(
+        screen.measure([sorted([first["block"], second["block"]])], repaired=False)[0], rel=1e-5
+    )
+    for candidate in record["candidates"]:  # the shortlist as the probe measured it
+        assert candidate["measured"] == pytest.approx(
+            probe.measure([candidate["removed"]], repaired=False)[0], rel=1e-5
+        )
+    wide = search(probe_tokens=0)  # every sweep on the screen
+    assert wide["probe_tokens"] == 72
+    assert record["verification_layer_passes"] < wide["verification_layer_passes"]
+
+
+def lm_of(tokenizer):
+    return LoadedModel(tiny_model("llama")[0], tokenizer, "tiny-llama", None)
 
 
 @pytest.mark.integration

@@ -17,7 +17,10 @@ keeps SLEB's idea at a fraction of its cost:
 Steps 1-3 screen on the first ``screen_tokens`` of the verification tokens only: they are nearly all of the
 cost, and half the tokens chose the same sets as all of them on SmolLM2 at 3, 6 and 9 blocks (a quarter did
 on Gemma-3-270M, but lost SmolLM2's 9-block set); the finalists, which differ little, are judged on every
-token (docs/comparison.md).
+token (docs/comparison.md). The two widest sweeps, the shortlist and the greedy's first step (every block
+alone), only rank what the narrower steps look at next, so they run on the first ``probe_tokens``: the
+shortlist's ``finalists`` best go on to the screen, and the first step's values order the blocks the second
+step re-measures.
 
 Every measurement is the KL divergence from the dense model's next-token distribution on the verification
 tokens (or the loss); the record gives the cost in full-model passes over ``tokens`` tokens.
@@ -52,46 +55,64 @@ class MiSearch(MiVerified):
     width: int = 4  # blocks re-measured at each greedy step, best by their last measurement
     finalists: int = 4  # best-measured sets measured again after the repair (when there is one)
     swap_rounds: int = 2  # rounds of swapping one removed block for a kept one while the measurement falls
-    screen_tokens: int = 512  # tokens the shortlist, greedy and swaps are measured on (0 or >= tokens: all)
+    screen_tokens: int = 512  # tokens the greedy and swaps are measured on (0 or >= tokens: all)
+    probe_tokens: int = (
+        128  # tokens the shortlist and the greedy's first step are ranked on (0 or >= screen: screen)
+    )
 
-    live_keys: ClassVar[tuple[str, ...]] = ("verifier", "screen")
+    live_keys: ClassVar[tuple[str, ...]] = ("verifier", "screen", "probe")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for field_name, low in (("width", 1), ("finalists", 1), ("swap_rounds", 0), ("screen_tokens", 0)):
+        for field_name, low in (
+            ("width", 1),
+            ("finalists", 1),
+            ("swap_rounds", 0),
+            ("screen_tokens", 0),
+            ("probe_tokens", 0),
+        ):
             if getattr(self, field_name) < low:
                 raise InvalidOptionError(
                     f"{field_name} must be at least {low}, got {getattr(self, field_name)}"
                 )
 
     def attach(self, ctx: GatherContext) -> dict[str, Any]:
-        """The verifier on ``tokens`` tokens, and the screening verifier on their first ``screen_tokens``
-        (the same one when that is all of them)."""
+        """The verifier on ``tokens`` tokens, the screening verifier on their first ``screen_tokens`` and the
+        probe on their first ``probe_tokens`` (each the wider one where it would hold as many windows)."""
         live = super().attach(ctx)
         verifier: Verifier = live["verifier"]
-        rows = verifier.windows.shape[0]
-        screen_rows = min(rows, max(1, math.ceil(self.screen_tokens / verifier.windows.shape[1])))
-        if not self.screen_tokens or screen_rows >= rows:
-            return {**live, "screen": verifier}
-        screen = replace(verifier, windows=verifier.windows[:screen_rows], repair=None)
-        return {**live, "screen": screen}
+        screen = _prefix(verifier, self.screen_tokens)
+        return {**live, "screen": screen, "probe": _prefix(screen, self.probe_tokens)}
 
     def choose(self, evidence: Evidence, n: int, seed: int) -> Choice:
         short = self.shortlist(evidence, n, seed)
         verifier: Verifier = evidence.require("verifier", self.name)
         screen: Verifier = evidence.require("screen", self.name)
-        # the screen's work in passes over the verification tokens (its windows are a prefix of them)
+        probe: Verifier = evidence.require("probe", self.name)
+        # the screen's and the probe's work in passes over the verification tokens (their windows are a
+        # prefix of them)
         share = screen.windows.numel() / verifier.windows.numel()
-        mark, screen_mark = verifier.mark(), screen.mark()
-        cut_scores = screen.measure(short.sets, repaired=False)
-        greedy_before = screen.layer_runs
-        ends, steps, greedy_passes = self.greedy(screen, short.num_blocks, n)
-        greedy_here = (screen.layer_runs - greedy_before) / short.num_blocks  # less where a path was reused
-        pool = {tuple(s): score for s, score in zip(short.sets, cut_scores, strict=True)}
+        probe_share = probe.windows.numel() / verifier.windows.numel()
+        mark, screen_mark, probe_mark = verifier.mark(), screen.mark(), probe.mark()
+        probed = probe.measure(short.sets, repaired=False)
+        if probe is not screen:  # the shortlist's best go on to the screen, in the greedy's units
+            ahead = sorted(range(len(short.sets)), key=lambda i: (probed[i], short.losses[i]))
+            ahead = ahead[: self.finalists]
+            screened = screen.measure([short.sets[i] for i in ahead], repaired=False)
+        else:
+            ahead, screened = list(range(len(short.sets))), probed
+
+        def spent() -> float:  # the screen's and the probe's layer runs so far, in the screen's units
+            return screen.layer_runs + (probe.layer_runs * probe_share / share if probe is not screen else 0)
+
+        greedy_before = spent()
+        ends, steps, greedy_passes = self.greedy(screen, probe, short.num_blocks, n)
+        greedy_here = (spent() - greedy_before) / short.num_blocks  # less where a path was reused
+        pool = {tuple(short.sets[i]): score for i, score in zip(ahead, screened, strict=True)}
         for removed, score in ends:
             pool.setdefault(tuple(removed), score)
         ranked = sorted(pool, key=lambda key: (pool[key], key))
-        path = screen.searches[("greedy", self.width)]
+        path = screen.searches[("greedy", self.width, probe.windows.numel())]
         swaps = self.swap(screen, list(ranked[0]), pool[ranked[0]], path.last_value, pool, short.num_blocks)
         ranked = sorted(pool, key=lambda key: (pool[key], key))
         mi_best = min(zip(short.losses, short.sets, strict=True))[1]
@@ -107,8 +128,9 @@ class MiSearch(MiVerified):
             judged = "on the cut"
         best = winner(final, [float(i) for i in range(len(final))], f"mi-search's {len(final)} finalists")
         record = {
-            **short.record(cut_scores, self.objective, verifier),
+            **short.record(probed, self.objective, verifier),  # as the probe measured them
             "screen_tokens": int(screen.windows.numel()),
+            "probe_tokens": int(probe.windows.numel()),
             "greedy": steps,
             "greedy_layer_passes": greedy_passes * share,
             "swaps": swaps,
@@ -122,6 +144,8 @@ class MiSearch(MiVerified):
         runs = verifier.runs_since(mark)
         if screen is not verifier:
             runs += screen.runs_since(screen_mark) * share
+        if probe is not screen:
+            runs += probe.runs_since(probe_mark) * probe_share
         record.update(cost_record(verifier, runs, short.num_blocks))
         record["verification_layer_passes"] += (greedy_passes - greedy_here) * share
         return Choice(
@@ -171,19 +195,20 @@ class MiSearch(MiVerified):
         return rounds
 
     def greedy(
-        self, verifier: Verifier, total: int, n: int
+        self, verifier: Verifier, probe: Verifier, total: int, n: int
     ) -> tuple[list[tuple[list[int], float]], list[dict[str, Any]], float]:
-        """Remove ``n`` blocks one at a time, each the one whose removal measures best (lazily re-measured).
+        """Remove ``n`` blocks one at a time, each the one whose removal measures best (lazily re-measured;
+        the first step, every block alone, on ``probe``).
 
         Returns every size-``n`` set the last step measured with its value (the greedy's own set first), one
-        record per step, and what the path to ``n`` cost in full-model passes. The path is kept with the
-        verifier, so a larger N continues where a smaller one stopped (as SLEB's path serves every N).
+        record per step, and what the path to ``n`` cost in full-model passes of ``verifier``. The path is kept
+        with the verifier, so a larger N continues where a smaller one stopped (as SLEB's path serves every N).
         """
-        key = ("greedy", self.width)
+        key = ("greedy", self.width, probe.windows.numel())
         path = verifier.searches.get(key)
         if path is None:
             path = verifier.searches[key] = GreedyPath(verifier.cut_cache(), self.width, total)
-        path.extend(verifier, n)
+        path.extend(verifier, n, probe)
         return path.ends(n), [_public(step) for step in path.steps[:n]], path.passes(n)
 
 
@@ -199,7 +224,9 @@ class GreedyPath:
     last_value: dict[int, float] = field(default_factory=dict)
     pending: int | None = None
 
-    def extend(self, verifier: Verifier, n: int) -> None:
+    def extend(self, verifier: Verifier, n: int, probe: Verifier | None = None) -> None:
+        """Take steps until ``n`` blocks are removed; the first step (every block alone, from the dense
+        states) is measured by ``probe`` when given, its cost counted in ``verifier``'s passes."""
         bar = tqdm(
             total=n,
             initial=len(self.steps),
@@ -215,7 +242,13 @@ class GreedyPath:
                 del self.last_value[self.pending]
             kept = [b for b in range(self.total) if b not in self.cut.removed]
             fresh = kept if not self.steps else self._to_remeasure(kept, self.steps[-1]["block"])
-            values = verifier.measure_one_more(self.cut, fresh)
+            if not self.steps and probe is not None and probe is not verifier:
+                probe_before = probe.layer_runs
+                values = probe.measure([[b] for b in fresh], repaired=False)
+                scale = probe.windows.numel() / verifier.windows.numel()
+                runs_before -= (probe.layer_runs - probe_before) * scale
+            else:
+                values = verifier.measure_one_more(self.cut, fresh)
             self.last_value.update(zip(fresh, values, strict=True))
             best = winner(values, [float(b) for b in fresh], f"the greedy's step {len(self.steps) + 1}")
             self.pending = fresh[best]
@@ -254,3 +287,13 @@ class GreedyPath:
 def _public(step: dict[str, Any]) -> dict[str, Any]:
     """A greedy step as the manifest records it (without every re-measured value)."""
     return {key: value for key, value in step.items() if key != "values"}
+
+
+def _prefix(verifier: Verifier, tokens: int) -> Verifier:
+    """A verifier on the first ``tokens`` of ``verifier``'s windows (whole windows, at least one; no repair),
+    or ``verifier`` itself where that is all of them or ``tokens`` is 0."""
+    rows = verifier.windows.shape[0]
+    keep = min(rows, max(1, math.ceil(tokens / verifier.windows.shape[1])))
+    if not tokens or keep >= rows:
+        return verifier
+    return replace(verifier, windows=verifier.windows[:keep], repair=None)
