@@ -13,6 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MIPRUN=${MIPRUN:-.venv/bin/miprun}
+# the recorded figures' text: wiki needs the BIG-bench archive (MIPRUN_BIGBENCH_ARCHIVE); novel needs nothing
+TEXT=${MIPRUN_BENCH_TEXT:-wiki}
 models=("$@")
 [ ${#models[@]} -gt 0 ] || models=(smollm2-135m gemma3-270m)
 for model in "${models[@]}"; do
@@ -26,7 +28,7 @@ for model in "${models[@]}"; do
   "$MIPRUN" compare --model "$model" "${ns[@]}" \
     --methods "${METHODS:-mi-prun,mi-optimal,mi-verified,shortgpt,angular,angular-mean,sleb,ppl-oneshot,last-n,random}" \
     --repairs "${REPAIRS:-none,linear}" \
-    --samples 8 --seq-len 128 --eval-samples 8 --eval-seq-len 256 \
+    --calib "$TEXT" --eval-text "$TEXT" --samples 8 --seq-len 128 --eval-samples 8 --eval-seq-len 256 \
     "${tasks[@]}" \
     --out "benchmarks/results/compare-$model" --overwrite ${EXTRA:-}
 done

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from results_io import write_results
+from results_io import TEXT, write_results
 
 from miprun import estimators, methods
 from miprun.capture.engine import capture
@@ -88,8 +88,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, tok = loaded.model, loaded.tokenizer
     total = num_blocks(model)
     ns = sorted({max(1, round(total * r)) for r in args.ratios})
-    cal = token_windows(tok, load_text(args.calib, "calibration"), args.samples, args.seq_len, args.seed)
-    held = eval_windows(tok, load_text("wiki", "evaluation"), args.eval_seq_len, args.eval_samples)
+    cal = token_windows(
+        tok, load_text(args.calib or TEXT, "calibration"), args.samples, args.seq_len, args.seed
+    )
+    held = eval_windows(tok, load_text(TEXT, "evaluation"), args.eval_seq_len, args.eval_samples)
 
     # The oracle persists after every evaluation, keyed by the model and the exact held-out windows, so
     # an interrupted study resumes where it stopped and a changed configuration never reuses old figures.
@@ -170,9 +172,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": loaded.name,
         "num_blocks": total,
         "ns": ns,
-        "calibration": {"source": args.calib or "wiki", "samples": args.samples, "seq_len": args.seq_len},
+        "calibration": {"source": args.calib or TEXT, "samples": args.samples, "seq_len": args.seq_len},
         "evaluation": {
-            "source": "wiki:evaluation",
+            "source": f"{TEXT}:evaluation",
             "windows": int(held.shape[0]),
             "seq_len": int(held.shape[1]),
         },

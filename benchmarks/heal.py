@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from results_io import write_results
+from results_io import TEXT, write_results
 
 import miprun
 from miprun.evaluation.heldout import heldout_windows
 from miprun.model.loading import as_loaded
 from miprun.model.perplexity import perplexity
+from miprun.options import CalibrationConfig
 from miprun.repair.heal import HealConfig, heal
 
 log = logging.getLogger("benchmarks.heal")
@@ -59,7 +60,7 @@ class Clock:
 
 def parse_run(text: str) -> HealConfig:
     """``lr=5e-3,rank=8,tokens=20480`` -> a HealConfig (fields typed by their defaults)."""
-    config = HealConfig()
+    config = HealConfig(source=TEXT)
     for item in filter(None, text.split(",")):
         key, value = item.split("=", 1)
         default = getattr(config, key)
@@ -183,10 +184,16 @@ def main() -> None:
         return
     if not (Path(args.pruned) / "miprun.json").is_file():
         miprun.prune(
-            "smollm2-135m", num_blocks=6, repair=args.repair, progress=False, out=args.pruned, overwrite=True
+            "smollm2-135m",
+            num_blocks=6,
+            repair=args.repair,
+            calibration=CalibrationConfig(source=TEXT),
+            progress=False,
+            out=args.pruned,
+            overwrite=True,
         )
     teacher = as_loaded("smollm2-135m")
-    _, windows = heldout_windows(teacher.tokenizer, "wiki", 256, 8)
+    _, windows = heldout_windows(teacher.tokenizer, TEXT, 256, 8)
     path = out / "heal.json"
     results = json.loads(path.read_text()) if path.is_file() else {"runs": []}
     results["dense_ppl"] = perplexity(teacher.model, windows)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from results_io import write_results
+from results_io import TEXT, write_results
 
 RESULTS = Path(__file__).parent / "results"
 MIB = 1024 * 1024
@@ -62,7 +62,7 @@ def child(model: str, windows: int, seq_len: int, sequential: bool) -> dict[str,
     start = time.perf_counter()
     result = score(
         loaded,
-        calibration=CalibrationConfig(samples=windows, seq_len=seq_len, batch_size=4),
+        calibration=CalibrationConfig(source=TEXT, samples=windows, seq_len=seq_len, batch_size=4),
         all_spans=False,
         sequential=sequential,
         cache=False,

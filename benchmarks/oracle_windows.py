@@ -14,7 +14,7 @@ import argparse
 import math
 from pathlib import Path
 
-from results_io import write_results
+from results_io import TEXT, write_results
 
 from miprun.data import eval_windows, load_text
 from miprun.evaluation.oracle import DamageOracle
@@ -38,9 +38,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(args.model, device=args.device, dtype="float32")
-    held = eval_windows(
-        loaded.tokenizer, load_text("wiki", "evaluation"), args.eval_seq_len, args.eval_samples
-    )
+    held = eval_windows(loaded.tokenizer, load_text(TEXT, "evaluation"), args.eval_seq_len, args.eval_samples)
     key = f"{model_fingerprint(loaded.model)}-{tensor_fingerprint(held)}"
     oracle = DamageOracle(loaded.model, held, cache_path=out / f"oracle-{key}.json")
     total = num_blocks(loaded.model)

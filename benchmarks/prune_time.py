@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from results_io import write_results
+from results_io import TEXT, write_results
 
 from miprun import api, estimators
 from miprun.data import load_text, token_windows
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    text = load_text(None, "calibration")
+    text = load_text(TEXT, "calibration")
     results: dict[str, Any] = {
         "model": loaded.name,
         "estimator": args.estimator,
@@ -63,7 +63,7 @@ def main() -> None:
     }
     for config in args.configs:
         samples, seq_len = (int(x) for x in config.split("x"))
-        cal = api.CalibrationConfig(samples=samples, seq_len=seq_len)
+        cal = api.CalibrationConfig(source=TEXT, samples=samples, seq_len=seq_len)
         windows = token_windows(loaded.tokenizer, text, samples, seq_len, cal.seed)
         forward_pass_seconds(loaded.model, windows, cal.batch_size, 1)  # warm-up
         prune_seconds(loaded, cal, args.num_blocks, args.estimator)

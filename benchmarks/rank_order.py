@@ -13,7 +13,7 @@ import argparse
 import math
 from typing import Any
 
-from results_io import write_results
+from results_io import TEXT, write_results
 
 from miprun import methods
 from miprun.evaluation.oracle import spearman
@@ -34,7 +34,7 @@ def main() -> None:
     loaded = load_model(args.model, device="auto", dtype="float32")
     rows: list[dict[str, Any]] = []
     for name in args.estimators:
-        run = RunSettings(CalibrationConfig(), RuntimeOptions(), progress=False, cache=True)
+        run = RunSettings(CalibrationConfig(source=TEXT), RuntimeOptions(), progress=False, cache=True)
         scores = score_model(loaded, methods.build("mi-prun"), estimator_of(EstimatorOptions(name)), run)
         table = scores.table
         assert table is not None

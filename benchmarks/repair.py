@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from results_io import write_results
+from results_io import TEXT, write_results
 
 from miprun import repair
 from miprun.evaluation.bench import forward_pass_seconds
@@ -72,9 +72,11 @@ def sets_from(folder: Path, methods: list[str]) -> dict[int, dict[str, list[int]
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     loaded = load_model(args.model, device=args.device, dtype="float32")
-    cal = CalibrationConfig(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
+    cal = CalibrationConfig(
+        source=TEXT, samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size
+    )
     settings = RunSettings(cal, RuntimeOptions(device=args.device), progress=False)
-    _, held = heldout_windows(loaded.tokenizer, "wiki", args.eval_seq_len, args.eval_samples)
+    _, held = heldout_windows(loaded.tokenizer, TEXT, args.eval_seq_len, args.eval_samples)
     oracle = DamageOracle(loaded.model, held, batch_size=args.batch_size)
     chosen = sets_from(Path(args.sets), args.methods)
     distinct = sorted({tuple(s) for by_method in chosen.values() for s in by_method.values()})

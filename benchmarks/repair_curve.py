@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from results_io import write_results
+from results_io import TEXT, write_results
 
 from miprun import methods
 from miprun.evaluation.bench import forward_pass_seconds
@@ -37,11 +37,13 @@ log = logging.getLogger("repair_curve")
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     loaded = load_model(args.model, device=args.device, dtype="float32")
-    cal = CalibrationConfig(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
+    cal = CalibrationConfig(
+        source=TEXT, samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size
+    )
     settings = RunSettings(cal, RuntimeOptions(device=args.device), progress=False, cache=True)
     scores = score_model(loaded, methods.build("mi-prun"), estimator_of(EstimatorOptions()), settings)
     evidence = methods.Evidence(scores.num_blocks, scores.table)
-    _, held = heldout_windows(loaded.tokenizer, "wiki", args.eval_seq_len, args.eval_samples)
+    _, held = heldout_windows(loaded.tokenizer, TEXT, args.eval_seq_len, args.eval_samples)
     oracle = DamageOracle(loaded.model, held, batch_size=args.batch_size)
     rows = []
     for n in args.num_blocks:

@@ -18,7 +18,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from results_io import write_results
+from results_io import TEXT, write_results
 
 from miprun.data.sources import load_text
 from miprun.data.windows import token_windows
@@ -43,8 +43,8 @@ model_name, sets = args.model, [sorted(int(b) for b in s.split(",")) for s in ar
 torch.manual_seed(0)
 loaded = load_model(model_name, device="cpu", dtype="float32")
 model, tok = loaded.model, loaded.tokenizer
-cal = token_windows(tok, load_text("wiki", "calibration"), args.windows, 128, 0)
-_, held = heldout_windows(tok, "wiki", 256, 8)
+cal = token_windows(tok, load_text(TEXT, "calibration"), args.windows, 128, 0)
+_, held = heldout_windows(tok, TEXT, 256, 8)
 layers = decoder_layers(model)
 
 

@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from results_io import write_results
+from results_io import TEXT, write_results
 
 from miprun import estimators, methods
 from miprun.capture.engine import capture
@@ -91,7 +91,7 @@ def main() -> None:
     ns = sorted({max(1, round(total * r)) for r in args.ratios})
     if args.sleb_max_n is None:
         args.sleb_max_n = ns[0]
-    runs = {seed: selections(loaded, "wiki", seed, ns, args) for seed in range(args.seeds)}
+    runs = {seed: selections(loaded, TEXT, seed, ns, args) for seed in range(args.seeds)}
     other = selections(loaded, args.other_source, 0, ns, args)
     result: dict[str, Any] = {
         "model": loaded.name,

@@ -18,7 +18,7 @@ import argparse
 import logging
 from typing import Any
 
-from results_io import write_results
+from results_io import TEXT, write_results
 
 from miprun import methods
 from miprun.capture.replay import head_layers
@@ -40,11 +40,13 @@ def parse(spec: str) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     loaded = load_model(args.model, device=args.device, dtype="float32")
-    cal = CalibrationConfig(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
+    cal = CalibrationConfig(
+        source=TEXT, samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size
+    )
     settings = RunSettings(
         cal, RuntimeOptions(device=args.device), progress=False, cache=False, max_blocks=max(args.num_blocks)
     )
-    _, held = heldout_windows(loaded.tokenizer, "wiki", args.eval_seq_len, args.eval_samples)
+    _, held = heldout_windows(loaded.tokenizer, TEXT, args.eval_seq_len, args.eval_samples)
     oracle = DamageOracle(loaded.model, held, batch_size=args.batch_size)
     base = methods.build(args.method)
     scores = score_model(loaded, base, build_estimator(DEFAULT_ESTIMATOR), settings)

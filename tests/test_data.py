@@ -13,8 +13,9 @@ import torch
 from tokenizers import processors
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-from miprun.assets import HubUnreachableError, bigbench_file, cache_dir
+from miprun.assets import AssetError, HubUnreachableError, bigbench_file, cache_dir
 from miprun.data import BUILTIN_SOURCES, TextSource, eval_windows, load_text, token_windows
+from miprun.data.sources import gutenberg_units
 from miprun.errors import DataError, DataNotFoundError, InvalidOptionError, ModelLoadError, ModelNotFoundError
 from miprun.model.loading import load_model, resolve_device, resolve_dtype
 from miprun.model.perplexity import mean_nll, perplexity
@@ -34,7 +35,8 @@ def _squad(articles: list[list[str]]) -> dict:
 
 
 def _write_builtin(key: str, articles: list[list[str]]) -> Path:
-    path = cache_dir() / "data" / "bigbench" / BUILTIN_SOURCES[key]
+    builtin = BUILTIN_SOURCES[key]
+    path = cache_dir() / "data" / builtin.archive.name / builtin.member
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_squad(articles)), encoding="utf-8")
     return path
@@ -152,7 +154,7 @@ def test_builtin_splits_are_disjoint_by_article(no_download: None) -> None:
     articles = [[f"article {a} paragraph {p}." for p in range(3)] for a in range(12)]
     articles[9].append("article 0 paragraph 0.")  # a repeat in an evaluation article stays in calibration
     _write_builtin("wiki", articles)
-    cal, ev = load_text(None, "calibration"), load_text("wiki", "evaluation")
+    cal, ev = load_text("wiki", "calibration"), load_text("wiki", "evaluation")
     assert not set(cal.texts) & set(ev.texts)
     assert set(cal.texts) | set(ev.texts) == {p for art in articles for p in art}
     assert {t.split()[1] for t in ev.texts} == {"4", "9"}  # article index % 5 == 4
@@ -170,6 +172,76 @@ def test_builtin_single_article_is_split_by_paragraph_groups(no_download: None) 
 def test_missing_builtin_without_download_is_a_clear_error(no_download: None) -> None:
     # a data error like any other: `except MiprunError` (and the CLI's one-line message) catch it
     with pytest.raises(DataNotFoundError, match=r"MIPRUN_BIGBENCH_ARCHIVE points at .*no-such-archive"):
+        load_text("nyt", "calibration")
+
+
+BOOK = """Project Gutenberg's A Book, by Someone
+This eBook is for the use of anyone anywhere at no cost.
+CHAPTER I
+The first paragraph of the first chapter is wrapped over two lines, as
+the file does it.
+"A short line of speech," said one.
+CHAPTER II.
+{body}
+End of Project Gutenberg's A Book, by Someone
+The licence, which is not the book.
+"""
+
+
+def test_a_gutenberg_book_is_read_by_chapter_and_paragraph() -> None:
+    body = "\n".join(f"Chapter two, paragraph {i}." for i in range(3))
+    chapters = gutenberg_units(BOOK.format(body=body).replace("\n", "\r\n"))
+    assert chapters == [
+        [
+            "The first paragraph of the first chapter is wrapped over two lines, as the file does it.",
+            '"A short line of speech," said one.',
+        ],
+        [f"Chapter two, paragraph {i}." for i in range(3)],
+    ]
+
+
+def test_the_default_text_is_the_novel_from_sentencepieces_source_archive(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A source archive shaped like SentencePiece's (read from MIPRUN_SENTENCEPIECE_ARCHIVE, no download):
+    the novel's chapters split 80/20 like articles, and only its text is kept."""
+    body = "\n".join(f"Chapter {c}, paragraph {p}." for c in range(10) for p in range(2))
+    chapters = "\n".join(
+        f"CHAPTER {roman}\nThe story of chapter {roman} goes on."
+        for roman in ["I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X"]
+    )
+    text = BOOK.format(body=body).replace(
+        "CHAPTER II.\n", "CHAPTER II.\nA line of chapter two.\n" + chapters + "\n"
+    )
+    archive = tmp_path / "sentencepiece-0.2.3.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for rel, content in {"test/botchan.txt": text, "test/other.txt": "not kept", "src/x.cc": ""}.items():
+            data = content.encode()
+            info = tarfile.TarInfo(f"sentencepiece-0.2.3/{rel}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setenv("MIPRUN_SENTENCEPIECE_ARCHIVE", str(archive))
+    cal, ev = load_text(None, "calibration"), load_text("novel", "evaluation")
+    assert cal.name == "novel:calibration" and ev.name == "novel:evaluation"
+    assert not set(cal.texts) & set(ev.texts)
+    # chapters I, II, then I..X again: the 5th and 10th (index % 5 == 4) are the evaluation split
+    assert ev.texts == ("The story of chapter III goes on.", "The story of chapter VIII goes on.")
+    root = cache_dir() / "data" / "sentencepiece"
+    assert sorted(p.name for p in root.rglob("*") if p.is_file()) == ["botchan.txt"]
+
+
+def test_an_archive_the_index_no_longer_offers_says_how_to_read_it_from_disk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """BIG-bench 1.0.0 left the package index: the error names the variable that reads it from disk."""
+    from miprun.assets import data as asset_data
+
+    def refuse(args, what, *, tmpdir=None, check=True):
+        return "ERROR: Could not find a version that satisfies the requirement bigbench==1.0.0"
+
+    monkeypatch.delenv("MIPRUN_BIGBENCH_ARCHIVE", raising=False)
+    monkeypatch.setattr(asset_data, "run_pip", refuse)
+    with pytest.raises(AssetError, match=r"(?s)bigbench==1\.0\.0.*MIPRUN_BIGBENCH_ARCHIVE=PATH"):
         load_text("nyt", "calibration")
 
 

@@ -327,7 +327,7 @@ def test_heal_lowers_the_heldout_perplexity_of_pruned_smollm2(tmp_path: Path) ->
     student = LoadedModel(
         remove_blocks(copy.deepcopy(teacher.model), list(range(13, 19))), teacher.tokenizer, "cut", None
     )
-    _, windows = heldout_windows(teacher.tokenizer, "wiki", 256, 4)
+    _, windows = heldout_windows(teacher.tokenizer, "novel", 256, 4)
     before = perplexity(student.model, windows)
     heal(student, teacher, HealConfig(tokens=2048, lr=5e-3), work_dir=tmp_path, progress=False)
     assert perplexity(student.model, windows) < 0.95 * before

@@ -118,7 +118,7 @@ def test_sequential_equals_the_whole_model_pass_on_smollm2():
     from miprun.model.loading import load_model
 
     lm = load_model("smollm2-135m", device="cpu", dtype="float32")
-    windows = token_windows(lm.tokenizer, load_text("wiki", "calibration"), 4, 32, seed=0)
+    windows = token_windows(lm.tokenizer, load_text("novel", "calibration"), 4, 32, seed=0)
     spec = [Moments(proj_dim=64), TokenSample(capacity=50), CosineSums()]
     whole = capture(lm.model, windows, spec, cal(batch_size=2), progress=False)
     layered = capture_sequential(lm.model, windows, spec, cal(batch_size=2), progress=False)

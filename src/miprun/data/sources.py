@@ -1,8 +1,9 @@
 """Text sources: built-in registers of real English text, local files, and hub data sets.
 
-A source is a built-in register of real English text (paragraphs of the SQuAD-shifts files in the
-BIG-bench archive, fetched once by :mod:`miprun.assets`), a local ``.txt``/``.jsonl`` file, or a
-short name of a data set on the Hugging Face Hub. Built-in and hub sources are split so that the
+A source is a built-in register of real English text (a public-domain novel from SentencePiece's source
+archive, the default; the SQuAD-shifts files of the BIG-bench archive where a package index still offers it;
+each fetched once by :mod:`miprun.assets`), a local ``.txt``/``.jsonl`` file, or a short name of a data set
+on the Hugging Face Hub. Built-in and hub sources are split so that the
 calibration and evaluation text never share a paragraph; a local file is used whole for either split,
 so pass different files for calibration and evaluation.
 """
@@ -20,24 +21,97 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from miprun.assets import HubUnreachableError, bigbench_file, is_hub_unreachable
+from miprun.assets import (
+    BIGBENCH,
+    SENTENCEPIECE,
+    HubUnreachableError,
+    TextArchive,
+    archive_file,
+    is_hub_unreachable,
+)
 from miprun.errors import DataError, DataNotFoundError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 
 Split = Literal["calibration", "evaluation"]
 SPLITS = ("calibration", "evaluation")
-DEFAULT_SOURCE = "wiki"
+DEFAULT_SOURCE = "novel"
 EVAL_EVERY = 5  # unit index % 5 == 4 goes to evaluation: a 80/20 split at article level
 GROUP_SIZE = 10  # paragraphs per unit when a file has too few articles to split by article
 
-# Built-in registers: BIG-bench squad_shifts files (SQuAD JSON: data -> articles -> paragraphs -> context).
-BUILTIN_SOURCES: dict[str, str] = {
-    "wiki": "squad_shifts/squaddev_v1.1.json",  # SQuAD v1.1 dev: 48 Wikipedia articles
-    "new_wiki": "squad_shifts/new_wiki_v1.0.json",  # 48 newer Wikipedia articles
-    "nyt": "squad_shifts/nyt_v1.0.json",  # 797 New York Times articles
-    "reddit": "squad_shifts/reddit_v1.0.json",  # one "article" of 2035 comments
-    "amazon": "squad_shifts/amazon_reviews_v1.0.json",  # 413 products' reviews
+
+@dataclass(frozen=True)
+class BuiltinText:
+    """A built-in register: the archive file it is read from, how its units (articles, chapters) of
+    paragraphs are parsed, and a line for ``--help`` and errors."""
+
+    archive: TextArchive
+    member: str
+    parse: Callable[[str], list[list[str]]]  # file text -> units of paragraphs
+    about: str
+
+
+def squad_units(raw: str) -> list[list[str]]:
+    """Articles of a SQuAD JSON file (data -> paragraphs -> context), each a list of paragraphs."""
+    articles = json.loads(raw)["data"]
+    return [[p["context"] for p in article["paragraphs"]] for article in articles]
+
+
+_CHAPTER = re.compile(r"^CHAPTER [IVXLC]+\.?$")
+WRAP = 60  # a line this short ends its paragraph (the file wraps at about 70 and has no blank lines)
+
+
+def gutenberg_units(raw: str) -> list[list[str]]:
+    """Chapters of a Project Gutenberg book whose lines are wrapped without blank lines between paragraphs:
+    the licence before the first chapter and after the end marker dropped, wrapped lines joined, a short
+    line taken as a paragraph's last."""
+    lines = [line.strip().replace("[P]", "") for line in raw.replace("\r\n", "\n").split("\n")]
+    chapters: list[list[str]] = []
+    paragraph: list[str] = []
+    for line in lines:
+        if line.startswith(("End of Project Gutenberg", "*** END OF")):
+            break
+        if _CHAPTER.match(line):
+            chapters.append([])
+            paragraph = []
+            continue
+        if not chapters or not line:
+            continue
+        paragraph.append(line)
+        if len(line) < WRAP:
+            chapters[-1].append(" ".join(paragraph))
+            paragraph = []
+    if chapters and paragraph:
+        chapters[-1].append(" ".join(paragraph))
+    return [chapter for chapter in chapters if chapter]
+
+
+_SQUAD = "SQuAD-shifts, BIG-bench archive"
+BUILTIN_SOURCES: dict[str, BuiltinText] = {
+    "novel": BuiltinText(
+        SENTENCEPIECE,
+        "botchan.txt",
+        gutenberg_units,
+        "Botchan (Natsume Soseki, tr. 1918): a public-domain novel, about 70 k tokens, by chapter",
+    ),
+    "wiki": BuiltinText(
+        BIGBENCH,
+        "squad_shifts/squaddev_v1.1.json",
+        squad_units,
+        f"SQuAD v1.1 dev: 48 Wikipedia articles ({_SQUAD})",
+    ),
+    "new_wiki": BuiltinText(
+        BIGBENCH, "squad_shifts/new_wiki_v1.0.json", squad_units, f"48 newer Wikipedia articles ({_SQUAD})"
+    ),
+    "nyt": BuiltinText(
+        BIGBENCH, "squad_shifts/nyt_v1.0.json", squad_units, f"797 New York Times articles ({_SQUAD})"
+    ),
+    "reddit": BuiltinText(
+        BIGBENCH, "squad_shifts/reddit_v1.0.json", squad_units, f"2035 Reddit comments ({_SQUAD})"
+    ),
+    "amazon": BuiltinText(
+        BIGBENCH, "squad_shifts/amazon_reviews_v1.0.json", squad_units, f"413 products' reviews ({_SQUAD})"
+    ),
 }
 LOCAL_SUFFIXES = (".txt", ".jsonl")
 
@@ -65,7 +139,8 @@ def load_text(source: str | None, split: Split) -> TextSource:
     """Load a text source for ``split``.
 
     Args:
-        source: None or a built-in name (``wiki``, ``new_wiki``, ``nyt``, ``reddit``, ``amazon``), a
+        source: None (``novel``) or a built-in name (``novel``; ``wiki``, ``new_wiki``, ``nyt``, ``reddit``,
+            ``amazon`` where the BIG-bench archive can be had), a
             path to a ``.txt`` (paragraphs separated by blank lines) or ``.jsonl`` file (field ``text``),
             or a hub short name (``wikitext2``, ``c4``, ``alpaca``, ``pg19``).
         split: ``"calibration"`` or ``"evaluation"``; built-in and hub sources give disjoint text.
@@ -118,17 +193,20 @@ def _kind(key: str) -> Literal["builtin", "hub", "local"]:
 
 
 def _builtin(key: str, split: Split) -> TextSource:
-    path = bigbench_file(BUILTIN_SOURCES[key])
+    builtin = BUILTIN_SOURCES[key]
+    path = archive_file(builtin.archive, builtin.member)
     return _parse_builtin(path, path.stat().st_mtime_ns, key, split)
 
 
 @functools.lru_cache(maxsize=16)  # keyed by file and modification time: a changed file is read again
 def _parse_builtin(path: Path, _mtime_ns: int, key: str, split: Split) -> TextSource:
+    builtin = BUILTIN_SOURCES[key]
     try:
-        articles = json.loads(path.read_text(encoding="utf-8"))["data"]
-        units = [[p["context"] for p in article["paragraphs"]] for article in articles]
+        units = builtin.parse(path.read_text(encoding="utf-8-sig"))
     except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{path} is not in the SQuAD format (data -> paragraphs -> context): {exc}") from exc
+        raise DataError(f"{path} is not in the format of the {key!r} text ({builtin.about}): {exc}") from exc
+    if not units:
+        raise DataError(f"{path} holds no {key!r} text ({builtin.about})")
     return TextSource.from_texts(f"{key}:{split}", split_units(units, split))
 
 
@@ -162,7 +240,7 @@ def split_units(units: list[list[str]], split: Split) -> list[str]:
 def _local(path: Path) -> TextSource:
     if path.is_dir():
         raise DataError(
-            f"{path} is a folder; pass a .txt or .jsonl file of text (or a built-in name such as wiki)"
+            f"{path} is a folder; pass a .txt or .jsonl file of text (or a built-in name such as novel)"
         )
     if path.exists() and not path.is_file():
         kind = "a named pipe (FIFO)" if stat.S_ISFIFO(path.stat().st_mode) else "not a regular file"

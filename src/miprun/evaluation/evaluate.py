@@ -147,7 +147,7 @@ def run_tasks(
         tasks: offline task names (see :data:`miprun.evaluation.tasks.OFFLINE_TASKS`) or lm-eval task names.
         limit: the first ``limit`` examples of each task (all when None).
         seed: seed of the next-sentence task's distractors and answer positions.
-        task_text: held-out text the next-sentence task is built from (default: wiki).
+        task_text: held-out text the next-sentence task is built from (default: novel).
         built: the folder :func:`write_tasks` already built the offline tasks in (else they are built here).
     """
     lm_eval = _lm_eval()
@@ -306,7 +306,7 @@ def evaluate(
     result["settings"] = {
         "limit": opts.limit,
         "seed": opts.seed,
-        "task_text": opts.task_text or "wiki (evaluation split)",
+        "task_text": opts.task_text or "novel (evaluation split)",
     }
     result["versions"] = package_versions()
     result["timings"] = timings

@@ -39,7 +39,7 @@ class HeldoutText:
 def heldout_windows(
     tokenizer: Any, source: str | None, seq_len: int, max_windows: int | None
 ) -> tuple[TextSource, torch.Tensor]:
-    """The evaluation split of ``source`` (default: wiki) and its first ``max_windows`` windows (all when None)."""
+    """The evaluation split of ``source`` (default: novel) and its first ``max_windows`` windows (all when None)."""
     text = load_text(source, "evaluation")
     return text, eval_windows(tokenizer, text, seq_len, max_windows)
 

@@ -89,9 +89,9 @@ class EvaluateOptions(Options):
     """``miprun eval``: held-out perplexity and zero-shot accuracy of a model."""
 
     ppl: list[str] = opt(
-        help="Perplexity text (repeatable or comma-separated; evaluation split): wiki (default), new_wiki, nyt, "
-        "reddit, amazon, a local .txt/.jsonl file, or a hub data set.",
-        factory=lambda: ["wiki"],
+        help="Perplexity text (repeatable or comma-separated; evaluation split): novel (default), wiki, new_wiki, "
+        "nyt, reddit, amazon, a local .txt/.jsonl file, or a hub data set.",
+        factory=lambda: ["novel"],
         parse=split_list,
         flags=("--ppl",),
     )
@@ -99,14 +99,15 @@ class EvaluateOptions(Options):
     ppl_seq_len: int = opt(256, "Tokens per perplexity window.", "--ppl-seq-len", min=2)
     ppl_windows: int = opt(64, "First N windows of each text (0: all).", "--ppl-windows", min=0)
     tasks: list[str] = opt(
-        help="Zero-shot tasks (repeatable or comma-separated): social_iqa and next_sentence run offline; any "
-        "other lm-eval task name (or lm-eval:NAME) needs the hub.",
+        help="Zero-shot tasks (repeatable or comma-separated): next_sentence runs offline; social_iqa too, from "
+        "the BIG-bench archive (MIPRUN_BIGBENCH_ARCHIVE where the package index lacks it); any other lm-eval "
+        "task name (or lm-eval:NAME) needs the hub.",
         factory=list,
         parse=split_list,
         flags=("--tasks", "-t"),
     )
     limit: int | None = opt(None, "First N examples per task.", "--limit", min=1)
-    task_text: str | None = opt(None, "Held-out text for next_sentence (default: wiki).", "--task-text")
+    task_text: str | None = opt(None, "Held-out text for next_sentence (default: novel).", "--task-text")
     seed: int = opt(0, "Seed of the next_sentence distractors.", "--seed", min=0, max=SEED_MAX)
     batch_size: int = opt(4, "Windows (and task requests) per forward pass.", "--batch-size", min=1)
     revision: str | None = opt(None, REVISION_HELP, "--revision")

@@ -36,7 +36,8 @@ class CalibrationConfig(Options):
 
     source: str | None = opt(
         None,
-        "Calibration text: wiki (default, SQuAD Wikipedia paragraphs), new_wiki, nyt, reddit, amazon, "
+        "Calibration text: novel (default: a public-domain novel from SentencePiece's source archive), wiki, "
+        "new_wiki, nyt, reddit, amazon (SQuAD-shifts: need the BIG-bench archive, see docs/troubleshooting.md), "
         "a local .txt/.jsonl file, or a hub data set (wikitext2, c4, alpaca, pg19).",
         "--calib",
     )
@@ -162,7 +163,9 @@ class ScoringOptions(Options):
 class HeldoutOptions(Options):
     """Held-out text for perplexity: the evaluation split of a source, disjoint from calibration text."""
 
-    eval_source: str | None = opt(None, "Held-out text (default: wiki, its evaluation split).", "--eval-text")
+    eval_source: str | None = opt(
+        None, "Held-out text (default: novel, its evaluation split).", "--eval-text"
+    )
     eval_samples: int = opt(16, "Held-out windows.", "--eval-samples", min=1)
     eval_seq_len: int = opt(256, "Held-out window length.", "--eval-seq-len", min=2)
 

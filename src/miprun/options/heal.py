@@ -37,7 +37,7 @@ class HealConfig(Options):
         0, "Seed of the windows and of the adapters' initialisation.", "--seed", min=0, max=SEED_MAX
     )
     source: str | None = opt(
-        None, "Calibration text to train on (its calibration split; default: wiki).", "--calib"
+        None, "Calibration text to train on (its calibration split; default: novel).", "--calib"
     )
     gradient_accumulation: int = opt(
         1,

@@ -30,7 +30,7 @@ from miprun.registry import Registry
 log = logging.getLogger(__name__)
 
 HARNESS_PREFIX = "miprun_"  # our tasks are registered in lm-eval as miprun_<name>: no clash with its own
-NEXT_SENTENCE_SOURCE = "wiki"  # its evaluation split: disjoint from the default calibration text
+NEXT_SENTENCE_SOURCE = "novel"  # its evaluation split: disjoint from the default calibration text
 Record = dict[str, Any]
 
 
