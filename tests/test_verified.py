@@ -353,7 +353,7 @@ def test_mi_search_screens_on_a_prefix_of_its_tokens_and_judges_its_finalists_on
 def test_mi_search_ranks_its_widest_sweeps_on_the_probe_and_counts_them_at_its_share(tiny_tokenizer):
     """The shortlist and the greedy's first step (every block alone) run on the first ``probe_tokens``; the
     shortlist's best ``finalists`` and every later step run on the screen; the cost falls accordingly."""
-    params = {"candidates": 4, "tokens": 144, "screen_tokens": 72, "probe_tokens": 24, "finalists": 2}
+    params = {"candidates": 6, "tokens": 144, "screen_tokens": 72, "probe_tokens": 24, "finalists": 1}
 
     def search(**override):
         lm = LoadedModel(tiny_model("llama")[0], tiny_tokenizer, "tiny-llama", None)
@@ -384,9 +384,50 @@ def test_mi_search_ranks_its_widest_sweeps_on_the_probe_and_counts_them_at_its_s
         assert candidate["measured"] == pytest.approx(
             probe.measure([candidate["removed"]], repaired=False)[0], rel=1e-5
         )
+    mi_best = min(record["candidates"], key=lambda c: (c["mi_set_loss"], c["removed"]))["removed"]
+    assert mi_best in [
+        f["removed"] for f in record["finalists"]
+    ]  # screened even where the probe ranks it low
+    for finalist in record["finalists"]:  # every finalist's cut value is the screen's
+        assert finalist["cut"] == pytest.approx(
+            screen.measure([finalist["removed"]], repaired=False)[0], rel=1e-5
+        )
     wide = search(probe_tokens=0)  # every sweep on the screen
     assert wide["probe_tokens"] == 72
     assert record["verification_layer_passes"] < wide["verification_layer_passes"]
+
+
+@pytest.mark.integration
+def test_mi_search_screens_mis_best_set_even_where_the_probe_ranks_it_low(tiny_tokenizer):
+    """MI's best set is always a finalist, so it must reach the screen (a KeyError in `make demo` before)."""
+    lm = LoadedModel(tiny_model("mixtral")[0], tiny_tokenizer, "tiny-mixtral", None)
+    params = {
+        "candidates": 6,
+        "tokens": 144,
+        "screen_tokens": 72,
+        "probe_tokens": 24,
+        "finalists": 1,
+        "swap_rounds": 0,
+        "width": 1,
+    }
+    record = miprun.prune(
+        lm,
+        num_blocks=2,
+        method="mi-search",
+        method_params=params,
+        repair="none",
+        calibration=CAL,
+        cache=False,
+        progress=False,
+    ).plan.search.params
+    candidates = record["candidates"]
+    mi_best = min(candidates, key=lambda c: (c["mi_set_loss"], c["removed"]))
+    assert sorted(c["measured"] for c in candidates).index(mi_best["measured"]) > 0  # not the probe's best
+    finalist = next(f for f in record["finalists"] if f["removed"] == mi_best["removed"])
+    screen = Verifier(
+        tiny_model("mixtral")[0], _verification_windows(lm_of(tiny_tokenizer), 72), batch_size=CAL.batch_size
+    )
+    assert finalist["cut"] == pytest.approx(screen.measure([mi_best["removed"]], repaired=False)[0], rel=1e-5)
 
 
 def lm_of(tokenizer):

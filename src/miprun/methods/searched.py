@@ -95,9 +95,14 @@ class MiSearch(MiVerified):
         probe_share = probe.windows.numel() / verifier.windows.numel()
         mark, screen_mark, probe_mark = verifier.mark(), screen.mark(), probe.mark()
         probed = probe.measure(short.sets, repaired=False)
-        if probe is not screen:  # the shortlist's best go on to the screen, in the greedy's units
+        mi_best = min(
+            range(len(short.sets)), key=lambda i: (short.losses[i], i)
+        )  # a finalist whatever it measures
+        if (
+            probe is not screen
+        ):  # the shortlist's best (and MI's best) go on to the screen, in the greedy's units
             ahead = sorted(range(len(short.sets)), key=lambda i: (probed[i], short.losses[i]))
-            ahead = ahead[: self.finalists]
+            ahead = list(dict.fromkeys([*ahead[: self.finalists], mi_best]))
             screened = screen.measure([short.sets[i] for i in ahead], repaired=False)
         else:
             ahead, screened = list(range(len(short.sets))), probed
@@ -115,8 +120,9 @@ class MiSearch(MiVerified):
         path = screen.searches[("greedy", self.width, probe.windows.numel())]
         swaps = self.swap(screen, list(ranked[0]), pool[ranked[0]], path.last_value, pool, short.num_blocks)
         ranked = sorted(pool, key=lambda key: (pool[key], key))
-        mi_best = min(zip(short.losses, short.sets, strict=True))[1]
-        finalists = [list(key) for key in dict.fromkeys([*ranked[: self.finalists], tuple(mi_best)])]
+        finalists = [
+            list(key) for key in dict.fromkeys([*ranked[: self.finalists], tuple(short.sets[mi_best])])
+        ]
         if verifier.repair is not None:
             final = verifier.measure(finalists)
             judged = "after the repair"
