@@ -434,3 +434,14 @@ def test_a_texts_name_gives_back_the_source_it_was_loaded_from():
     assert source_of("wikitext2:calibration") == "wikitext2"
     assert source_of("notes/my:calibration") == "notes/my:calibration"  # a local path is its own name
     assert source_of(str(CALIBRATION_TXT)) == str(CALIBRATION_TXT)
+
+
+def test_miprun_list_texts_names_every_built_in_text_and_its_archive(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from miprun.cli import main
+
+    assert main(["list", "texts"]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    for name, builtin in BUILTIN_SOURCES.items():
+        assert name in shown and builtin.archive.requirement in shown

@@ -316,10 +316,10 @@ def heal(
 @app.command("list")
 def list_command(
     what: Annotated[
-        Literal["methods", "estimators", "repairs", "tasks"], typer.Argument(help="What to list.")
+        Literal["methods", "estimators", "repairs", "tasks", "texts"], typer.Argument(help="What to list.")
     ] = "methods",
 ) -> None:
-    """What can be chosen by name, with each one's parameters and defaults.
+    """What can be chosen by name, with each one's parameters and defaults (texts: the built-in --calib names).
 
     Example: miprun list estimators
     """

@@ -199,16 +199,19 @@ def bench(result: dict[str, Any], config: Any) -> None:
 def registry(what: str) -> None:
     """``miprun list``: every name of one registry, with its summary and parameters (type = default)."""
     from miprun import estimators, methods, repair
+    from miprun.data import BUILTIN_SOURCES
     from miprun.evaluation.tasks import OFFLINE_TASKS
     from miprun.registry import Registry
 
-    registries: dict[str, Registry[Any]] = {
+    texts = {name: f"{t.about}; from {t.archive.requirement}" for name, t in BUILTIN_SOURCES.items()}
+    registries: dict[str, Any] = {  # registries, and the texts as a plain mapping
         "methods": methods.REGISTRY,
         "estimators": estimators.REGISTRY,
         "repairs": repair.REGISTRY,
         "tasks": OFFLINE_TASKS,
+        "texts": texts,
     }
-    chosen = Registry[Registry[Any]]("list")
+    chosen = Registry[Any]("list")
     for name, reg in registries.items():
         chosen.add(name, reg)
     reg = chosen.get(what)
@@ -216,7 +219,11 @@ def registry(what: str) -> None:
     for name in ("name", "what it does", "parameters (type = default)"):
         table.add_column(name)
     for name, entry in reg.items():
-        summary = getattr(entry, "summary", None) or getattr(entry, "description", None) or _first_line(entry)
+        summary = (
+            entry
+            if isinstance(entry, str)
+            else getattr(entry, "summary", None) or getattr(entry, "description", None) or _first_line(entry)
+        )
         table.add_row(name, summary, _parameters(entry))
     out.print(table)
 
