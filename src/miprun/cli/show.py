@@ -73,11 +73,12 @@ def verified_candidates(record: dict[str, Any], chosen: list[int]) -> None:
     """``mi-verified``: every candidate with its MI rank and the measured objective; the chosen one marked."""
     rank = f"; the choice is MI's #{record['chosen_mi_rank']}" if "chosen_mi_rank" in record else ""
     searched = " (on the cut; the greedy and the finalists below)" if "greedy" in record else ""
+    tokens = record.get("probe_tokens", record["verification_tokens"])  # mi-search ranks them on its probe
+    of_all = f" of {record['verification_tokens']}" if tokens != record["verification_tokens"] else ""
     table = Table(
         title=(
             f"{len(record['candidates'])} MI candidates measured{searched} ({record['objective']} on "
-            f"{record['verification_tokens']} tokens, {record['verification_layer_passes']:.2f} forward passes "
-            f"in all){rank}"
+            f"{tokens}{of_all} tokens; {record['verification_layer_passes']:.2f} forward passes in all){rank}"
         )
     )
     for name in ("removed", "MI rank", "MI set loss", f"measured {record['objective']}", "proposed by"):
