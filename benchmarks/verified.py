@@ -82,8 +82,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": loaded.name,
         "method": args.method,
         "dense_ppl": oracle.dense,
-        "calibration": {"samples": cal.samples, "seq_len": cal.seq_len},
-        "evaluation": {"samples": args.eval_samples, "seq_len": args.eval_seq_len},
+        "calibration": {"source": TEXT, "samples": cal.samples, "seq_len": cal.seq_len},
+        "evaluation": {"source": TEXT, "samples": args.eval_samples, "seq_len": args.eval_seq_len},
         "rows": rows,
     }
 
@@ -115,9 +115,9 @@ def markdown(result: dict[str, Any]) -> str:
     configs = list(dict.fromkeys(row["config"] for row in result["rows"]))
     cal = result["calibration"]
     lines = [
-        f"### {result['model']}: {result.get('method', 'mi-verified')}'s held-out perplexity by configuration (cut only; dense "
-        f"{result['dense_ppl']:.2f}; verification cost in forward passes over the {cal['samples']} x "
-        f"{cal['seq_len']} calibration tokens, besides the one capture pass; the output layer counts as its parameters' worth of decoder layers on the positions it scores)",
+        f"### {result['model']}: {result.get('method', 'mi-verified')}'s held-out perplexity by configuration (cut only; "
+        f"{cal.get('source', 'wiki')} text; dense {result['dense_ppl']:.2f}; verification cost in forward passes "
+        f"over the {cal['samples']} x {cal['seq_len']} calibration tokens, besides the one capture pass; the output layer counts as its parameters' worth of decoder layers on the positions it scores)",
         "",
         "| configuration | " + " | ".join(f"N={n}: ppl (MI rank, cost)" for n in ns) + " |",
         "|---|" + "---|" * len(ns),
