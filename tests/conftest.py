@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 from markers import _models_only_in_marked_tests, pytest_runtest_protocol  # noqa: F401  (models: marked tests)
+from paths import FIXTURES
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from miprun.assets.packages import cache_dir
 
-DATA = Path(__file__).parent / "data"
-CALIBRATION_TXT = DATA / "calibration.txt"
-HELDOUT_TXT = DATA / "heldout.txt"
+CALIBRATION_TXT = FIXTURES / "calibration.txt"
+HELDOUT_TXT = FIXTURES / "heldout.txt"
 _THREADS = torch.get_num_threads()
 REAL_CACHE = cache_dir()  # the user's cache, before a fast test gets an empty one of its own
 

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from paths import ROOT
 from tiny_models import tiny_config
 from transformers import AutoModelForCausalLM
 
 from miprun.assets import cache_dir
 
-ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 

@@ -1,10 +1,13 @@
-"""Test helpers shared by several files: comparing captured statistics statistic by statistic."""
+"""Test helpers shared by several files: comparing captured statistics statistic by statistic, and the
+calibration, logits and weight edits of the repair tests (tests/repair/)."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
+from paths import FIXTURES
 
 from miprun.capture.statistic import CapturedStats, Tap
 from miprun.capture.statistics import (
@@ -15,6 +18,7 @@ from miprun.capture.statistics import (
     Moments,
     TokenSample,
 )
+from miprun.options import CalibrationConfig
 
 # One of every statistic kind (the registry's), at small sizes: what the equivalence tests capture.
 EVERY_STATISTIC = [
@@ -54,3 +58,23 @@ def _same(u: Any, v: Any, rtol: float, atol: float, exact: bool, what: str) -> N
         return
     ok = torch.equal(u, v) if exact else torch.allclose(u, v, rtol=rtol, atol=atol)
     assert ok, what
+
+
+# ---------------------------------------------------------------------------------------- repair tests
+
+IDS = torch.randint(3, 120, (2, 9), generator=torch.Generator().manual_seed(0))
+CAL = CalibrationConfig(source=str(FIXTURES / "calibration.txt"), samples=4, seq_len=24, batch_size=2)
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def with_edits(model: torch.nn.Module, edits: dict[str, torch.Tensor]) -> torch.nn.Module:
+    out = copy.deepcopy(model)
+    params = dict(out.named_parameters())
+    with torch.no_grad():
+        for name, value in edits.items():
+            params[name].copy_(value)
+    return out

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from paths import SRC
 from processes import popen
 
 from miprun import transaction
@@ -35,7 +36,6 @@ from miprun.atomic import (
 )
 from miprun.errors import OutputError
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 MANIFEST = {"schema_version": 1, "removed": [2], "num_blocks_before": 4, "outputs": ["model.safetensors"]}
 
 

@@ -198,7 +198,8 @@ _BUILDERS = {
 }
 
 # Every family of the layout table (miprun.model.layouts.LAYOUTS), so a new entry there runs through every
-# per-family test (tests/test_architectures.py, tests/test_capture.py) with no line of its own in them.
+# per-family test (tests/model/test_architectures.py, tests/capture/test_capture.py) with no line of its own
+# in them.
 ARCHS: list[str] = list(SUPPORTED)
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from paths import SRC
 
 import miprun.methods  # noqa: F401 - the built-in methods add their evidence classes (every entry point does)
 from miprun.errors import ScoresError, UnknownNameError
@@ -89,7 +90,7 @@ def test_unknown_evidence_names_the_known_keys() -> None:
 def test_reading_scores_imports_no_method() -> None:
     """The file format sits below the methods: importing it pulls in none of them."""
     code = "import sys, miprun.scores.result; print(any(m.startswith('miprun.methods') for m in sys.modules))"
-    src = str(Path(__file__).resolve().parent.parent / "src")
+    src = str(SRC)
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

@@ -36,7 +36,8 @@ def test_embedded_smollm2_builds_loads_and_predicts_real_text() -> None:
 def test_pruning_smollm2_end_to_end(tmp_path) -> None:
     """The issue's real check: prune 3 blocks with small calibration, reload, held-out perplexity rises.
     MI-PRUN's one pass without a repair, so that the plan alone rebuilds the pruned model (the default,
-    mi-search + linear, is measured by `make demo` and tests/test_defaults.py: minutes on this model)."""
+    mi-search + linear, is measured by `make demo` and tests/pipeline/test_defaults.py: minutes on this
+    model)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -8,13 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
+from paths import RESULTS
 
 from miprun.model.identity import ModelInfo
 from miprun.options import HealConfig
 from miprun.output.manifest import HealRecord, HeldoutEvaluation, PrunePlan
 from miprun.repair.heal_report import HealReport
 
-RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 PUBLISHED = sorted(RESULTS.glob("**/*miprun.json"))
 
 

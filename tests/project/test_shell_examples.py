@@ -20,13 +20,14 @@ MODELS = {"./Llama-3.2-1B", "./big-model", "./my-34b", "./llama-2-70b", "./my-ll
 REPLACED = {"--limit": "3", "--device": "cpu"}
 # A command holding one of these cannot run on this machine, for the reason given.
 CANNOT = {
-    "torchrun": "several processes (GPUs): tests/test_distributed.py runs the data-parallel path on CPU",
-    "accelerate launch": "several processes (GPUs): tests/test_heal_distributed.py runs `miprun heal` under "
-    "accelerate launch with two CPU processes",
-    ".gguf": "needs a GGUF file: tests/test_gguf.py prunes tiny GGUF models of every family",
+    "torchrun": "several processes (GPUs): tests/capture/test_distributed.py runs the data-parallel path on "
+    "CPU",
+    "accelerate launch": "several processes (GPUs): tests/repair/heal/test_heal_distributed.py runs "
+    "`miprun heal` under accelerate launch with two CPU processes",
+    ".gguf": "needs a GGUF file: tests/output/test_gguf.py prunes tiny GGUF models of every family",
     "--out out/llama-q8": "llama.cpp's converter needs a tokenizer it knows (the tiny one here is not): "
-    "tests/test_gguf_convert.py runs this README line on a tiny model with a known tokenizer",
-    "--blocks 40,41": "names blocks of an 80-block model: tests/test_conventions.py runs --blocks with a "
+    "tests/output/test_gguf_convert.py runs this README line on a tiny model with a known tokenizer",
+    "--blocks 40,41": "names blocks of an 80-block model: tests/cli/test_conventions.py runs --blocks with a "
     "sequential repair on a tiny one",
 }
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CALIBRATION_TXT, HELDOUT_TXT, REAL_CACHE, train_tiny_tokenizer
+from paths import ROOT
 from tiny_models import VOCAB, tiny_config
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
@@ -372,7 +373,7 @@ def _readme_gguf_commands() -> list[list[str]]:
     """The `miprun prune` lines of the README's example for GGUF from a transformers source."""
     import shlex
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme.split("**From a transformers source**", 1)[1]
     block = section.split("```sh", 1)[1].split("```", 1)[0]
     return [shlex.split(line) for line in block.splitlines() if line.startswith("miprun prune")]

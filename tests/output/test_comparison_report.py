@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+from paths import RESULTS
 
 from miprun import methods
 from miprun.output.comparison import Comparison
 from miprun.output.comparison_report import markdown
 
-RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 PUBLISHED = sorted(RESULTS.glob("compare-*/comparison.json"))
 
 

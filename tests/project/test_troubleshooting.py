@@ -9,11 +9,13 @@ import pkgutil
 import re
 from pathlib import Path
 
+from paths import ROOT
+
 import miprun
 from miprun.errors import MiprunError
 
 SRC = Path(miprun.__file__).parent
-DOC = Path(__file__).parents[1] / "docs" / "troubleshooting.md"
+DOC = ROOT / "docs" / "troubleshooting.md"
 
 
 def _error_names() -> set[str]:

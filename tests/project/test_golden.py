@@ -4,10 +4,10 @@ method and estimator on tiny models (``tests/golden/golden.json``, written by ``
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from conftest import CALIBRATION_TXT
+from paths import TESTS
 from tiny_models import tiny_model
 
 import miprun
@@ -15,7 +15,7 @@ from miprun.model.loading import LoadedModel
 from miprun.options import CalibrationConfig
 
 pytestmark = pytest.mark.integration  # builds a tiny model of every recorded family
-GOLDEN = json.loads((Path(__file__).parent / "golden" / "golden.json").read_text())
+GOLDEN = json.loads((TESTS / "golden" / "golden.json").read_text())
 ARCHS = sorted({key.split("/")[0] for key in GOLDEN})
 ESTIMATORS = {
     "coordinate": {},

@@ -10,6 +10,7 @@ from typing import ClassVar
 import pytest
 import torch
 from conftest import CALIBRATION_TXT, HELDOUT_TXT
+from paths import RESULTS
 from tiny_models import tiny_model
 
 from miprun import repair
@@ -304,9 +305,8 @@ def test_the_table_gives_mi_verifieds_gap_to_sleb_where_both_ran():
 @pytest.mark.parametrize("name", ["compare-smollm2-135m", "compare-gemma3-270m"])
 def test_the_published_comparisons_read_into_records_and_write_back_unchanged(name):
     """comparison.json keeps its format: the benchmark results written before the typed records round-trip."""
-    from pathlib import Path
 
-    path = Path(__file__).parent.parent / "benchmarks" / "results" / name / "comparison.json"
+    path = RESULTS / name / "comparison.json"
     data = json.loads(path.read_text(encoding="utf-8"))
     record = Comparison.from_json(data)
     assert record.rows and all(isinstance(row, ComparisonRow) for row in record.rows)

@@ -14,13 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from paths import SRC
 
 from miprun.cli import main
 from miprun.errors import InvalidOptionError
 from miprun.model.loading import check_revision
 
 MISSING_MODEL = "./no-such-model"
-SRC = Path(__file__).parents[1] / "src"
 
 
 def _miprun(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

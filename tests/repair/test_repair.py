@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from conftest import CALIBRATION_TXT
+from helpers import CAL, logits, with_edits
 from tiny_models import ARCHS, tiny_model
 from transformers import AutoModelForCausalLM
 
@@ -22,23 +23,7 @@ from miprun.repair import RepairContext, build
 from miprun.repair.fold import embeddings_tied, fold_into_embedding, fold_into_mlp_output
 from miprun.repair.linear import LinearRepair, residual_fraction, solve_diagonal, solve_map
 
-IDS = torch.randint(3, 120, (2, 9), generator=torch.Generator().manual_seed(0))
 GEMMA = ("gemma2", "gemma3_text", "gemma3")
-CAL = CalibrationConfig(source=str(CALIBRATION_TXT), samples=4, seq_len=24, batch_size=2)
-
-
-def logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=IDS).logits
-
-
-def with_edits(model: torch.nn.Module, edits: dict[str, torch.Tensor]) -> torch.nn.Module:
-    out = copy.deepcopy(model)
-    params = dict(out.named_parameters())
-    with torch.no_grad():
-        for name, value in edits.items():
-            params[name].copy_(value)
-    return out
 
 
 def block_output(model: torch.nn.Module, block: int, windows: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import CALIBRATION_TXT
+from paths import SRC, TESTS
 from processes import popen
 from safetensors.torch import load_file
 from tiny_models import tiny_model
@@ -25,8 +26,6 @@ from miprun.repair.heal.checkpoints import MARKER
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TESTS = Path(__file__).parent
-SRC = TESTS.parent / "src"
 # accelerate's multi-process launcher (torchrun underneath); on a machine without GPUs the processes join
 # over gloo on the CPU (accelerate's --cpu alone starts a single process).
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]

@@ -8,13 +8,12 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from paths import ROOT
 
 import miprun
 
-ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 
 

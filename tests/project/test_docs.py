@@ -180,7 +180,7 @@ class Example:
     reason: str = ""  # why it is not run here at all
 
 
-ARCHITECTURE = "class definitions without their imports: tests/test_extending.py runs them"
+ARCHITECTURE = "class definitions without their imports: tests/project/test_extending.py runs them"
 WIKI = "the API's default calibration text is the Wikipedia split of the real cache (fetched once, as by make demo)"
 EXAMPLES: dict[str, Example] = {
     "README.md: from transformers import AutoModelForCausalLM, AutoTokenizer": Example(demo_output),

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from test_repair import CAL, logits, with_edits
+from helpers import CAL, logits, with_edits
 from tiny_models import tiny_model
 
 from miprun.model.layouts import decoder_layers, layer_part, layout_for
