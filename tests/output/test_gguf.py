@@ -526,6 +526,7 @@ def test_a_damaged_conversion_cache_says_to_delete_it(
         load_model(str(sources["llama"]), device="cpu")
 
 
+@pytest.mark.integration  # the source GGUF comes from a tiny model
 def test_a_truncated_gguf_is_named_as_such(sources: dict[str, Path], tmp_path: Path) -> None:
     """It said "cannot reshape array of size ..." (issue #19)."""
     from miprun.assets import convert_gguf

@@ -240,7 +240,7 @@ def run(
     With ``update_existing``, the methods run here replace their rows in ``out/comparison.json`` and the
     other methods' rows are kept (same model, data and tasks required); the earlier comparison is then
     replaced without ``overwrite``. Otherwise an existing ``out`` is replaced only with ``overwrite``, and
-    only when it is an earlier comparison (see :func:`~miprun.output.comparison.write`).
+    only when it is an earlier comparison (see :func:`~miprun.output.comparison_report.write`).
     """
     from miprun.atomic import check_output, locked_output
     from miprun.evaluation.evaluate import check_tasks
