@@ -176,11 +176,14 @@ def test_mi_verified_picks_the_candidate_with_the_best_measured_objective(repair
 @pytest.mark.integration
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
 @pytest.mark.parametrize("budget", [1 << 30, 1])  # every boundary cached, or one checkpoint only
-def test_a_cut_cache_replays_the_cut_model_one_block_more_like_a_full_pass(arch, budget):
+@pytest.mark.parametrize("copied", [False, True])  # its own dense pass, or the states of a boundary cache
+def test_a_cut_cache_replays_the_cut_model_one_block_more_like_a_full_pass(arch, budget, copied):
     from miprun.capture.replay import CutCache
 
     model, _ = tiny_model(arch)
-    cut = CutCache(model, WINDOWS, budget, batch_size=4)
+    dense = BoundaryCache(model, WINDOWS, budget, batch_size=4) if copied else None
+    cut = CutCache(model, WINDOWS, budget, batch_size=4, dense=dense)
+    assert cut.ran_dense is not copied
     for block in (3, 1, 2):  # ends with a run [1..3], so states enter removed blocks too
         for extra in (0, 4, 5):
             if extra in cut.removed or extra == block:
@@ -283,6 +286,47 @@ def test_mi_search_swaps_are_measured_like_any_set_and_only_kept_while_they_help
             assert record["swaps"][i + 1]["from"] == swap["best"]
     best_cut = min(f["cut"] for f in record["finalists"])
     assert all(swap["measured"] >= best_cut - 1e-12 for swap in record["swaps"])  # the best made the final
+
+
+@pytest.mark.integration
+def test_mi_search_ranks_its_swaps_on_the_probe_and_measures_only_the_best_few_on_the_screen(tiny_tokenizer):
+    params = {"candidates": 2, "tokens": 96, "screen_tokens": 96, "probe_tokens": 24, "finalists": 1}
+    lm = lm_of(tiny_tokenizer)
+    record = miprun.prune(
+        lm,
+        num_blocks=2,
+        method="mi-search",
+        method_params=params,
+        repair="none",
+        calibration=CAL,
+        cache=False,
+        progress=False,
+    ).plan.search.params
+    dense = tiny_model("llama")[0]
+    screen = Verifier(dense, _verification_windows(lm, 96), kl_topk=256, batch_size=CAL.batch_size)
+    assert record["swaps"]
+    for swap in record["swaps"]:
+        assert swap["probed"] >= 1 and swap["tried"] <= 1  # the probe's best trial alone reaches the screen
+        assert swap["measured"] == pytest.approx(screen.measure([swap["best"]], repaired=False)[0], rel=1e-5)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("objective", ["kl", "nll"])
+def test_a_verifier_on_the_first_windows_of_another_reuses_its_dense_states_and_measures_the_same(objective):
+    """A prefix verifier (mi-search's screen and probe) slices its parent's states and targets: no dense pass
+    of its own, and every measurement equals that of a verifier built on those windows alone."""
+    model, _ = tiny_model("qwen2")
+    parent = Verifier(model, WINDOWS, objective=objective, kl_topk=64, batch_size=4, stride=2)
+    sets = [[4, 5], [1, 2], [0, 3], [2]]
+    for rows in (1, 3, 4):  # inside the first batch, across a batch boundary, on it
+        alone = Verifier(model, WINDOWS[:rows], objective=objective, kl_topk=64, batch_size=4, stride=2)
+        part = Verifier(
+            model, WINDOWS[:rows], objective=objective, kl_topk=64, batch_size=4, stride=2, parent=parent
+        )
+        assert part.measure(sets) == pytest.approx(alone.measure(sets), rel=1e-6, abs=1e-9)
+        assert part.setup_runs == 0 and alone.setup_runs > 0
+        assert part.layer_runs == pytest.approx(alone.layer_runs - alone.setup_runs)
+    assert parent.setup_runs > 0  # prepared once, by the first prefix
 
 
 @pytest.mark.integration

@@ -74,6 +74,18 @@ class StateCache:
     def num_batches(self) -> int:
         return math.ceil(len(self.windows) / self.batch_size)
 
+    def prefix(self, rows: int) -> StateCache:
+        """The same checkpoints' states for the first ``rows`` windows only (no model run)."""
+        part = StateCache.__new__(StateCache)
+        part.windows, part.batch_size, part.checkpoints = (
+            self.windows[:rows],
+            self.batch_size,
+            self.checkpoints,
+        )
+        part.states = {s: first_rows(batches, rows, self.batch_size) for s, batches in self.states.items()}
+        part.bytes = self.bytes * rows // max(len(self.windows), 1)
+        return part
+
     def start_for(self, first_changed: int) -> int:
         """The checkpoint a variant whose first changed block is ``first_changed`` starts from (0: from scratch)."""
         usable = [s for s in self.checkpoints if s <= first_changed]
@@ -112,10 +124,26 @@ class CutCache(StateCache):
     the state the next kept block reads.
     """
 
-    def __init__(self, model: Any, windows: torch.Tensor, budget_bytes: int, batch_size: int = 4) -> None:
+    def __init__(
+        self,
+        model: Any,
+        windows: torch.Tensor,
+        budget_bytes: int,
+        batch_size: int = 4,
+        dense: StateCache | None = None,
+    ) -> None:
+        """The dense model's states of ``windows``: copied from ``dense`` (a cache of the same windows) when
+        given, else one pass."""
         super().__init__(model, windows, budget_bytes, batch_size)
         self.removed: list[int] = []
-        self._record(model, 0, [])
+        if dense is not None and dense.windows.shape == windows.shape:
+            self.checkpoints = dense.checkpoints
+            self.states = {s: list(batches) for s, batches in dense.states.items()}
+            self.bytes = dense.bytes
+            self.ran_dense = False  # copied: no model run
+        else:
+            self._record(model, 0, [])
+            self.ran_dense = True  # one dense pass
 
     def advance(self, model: Any, block: int) -> int:
         """Remove ``block`` too and refresh the states after it; returns the decoder layers that ran."""
@@ -209,6 +237,12 @@ def head_layers(model: Any) -> float:
     layers = decoder_layers(model)
     per_layer = sum(p.numel() for p in layers.parameters()) / max(len(layers), 1)
     return float(model.get_output_embeddings().weight.numel()) / max(per_layer, 1.0)
+
+
+def first_rows(batches: list[torch.Tensor], rows: int, batch_size: int) -> list[torch.Tensor]:
+    """The first ``rows`` rows of a per-batch list (batches of ``batch_size`` rows, the last maybe fewer)."""
+    whole, rest = divmod(rows, batch_size)
+    return [*batches[:whole], *([batches[whole][:rest]] if rest and whole < len(batches) else [])]
 
 
 def layers_run(total: int, removed: Sequence[int], start: int) -> int:

@@ -118,7 +118,9 @@ class MiSearch(MiVerified):
             pool.setdefault(tuple(removed), score)
         ranked = sorted(pool, key=lambda key: (pool[key], key))
         path = screen.searches[("greedy", self.width, probe.windows.numel())]
-        swaps = self.swap(screen, list(ranked[0]), pool[ranked[0]], path.last_value, pool, short.num_blocks)
+        swaps = self.swap(
+            screen, probe, list(ranked[0]), pool[ranked[0]], path.last_value, pool, short.num_blocks
+        )
         ranked = sorted(pool, key=lambda key: (pool[key], key))
         finalists = [
             list(key) for key in dict.fromkeys([*ranked[: self.finalists], tuple(short.sets[mi_best])])
@@ -164,21 +166,24 @@ class MiSearch(MiVerified):
     def swap(
         self,
         verifier: Verifier,
+        probe: Verifier,
         current: list[int],
         value: float,
         prior: dict[int, float],
         pool: dict[tuple[int, ...], float],
         total: int,
     ) -> list[dict[str, Any]]:
-        """Local search from the best set so far: each round measures the set with each removed block put
-        back, then swaps the two whose return helps most for the ``width`` kept blocks the greedy measured
-        best (``prior``) and the kept blocks beside the set's runs; the best swap is taken while it lowers the
-        measurement. Every set measured joins ``pool``; returns one record per round."""
+        """Local search from the best set so far: each round ranks, on ``probe``, the set with each removed block
+        put back, then swaps the two whose return helps most for the ``width`` kept blocks the greedy measured
+        best (``prior``) and the kept blocks beside the set's runs; the ``finalists`` best swaps by the probe
+        are measured by ``verifier``, and the best is taken while it lowers the measurement. Every set the
+        verifier measures joins ``pool``; returns one record per round."""
         rounds: list[dict[str, Any]] = []
+        probed: dict[tuple[int, ...], float] = {}
         for _ in range(self.swap_rounds):
             back = [sorted(set(current) - {r}) for r in current]
             # (one block removed: putting it back is the dense model, nothing to rank)
-            back_values = verifier.measure(back, repaired=False) if len(current) > 1 else [0.0]
+            back_values = probe.measure(back, repaired=False) if len(current) > 1 else [0.0]
             give_back = [
                 current[i] for i in sorted(range(len(current)), key=lambda i: (back_values[i], i))[:2]
             ]
@@ -189,12 +194,29 @@ class MiSearch(MiVerified):
             trials: list[tuple[int, ...]] = list(
                 dict.fromkeys(tuple(sorted({*current, k} - {r})) for r in give_back for k in adds)
             )
-            new = [t for t in trials if t not in pool]  # a set measured before keeps its value
-            pool.update(zip(new, verifier.measure([list(t) for t in new], repaired=False), strict=True))
             if not trials:
                 break
+            ranked_only = 0
+            if probe is not verifier:  # the probe ranks the trials; the verifier measures the best few
+                unseen = [t for t in trials if t not in pool and t not in probed]
+                probed.update(
+                    zip(unseen, probe.measure([list(t) for t in unseen], repaired=False), strict=True)
+                )
+                ranked_only = len(unseen)
+                ahead = sorted((t for t in trials if t not in pool), key=lambda t: (probed[t], t))
+                trials = [*ahead[: self.finalists], *(t for t in trials if t in pool)]
+            new = [t for t in trials if t not in pool]  # a set measured before keeps its value
+            pool.update(zip(new, verifier.measure([list(t) for t in new], repaired=False), strict=True))
             best = min(trials, key=lambda t: (pool[t], t))
-            rounds.append({"from": current, "tried": len(new), "best": list(best), "measured": pool[best]})
+            rounds.append(
+                {
+                    "from": current,
+                    "probed": ranked_only,
+                    "tried": len(new),
+                    "best": list(best),
+                    "measured": pool[best],
+                }
+            )
             if not pool[best] < value:
                 break
             current, value = list(best), pool[best]
@@ -277,8 +299,9 @@ class GreedyPath:
         return [(sorted([*before, block]), value) for value, block in pairs]
 
     def passes(self, n: int) -> float:
-        """Full-model passes the path to ``n`` cost: the cut cache's first pass and each step's measurements."""
-        return 1.0 + sum(step["layer_passes"] for step in self.steps[:n])
+        """Full-model passes the path to ``n`` cost: the cut cache's dense states (none where they were copied
+        from the verifier's) and each step's measurements."""
+        return float(self.cut.ran_dense) + sum(step["layer_passes"] for step in self.steps[:n])
 
     def _to_remeasure(self, kept: list[int], last: int) -> list[int]:
         """The ``width`` kept blocks whose last measurement was best, and the kept blocks on either side of
@@ -302,4 +325,4 @@ def _prefix(verifier: Verifier, tokens: int) -> Verifier:
     keep = min(rows, max(1, math.ceil(tokens / verifier.windows.shape[1])))
     if not tokens or keep >= rows:
         return verifier
-    return replace(verifier, windows=verifier.windows[:keep], repair=None)
+    return replace(verifier, windows=verifier.windows[:keep], repair=None, parent=verifier)

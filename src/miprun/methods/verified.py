@@ -20,7 +20,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from miprun.capture.replay import BoundaryCache, CutCache, head_layers, layers_run, logits_from
+from miprun.capture.replay import (
+    BoundaryCache,
+    CutCache,
+    StateCache,
+    first_rows,
+    head_layers,
+    layers_run,
+    logits_from,
+)
 from miprun.capture.statistic import Statistic
 from miprun.errors import InvalidOptionError, NonFiniteError
 from miprun.methods.base import REGISTRY, Choice, Evidence, GatherContext, Method
@@ -40,6 +48,12 @@ class DenseTargets:
     values: list[torch.Tensor]  # per batch (batch, seq, k) log-probabilities
     indices: list[torch.Tensor]  # per batch (batch, seq, k) token ids
     tail: list[torch.Tensor]  # per batch (batch, seq) log of the probability outside the top k
+
+    def prefix(self, rows: int, batch_size: int) -> DenseTargets:
+        """The targets of the first ``rows`` windows."""
+        return DenseTargets(
+            *(first_rows(part, rows, batch_size) for part in (self.values, self.indices, self.tail))
+        )
 
 
 def coarse_kl(
@@ -106,7 +120,8 @@ class Verifier:
     repair: Any = None  # a pipeline.RepairHook: fit a repair for a set and fold it in temporarily
     progress: bool = False  # a progress bar over the sets measured
     stride: int = 1  # the output layer scores every stride-th position (it dominates large vocabularies)
-    cache: BoundaryCache | None = field(default=None, init=False)
+    parent: Verifier | None = None  # a verifier on more windows, these its first: its dense states serve
+    cache: StateCache | None = field(default=None, init=False)
     dense: DenseTargets | None = field(default=None, init=False)
     layer_runs: float = field(default=0.0, init=False)  # decoder layers (output layer included, in decoder
     # layers by its parameters) run over the windows, all candidates
@@ -124,7 +139,13 @@ class Verifier:
         scored = self.windows.shape[1] if self.positions is None else len(self.positions)
         return head_layers(self.model) * scored / self.windows.shape[1]
 
-    def _prepare(self) -> BoundaryCache:
+    def _prepare(self) -> StateCache:
+        if self.cache is None and self.parent is not None:  # the parent's states and targets, sliced
+            rows = self.windows.shape[0]
+            self.cache = self.parent._prepare().prefix(rows)
+            if self.objective == "kl":
+                assert self.parent.dense is not None
+                self.dense = self.parent.dense.prefix(rows, self.batch_size)
         if self.cache is None:
             before = self.layer_runs
             self.cache = BoundaryCache(
@@ -188,8 +209,8 @@ class Verifier:
         """States of the dense model at every boundary, for a search that removes blocks one at a time."""
         start = time.perf_counter()
         self._prepare()
-        cut = CutCache(self.model, self.windows, self.budget_bytes, self.batch_size)
-        self.layer_runs += len(decoder_layers(self.model))
+        cut = CutCache(self.model, self.windows, self.budget_bytes, self.batch_size, dense=self.cache)
+        self.layer_runs += len(decoder_layers(self.model)) if cut.ran_dense else 0
         self.seconds += time.perf_counter() - start
         return cut
 
@@ -210,7 +231,7 @@ class Verifier:
     @torch.inference_mode()
     def _one(
         self,
-        cache: BoundaryCache | CutCache,
+        cache: StateCache,
         removed: list[int],
         repair: Any = None,
         first: int | None = None,
