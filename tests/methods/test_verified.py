@@ -508,3 +508,31 @@ def test_the_chosen_sets_repair_reuses_the_statistics_its_verification_captured(
     got, want = verified.model.state_dict(), alone.model.state_dict()
     assert got.keys() == want.keys()
     assert all(torch.equal(got[name], want[name]) for name in want)
+
+
+@pytest.mark.integration
+def test_mi_search_later_greedy_steps_rank_on_the_probe_and_measure_its_best_on_the_screen(tiny_tokenizer):
+    """With ``step_screen`` = 1 each later step takes the block the probe ranks best (measured from the cut
+    model's states on the probe's windows), and records the screen's measurement of it."""
+    params = {"candidates": 2, "tokens": 96, "screen_tokens": 96, "probe_tokens": 24, "width": 8}
+    lm = lm_of(tiny_tokenizer)
+    record = miprun.prune(
+        lm,
+        num_blocks=2,
+        method="mi-search",
+        method_params={**params, "step_screen": 1},
+        repair="none",
+        calibration=CAL,
+        cache=False,
+        progress=False,
+    ).plan.search.params
+    dense = tiny_model("llama")[0]
+    probe = Verifier(dense, _verification_windows(lm, 24), kl_topk=256, batch_size=CAL.batch_size)
+    screen = Verifier(dense, _verification_windows(lm, 96), kl_topk=256, batch_size=CAL.batch_size)
+    first, second = record["greedy"]
+    rest = [b for b in range(6) if b != first["block"]]
+    assert sorted(second["probed"]) == rest and len(second["remeasured"]) == 1
+    ranks = probe.measure([sorted([first["block"], b]) for b in rest], repaired=False)
+    assert second["block"] == rest[min(range(len(rest)), key=lambda i: (ranks[i], rest[i]))]
+    chosen = sorted([first["block"], second["block"]])
+    assert second["measured"] == pytest.approx(screen.measure([chosen], repaired=False)[0], rel=1e-5)

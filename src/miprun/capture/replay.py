@@ -145,6 +145,13 @@ class CutCache(StateCache):
             self._record(model, 0, [])
             self.ran_dense = True  # one dense pass
 
+    def prefix(self, rows: int) -> CutCache:
+        """The same cut's states for the first ``rows`` windows only (no model run)."""
+        part = CutCache.__new__(CutCache)
+        part.__dict__.update(vars(StateCache.prefix(self, rows)))
+        part.removed, part.ran_dense = list(self.removed), False
+        return part
+
     def advance(self, model: Any, block: int) -> int:
         """Remove ``block`` too and refresh the states after it; returns the decoder layers that ran."""
         removed = sorted({*self.removed, block})

@@ -59,6 +59,9 @@ class MiSearch(MiVerified):
     probe_tokens: int = (
         128  # tokens the shortlist and the greedy's first step are ranked on (0 or >= screen: screen)
     )
+    step_screen: int = (
+        0  # later greedy steps: the blocks the probe ranks best, measured on the screen (0: all)
+    )
 
     live_keys: ClassVar[tuple[str, ...]] = ("verifier", "screen", "probe")
 
@@ -70,6 +73,7 @@ class MiSearch(MiVerified):
             ("swap_rounds", 0),
             ("screen_tokens", 0),
             ("probe_tokens", 0),
+            ("step_screen", 0),
         ):
             if getattr(self, field_name) < low:
                 raise InvalidOptionError(
@@ -117,7 +121,7 @@ class MiSearch(MiVerified):
         for removed, score in ends:
             pool.setdefault(tuple(removed), score)
         ranked = sorted(pool, key=lambda key: (pool[key], key))
-        path = screen.searches[("greedy", self.width, probe.windows.numel())]
+        path = screen.searches[self._greedy_key(probe)]
         swaps = self.swap(
             screen, probe, list(ranked[0]), pool[ranked[0]], path.last_value, pool, short.num_blocks
         )
@@ -232,12 +236,18 @@ class MiSearch(MiVerified):
         record per step, and what the path to ``n`` cost in full-model passes of ``verifier``. The path is kept
         with the verifier, so a larger N continues where a smaller one stopped (as SLEB's path serves every N).
         """
-        key = ("greedy", self.width, probe.windows.numel())
+        key = self._greedy_key(probe)
         path = verifier.searches.get(key)
         if path is None:
-            path = verifier.searches[key] = GreedyPath(verifier.cut_cache(), self.width, total)
+            path = verifier.searches[key] = GreedyPath(
+                verifier.cut_cache(), self.width, total, self.step_screen
+            )
         path.extend(verifier, n, probe)
         return path.ends(n), [_public(step) for step in path.steps[:n]], path.passes(n)
+
+    def _greedy_key(self, probe: Verifier) -> tuple[Any, ...]:
+        """Where the greedy's path is kept with its verifier: one path per way of taking its steps."""
+        return ("greedy", self.width, probe.windows.numel(), self.step_screen)
 
 
 @dataclass
@@ -248,13 +258,16 @@ class GreedyPath:
     cut: CutCache
     width: int
     total: int
+    step_screen: int = 0  # later steps: the blocks the probe ranks best, measured by the verifier (0: all)
     steps: list[dict[str, Any]] = field(default_factory=list)
     last_value: dict[int, float] = field(default_factory=dict)
     pending: int | None = None
 
     def extend(self, verifier: Verifier, n: int, probe: Verifier | None = None) -> None:
         """Take steps until ``n`` blocks are removed; the first step (every block alone, from the dense
-        states) is measured by ``probe`` when given, its cost counted in ``verifier``'s passes."""
+        states) is measured by ``probe`` when given, and later steps' blocks are ranked on it where
+        ``step_screen`` is set, the best ``step_screen`` measured by ``verifier``; the probe's cost is counted
+        in ``verifier``'s passes."""
         bar = tqdm(
             total=n,
             initial=len(self.steps),
@@ -270,13 +283,21 @@ class GreedyPath:
                 del self.last_value[self.pending]
             kept = [b for b in range(self.total) if b not in self.cut.removed]
             fresh = kept if not self.steps else self._to_remeasure(kept, self.steps[-1]["block"])
+            probed: list[int] = []  # blocks the probe ranked at a later step (empty: none)
+            probe_before = probe.layer_runs if probe is not None else 0.0
             if not self.steps and probe is not None and probe is not verifier:
-                probe_before = probe.layer_runs
                 values = probe.measure([[b] for b in fresh], repaired=False)
-                scale = probe.windows.numel() / verifier.windows.numel()
-                runs_before -= (probe.layer_runs - probe_before) * scale
             else:
+                if probe is not None and probe is not verifier and 0 < self.step_screen < len(fresh):
+                    ranks = probe.measure_one_more(self.cut.prefix(probe.windows.shape[0]), fresh)
+                    self.last_value.update(zip(fresh, ranks, strict=True))
+                    order = sorted(range(len(fresh)), key=lambda i: (ranks[i], fresh[i]))
+                    probed, fresh = fresh, [fresh[i] for i in order[: self.step_screen]]
                 values = verifier.measure_one_more(self.cut, fresh)
+            if probe is not None and probe is not verifier:  # the probe's work, in the verifier's units
+                runs_before -= (
+                    (probe.layer_runs - probe_before) * probe.windows.numel() / verifier.windows.numel()
+                )
             self.last_value.update(zip(fresh, values, strict=True))
             best = winner(values, [float(b) for b in fresh], f"the greedy's step {len(self.steps) + 1}")
             self.pending = fresh[best]
@@ -285,6 +306,7 @@ class GreedyPath:
                     "block": fresh[best],
                     "measured": values[best],
                     "remeasured": fresh,
+                    "probed": probed,
                     "values": values,
                     "layer_passes": (verifier.layer_runs - runs_before) / self.total,
                 }
