@@ -1,0 +1,116 @@
+"""The default command's runs beside SLEB's, as a table: what ``benchmarks/default_runs.sh`` pruned (one
+``MODEL-nN.json`` manifest per run) against the ``sleb`` rows of a ``miprun compare`` on the same text and
+calibration windows (cut only and with the linear repair).
+
+Cost is in forward passes over the calibration tokens, the output layer counted as its parameters' worth of
+decoder layers (as ``benchmarks/verified.py`` counts it): the default's verification work from its manifest,
+SLEB's computed from its algorithm (it runs the model for every kept block at every step).
+
+    OUT=out/default-novel MIPRUN_BENCH_TEXT=novel sh benchmarks/default_runs.sh
+    python benchmarks/default_table.py --runs out/default-novel --sleb out/sleb-novel \\
+        --out benchmarks/results/default-novel
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from results_io import write_results
+from verified import sleb_layer_passes
+
+
+def default_rows(runs: Path) -> list[dict[str, Any]]:
+    """One row per manifest: the set, the cut and repaired held-out perplexity, and the verification cost."""
+    rows = []
+    for path in sorted(runs.glob("*-n*.json")):
+        match = re.fullmatch(r"(.+)-n(\d+)", path.stem)
+        if match is None:
+            continue
+        manifest = json.loads(path.read_text())
+        params = manifest["search"]["params"]
+        calibration = manifest["calibration"]
+        cal_tokens = calibration["tokens"]
+        total = manifest["num_blocks_before"]
+        n = int(match.group(2))
+        rows.append(
+            {
+                "model": match.group(1),
+                "num_blocks": n,
+                "total_blocks": total,
+                "removed": manifest["removed"],
+                "dense": manifest["evaluation"]["dense_ppl"],
+                "cut": manifest["evaluation"]["cut_ppl"],
+                "repaired": manifest["evaluation"]["pruned_ppl"],
+                "cost": params["verification_layer_passes"] * params["verification_tokens"] / cal_tokens,
+                "sleb_cost": sleb_layer_passes(total, n, params["output_layer_cost"]),
+                "text": manifest["evaluation"]["source"].split(":")[0],
+                "params": {k: v for k, v in params.items() if not isinstance(v, (list, dict))},
+            }
+        )
+    return rows
+
+
+def sleb_rows(folder: Path) -> dict[int, dict[str, Any]]:
+    """SLEB's set at every N of a comparison, with its cut and repaired perplexity."""
+    out: dict[int, dict[str, Any]] = {}
+    for row in json.loads((folder / "comparison.json").read_text())["rows"]:
+        if row["method"] != "sleb":
+            continue
+        entry = out.setdefault(row["num_blocks"], {"removed": row["removed"]})
+        entry["linear" if row.get("repair") == "linear" else "cut"] = row["ppl"]
+    return out
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model, N | default: removed | cut | repaired | SLEB: removed | cut | + linear | default's cost "
+        "(passes) | SLEB's | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        s = r.get("sleb", {})
+        better = "**" if s.get("linear") is not None and r["repaired"] <= s["linear"] else ""
+        lines.append(
+            f"| {r['model']}, {r['num_blocks']} of {r['total_blocks']} | {r['removed']} | {r['cut']:.2f} | "
+            f"{better}{r['repaired']:.2f}{better} | {s.get('removed', '-')} | {_ppl(s.get('cut'))} | "
+            f"{_ppl(s.get('linear'))} | {r['cost']:.1f} | {r['sleb_cost']:.1f} | "
+            f"{r['cost'] / r['sleb_cost']:.3f}x |"
+        )
+    return "\n".join(lines)
+
+
+def _ppl(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=Path, required=True, help="default_runs.sh's output folder")
+    parser.add_argument(
+        "--sleb", type=Path, nargs="*", default=[], help="miprun compare folders holding sleb rows"
+    )
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    rows = default_rows(args.runs)
+    sleb: dict[tuple[str, int], dict[str, Any]] = {}
+    for folder in args.sleb:
+        model = json.loads((folder / "comparison.json").read_text())["model"]
+        for n, entry in sleb_rows(folder).items():
+            sleb[(model, n)] = entry
+    for row in rows:
+        row["sleb"] = next(
+            (v for (m, n), v in sleb.items() if n == row["num_blocks"] and row["model"] in m), {}
+        )
+    table = markdown(rows)
+    write_results(args.out, "default", {"rows": rows}, table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
