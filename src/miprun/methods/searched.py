@@ -14,13 +14,14 @@ keeps SLEB's idea at a fraction of its cost:
 4. the ``finalists`` best sets measured so far, with MI's best set, are measured again on all ``tokens``
    (after the repair when one is chosen), and the best wins.
 
-Steps 1-3 screen on the first ``screen_tokens`` of the verification tokens only: they are nearly all of the
-cost, and half the tokens chose the same sets as all of them on SmolLM2 at 3, 6 and 9 blocks (a quarter did
-on Gemma-3-270M, but lost SmolLM2's 9-block set); the finalists, which differ little, are judged on every
-token (docs/comparison.md). The two widest sweeps, the shortlist and the greedy's first step (every block
-alone), only rank what the narrower steps look at next, so they run on the first ``probe_tokens``: the
-shortlist's ``finalists`` best go on to the screen, and the first step's values order the blocks the second
-step re-measures.
+Steps 1-3 screen on the first ``screen_tokens`` of the verification tokens when there are more of them (by
+default there are not: 512 tokens chose like 1,024 on both models but for one 9-block set, 1.4 % worse cut,
+docs/comparison.md). The wide sweeps only rank what the narrower steps look at next, so they run on the first
+``probe_tokens``: the shortlist (its ``finalists`` best go on to the screen), the greedy's first step (every
+block alone: its values order the blocks the next step re-measures), each later step's re-measured blocks
+(the ``step_screen`` the probe ranks best are measured on the screen) and the swaps (the ``finalists`` best
+trials by the probe are measured on the screen). The probe and the screen slice the verifier's cached dense
+states and targets, so none of them pays a dense pass of its own.
 
 Every measurement is the KL divergence from the dense model's next-token distribution on the verification
 tokens (or the loss); the record gives the cost in full-model passes over ``tokens`` tokens.
@@ -51,9 +52,9 @@ class MiSearch(MiVerified):
         "states (SLEB's idea at a fraction of its cost); the best sets are measured again after the repair"
     )
 
-    tokens: int = 1024  # verification tokens, from the calibration windows
+    tokens: int = 512  # verification tokens, from the calibration windows
     width: int = 4  # blocks re-measured at each greedy step, best by their last measurement
-    finalists: int = 4  # best-measured sets measured again after the repair (when there is one)
+    finalists: int = 2  # best-measured sets measured again after the repair (when there is one)
     swap_rounds: int = 2  # rounds of swapping one removed block for a kept one while the measurement falls
     screen_tokens: int = 512  # tokens the greedy and swaps are measured on (0 or >= tokens: all)
     probe_tokens: int = (
