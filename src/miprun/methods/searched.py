@@ -57,12 +57,11 @@ class MiSearch(MiVerified):
     finalists: int = 2  # best-measured sets measured again after the repair (when there is one)
     swap_rounds: int = 2  # rounds of swapping one removed block for a kept one while the measurement falls
     screen_tokens: int = 512  # tokens the greedy and swaps are measured on (0 or >= tokens: all)
-    probe_tokens: int = (
-        128  # tokens the shortlist and the greedy's first step are ranked on (0 or >= screen: screen)
-    )
-    step_screen: int = (
-        0  # later greedy steps: the blocks the probe ranks best, measured on the screen (0: all)
-    )
+    # tokens the wide sweeps are ranked on: the shortlist, the greedy's steps, the swaps (0 or >= screen: screen)
+    probe_tokens: int = 128
+    # later greedy steps: the blocks the probe ranks best, measured on the screen (0: all; 1 lost
+    # Gemma-3-270M's 5-block set, docs/comparison.md)
+    step_screen: int = 2
 
     live_keys: ClassVar[tuple[str, ...]] = ("verifier", "screen", "probe")
 
