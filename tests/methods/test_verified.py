@@ -15,7 +15,8 @@ import miprun
 from miprun.capture.replay import BoundaryCache, logits_from
 from miprun.methods.candidates import k_best_sets, propose, shifted
 from miprun.methods.search import brute_force_select, set_loss
-from miprun.methods.verified import Verifier, coarse_kl
+from miprun.methods.targets import coarse_kl
+from miprun.methods.verified import Verifier
 from miprun.model.layouts import decoder_layers
 from miprun.model.loading import LoadedModel
 from miprun.model.surgery import remove_blocks
@@ -292,16 +293,7 @@ def test_mi_search_swaps_are_measured_like_any_set_and_only_kept_while_they_help
 def test_mi_search_ranks_its_swaps_on_the_probe_and_measures_only_the_best_few_on_the_screen(tiny_tokenizer):
     params = {"candidates": 2, "tokens": 96, "screen_tokens": 96, "probe_tokens": 24, "finalists": 1}
     lm = lm_of(tiny_tokenizer)
-    record = miprun.prune(
-        lm,
-        num_blocks=2,
-        method="mi-search",
-        method_params=params,
-        repair="none",
-        calibration=CAL,
-        cache=False,
-        progress=False,
-    ).plan.search.params
+    record = search_record(lm, params)
     dense = tiny_model("llama")[0]
     screen = Verifier(dense, _verification_windows(lm, 96), kl_topk=256, batch_size=CAL.batch_size)
     assert record["swaps"]
@@ -454,7 +446,20 @@ def test_mi_search_screens_mis_best_set_even_where_the_probe_ranks_it_low(tiny_t
         "swap_rounds": 0,
         "width": 1,
     }
-    record = miprun.prune(
+    record = search_record(lm, params)
+    candidates = record["candidates"]
+    mi_best = min(candidates, key=lambda c: (c["mi_set_loss"], c["removed"]))
+    assert sorted(c["measured"] for c in candidates).index(mi_best["measured"]) > 0  # not the probe's best
+    finalist = next(f for f in record["finalists"] if f["removed"] == mi_best["removed"])
+    screen = Verifier(
+        tiny_model("mixtral")[0], _verification_windows(lm_of(tiny_tokenizer), 72), batch_size=CAL.batch_size
+    )
+    assert finalist["cut"] == pytest.approx(screen.measure([mi_best["removed"]], repaired=False)[0], rel=1e-5)
+
+
+def search_record(lm, params):
+    """What mi-search records choosing 2 blocks of ``lm`` with ``params``, cut only."""
+    return miprun.prune(
         lm,
         num_blocks=2,
         method="mi-search",
@@ -464,14 +469,6 @@ def test_mi_search_screens_mis_best_set_even_where_the_probe_ranks_it_low(tiny_t
         cache=False,
         progress=False,
     ).plan.search.params
-    candidates = record["candidates"]
-    mi_best = min(candidates, key=lambda c: (c["mi_set_loss"], c["removed"]))
-    assert sorted(c["measured"] for c in candidates).index(mi_best["measured"]) > 0  # not the probe's best
-    finalist = next(f for f in record["finalists"] if f["removed"] == mi_best["removed"])
-    screen = Verifier(
-        tiny_model("mixtral")[0], _verification_windows(lm_of(tiny_tokenizer), 72), batch_size=CAL.batch_size
-    )
-    assert finalist["cut"] == pytest.approx(screen.measure([mi_best["removed"]], repaired=False)[0], rel=1e-5)
 
 
 def lm_of(tokenizer):
@@ -516,16 +513,7 @@ def test_mi_search_later_greedy_steps_rank_on_the_probe_and_measure_its_best_on_
     model's states on the probe's windows), and records the screen's measurement of it."""
     params = {"candidates": 2, "tokens": 96, "screen_tokens": 96, "probe_tokens": 24, "width": 8}
     lm = lm_of(tiny_tokenizer)
-    record = miprun.prune(
-        lm,
-        num_blocks=2,
-        method="mi-search",
-        method_params={**params, "step_screen": 1},
-        repair="none",
-        calibration=CAL,
-        cache=False,
-        progress=False,
-    ).plan.search.params
+    record = search_record(lm, {**params, "step_screen": 1})
     dense = tiny_model("llama")[0]
     probe = Verifier(dense, _verification_windows(lm, 24), kl_topk=256, batch_size=CAL.batch_size)
     screen = Verifier(dense, _verification_windows(lm, 96), kl_topk=256, batch_size=CAL.batch_size)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from miprun.methods.verified import coarse_kl, top_k_with_tail
+from miprun.methods.targets import coarse_kl, top_k_with_tail
 
 
 def distill_loss(
