@@ -115,6 +115,20 @@ def test_mi_verified_shows_every_candidate_with_its_mi_rank_and_measured_score(t
 
 
 @pytest.mark.integration
+def test_mi_search_with_a_repair_shows_the_sets_it_measured_after_the_repair(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "searched"
+    args = ["prune", "--model", str(tiny_folder), "-n", "2", "--method", "mi-search", "--out", str(out)]
+    args += ["--repair", "linear", "--repair-opt", "tokens=0", "--method-opt", "tokens=96"]
+    assert main([*args, "--method-opt", "probe_tokens=24", *TINY]) == 0
+    flat = " ".join(capsys.readouterr().out.split())  # rich wraps titles
+    record = json.loads((out / "miprun.json").read_text())["search"]["params"]
+    assert record["repaired_probe"] and "the best cuts measured after the repair on 24 tokens" in flat
+    for rehearsed in record["repaired_probe"]:
+        assert f"{rehearsed['measured']:.4f}" in flat
+    assert "(finalist)" in flat and "(chosen)" in flat
+
+
+@pytest.mark.integration
 def test_score_then_prune_with_scores(tiny_folder, tmp_path, capsys):
     scores = tmp_path / "scores.json"
     assert main(["score", "--model", str(tiny_folder), "--json", str(scores), *TINY]) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
 
 import pytest
@@ -524,3 +525,72 @@ def test_mi_search_later_greedy_steps_rank_on_the_probe_and_measure_its_best_on_
     assert second["block"] == rest[min(range(len(rest)), key=lambda i: (ranks[i], rest[i]))]
     chosen = sorted([first["block"], second["block"]])
     assert second["measured"] == pytest.approx(screen.measure([chosen], repaired=False)[0], rel=1e-5)
+
+
+@pytest.mark.integration
+def test_mi_search_ranks_its_best_cuts_after_the_repair_on_the_probe_and_keeps_the_best(
+    tiny_tokenizer, monkeypatch
+):
+    """With a repair, the best sets by the cut (and MI's best) are measured after their repair on the probe;
+    its best goes on to all the tokens, scored at every position, and wins. The chosen model, repaired and cut
+    for real, measures on the probe's windows (every 2nd position, as the search scores) and on all the
+    verification windows (every position) what the search recorded, from one repair capture."""
+    from miprun.methods.targets import coarse_kl, top_k_with_tail
+    from miprun.pipeline import repairing
+
+    from miprun.repair.linear import LinearRepair
+
+    captures, guards = [], []  # the repair's calibration passes and guard checks, counted around the real ones
+    real, real_guard = repairing.capture_pass, LinearRepair._guarded
+    monkeypatch.setattr(repairing, "capture_pass", lambda *a, **k: captures.append(1) or real(*a, **k))
+    monkeypatch.setattr(LinearRepair, "_guarded", lambda *a, **k: guards.append(1) or real_guard(*a, **k))
+    lm = lm_of(tiny_tokenizer)
+    params = {"candidates": 4, "tokens": 96, "probe_tokens": 24, "repaired_probe": 3, "finalists": 1}
+    result = miprun.prune(
+        lm,
+        num_blocks=2,
+        method="mi-search",
+        method_params={**params, "stride": 2},
+        repair="linear",
+        repair_params={"tokens": 0},
+        calibration=CAL,
+        cache=False,
+        progress=False,
+    )
+    record = result.plan.search.params
+    assert captures == [1]  # the probe, the finalists and the chosen set's repair share one capture
+    assert guards == [1]  # the chosen set's repair is guarded; the sets measured are not (no extra passes)
+    assert "reverted" not in json.dumps(result.plan.repair.runs)  # so the measured repair is the saved one
+    rehearsed = record["repaired_probe"]
+    mi_best = min(record["candidates"], key=lambda c: (c["mi_set_loss"], c["removed"]))
+    assert 3 <= len(rehearsed) <= 4 and mi_best["removed"] in [r["removed"] for r in rehearsed]
+    best = min(rehearsed, key=lambda r: (r["measured"], r["removed"]))
+    assert [f["removed"] for f in record["finalists"]] == [best["removed"]] == [result.plan.removed]
+    dense = tiny_model("llama")[0]
+
+    def kl(rows: int, stride: int = 1) -> float:
+        windows = _verification_windows(lm, 96)[:rows]
+        at = torch.arange(windows.shape[1] - 1, -1, -stride).flip(0)  # ending at the last position
+        with torch.no_grad():
+            logits = dense(input_ids=windows).logits[:, at]
+            values, indices, tail = top_k_with_tail(logits, min(256, logits.shape[-1]))
+            return float(coarse_kl(result.model(input_ids=windows).logits[:, at], values, indices, tail))
+
+    assert best["measured"] == pytest.approx(kl(1, stride=2), rel=1e-4)
+    assert record["finalists"][0]["measured"] == pytest.approx(kl(4), rel=1e-4)
+    assert kl(4) != pytest.approx(kl(4, stride=2), rel=1e-4)  # the stride matters here
+
+
+@pytest.mark.integration
+def test_a_verifier_at_another_stride_on_its_parents_windows_measures_like_its_own_and_pays_the_head_only():
+    from dataclasses import replace
+
+    model, _ = tiny_model("llama")
+    parent = Verifier(model, WINDOWS, stride=3, batch_size=4)
+    parent.measure([[1]], repaired=False)
+    child = replace(parent, stride=1, parent=parent)
+    alone = Verifier(model, WINDOWS, stride=1, batch_size=4)
+    sets = [[1], [2, 3], [5]]
+    assert child.measure(sets, repaired=False) == pytest.approx(alone.measure(sets, repaired=False), rel=1e-5)
+    assert child.measure(sets, repaired=False) != pytest.approx(parent.measure(sets, repaired=False), rel=1e-3)
+    assert 0 < child.setup_runs < alone.setup_runs  # the output layer on the parent's last states only

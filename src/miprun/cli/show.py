@@ -104,16 +104,26 @@ def searched_finalists(record: dict[str, Any], chosen: list[int]) -> None:
     """``mi-search``: the greedy's removals in order, and the finalists measured on the cut and at the end."""
     path = ", ".join(f"{step['block']} ({step['measured']:.4f})" for step in record["greedy"])
     out.print(f"greedy removals ({record['greedy_layer_passes']:.2f} forward passes): {path}")
+    finalists = [f["removed"] for f in record["finalists"]]
+    if record.get("repaired_probe"):
+        table = Table(title=f"the best cuts measured after the repair on {record['probe_tokens']} tokens")
+        table.add_column("removed")
+        table.add_column("measured after the repair", justify="right")
+        for r in sorted(record["repaired_probe"], key=lambda r: r["measured"]):
+            table.add_row(
+                f"{r['removed']}{' (finalist)' if r['removed'] in finalists else ''}", f"{r['measured']:.4f}"
+            )
+        out.print(table)
     table = Table(title="finalists")
-    for name in ("removed", "measured on the cut", "measured at the end", "from"):
-        table.add_column(name, justify="left" if name in ("removed", "from") else "right")
+    for name in ("removed", "measured on the cut", "measured at the end", "the greedy's own set"):
+        table.add_column(name, justify="left" if name == "removed" else "right")
     for f in sorted(record["finalists"], key=lambda f: f["measured"]):
         mark = " (chosen)" if sorted(f["removed"]) == sorted(chosen) else ""
         table.add_row(
             f"{f['removed']}{mark}",
             f"{f['cut']:.4f}",
             f"{f['measured']:.4f}",
-            "greedy" if f["greedy"] else "shortlist",
+            "yes" if f["greedy"] else "",
         )
     out.print(table)
 

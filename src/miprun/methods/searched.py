@@ -11,8 +11,10 @@ keeps SLEB's idea at a fraction of its cost:
    on), later steps re-measure only the ``width`` blocks whose last measurement was best and the kept
    blocks beside the last removal, whose values change most; the rest keep their last measurement;
 3. a local search swaps one removed block for a kept one while the measurement falls (``swap_rounds``);
-4. the ``finalists`` best sets measured so far, with MI's best set, are measured again on all ``tokens``
-   (after the repair when one is chosen), and the best wins.
+4. the ``finalists`` best sets measured so far, with MI's best set, are measured again on all ``tokens``,
+   and the best wins; with a repair, the ``repaired_probe`` best sets and MI's best are first measured after
+   their repair on the probe, and its ``finalists`` best are measured after the repair on all ``tokens``. The
+   finalists' measurement scores every position (``final_stride``), where the search may score every few.
 
 Steps 1-3 screen on the first ``screen_tokens`` of the verification tokens when there are more of them (by
 default there are not: 512 tokens chose like 1,024 on both models but for one 9-block set, 1.4 % worse cut,
@@ -62,8 +64,15 @@ class MiSearch(MiVerified):
     # later greedy steps: the blocks the probe ranks best, measured on the screen (0: all; 1 lost
     # Gemma-3-270M's 5-block set, docs/comparison.md)
     step_screen: int = 2
+    # with a repair: the sets best by the cut (and MI's best set) measured after the repair on the probe, whose
+    # ``finalists`` best go on to all the tokens (0: the finalists are the best by the cut, with MI's best set)
+    repaired_probe: int = 6
+    # the output layer's stride where the finalists are measured again (1: every position; 0: the search's):
+    # on Gemma-3-270M every 4th position ranked two 2-block sets the other way round from every position and
+    # from held-out text (docs/comparison.md)
+    final_stride: int = 1
 
-    live_keys: ClassVar[tuple[str, ...]] = ("verifier", "screen", "probe")
+    live_keys: ClassVar[tuple[str, ...]] = ("verifier", "screen", "probe", "finals")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -74,6 +83,8 @@ class MiSearch(MiVerified):
             ("screen_tokens", 0),
             ("probe_tokens", 0),
             ("step_screen", 0),
+            ("repaired_probe", 0),
+            ("final_stride", 0),
         ):
             if getattr(self, field_name) < low:
                 raise InvalidOptionError(
@@ -86,18 +97,27 @@ class MiSearch(MiVerified):
         live = super().attach(ctx)
         verifier: Verifier = live["verifier"]
         screen = _prefix(verifier, self.screen_tokens)
-        return {**live, "screen": screen, "probe": _prefix(screen, self.probe_tokens)}
+        finals = verifier
+        if self.final_stride and self.final_stride != verifier.stride:
+            finals = replace(verifier, stride=self.final_stride, parent=verifier)
+        return {**live, "screen": screen, "probe": _prefix(screen, self.probe_tokens), "finals": finals}
 
     def choose(self, evidence: Evidence, n: int, seed: int) -> Choice:
         short = self.shortlist(evidence, n, seed)
         verifier: Verifier = evidence.require("verifier", self.name)
         screen: Verifier = evidence.require("screen", self.name)
         probe: Verifier = evidence.require("probe", self.name)
+        finals: Verifier = evidence.require("finals", self.name)
         # the screen's and the probe's work in passes over the verification tokens (their windows are a
         # prefix of them)
         share = screen.windows.numel() / verifier.windows.numel()
         probe_share = probe.windows.numel() / verifier.windows.numel()
-        mark, screen_mark, probe_mark = verifier.mark(), screen.mark(), probe.mark()
+        mark, screen_mark, probe_mark, finals_mark = (
+            verifier.mark(),
+            screen.mark(),
+            probe.mark(),
+            finals.mark(),
+        )
         probed = probe.measure(short.sets, repaired=False)
         mi_best = min(
             range(len(short.sets)), key=lambda i: (short.losses[i], i)
@@ -129,11 +149,14 @@ class MiSearch(MiVerified):
         finalists = [
             list(key) for key in dict.fromkeys([*ranked[: self.finalists], tuple(short.sets[mi_best])])
         ]
+        rehearsed: list[dict[str, Any]] = []
         if verifier.repair is not None:
-            final = verifier.measure(finalists)
+            if self.repaired_probe and probe is not verifier:
+                finalists, rehearsed = self.rehearse(probe, ranked, tuple(short.sets[mi_best]))
+            final = finals.measure(finalists)
             judged = "after the repair"
         elif screen is not verifier:
-            final = verifier.measure(finalists, repaired=False)
+            final = finals.measure(finalists, repaired=False)
             judged = "on the cut"
         else:
             final = [pool[tuple(s)] for s in finalists]
@@ -146,6 +169,7 @@ class MiSearch(MiVerified):
             "greedy": steps,
             "greedy_layer_passes": greedy_passes * share,
             "swaps": swaps,
+            "repaired_probe": rehearsed,
             "finalists": [
                 {"removed": s, "cut": pool[tuple(s)], "measured": score, "greedy": s == ends[0][0]}
                 for s, score in zip(finalists, final, strict=True)
@@ -158,6 +182,8 @@ class MiSearch(MiVerified):
             runs += screen.runs_since(screen_mark) * share
         if probe is not screen:
             runs += probe.runs_since(probe_mark) * probe_share
+        if finals is not verifier:  # the same windows
+            runs += finals.runs_since(finals_mark)
         record.update(cost_record(verifier, runs, short.num_blocks))
         record["verification_layer_passes"] += (greedy_passes - greedy_here) * share
         return Choice(
@@ -166,6 +192,21 @@ class MiSearch(MiVerified):
             stop_reason=f"lowest measured {self.objective} {judged} among {len(finalists)} finalists",
             record=record,
         )
+
+    def rehearse(
+        self, probe: Verifier, ranked: list[tuple[int, ...]], mi_best: tuple[int, ...]
+    ) -> tuple[list[list[int]], list[dict[str, Any]]]:
+        """The finalists when there is a repair: the ``repaired_probe`` best sets by the cut and MI's best set,
+        each measured after its repair on the probe, and the ``finalists`` best of them by that measurement
+        (the repair reorders sets: on Gemma-3-270M it favours late blocks that cut worse). Returns them and a
+        record per set the probe measured."""
+        tried = list(dict.fromkeys([*ranked[: self.repaired_probe], mi_best]))
+        values = probe.measure([list(key) for key in tried])
+        order = sorted(range(len(tried)), key=lambda i: (values[i], tried[i]))
+        finalists = [list(tried[i]) for i in order[: self.finalists]]
+        return finalists, [
+            {"removed": list(key), "measured": value} for key, value in zip(tried, values, strict=True)
+        ]
 
     def swap(
         self,
@@ -341,10 +382,10 @@ def _public(step: dict[str, Any]) -> dict[str, Any]:
 
 
 def _prefix(verifier: Verifier, tokens: int) -> Verifier:
-    """A verifier on the first ``tokens`` of ``verifier``'s windows (whole windows, at least one; no repair),
-    or ``verifier`` itself where that is all of them or ``tokens`` is 0."""
+    """A verifier on the first ``tokens`` of ``verifier``'s windows (whole windows, at least one; its repair), or
+    ``verifier`` itself where that is all of them or ``tokens`` is 0."""
     rows = verifier.windows.shape[0]
     keep = min(rows, max(1, math.ceil(tokens / verifier.windows.shape[1])))
     if not tokens or keep >= rows:
         return verifier
-    return replace(verifier, windows=verifier.windows[:keep], repair=None, parent=verifier)
+    return replace(verifier, windows=verifier.windows[:keep], parent=verifier)

@@ -64,10 +64,12 @@ class Verifier:
     kl_topk: int = 256
     budget_bytes: int = 1 << 30
     batch_size: int = 4
-    repair: Any = None  # a pipeline.RepairHook: fit a repair for a set and fold it in temporarily
+    repair: Any = None  # a pipeline.RepairHook: fit a repair for a set (unguarded) and fold it in temporarily
     progress: bool = False  # a progress bar over the sets measured
     stride: int = 1  # the output layer scores every stride-th position (it dominates large vocabularies)
-    parent: Verifier | None = None  # a verifier on more windows, these its first: its dense states serve
+    # a verifier on these windows or more, these its first: its dense states serve (and its targets, where
+    # the stride is the same)
+    parent: Verifier | None = None
     cache: StateCache | None = field(default=None, init=False)
     dense: DenseTargets | None = field(default=None, init=False)
     layer_runs: float = field(default=0.0, init=False)  # decoder layers (output layer included, in decoder
@@ -90,9 +92,15 @@ class Verifier:
         if self.cache is None and self.parent is not None:  # the parent's states and targets, sliced
             rows = self.windows.shape[0]
             self.cache = self.parent._prepare().prefix(rows)
-            if self.objective == "kl":
+            if self.objective == "kl" and self.stride == self.parent.stride:
                 assert self.parent.dense is not None
                 self.dense = self.parent.dense.prefix(rows, self.batch_size)
+            elif self.objective == "kl":  # other positions: the output layer once more, on the last states
+                before = self.layer_runs
+                self.dense = self._dense_targets()
+                total = len(decoder_layers(self.model))
+                self.layer_runs += layers_run(total, [], self.cache.start_for(total)) + self.head_share
+                self.setup_runs += self.layer_runs - before
         if self.cache is None:
             before = self.layer_runs
             self.cache = BoundaryCache(
@@ -183,7 +191,7 @@ class Verifier:
         repair: Any = None,
         first: int | None = None,
     ) -> float:
-        edits = repair.edits(removed) if repair is not None else {}
+        edits = repair.trial(removed) if repair is not None else {}
         if first is None:
             first = min(removed)
         first = min([first, *(_block_of(self.model, name) for name in edits)])

@@ -94,13 +94,20 @@ class RepairHook:
         self.stats: CapturedStats | None = None
         self.windows: torch.Tensor | None = None
         self.check: torch.Tensor | None = None
+        self.fitted: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}  # trial edits since the last capture
+        self.captures = 0  # capture passes run (each over the repair's own windows)
 
     def prepare(self, sets: list[list[int]]) -> None:
+        """Capture what the repair of every set in ``sets`` reads, unless the last capture already holds it
+        (a search that measures a few sets again on more tokens pays no second pass)."""
+        if all(self.covers(removed) for removed in sets):
+            return
         requests = [stat for removed in sets for stat in self.repair.statistics(self.loaded.model, removed)]
-        if requests:
-            drawn = repair_windows(self.loaded, self.repair, self.run)
-            self.windows, self.check = self.repair.split(drawn)
-            self.stats = capture_pass(self.loaded, self.windows, requests, self.run)
+        drawn = repair_windows(self.loaded, self.repair, self.run)
+        self.windows, self.check = self.repair.split(drawn)
+        self.stats = capture_pass(self.loaded, self.windows, requests, self.run)
+        self.fitted.clear()
+        self.captures += 1
 
     def fit(self, removed: list[int], progress: bool = False) -> tuple[dict[str, torch.Tensor], RepairRecord]:
         """The repair's edits for ``removed`` and its record, from the statistics :meth:`prepare` captured."""
@@ -112,7 +119,18 @@ class RepairHook:
         return edits, record
 
     def edits(self, removed: list[int]) -> dict[str, torch.Tensor]:
+        """The edits for ``removed``, as :meth:`fit` gives them."""
         return self.fit(removed)[0]
+
+    def trial(self, removed: list[int]) -> dict[str, torch.Tensor]:
+        """The edits a method measures ``removed`` with: fitted once per capture, without the guard's passes over
+        held-out windows (the measurement after the repair is the check; they would cost a few full passes per
+        set). The chosen set's repair is fitted with the guard, as any."""
+        key = tuple(removed)
+        if key not in self.fitted:
+            context = RepairContext(self.loaded.model, removed, self.stats, self.windows, False, None)
+            self.fitted[key] = self.repair.fit(context)[0]
+        return self.fitted[key]
 
     def covers(self, removed: list[int]) -> bool:
         """Whether :meth:`prepare` captured everything the repair of ``removed`` reads."""
