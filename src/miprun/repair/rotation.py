@@ -42,17 +42,27 @@ def polar(m: torch.Tensor) -> torch.Tensor:
     raise torch.linalg.LinAlgError("the SVD of the Procrustes matrix did not converge, even nudged")
 
 
-def _error(a: torch.Tensor, b: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> float:
-    """``||U Q D - R||^2 - ||R||^2`` from ``a = U^T U`` and ``b = U^T R``."""
-    qaq = q.T @ a @ q
-    return float((d * d * qaq.diagonal()).sum() - 2.0 * (d * (q.T @ b).diagonal()).sum())
+@dataclass
+class _Given:
+    """What the error and the best scale need of one ``Q``: ``A Q`` and the diagonals of ``Q^T A Q`` and
+    ``Q^T B`` (one matrix product instead of three)."""
 
+    aq: torch.Tensor
+    qaq: torch.Tensor  # diag(Q^T A Q)
+    qb: torch.Tensor  # diag(Q^T B)
 
-def _best_scale(
-    a: torch.Tensor, b: torch.Tensor, q: torch.Tensor, prior: torch.Tensor, rho: float
-) -> torch.Tensor:
-    """Per-coordinate least squares for ``D`` given ``Q``, pulled toward ``prior`` with weight ``rho``."""
-    return ((q.T @ b).diagonal() + rho * prior) / ((q.T @ a @ q).diagonal() + rho)
+    @classmethod
+    def of(cls, a: torch.Tensor, b: torch.Tensor, q: torch.Tensor) -> _Given:
+        aq = a @ q
+        return cls(aq, (q * aq).sum(0), (q * b).sum(0))
+
+    def error(self, d: torch.Tensor) -> float:
+        """``||U Q D - R||^2 - ||R||^2`` (from ``A = U^T U`` and ``B = U^T R``)."""
+        return float((d * d * self.qaq).sum() - 2.0 * (d * self.qb).sum())
+
+    def best_scale(self, prior: torch.Tensor, rho: float) -> torch.Tensor:
+        """Per-coordinate least squares for ``D`` given ``Q``, pulled toward ``prior`` with weight ``rho``."""
+        return (self.qb + rho * prior) / (self.qaq + rho)
 
 
 def fit_scaled_rotation(
@@ -77,22 +87,25 @@ def fit_scaled_rotation(
     eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     lipschitz = max(float(torch.linalg.matrix_norm(a)), 1e-300)  # Frobenius >= the largest eigenvalue
     q, d = eye, prior
-    best = ScaledRotation(q, d, _error(a, b, q, d), 0)
-    d = _best_scale(a, b, q, prior, rho)  # the per-coordinate map (Q = I): never worse than it
-    if _error(a, b, q, d) < best.error:
-        best = ScaledRotation(q, d, _error(a, b, q, d), 0)
+    given = _Given.of(a, b, q)
+    best = ScaledRotation(q, d, given.error(d), 0)
+    d = given.best_scale(prior, rho)  # the per-coordinate map (Q = I): never worse than it
+    if given.error(d) < best.error:
+        best = ScaledRotation(q, d, given.error(d), 0)
     for it in range(1, iterations + 1):
-        d = _best_scale(a, b, q, prior, rho)
+        d = given.best_scale(prior, rho)
         safe = torch.where(d.abs() > 1e-8, d, torch.full_like(d, 1e-8))
-        gradient = a @ q @ torch.diag(d * d) - b @ torch.diag(d)  # half the gradient in Q
+        gradient = given.aq * (d * d)[None, :] - b * d[None, :]  # half the gradient in Q
         try:
             steps = [polar(b / safe[None, :]), polar(lipschitz * float((d * d).max()) * q - gradient)]
         except torch.linalg.LinAlgError:  # keep the best so far (at worst Q = I with the best scale)
             break
-        scored = [(_error(a, b, s, _best_scale(a, b, s, prior, rho)), s) for s in steps]
-        err, q = min(scored, key=lambda e: e[0])
-        d = _best_scale(a, b, q, prior, rho)
-        err = _error(a, b, q, d)
+        tried = [(_Given.of(a, b, s), s) for s in steps]
+        scored = [(g.error(g.best_scale(prior, rho)), i) for i, (g, _) in enumerate(tried)]
+        _, pick = min(scored, key=lambda e: e[0])
+        given, q = tried[pick]
+        d = given.best_scale(prior, rho)
+        err = given.error(d)
         if err < best.error - 1e-12 * abs(best.error):
             best = ScaledRotation(q, d, err, it)
         elif it > 1:
