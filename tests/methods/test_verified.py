@@ -537,10 +537,12 @@ def test_mi_search_ranks_its_best_cuts_after_the_repair_on_the_probe_and_keeps_t
     verification windows (every position) what the search recorded, from one repair capture."""
     from miprun.methods.targets import coarse_kl, top_k_with_tail
     from miprun.pipeline import repairing
-
     from miprun.repair.linear import LinearRepair
 
-    captures, guards = [], []  # the repair's calibration passes and guard checks, counted around the real ones
+    captures, guards = (
+        [],
+        [],
+    )  # the repair's calibration passes and guard checks, counted around the real ones
     real, real_guard = repairing.capture_pass, LinearRepair._guarded
     monkeypatch.setattr(repairing, "capture_pass", lambda *a, **k: captures.append(1) or real(*a, **k))
     monkeypatch.setattr(LinearRepair, "_guarded", lambda *a, **k: guards.append(1) or real_guard(*a, **k))
@@ -592,5 +594,7 @@ def test_a_verifier_at_another_stride_on_its_parents_windows_measures_like_its_o
     alone = Verifier(model, WINDOWS, stride=1, batch_size=4)
     sets = [[1], [2, 3], [5]]
     assert child.measure(sets, repaired=False) == pytest.approx(alone.measure(sets, repaired=False), rel=1e-5)
-    assert child.measure(sets, repaired=False) != pytest.approx(parent.measure(sets, repaired=False), rel=1e-3)
+    assert child.measure(sets, repaired=False) != pytest.approx(
+        parent.measure(sets, repaired=False), rel=1e-3
+    )
     assert 0 < child.setup_runs < alone.setup_runs  # the output layer on the parent's last states only
