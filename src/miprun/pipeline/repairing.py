@@ -95,7 +95,6 @@ class RepairHook:
         self.windows: torch.Tensor | None = None
         self.check: torch.Tensor | None = None
         self.fitted: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}  # trial edits since the last capture
-        self.captures = 0  # capture passes run (each over the repair's own windows)
 
     def prepare(self, sets: list[list[int]]) -> None:
         """Capture what the repair of every set in ``sets`` reads, unless the last capture already holds it
@@ -107,7 +106,6 @@ class RepairHook:
         self.windows, self.check = self.repair.split(drawn)
         self.stats = capture_pass(self.loaded, self.windows, requests, self.run)
         self.fitted.clear()
-        self.captures += 1
 
     def fit(self, removed: list[int], progress: bool = False) -> tuple[dict[str, torch.Tensor], RepairRecord]:
         """The repair's edits for ``removed`` and its record, from the statistics :meth:`prepare` captured."""
