@@ -1,13 +1,19 @@
 """Zero-shot accuracy of the default command's models and of SLEB's sets with the same repair, as a table.
 
 The sets come from the recorded runs, not from a list kept here: the default's from
-``results/default/MODEL-nN.json`` (``mi-search`` + ``linear``), SLEB's from the ``sleb`` rows of
-``results/compare-MODEL/comparison.json`` at the same N. ``benchmarks/zero_shot.sh`` prunes each distinct set
-once (``--blocks``, ``--repair linear``), saves it, and runs ``miprun eval`` on the saved folder; this script
-lists the sets for it and then collects the ``eval`` JSON files into ``results/default/zero-shot.{json,md}``.
+``results/default/MODEL-nN.json`` (``mi-search`` + ``linear``; ``--default-runs`` names another folder of such
+manifests, e.g. ``results/default-novel``), SLEB's from the ``sleb`` rows of
+``results/compare-MODEL/comparison.json`` at the same N (``--sleb`` names other ``miprun compare`` folders, one
+per model, e.g. ``results/sleb-novel-MODEL``; where they hold SLEB's set both cut only and repaired, it is the
+same set). ``benchmarks/zero_shot.sh`` prunes each distinct set once (``--blocks``, ``--repair linear``), saves
+it, and runs ``miprun eval`` on the saved folder; this script lists the sets for it and then collects the
+``eval`` JSON files into ``results/default/zero-shot.{json,md}`` (``--out`` another folder).
 
     python benchmarks/zero_shot_table.py --sets                # "MODEL NAME BLOCKS LIMIT" lines for the script
     python benchmarks/zero_shot_table.py --runs out/zero-shot  # the table, from the runs' eval JSON files
+    python benchmarks/zero_shot_table.py --default-runs benchmarks/results/default-novel \\
+        --sleb benchmarks/results/sleb-novel-smollm2-135m benchmarks/results/sleb-novel-gemma3-270m \\
+        --runs out/zero-shot-novel --out benchmarks/results/default-novel   # (and the same options with --sets)
 """
 
 from __future__ import annotations
@@ -29,20 +35,65 @@ LIMITS = {"smollm2-135m": 100, "gemma3-270m": 50}
 TASKS = ("next_sentence", "social_iqa")
 
 
-def rows() -> list[dict[str, Any]]:
+def sleb_folders(folders: list[Path] | None) -> dict[str, Path]:
+    """The ``miprun compare`` folder holding SLEB's sets for each model: ``results/compare-MODEL`` unless
+    ``folders`` are given, then each goes to the model its ``comparison.json`` names."""
+    if not folders:
+        return {model: RESULTS / f"compare-{model}" for model in MODELS}
+    out: dict[str, Path] = {}
+    for folder in folders:
+        recorded = json.loads((folder / "comparison.json").read_text())["model"]
+        model = next((m for m in MODELS if m in recorded), None)
+        if model is None or model in out:
+            raise SystemExit(f"{folder}: model {recorded!r} is not one of {list(MODELS)}, or has two folders")
+        out[model] = folder
+    return out
+
+
+def sleb_sets(folder: Path) -> dict[int, dict[str, Any]]:
+    """SLEB's set at every N of a comparison, and, where it was repaired with ``linear`` there, that held-out
+    perplexity (the figure the saved model's should equal). Its rows at one N, cut only or repaired, share
+    the set; a comparison where they do not is refused."""
+    data = json.loads((folder / "comparison.json").read_text())
+    text = data.get("evaluation", {}).get("source", "").split(":")[0]
+    out: dict[int, dict[str, Any]] = {}
+    for r in data["rows"]:
+        if r["method"] != "sleb":
+            continue
+        entry = out.setdefault(r["num_blocks"], {"removed": r["removed"], "recorded": None})
+        if entry["removed"] != r["removed"]:
+            raise SystemExit(f"{folder}: SLEB's rows at N={r['num_blocks']} hold different sets")
+        if r.get("repair") == "linear" and text:
+            entry["recorded"] = {"text": text, "ppl": r["ppl"]}
+    return out
+
+
+def _manifests(folder: Path, model: str) -> list[Path]:
+    """The default's manifests of one model in ``folder``, by N: ``MODEL-nN.json``, or ``MODEL-nN/miprun.json``
+    as ``benchmarks/default_runs.sh`` leaves them."""
+    found: dict[int, Path] = {}
+    for path in [*folder.glob(f"{model}-n*/miprun.json"), *folder.glob(f"{model}-n*.json")]:
+        stem = path.parent.name if path.name == "miprun.json" else path.stem
+        suffix = stem[len(model) + 2 :]
+        if suffix.isdigit():
+            found[int(suffix)] = path
+    return [found[n] for n in sorted(found)]
+
+
+def rows(default_runs: Path = RESULTS / "default", sleb: list[Path] | None = None) -> list[dict[str, Any]]:
     """(model, N, method, removed) of every row: the default's recorded set and SLEB's at the same N."""
     out = []
+    folders = sleb_folders(sleb)
     for model in MODELS:
-        sleb = {
-            r["num_blocks"]: r["removed"]
-            for r in json.loads((RESULTS / f"compare-{model}" / "comparison.json").read_text())["rows"]
-            if r["method"] == "sleb"
-        }
-        for path in sorted(
-            RESULTS.glob(f"default/{model}-n*.json"), key=lambda p: int(p.stem.rsplit("n", 1)[1])
-        ):
+        manifests = _manifests(default_runs, model)
+        if manifests and model not in folders:
+            raise SystemExit(f"{model}: the default's runs are in {default_runs}, but no --sleb folder is")
+        sets = sleb_sets(folders[model]) if manifests else {}
+        for path in manifests:
             manifest = json.loads(path.read_text())
             n = len(manifest["removed"])
+            if n not in sets:
+                raise SystemExit(f"{model}: {folders[model]} has no SLEB set at N={n}")
             recorded = {
                 "text": manifest["evaluation"]["source"].split(":")[0],
                 "ppl": manifest["evaluation"]["pruned_ppl"],
@@ -50,8 +101,32 @@ def rows() -> list[dict[str, Any]]:
             out.append(
                 dict(model=model, n=n, method="default", removed=manifest["removed"], recorded=recorded)
             )
-            out.append(dict(model=model, n=n, method="SLEB + linear", removed=sleb[n], recorded=None))
+            out.append(
+                dict(
+                    model=model,
+                    n=n,
+                    method="SLEB + linear",
+                    removed=sets[n]["removed"],
+                    recorded=sets[n]["recorded"],
+                )
+            )
     return out
+
+
+def shown(folder: Path) -> str:
+    """A folder as the markdown names it: relative to ``benchmarks/`` where it lies there (``results/...``)."""
+    try:
+        return folder.resolve().relative_to(RESULTS.parent.resolve()).as_posix() + "/"
+    except ValueError:
+        return folder.as_posix().rstrip("/") + "/"
+
+
+def sources(default_runs: Path, sleb: list[Path] | None) -> dict[str, Any]:
+    """The folders the sets came from, as the markdown names them."""
+    return {
+        "default": shown(default_runs),
+        "sleb": {model: shown(folder) for model, folder in sleb_folders(sleb).items()},
+    }
 
 
 def name(model: str, removed: list[int] | None) -> str:
@@ -59,12 +134,12 @@ def name(model: str, removed: list[int] | None) -> str:
     return f"{model}-dense" if removed is None else f"{model}-b{'-'.join(map(str, removed))}"
 
 
-def list_sets() -> None:
+def list_sets(all_rows: list[dict[str, Any]]) -> None:
     """Each distinct (model, set) once, the dense model first: ``MODEL NAME BLOCKS LIMIT`` (``-`` for none)."""
     seen = set()
     for model in MODELS:
         print(model, name(model, None), "-", LIMITS[model])
-        for row in rows():
+        for row in all_rows:
             key = name(row["model"], row["removed"])
             if row["model"] == model and key not in seen:
                 seen.add(key)
@@ -86,13 +161,13 @@ def _cell(result: dict[str, Any] | None, task: str) -> dict[str, Any] | None:
     }
 
 
-def table(runs: Path) -> dict[str, Any]:
+def table(runs: Path, all_rows: list[dict[str, Any]], folders: dict[str, Any]) -> dict[str, Any]:
     """The rows, each with what its run measured (None where it has not run), and the dense rows."""
-    out: dict[str, Any] = {"text": TEXT, "runs": str(runs), "dense": {}, "rows": []}
+    out: dict[str, Any] = {"text": TEXT, "runs": str(runs), "sources": folders, "dense": {}, "rows": []}
     for model in MODELS:
         dense = _measured(runs, name(model, None))
         out["dense"][model] = None if dense is None else _summary(dense)
-    for row in rows():
+    for row in all_rows:
         result = _measured(runs, name(row["model"], row["removed"]))
         entry = dict(row, run=name(row["model"], row["removed"]))
         entry["measured"] = None if result is None else _summary(result)
@@ -122,8 +197,17 @@ def _acc(measured: dict[str, Any] | None, task: str) -> str:
     return "-" if cell is None else f"{cell['acc_norm']:.3f}"
 
 
+def _sleb_shown(folders: dict[str, str]) -> str:
+    """SLEB's folders in one phrase: ``results/compare-MODEL/`` where they differ only by the model's name."""
+    patterns = {folder.replace(model, "MODEL") for model, folder in folders.items()}
+    if len(patterns) == 1:
+        return f"`{patterns.pop()}`"
+    return ", ".join(f"`{folder}`" for folder in folders.values())
+
+
 def markdown(data: dict[str, Any]) -> str:
     text = data["text"]
+    default_folder = data["sources"]["default"]
     measured = [(model, m) for model, m in data["dense"].items() if m is not None] + [
         (r["model"], r["measured"]) for r in data["rows"] if r["measured"] is not None
     ]
@@ -135,7 +219,8 @@ def markdown(data: dict[str, Any]) -> str:
         "linear --calib TEXT --samples 8 --seq-len 128` (the repair fitted on the calibration split), saved, and measured from "
         "the saved folder with `miprun eval`: held-out perplexity on the first 8 x 256 tokens of the evaluation "
         "split, zero-shot acc_norm (lm-evaluation-harness) on the first examples of each task. "
-        "The default's sets are `results/default/`'s, SLEB's the `sleb` rows of `results/compare-MODEL/`; "
+        f"The default's sets are `{default_folder}`'s, SLEB's the `sleb` rows of "
+        f"{_sleb_shown(data['sources']['sleb'])}; "
         "where both are the same set it was pruned and measured once and both rows show it.",
         "",
         "| " + " | ".join(head) + " |",
@@ -190,22 +275,22 @@ def markdown(data: dict[str, Any]) -> str:
             f"Not measured: {', '.join(missing_tasks)} (social_iqa comes from the BIG-bench archive, as the wiki "
             "text does: `MIPRUN_BIGBENCH_ARCHIVE`)."
         )
-    wrong = [r for r in data["rows"] if r.get("ppl_matches_recorded") is False]
-    checked = [r for r in data["rows"] if "ppl_matches_recorded" in r]
+    checked = [r for r in data["rows"] if "ppl_matches_recorded" in r and r["method"] == "default"]
+    sleb_checked = [r for r in data["rows"] if "ppl_matches_recorded" in r and r["method"] != "default"]
     if checked:
         lines.append(
-            f"Held-out perplexity of the saved models against `results/default/`'s: {len(checked) - len(wrong)} "
-            f"of {len(checked)} default rows equal to two decimals"
-            + (
-                ""
-                if not wrong
-                else " (differ: " + ", ".join(name(r["model"], r["removed"]) for r in wrong) + ")"
-            )
-            + "."
+            f"Held-out perplexity of the saved models against `{default_folder}`'s: {_agreement(checked)} "
+            "default rows equal to two decimals."
         )
-    else:
+    if sleb_checked:
         lines.append(
-            f"The default table's perplexities are on the `{next(r['recorded']['text'] for r in data['rows'] if r['recorded'])}` "
+            f"SLEB + linear rows against the `linear` rows of {_sleb_shown(data['sources']['sleb'])}: "
+            f"{_agreement(sleb_checked)} equal to two decimals."
+        )
+    recorded_text = next((r["recorded"]["text"] for r in data["rows"] if r["method"] == "default"), None)
+    if not checked and recorded_text is not None:
+        lines.append(
+            f"The default table's perplexities are on the `{recorded_text}` "
             f"text; these are on `{text}` (the repair fitted on its calibration split), so they are not the same figures."
         )
     missing = [name(model, None) for model, m in data["dense"].items() if m is None]
@@ -215,18 +300,38 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _agreement(checked: list[dict[str, Any]]) -> str:
+    wrong = [r for r in checked if not r["ppl_matches_recorded"]]
+    differ = ", ".join(dict.fromkeys(name(r["model"], r["removed"]) for r in wrong))
+    return f"{len(checked) - len(wrong)} of {len(checked)}" + (f" (differ: {differ})" if wrong else "")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sets", action="store_true", help="list the sets to prune, for zero_shot.sh")
     parser.add_argument("--runs", type=Path, default=Path("out/zero-shot"), help="zero_shot.sh's OUT folder")
-    parser.add_argument("--out", type=Path, default=RESULTS / "default")
+    parser.add_argument(
+        "--default-runs",
+        type=Path,
+        default=RESULTS / "default",
+        help="the default's runs: MODEL-nN.json manifests (default: results/default)",
+    )
+    parser.add_argument(
+        "--sleb",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="miprun compare folders holding sleb rows, one per model (default: results/compare-MODEL)",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "default", help="where zero-shot.{json,md} go")
     args = parser.parse_args(argv)
+    all_rows = rows(args.default_runs, args.sleb)
     if args.sets:
-        list_sets()
+        list_sets(all_rows)
         return
-    data = table(args.runs)
+    data = table(args.runs, all_rows, sources(args.default_runs, args.sleb))
     md = markdown(data)
     write_results(args.out, "zero-shot", data, md)
     sys.stdout.write(md + "\n")
