@@ -89,29 +89,25 @@ class Verifier:
         return head_layers(self.model) * scored / self.windows.shape[1]
 
     def _prepare(self) -> StateCache:
-        if self.cache is None and self.parent is not None:  # the parent's states and targets, sliced
+        """The cached dense states (the parent's, sliced, where there is one) and, for KL, the dense targets at
+        this verifier's positions (the parent's, sliced, where the stride is the same)."""
+        if self.cache is not None:
+            return self.cache
+        before = self.layer_runs
+        if self.parent is not None:
             rows = self.windows.shape[0]
             self.cache = self.parent._prepare().prefix(rows)
             if self.objective == "kl" and self.stride == self.parent.stride:
                 assert self.parent.dense is not None
                 self.dense = self.parent.dense.prefix(rows, self.batch_size)
-            elif self.objective == "kl":  # other positions: the output layer once more, on the last states
-                before = self.layer_runs
-                self.dense = self._dense_targets()
-                total = len(decoder_layers(self.model))
-                self.layer_runs += layers_run(total, [], self.cache.start_for(total)) + self.head_share
-                self.setup_runs += self.layer_runs - before
-        if self.cache is None:
-            before = self.layer_runs
+        else:
             self.cache = BoundaryCache(
                 self.model, self.windows, self.budget_bytes, self.batch_size, progress=self.progress
             )
             self.layer_runs += len(decoder_layers(self.model))  # the states only: no output layer
-            if self.objective == "kl":
-                self.dense = self._dense_targets()
-                total = len(decoder_layers(self.model))
-                self.layer_runs += layers_run(total, [], self.cache.start_for(total)) + self.head_share
-            self.setup_runs += self.layer_runs - before
+        if self.objective == "kl" and self.dense is None:
+            self.dense = self._dense_targets()
+        self.setup_runs += self.layer_runs - before
         return self.cache
 
     def mark(self) -> tuple[float, float]:
@@ -125,10 +121,12 @@ class Verifier:
 
     @torch.inference_mode()
     def _dense_targets(self) -> DenseTargets:
+        """The dense model's top-k targets at the scored positions, from the last cached states (counted)."""
         assert self.cache is not None
+        last = len(decoder_layers(self.model))
+        self.layer_runs += layers_run(last, [], self.cache.start_for(last)) + self.head_share
         k = min(self.kl_topk, self.model.get_output_embeddings().weight.shape[0])
         values, indices, tails = [], [], []
-        last = len(decoder_layers(self.model))
         passes = logits_from(self.model, self.cache, [], last, self.positions)
         bar = tqdm(
             passes,
