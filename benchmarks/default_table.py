@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 from typing import Any
 
-from results_io import write_results
+from results_io import default_manifests, sleb_sets, write_results
 from verified import sleb_layer_passes
 
 
@@ -30,45 +29,28 @@ def default_rows(runs: Path) -> list[dict[str, Any]]:
     """One row per manifest (``MODEL-nN.json``, or ``MODEL-nN/miprun.json`` as default_runs.sh leaves them):
     the set, the cut and repaired held-out perplexity, and the verification cost."""
     rows = []
-    paths = [*runs.glob("*-n*.json"), *runs.glob("*-n*/miprun.json")]
-    for path in sorted(paths, key=lambda p: p.parent.name if p.name == "miprun.json" else p.stem):
-        name = path.parent.name if path.name == "miprun.json" else path.stem
-        match = re.fullmatch(r"(.+)-n(\d+)", name)
-        if match is None:
-            continue
+    for (model, n), path in default_manifests(runs).items():
         manifest = json.loads(path.read_text())
         params = manifest["search"]["params"]
-        calibration = manifest["calibration"]
-        cal_tokens = calibration["tokens"]
         total = manifest["num_blocks_before"]
-        n = int(match.group(2))
         rows.append(
             {
-                "model": match.group(1),
+                "model": model,
                 "num_blocks": n,
                 "total_blocks": total,
                 "removed": manifest["removed"],
                 "dense": manifest["evaluation"]["dense_ppl"],
                 "cut": manifest["evaluation"]["cut_ppl"],
                 "repaired": manifest["evaluation"]["pruned_ppl"],
-                "cost": params["verification_layer_passes"] * params["verification_tokens"] / cal_tokens,
+                "cost": params["verification_layer_passes"]
+                * params["verification_tokens"]
+                / manifest["calibration"]["tokens"],
                 "sleb_cost": sleb_layer_passes(total, n, params["output_layer_cost"]),
                 "text": manifest["evaluation"]["source"].split(":")[0],
                 "params": {k: v for k, v in params.items() if not isinstance(v, (list, dict))},
             }
         )
     return rows
-
-
-def sleb_rows(folder: Path) -> dict[int, dict[str, Any]]:
-    """SLEB's set at every N of a comparison, with its cut and repaired perplexity."""
-    out: dict[int, dict[str, Any]] = {}
-    for row in json.loads((folder / "comparison.json").read_text())["rows"]:
-        if row["method"] != "sleb":
-            continue
-        entry = out.setdefault(row["num_blocks"], {"removed": row["removed"]})
-        entry["linear" if row.get("repair") == "linear" else "cut"] = row["ppl"]
-    return out
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -115,7 +97,7 @@ def main() -> None:
     sleb: dict[tuple[str, int], dict[str, Any]] = {}
     for folder in args.sleb:
         model = json.loads((folder / "comparison.json").read_text())["model"]
-        for n, entry in sleb_rows(folder).items():
+        for n, entry in sleb_sets(folder).items():
             sleb[(model, n)] = entry
     for row in rows:
         row["sleb"] = next(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,3 +33,33 @@ def finite(value: Any) -> Any:
     if isinstance(value, list):
         return [finite(v) for v in value]
     return value
+
+
+def default_manifests(folder: Path, model: str | None = None) -> dict[tuple[str, int], Path]:
+    """The default command's manifests in ``folder`` by (model, N): ``MODEL-nN.json``, or ``MODEL-nN/miprun.json``
+    as ``benchmarks/default_runs.sh`` leaves them (the latter where both exist); only ``model``'s when given."""
+    found: dict[tuple[str, int], Path] = {}
+    for path in [*folder.glob("*-n*.json"), *folder.glob("*-n*/miprun.json")]:
+        match = re.fullmatch(r"(.+)-n(\d+)", path.parent.name if path.name == "miprun.json" else path.stem)
+        if match is not None and model in (None, match.group(1)):
+            found[(match.group(1), int(match.group(2)))] = path
+    return dict(sorted(found.items()))
+
+
+def sleb_sets(folder: Path) -> dict[int, dict[str, Any]]:
+    """SLEB's set at every N of a ``miprun compare`` folder with the held-out perplexity of its rows: ``cut``
+    (no repair) and ``linear`` (None where not run), on the comparison's ``text`` (None where not recorded).
+    Its rows at one N share the set; a comparison where they do not is refused."""
+    data = json.loads((folder / "comparison.json").read_text())
+    text = data.get("evaluation", {}).get("source", "").split(":")[0] or None
+    out: dict[int, dict[str, Any]] = {}
+    for row in data["rows"]:
+        if row["method"] != "sleb":
+            continue
+        entry = out.setdefault(
+            row["num_blocks"], {"removed": row["removed"], "cut": None, "linear": None, "text": text}
+        )
+        if entry["removed"] != row["removed"]:
+            raise SystemExit(f"{folder}: SLEB's rows at N={row['num_blocks']} hold different sets")
+        entry["linear" if row.get("repair") == "linear" else "cut"] = row["ppl"]
+    return out

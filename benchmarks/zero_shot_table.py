@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from results_io import TEXT, write_results
+from results_io import TEXT, default_manifests, sleb_sets, write_results
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M"}
@@ -50,46 +50,16 @@ def sleb_folders(folders: list[Path] | None) -> dict[str, Path]:
     return out
 
 
-def sleb_sets(folder: Path) -> dict[int, dict[str, Any]]:
-    """SLEB's set at every N of a comparison, and, where it was repaired with ``linear`` there, that held-out
-    perplexity (the figure the saved model's should equal). Its rows at one N, cut only or repaired, share
-    the set; a comparison where they do not is refused."""
-    data = json.loads((folder / "comparison.json").read_text())
-    text = data.get("evaluation", {}).get("source", "").split(":")[0]
-    out: dict[int, dict[str, Any]] = {}
-    for r in data["rows"]:
-        if r["method"] != "sleb":
-            continue
-        entry = out.setdefault(r["num_blocks"], {"removed": r["removed"], "recorded": None})
-        if entry["removed"] != r["removed"]:
-            raise SystemExit(f"{folder}: SLEB's rows at N={r['num_blocks']} hold different sets")
-        if r.get("repair") == "linear" and text:
-            entry["recorded"] = {"text": text, "ppl": r["ppl"]}
-    return out
-
-
-def _manifests(folder: Path, model: str) -> list[Path]:
-    """The default's manifests of one model in ``folder``, by N: ``MODEL-nN.json``, or ``MODEL-nN/miprun.json``
-    as ``benchmarks/default_runs.sh`` leaves them."""
-    found: dict[int, Path] = {}
-    for path in [*folder.glob(f"{model}-n*/miprun.json"), *folder.glob(f"{model}-n*.json")]:
-        stem = path.parent.name if path.name == "miprun.json" else path.stem
-        suffix = stem[len(model) + 2 :]
-        if suffix.isdigit():
-            found[int(suffix)] = path
-    return [found[n] for n in sorted(found)]
-
-
 def rows(default_runs: Path = RESULTS / "default", sleb: list[Path] | None = None) -> list[dict[str, Any]]:
     """(model, N, method, removed) of every row: the default's recorded set and SLEB's at the same N."""
     out = []
     folders = sleb_folders(sleb)
     for model in MODELS:
-        manifests = _manifests(default_runs, model)
+        manifests = default_manifests(default_runs, model)
         if manifests and model not in folders:
             raise SystemExit(f"{model}: the default's runs are in {default_runs}, but no --sleb folder is")
         sets = sleb_sets(folders[model]) if manifests else {}
-        for path in manifests:
+        for path in manifests.values():
             manifest = json.loads(path.read_text())
             n = len(manifest["removed"])
             if n not in sets:
@@ -107,10 +77,18 @@ def rows(default_runs: Path = RESULTS / "default", sleb: list[Path] | None = Non
                     n=n,
                     method="SLEB + linear",
                     removed=sets[n]["removed"],
-                    recorded=sets[n]["recorded"],
+                    recorded=_recorded(sets[n]),
                 )
             )
     return out
+
+
+def _recorded(sleb: dict[str, Any]) -> dict[str, Any] | None:
+    """The held-out perplexity SLEB's set had with ``linear`` in its comparison (the figure the saved model's
+    should equal), with the text it was measured on; None where it was not repaired there."""
+    if sleb["linear"] is None or sleb["text"] is None:
+        return None
+    return {"text": sleb["text"], "ppl": sleb["linear"]}
 
 
 def shown(folder: Path) -> str:
