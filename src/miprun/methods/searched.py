@@ -146,13 +146,14 @@ class MiSearch(MiVerified):
             screen, probe, list(ranked[0]), pool[ranked[0]], path.last_value, pool, short.num_blocks
         )
         ranked = sorted(pool, key=lambda key: (pool[key], key))
-        finalists = [
-            list(key) for key in dict.fromkeys([*ranked[: self.finalists], tuple(short.sets[mi_best])])
-        ]
         rehearsed: list[dict[str, Any]] = []
+        if verifier.repair is not None and self.repaired_probe and probe is not verifier:
+            finalists, rehearsed = self.rehearse(probe, ranked, tuple(short.sets[mi_best]))
+        else:
+            finalists = [
+                list(key) for key in dict.fromkeys([*ranked[: self.finalists], tuple(short.sets[mi_best])])
+            ]
         if verifier.repair is not None:
-            if self.repaired_probe and probe is not verifier:
-                finalists, rehearsed = self.rehearse(probe, ranked, tuple(short.sets[mi_best]))
             final = finals.measure(finalists)
             judged = "after the repair"
         elif screen is not verifier:
