@@ -126,6 +126,8 @@ def test_mi_search_with_a_repair_shows_the_sets_it_measured_after_the_repair(tin
     for rehearsed in record["repaired_probe"]:
         assert f"{rehearsed['measured']:.4f}" in flat
     assert "(finalist)" in flat and "(chosen)" in flat
+    stages = ", ".join(f"{name} {passes:.2f}" for name, passes in record["passes_by_stage"].items())
+    assert f"forward passes by stage: {stages}" in flat and "repaired probe" in record["passes_by_stage"]
 
 
 @pytest.mark.integration

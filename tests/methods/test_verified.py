@@ -236,6 +236,14 @@ def test_mi_search_greedy_matches_a_plain_greedy_and_the_best_finalist_wins(repa
         record["greedy_layer_passes"] > 0
         and record["verification_layer_passes"] > record["greedy_layer_passes"]
     )
+    # the cost by stage adds up to the whole, the greedy's being its path's
+    stages = record["passes_by_stage"]
+    assert list(stages) == ["dense states and targets", "shortlist", "greedy", "swaps", "finalists"]
+    assert sum(stages.values()) == pytest.approx(record["verification_layer_passes"])
+    assert stages["greedy"] == pytest.approx(record["greedy_layer_passes"])
+    assert stages["dense states and targets"] >= 1 and all(v >= 0 for v in stages.values())
+    # without a repair and without a screen the finalists keep the values they have: nothing to measure
+    assert (stages["finalists"] == 0) == (repair == "none")
 
 
 def _verification_windows(lm, tokens):

@@ -104,6 +104,9 @@ def searched_finalists(record: dict[str, Any], chosen: list[int]) -> None:
     """``mi-search``: the greedy's removals in order, and the finalists measured on the cut and at the end."""
     path = ", ".join(f"{step['block']} ({step['measured']:.4f})" for step in record["greedy"])
     out.print(f"greedy removals ({record['greedy_layer_passes']:.2f} forward passes): {path}")
+    if "passes_by_stage" in record:
+        stages = ", ".join(f"{name} {passes:.2f}" for name, passes in record["passes_by_stage"].items())
+        out.print(f"forward passes by stage: {stages}")
     finalists = [f["removed"] for f in record["finalists"]]
     if record.get("repaired_probe"):
         table = Table(title=f"the best cuts measured after the repair on {record['probe_tokens']} tokens")

@@ -32,14 +32,14 @@ tokens (or the loss); the record gives the cost in full-model passes over ``toke
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
-from tqdm.auto import tqdm
-
-from miprun.capture.replay import CutCache
 from miprun.errors import InvalidOptionError
 from miprun.methods.base import REGISTRY, Choice, Evidence, GatherContext
+from miprun.methods.greedy import GreedyPath, public
 from miprun.methods.verified import MiVerified, Verifier, cost_record, winner
 
 
@@ -108,60 +108,49 @@ class MiSearch(MiVerified):
         screen: Verifier = evidence.require("screen", self.name)
         probe: Verifier = evidence.require("probe", self.name)
         finals: Verifier = evidence.require("finals", self.name)
-        # the screen's and the probe's work in passes over the verification tokens (their windows are a
-        # prefix of them)
-        share = screen.windows.numel() / verifier.windows.numel()
-        probe_share = probe.windows.numel() / verifier.windows.numel()
-        mark, screen_mark, probe_mark, finals_mark = (
-            verifier.mark(),
-            screen.mark(),
-            probe.mark(),
-            finals.mark(),
-        )
-        probed = probe.measure(short.sets, repaired=False)
+        share = screen.windows.numel() / verifier.windows.numel()  # the screen's tokens, of the verifier's
+        ledger = Ledger([verifier, screen, probe, finals], short.num_blocks)
         mi_best = min(
             range(len(short.sets)), key=lambda i: (short.losses[i], i)
         )  # a finalist whatever it measures
-        if (
-            probe is not screen
-        ):  # the shortlist's best (and MI's best) go on to the screen, in the greedy's units
-            ahead = sorted(range(len(short.sets)), key=lambda i: (probed[i], short.losses[i]))
-            ahead = list(dict.fromkeys([*ahead[: self.finalists], mi_best]))
-            screened = screen.measure([short.sets[i] for i in ahead], repaired=False)
-        else:
-            ahead, screened = list(range(len(short.sets))), probed
-
-        def spent() -> float:  # the screen's and the probe's layer runs so far, in the screen's units
-            return screen.layer_runs + (probe.layer_runs * probe_share / share if probe is not screen else 0)
-
-        greedy_before = spent()
-        ends, steps, greedy_passes = self.greedy(screen, probe, short.num_blocks, n)
-        greedy_here = (spent() - greedy_before) / short.num_blocks  # less where a path was reused
+        with ledger.stage("shortlist"):
+            probed = probe.measure(short.sets, repaired=False)
+            if (
+                probe is not screen
+            ):  # the shortlist's best (and MI's best) go on to the screen, in the greedy's units
+                ahead = sorted(range(len(short.sets)), key=lambda i: (probed[i], short.losses[i]))
+                ahead = list(dict.fromkeys([*ahead[: self.finalists], mi_best]))
+                screened = screen.measure([short.sets[i] for i in ahead], repaired=False)
+            else:
+                ahead, screened = list(range(len(short.sets))), probed
+        with ledger.stage("greedy"):
+            ends, steps, greedy_passes = self.greedy(screen, probe, short.num_blocks, n)
+        # what a run at this N alone costs: the whole greedy path to N, even where an earlier N took part of it
+        ledger.stages["greedy"] = greedy_passes * share
         pool = {tuple(short.sets[i]): score for i, score in zip(ahead, screened, strict=True)}
         for removed, score in ends:
             pool.setdefault(tuple(removed), score)
         ranked = sorted(pool, key=lambda key: (pool[key], key))
         path = screen.searches[self._greedy_key(probe)]
-        swaps = self.swap(
-            screen, probe, list(ranked[0]), pool[ranked[0]], path.last_value, pool, short.num_blocks
-        )
+        with ledger.stage("swaps"):
+            swaps = self.swap(
+                screen, probe, list(ranked[0]), pool[ranked[0]], path.last_value, pool, short.num_blocks
+            )
         ranked = sorted(pool, key=lambda key: (pool[key], key))
         rehearsed: list[dict[str, Any]] = []
         if verifier.repair is not None and self.repaired_probe and probe is not verifier:
-            finalists, rehearsed = self.rehearse(probe, ranked, tuple(short.sets[mi_best]))
+            with ledger.stage("repaired probe"):
+                finalists, rehearsed = self.rehearse(probe, ranked, tuple(short.sets[mi_best]))
         else:
             finalists = [
                 list(key) for key in dict.fromkeys([*ranked[: self.finalists], tuple(short.sets[mi_best])])
             ]
-        if verifier.repair is not None:
-            final = finals.measure(finalists)
-            judged = "after the repair"
-        elif screen is not verifier:
-            final = finals.measure(finalists, repaired=False)
-            judged = "on the cut"
-        else:
-            final = [pool[tuple(s)] for s in finalists]
-            judged = "on the cut"
+        judged = "after the repair" if verifier.repair is not None else "on the cut"
+        with ledger.stage("finalists"):
+            if verifier.repair is not None or screen is not verifier:
+                final = finals.measure(finalists, repaired=verifier.repair is not None)
+            else:
+                final = [pool[tuple(s)] for s in finalists]
         best = winner(final, [float(i) for i in range(len(final))], f"mi-search's {len(final)} finalists")
         record = {
             **short.record(probed, self.objective, verifier),  # as the probe measured them
@@ -175,18 +164,9 @@ class MiSearch(MiVerified):
                 {"removed": s, "cut": pool[tuple(s)], "measured": score, "greedy": s == ends[0][0]}
                 for s, score in zip(finalists, final, strict=True)
             ],
+            **cost_record(verifier, ledger.passes() * short.num_blocks, short.num_blocks),
+            "passes_by_stage": ledger.by_stage(),
         }
-        # what a run at this N alone costs: the dense states and targets and the whole greedy path to N, even
-        # where an earlier N paid for part of them
-        runs = verifier.runs_since(mark)
-        if screen is not verifier:
-            runs += screen.runs_since(screen_mark) * share
-        if probe is not screen:
-            runs += probe.runs_since(probe_mark) * probe_share
-        if finals is not verifier:  # the same windows
-            runs += finals.runs_since(finals_mark)
-        record.update(cost_record(verifier, runs, short.num_blocks))
-        record["verification_layer_passes"] += (greedy_passes - greedy_here) * share
         return Choice(
             finalists[best],
             len(pool),
@@ -285,101 +265,11 @@ class MiSearch(MiVerified):
                 verifier.cut_cache(), self.width, total, self.step_screen
             )
         path.extend(verifier, n, probe)
-        return path.ends(n), [_public(step) for step in path.steps[:n]], path.passes(n)
+        return path.ends(n), [public(step) for step in path.steps[:n]], path.passes(n)
 
     def _greedy_key(self, probe: Verifier) -> tuple[Any, ...]:
         """Where the greedy's path is kept with its verifier: one path per way of taking its steps."""
         return ("greedy", self.width, probe.windows.numel(), self.step_screen)
-
-
-@dataclass
-class GreedyPath:
-    """The lazy greedy's state: the cut model's cached states, every step so far, each kept block's last
-    measurement, and the last step's block (removed from the cut only when the path goes on)."""
-
-    cut: CutCache
-    width: int
-    total: int
-    step_screen: int = 0  # later steps: the blocks the probe ranks best, measured by the verifier (0: all)
-    steps: list[dict[str, Any]] = field(default_factory=list)
-    last_value: dict[int, float] = field(default_factory=dict)
-    pending: int | None = None
-
-    def extend(self, verifier: Verifier, n: int, probe: Verifier | None = None) -> None:
-        """Take steps until ``n`` blocks are removed; the first step (every block alone, from the dense
-        states) is measured by ``probe`` when given, and later steps' blocks are ranked on it where
-        ``step_screen`` is set, the best ``step_screen`` measured by ``verifier``; the probe's cost is counted
-        in ``verifier``'s passes."""
-        bar = tqdm(
-            total=n,
-            initial=len(self.steps),
-            desc="greedy removals",
-            unit="block",
-            leave=False,
-            disable=not verifier.progress,  # given at creation: tqdm draws its first line there
-        )
-        while len(self.steps) < n:
-            runs_before = verifier.layer_runs
-            if self.pending is not None:
-                verifier.advance(self.cut, self.pending)
-                del self.last_value[self.pending]
-            kept = [b for b in range(self.total) if b not in self.cut.removed]
-            fresh = kept if not self.steps else self._to_remeasure(kept, self.steps[-1]["block"])
-            probed: list[int] = []  # blocks the probe ranked at a later step (empty: none)
-            probe_before = probe.layer_runs if probe is not None else 0.0
-            if not self.steps and probe is not None and probe is not verifier:
-                values = probe.measure([[b] for b in fresh], repaired=False)
-            else:
-                if probe is not None and probe is not verifier and 0 < self.step_screen < len(fresh):
-                    ranks = probe.measure_one_more(self.cut.prefix(probe.windows.shape[0]), fresh)
-                    self.last_value.update(zip(fresh, ranks, strict=True))
-                    order = sorted(range(len(fresh)), key=lambda i: (ranks[i], fresh[i]))
-                    probed, fresh = fresh, [fresh[i] for i in order[: self.step_screen]]
-                values = verifier.measure_one_more(self.cut, fresh)
-            if probe is not None and probe is not verifier:  # the probe's work, in the verifier's units
-                runs_before -= (
-                    (probe.layer_runs - probe_before) * probe.windows.numel() / verifier.windows.numel()
-                )
-            self.last_value.update(zip(fresh, values, strict=True))
-            best = winner(values, [float(b) for b in fresh], f"the greedy's step {len(self.steps) + 1}")
-            self.pending = fresh[best]
-            self.steps.append(
-                {
-                    "block": fresh[best],
-                    "measured": values[best],
-                    "remeasured": fresh,
-                    "probed": probed,
-                    "values": values,
-                    "layer_passes": (verifier.layer_runs - runs_before) / self.total,
-                }
-            )
-            bar.update()
-        bar.close()
-
-    def ends(self, n: int) -> list[tuple[list[int], float]]:
-        """Every size-``n`` set step ``n`` measured, best first (the greedy's own choice first)."""
-        step, before = self.steps[n - 1], [s["block"] for s in self.steps[: n - 1]]
-        pairs = sorted(zip(step["values"], step["remeasured"], strict=True))
-        return [(sorted([*before, block]), value) for value, block in pairs]
-
-    def passes(self, n: int) -> float:
-        """Full-model passes the path to ``n`` cost: the cut cache's dense states (none where they were copied
-        from the verifier's) and each step's measurements."""
-        return float(self.cut.ran_dense) + sum(step["layer_passes"] for step in self.steps[:n])
-
-    def _to_remeasure(self, kept: list[int], last: int) -> list[int]:
-        """The ``width`` kept blocks whose last measurement was best, and the kept blocks on either side of
-        the run the last removal joined (removing them would merge with it)."""
-        best = sorted(kept, key=lambda b: (self.last_value[b], b))[: self.width]
-        left = [b for b in kept if b < last]
-        right = [b for b in kept if b > last]
-        beside = ([left[-1]] if left else []) + ([right[0]] if right else [])
-        return list(dict.fromkeys([*best, *beside]))
-
-
-def _public(step: dict[str, Any]) -> dict[str, Any]:
-    """A greedy step as the manifest records it (without every re-measured value)."""
-    return {key: value for key, value in step.items() if key != "values"}
 
 
 def _prefix(verifier: Verifier, tokens: int) -> Verifier:
@@ -390,3 +280,39 @@ def _prefix(verifier: Verifier, tokens: int) -> Verifier:
     if not tokens or keep >= rows:
         return verifier
     return replace(verifier, windows=verifier.windows[:keep], parent=verifier)
+
+
+@dataclass
+class Ledger:
+    """What a choice cost, by stage, in full-model passes over the widest verifier's tokens: the layer runs of
+    verifiers on prefixes of the same windows, each weighed by its share of them; the dense states and targets
+    count whole, whether computed for this choice or reused from an earlier one (another N)."""
+
+    verifiers: list[Verifier]
+    num_blocks: int
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.verifiers = list({id(v): v for v in self.verifiers}.values())  # each once
+        self._tokens = max(v.windows.numel() for v in self.verifiers)
+
+    def _runs(self, setup: bool) -> float:
+        """All verifiers' layer runs so far (``setup``: only their dense states and targets), weighed."""
+        return sum(
+            (v.setup_runs if setup else v.layer_runs - v.setup_runs) * v.windows.numel() / self._tokens
+            for v in self.verifiers
+        )
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Count the measurement work done inside the block (less any dense setup) under ``name``."""
+        before = self._runs(setup=False)
+        yield
+        self.stages[name] = self.stages.get(name, 0.0) + (self._runs(setup=False) - before) / self.num_blocks
+
+    def by_stage(self) -> dict[str, float]:
+        """Passes by stage, the dense states and targets first; they add up to :meth:`passes`."""
+        return {"dense states and targets": self._runs(setup=True) / self.num_blocks, **self.stages}
+
+    def passes(self) -> float:
+        return sum(self.by_stage().values())
