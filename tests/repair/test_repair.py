@@ -121,14 +121,17 @@ def test_solve_map_is_least_squares_and_the_ridge_shrinks_it():
 
 
 def test_linear_repair_parameters_are_checked():
-    assert build("linear", {"tokens": "4096", "ridge": "0.01", "weighting": "relative"}).params() == {
+    given = {"tokens": "4096", "ridge": "0.01", "weighting": "relative", "activations": "repaired"}
+    assert build("linear", given).params() == {
         "tokens": 4096,
         "ridge": 0.01,
         "fold": "auto",
         "weighting": "relative",
         "guard": 8,
+        "activations": "repaired",
     }
-    for bad in ({"tokens": -1}, {"ridge": -1.0}, {"fold": "half"}, {"weighting": "loud"}, {"guard": -1}):
+    bad_values = ({"tokens": -1}, {"ridge": -1.0}, {"fold": "half"}, {"weighting": "loud"}, {"guard": -1})
+    for bad in (*bad_values, {"activations": "cut"}):
         with pytest.raises(InvalidOptionError):
             build("linear", bad)
 

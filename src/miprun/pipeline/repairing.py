@@ -28,12 +28,15 @@ def fit_repair(
     start = time.perf_counter()
     requests = repair.statistics(loaded.model, removed)
     stats = windows = check = None
+    fit_run = replace(run, calibration=repair.calibration(run.calibration))
     if requests:
-        fit_run = replace(run, calibration=repair.calibration(run.calibration))
         drawn = repair_windows(loaded, repair, fit_run)
         windows, check = repair.split(drawn)
         stats = capture_pass(loaded, windows, requests, fit_run)
-    edits, record = repair.fit(RepairContext(loaded.model, removed, stats, windows, run.progress, check))
+    context = RepairContext(
+        loaded.model, removed, stats, windows, run.progress, check, calibration=fit_run.calibration
+    )
+    edits, record = repair.fit(context)
     record.seconds = round(time.perf_counter() - start, 3)
     return edits, record
 
@@ -110,9 +113,10 @@ class RepairHook:
     def fit(self, removed: list[int], progress: bool = False) -> tuple[dict[str, torch.Tensor], RepairRecord]:
         """The repair's edits for ``removed`` and its record, from the statistics :meth:`prepare` captured."""
         tokens = self.stats.num_tokens if self.stats is not None else 0
-        edits, record = self.repair.fit(
-            RepairContext(self.loaded.model, removed, self.stats, self.windows, progress, self.check)
+        context = RepairContext(
+            self.loaded.model, removed, self.stats, self.windows, progress, self.check, self.run.calibration
         )
+        edits, record = self.repair.fit(context)
         record.tokens = tokens
         return edits, record
 
@@ -126,7 +130,9 @@ class RepairHook:
         set). The chosen set's repair is fitted with the guard, as any."""
         key = tuple(removed)
         if key not in self.fitted:
-            context = RepairContext(self.loaded.model, removed, self.stats, self.windows, False, None)
+            context = RepairContext(
+                self.loaded.model, removed, self.stats, self.windows, False, None, measuring=True
+            )
             self.fitted[key] = self.repair.fit(context)[0]
         return self.fitted[key]
 

@@ -44,6 +44,7 @@ from miprun.repair.fold import (
     parameter_name,
 )
 from miprun.repair.rotation import as_map, fit_scaled_rotation
+from miprun.repair.upstream import upstream_sums
 
 EXACT = 1e-4  # relative error below which a fold counts as exact (float32 round-off is ~1e-7)
 
@@ -109,6 +110,10 @@ class LinearRepair(Repair):
     weighting: Literal["none", "relative"] = "none"  # relative: each token's error relative to its scale
     guard: int = 8  # calibration windows, left out of the fit, on which each run's fold must lower the cut
     # model's loss or be undone (0: keep every fold unchecked)
+    # dense: every run's map fitted on the dense model's activations (one pass); repaired: each run after the
+    # first on the model already cut and repaired upstream, as it will run (two partial passes per later run;
+    # a method's measurements after the repair keep the dense fit) (:mod:`miprun.repair.upstream`)
+    activations: Literal["dense", "repaired"] = "dense"
 
     def __post_init__(self) -> None:
         if self.tokens < 0:
@@ -124,6 +129,8 @@ class LinearRepair(Repair):
             raise InvalidOptionError(f"weighting must be 'none' or 'relative', got {self.weighting!r}")
         if self.guard < 0:
             raise InvalidOptionError(f"guard must be at least 0 (0: keep every fold), got {self.guard}")
+        if self.activations not in ("dense", "repaired"):
+            raise InvalidOptionError(f"activations must be 'dense' or 'repaired', got {self.activations!r}")
 
     def calibration(self, cal: CalibrationConfig) -> CalibrationConfig:
         """``tokens`` worth of windows of the scoring text (the same first windows, then more), and ``guard``
@@ -183,9 +190,16 @@ class LinearRepair(Repair):
         mode = self._mode(ctx.model)
         fitted: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = []
         record = RepairRecord(self.name, self.params(), replay="refit", tokens=ctx.stats.num_tokens)
+        upstream: list[int] = []  # blocks of the runs fitted so far
         for a, b in runs(ctx.removed):
             sums = ctx.stats.get(self._sums(ctx.model, a, b), "the linear repair")
             run: dict[str, Any] = {"first": a, "last": b}
+            if upstream and self.activations == "repaired" and not ctx.measuring and ctx.windows is not None:
+                sums = upstream_sums(
+                    ctx.model, ctx.windows, sums, upstream, _merged(fitted), ctx.calibration, ctx.progress
+                )
+                run["activations"] = "cut and repaired upstream"
+            upstream += range(a, b + 1)
             run_edits: dict[str, torch.Tensor] = {}
             if a == 0 and embeddings_tied(ctx.model):
                 run["skipped"] = (
