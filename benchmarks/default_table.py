@@ -69,7 +69,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         s = r.get("sleb", {})
-        better = "**" if s.get("linear") is not None and r["repaired"] <= s["linear"] else ""
+        # at the table's precision: the same set repaired twice differs in the last float bits
+        better = (
+            "**" if s.get("linear") is not None and round(r["repaired"], 2) <= round(s["linear"], 2) else ""
+        )
         lines.append(
             f"| {r['model']}, {r['num_blocks']} of {r['total_blocks']} | {r['removed']} | {r['cut']:.2f} | "
             f"{better}{r['repaired']:.2f}{better} ({r['repaired'] / r['cut'] - 1:+.0%}) | {s.get('removed', '-')} | {_ppl(s.get('cut'))} | "
