@@ -90,7 +90,9 @@ def test_fitted_where_it_runs_a_later_runs_map_restores_the_state_it_will_see_at
     loaded = LoadedModel(tiny_model("llama")[0], tiny_tokenizer, "tiny-llama", None)
     run = RunSettings(CAL, RuntimeOptions(), progress=False)
     removed = [1, 3, 4]  # two runs: [1] and [3..4]
-    dense_fit, dense_record = fit_repair(loaded, LinearRepair(tokens=0, guard=0), removed, run)
+    dense_fit, dense_record = fit_repair(
+        loaded, LinearRepair(tokens=0, guard=0, activations="dense"), removed, run
+    )
     upstream_fit, record = fit_repair(
         loaded, LinearRepair(tokens=0, guard=0, activations="repaired"), removed, run
     )
@@ -136,7 +138,7 @@ def test_a_methods_measurement_keeps_the_dense_fit(tiny_tokenizer):
         loaded, windows, repair.statistics(model, removed), RunSettings(CAL, RuntimeOptions(), progress=False)
     )
     measured, _ = repair.fit(RepairContext(model, removed, stats, windows, calibration=CAL, measuring=True))
-    plain, _ = LinearRepair(tokens=0, guard=0).fit(
+    plain, _ = LinearRepair(tokens=0, guard=0, activations="dense").fit(
         RepairContext(model, removed, stats, windows, calibration=CAL)
     )
     final, _ = repair.fit(RepairContext(model, removed, stats, windows, calibration=CAL))
