@@ -13,11 +13,11 @@ from conftest import CALIBRATION_TXT
 from tiny_models import tiny_model
 
 import miprun
-from miprun.capture.replay import BoundaryCache, logits_from
+from miprun.capture.replay import BoundaryCache, layers_run, logits_from
 from miprun.methods.candidates import k_best_sets, propose, shifted
 from miprun.methods.search import brute_force_select, set_loss
 from miprun.methods.targets import coarse_kl
-from miprun.methods.verified import Verifier
+from miprun.methods.verified import Verifier, auto_stride
 from miprun.model.layouts import decoder_layers
 from miprun.model.loading import LoadedModel
 from miprun.model.surgery import remove_blocks
@@ -236,12 +236,18 @@ def test_mi_search_greedy_matches_a_plain_greedy_and_the_best_finalist_wins(repa
         record["greedy_layer_passes"] > 0
         and record["verification_layer_passes"] > record["greedy_layer_passes"]
     )
-    # the cost by stage adds up to the whole, the greedy's being its path's
+    # the cost by stage, counted from what each stage ran: the dense states (every layer) and targets (the last
+    # block again, from its cached input, and the output layer), then each shortlist set from its first removed
+    # block (every boundary is cached here)
     stages = record["passes_by_stage"]
     assert list(stages) == ["dense states and targets", "shortlist", "greedy", "swaps", "finalists"]
     assert sum(stages.values()) == pytest.approx(record["verification_layer_passes"])
-    assert stages["greedy"] == pytest.approx(record["greedy_layer_passes"])
-    assert stages["dense states and targets"] >= 1 and all(v >= 0 for v in stages.values())
+    head = Verifier(dense, _verification_windows(lm, 96), stride=auto_stride(dense)).head_share
+    assert stages["dense states and targets"] == pytest.approx((total + 1 + head) / total)
+    shortlist = [c["removed"] for c in record["candidates"]]
+    assert stages["shortlist"] == pytest.approx(
+        sum(layers_run(total, s, min(s)) + head for s in shortlist) / total
+    )
     # without a repair and without a screen the finalists keep the values they have: nothing to measure
     assert (stages["finalists"] == 0) == (repair == "none")
 

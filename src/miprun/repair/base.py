@@ -30,9 +30,8 @@ class RepairContext:
     windows: torch.Tensor | None = None  # the calibration token ids its statistics were captured on
     progress: bool = False
     check: torch.Tensor | None = None  # calibration windows left out of the statistics, to check the fit on
-    calibration: CalibrationConfig | None = (
-        None  # how ``windows`` are batched and sampled (None: the defaults)
-    )
+    # how ``windows`` are batched and sampled (None: the defaults)
+    calibration: CalibrationConfig | None = None
     measuring: bool = False  # a fit for a method's measurement of a candidate set: skip any extra passes
 
 
