@@ -1,7 +1,7 @@
 """How should mi-search measure its finalists after the repair? (issue 16, sixth round)
 
-For each removal set: the model pruned with ``--blocks`` and the default ``linear`` repair (fitted on the
-benchmark's 8 x 128 calibration tokens, as the default command fits it), its KL to the dense model and its
+For each removal set: the model pruned with ``--blocks`` and the ``linear`` repair's dense fit (every run on
+the dense model's activations, as mi-search measures its finalists; fitted as the default command fits it), its KL to the dense model and its
 next-token loss on the first 512 calibration tokens (the default's verification tokens), scored at every
 position, every 2nd and every 4th (the stride the search uses on Gemma-3-270M), on their first 256 at every
 position, on all 1,024, and on 4,096 calibration
@@ -18,9 +18,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from results_io import TEXT, write_results
+from results_io import TEXT, pruned_with_linear, write_results
 
-import miprun
 from miprun.methods.targets import coarse_kl, next_token_nll, top_k_with_tail
 from miprun.methods.verified import scored_positions
 from miprun.model.loading import load_model
@@ -76,17 +75,8 @@ def main() -> None:
     del dense
     rows = []
     for removed in sets:
-        result = miprun.prune(
-            load_model(args.model),
-            blocks=removed,
-            repair="linear",
-            calibration=CALIBRATION,
-            evaluate=True,
-            eval_samples=8,
-            eval_source=TEXT,
-            cache=False,
-            progress=False,
-        )
+        # the dense fit: what mi-search measures its finalists with (the saved model's later runs are refitted)
+        result = pruned_with_linear(args.model, removed, CALIBRATION, activations="dense")
         row = {"removed": removed, "heldout_ppl": result.plan.evaluation.pruned_ppl}
         for name, parts in targets.items():
             row[name] = dict(zip(("kl", "nll"), measured(result.model, parts), strict=True))

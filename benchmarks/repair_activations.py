@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 
-from results_io import TEXT, write_results
+from results_io import TEXT, pruned_with_linear, write_results
 
-import miprun
 from miprun.methods.search import runs
-from miprun.model.loading import load_model
 from miprun.options import CalibrationConfig
 
 CALIBRATION = CalibrationConfig(source=TEXT, samples=8, seq_len=128)  # the benchmarks' calibration
@@ -28,19 +26,7 @@ MODES = ("dense", "repaired")
 
 def measure(model: str, removed: list[int], activations: str) -> dict:
     """Held-out perplexity of ``removed`` pruned with the linear repair fitted on ``activations``."""
-    result = miprun.prune(
-        load_model(model),
-        blocks=removed,
-        repair="linear",
-        repair_params={"activations": activations},
-        calibration=CALIBRATION,
-        evaluate=True,
-        eval_samples=8,
-        eval_source=TEXT,
-        cache=False,
-        progress=False,
-    )
-    plan = result.plan
+    plan = pruned_with_linear(model, removed, CALIBRATION, activations=activations).plan
     return {
         "ppl": plan.evaluation.pruned_ppl,
         "cut_ppl": plan.evaluation.cut_ppl,

@@ -63,3 +63,23 @@ def sleb_sets(folder: Path) -> dict[int, dict[str, Any]]:
             raise SystemExit(f"{folder}: SLEB's rows at N={row['num_blocks']} hold different sets")
         entry["linear" if row.get("repair") == "linear" else "cut"] = row["ppl"]
     return out
+
+
+def pruned_with_linear(model: str, removed: list[int], calibration: Any, **repair_params: Any) -> Any:
+    """``model`` (a name or folder) pruned by ``removed`` with the linear repair (``repair_params`` over its
+    defaults), evaluated on 8 x 256 held-out tokens of :data:`TEXT`: miprun's ``PruneResult``."""
+    import miprun
+    from miprun.model.loading import load_model
+
+    return miprun.prune(
+        load_model(model),
+        blocks=removed,
+        repair="linear",
+        repair_params=repair_params,
+        calibration=calibration,
+        evaluate=True,
+        eval_samples=8,
+        eval_source=TEXT,
+        cache=False,
+        progress=False,
+    )
