@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from results_io import default_manifests, sleb_sets, write_results
-from verified import sleb_layer_passes
+
+from miprun.methods.forward import sleb_passes
 
 
 def default_rows(runs: Path) -> list[dict[str, Any]]:
@@ -45,7 +46,7 @@ def default_rows(runs: Path) -> list[dict[str, Any]]:
                 "cost": params["verification_layer_passes"]
                 * params["verification_tokens"]
                 / manifest["calibration"]["tokens"],
-                "sleb_cost": sleb_layer_passes(total, n, params["output_layer_cost"]),
+                "sleb_cost": sleb_passes(total, n, params["output_layer_cost"]),
                 "text": manifest["evaluation"]["source"].split(":")[0],
                 "params": {k: v for k, v in params.items() if not isinstance(v, (list, dict))},
             }

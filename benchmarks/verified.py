@@ -25,6 +25,7 @@ from miprun.capture.replay import head_layers
 from miprun.estimators import build as build_estimator
 from miprun.evaluation.heldout import heldout_windows
 from miprun.evaluation.oracle import DamageOracle
+from miprun.methods.forward import sleb_passes
 from miprun.model.loading import load_model
 from miprun.options import DEFAULT_ESTIMATOR, CalibrationConfig, RuntimeOptions
 from miprun.pipeline import RunSettings
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "candidates": len(record["candidates"]),
                     "verification_x_forward": passes,
                     # SLEB at this N over the same calibration tokens, in the same decoder-layer units
-                    "sleb_x_forward": sleb_layer_passes(scores.num_blocks, n, head_layers(loaded.model)),
+                    "sleb_x_forward": sleb_passes(scores.num_blocks, n, head_layers(loaded.model)),
                     "verify_seconds": record["verify_seconds"],
                     **search_summary(record),
                 }
@@ -98,16 +99,9 @@ def search_summary(record: dict[str, Any]) -> dict[str, Any]:
         "greedy_path": [step["block"] for step in record["greedy"]],
         "greedy_remeasured": [len(step["remeasured"]) for step in record["greedy"]],
         "greedy_x_forward": record["greedy_layer_passes"],
-        "swaps_tried": [round_["tried"] for round_ in record["swaps"]],
+        "swaps_tried": [round_["tried"] for round_ in record["swaps"] if "tried" in round_],
         "finalists": [[f["removed"], f["cut"], f["measured"]] for f in record["finalists"]],
     }
-
-
-def sleb_layer_passes(total: int, n: int, head: float) -> float:
-    """SLEB's cost to choose ``n`` of ``total`` blocks, in full-model passes counted by the decoder layers
-    each candidate runs (step ``k`` runs ``total - k`` candidates of ``total - k - 1`` layers each, and the
-    output layer, ``head`` decoder layers' worth, on every position)."""
-    return sum((total - k) * (total - k - 1 + head) for k in range(n)) / total
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -6,6 +6,7 @@ import copy
 import itertools
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from miprun.capture.replay import BoundaryCache, layers_run, logits_from
 from miprun.methods.candidates import k_best_sets, propose, shifted
 from miprun.methods.search import brute_force_select, set_loss
 from miprun.methods.targets import coarse_kl
-from miprun.methods.verified import Verifier, auto_stride
+from miprun.methods.verified import Ledger, Verifier, auto_stride
 from miprun.model.layouts import decoder_layers
 from miprun.model.loading import LoadedModel
 from miprun.model.surgery import remove_blocks
@@ -286,7 +287,7 @@ def test_mi_search_swaps_are_measured_like_any_set_and_only_kept_while_they_help
         lm,
         num_blocks=2,
         method="mi-search",
-        method_params={"candidates": 2, "tokens": 96, "swap_rounds": 2},
+        method_params={"candidates": 2, "tokens": 96, "swap_rounds": 2, "budget": 0},
         calibration=CAL,
         cache=False,
         progress=False,
@@ -306,7 +307,14 @@ def test_mi_search_swaps_are_measured_like_any_set_and_only_kept_while_they_help
 
 @pytest.mark.integration
 def test_mi_search_ranks_its_swaps_on_the_probe_and_measures_only_the_best_few_on_the_screen(tiny_tokenizer):
-    params = {"candidates": 2, "tokens": 96, "screen_tokens": 96, "probe_tokens": 24, "finalists": 1}
+    params = {
+        "candidates": 2,
+        "tokens": 96,
+        "screen_tokens": 96,
+        "probe_tokens": 24,
+        "finalists": 1,
+        "budget": 0,
+    }
     lm = lm_of(tiny_tokenizer)
     record = search_record(lm, params)
     dense = tiny_model("llama")[0]
@@ -341,13 +349,28 @@ def test_a_choice_reusing_the_verifiers_dense_states_still_counts_them_in_its_co
     """Every N of a compare reuses one verifier: each N's cost is what it would cost alone."""
     model, _ = tiny_model("llama")
     verifier = Verifier(model, WINDOWS, batch_size=4)
-    fresh = verifier.mark()
-    verifier.measure([[1, 2], [3]], repaired=False)
-    first = verifier.runs_since(fresh)
-    assert verifier.setup_runs > 0 and first == pytest.approx(verifier.layer_runs)
-    again = verifier.mark()
-    verifier.measure([[1, 2], [3]], repaired=False)
-    assert verifier.runs_since(again) == pytest.approx(first)
+    first = Ledger([verifier], 6)
+    with first.stage("measure"):
+        verifier.measure([[1, 2], [3]], repaired=False)
+    assert verifier.setup_runs > 0 and first.passes() == pytest.approx(verifier.layer_runs / 6)
+    again = Ledger([verifier], 6)
+    with again.stage("measure"):
+        verifier.measure([[1, 2], [3]], repaired=False)
+    assert again.by_stage() == pytest.approx(first.by_stage())
+
+
+@pytest.mark.integration
+def test_a_verifiers_planned_cost_is_what_measuring_then_costs():
+    """What a budget weighs before it spends: the layer runs measuring sets adds, the dense states and targets
+    included the first time (and a prefix at another stride paying its own targets)."""
+    model, _ = tiny_model("llama")
+    parent = Verifier(model, WINDOWS, batch_size=4, stride=2)
+    finals = replace(parent, windows=WINDOWS[:3], stride=1, parent=parent)
+    for verifier, sets in ((parent, [[1, 2], [3]]), (parent, [[0], [4, 5]]), (finals, [[2, 3]])):
+        planned, before = verifier.planned_runs(sets), verifier.layer_runs
+        verifier.measure(sets, repaired=False)
+        assert verifier.layer_runs - before == pytest.approx(planned)
+    assert finals.setup_runs > 0  # its own targets, planned
 
 
 @pytest.mark.integration
@@ -472,6 +495,24 @@ def test_mi_search_screens_mis_best_set_even_where_the_probe_ranks_it_low(tiny_t
     assert finalist["cut"] == pytest.approx(screen.measure([mi_best["removed"]], repaired=False)[0], rel=1e-5)
 
 
+@pytest.mark.integration
+def test_mi_search_keeps_within_its_budget_by_giving_up_swap_rounds(tiny_tokenizer):
+    """A budget under what the swaps would take stops them before they spend it, and the whole search stays
+    within it; a budget above changes nothing."""
+    params = {"candidates": 3, "tokens": 96, "probe_tokens": 24, "swap_rounds": 2}
+    free = search_record(lm_of(tiny_tokenizer), {**params, "budget": 0})
+    swaps, total = free["passes_by_stage"]["swaps"], free["verification_layer_passes"]
+    assert swaps > 0 and free["budget_passes"] is None and "stopped" not in json.dumps(free["swaps"])
+    sleb = search_record(lm_of(tiny_tokenizer), {**params, "budget": 1.0})["budget_passes"]
+    tight = search_record(lm_of(tiny_tokenizer), {**params, "budget": (total - swaps / 2) / sleb})
+    assert tight["swaps"][-1] == {"from": tight["swaps"][-1]["from"], "stopped": "budget"}
+    assert tight["passes_by_stage"]["swaps"] < swaps
+    assert tight["verification_layer_passes"] <= tight["budget_passes"] + 1e-9
+    roomy = search_record(lm_of(tiny_tokenizer), {**params, "budget": 2 * total / sleb})
+    assert roomy["swaps"] == free["swaps"] and roomy["finalists"] == free["finalists"]
+    assert roomy["verification_layer_passes"] == pytest.approx(total)
+
+
 def search_record(lm, params):
     """What mi-search records choosing 2 blocks of ``lm`` with ``params``, cut only."""
     return miprun.prune(
@@ -561,7 +602,14 @@ def test_mi_search_ranks_its_best_cuts_after_the_repair_on_the_probe_and_keeps_t
     monkeypatch.setattr(repairing, "capture_pass", lambda *a, **k: captures.append(1) or real(*a, **k))
     monkeypatch.setattr(LinearRepair, "_guarded", lambda *a, **k: guards.append(1) or real_guard(*a, **k))
     lm = lm_of(tiny_tokenizer)
-    params = {"candidates": 4, "tokens": 96, "probe_tokens": 24, "repaired_probe": 3, "finalists": 1}
+    params = {
+        "candidates": 4,
+        "tokens": 96,
+        "probe_tokens": 24,
+        "repaired_probe": 3,
+        "finalists": 1,
+        "budget": 0,
+    }
     result = miprun.prune(
         lm,
         num_blocks=2,
@@ -601,7 +649,6 @@ def test_mi_search_ranks_its_best_cuts_after_the_repair_on_the_probe_and_keeps_t
 
 @pytest.mark.integration
 def test_a_verifier_at_another_stride_on_its_parents_windows_measures_like_its_own_and_pays_the_head_only():
-    from dataclasses import replace
 
     model, _ = tiny_model("llama")
     parent = Verifier(model, WINDOWS, stride=3, batch_size=4)

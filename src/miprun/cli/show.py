@@ -107,6 +107,12 @@ def searched_finalists(record: dict[str, Any], chosen: list[int]) -> None:
     if "passes_by_stage" in record:
         stages = ", ".join(f"{name} {passes:.2f}" for name, passes in record["passes_by_stage"].items())
         out.print(f"forward passes by stage: {stages}")
+    if record.get("budget_passes") is not None:
+        stopped = any(r.get("stopped") == "budget" for r in record.get("swaps", []))
+        out.print(
+            f"budget: {record['budget_passes']:.2f} forward passes"
+            + (" (the swaps stopped there)" if stopped else "")
+        )
     finalists = [f["removed"] for f in record["finalists"]]
     if record.get("repaired_probe"):
         table = Table(title=f"the best cuts measured after the repair on {record['probe_tokens']} tokens")

@@ -157,6 +157,14 @@ def sleb_path(
     return path
 
 
+def sleb_passes(total: int, n: int, head: float) -> float:
+    """What SLEB's path to ``n`` of ``total`` blocks costs in full-model passes over its windows, counted by the
+    decoder layers each candidate runs: step ``k`` runs ``total - k`` candidates of ``total - k - 1`` layers
+    each, and the output layer (``head`` decoder layers' worth, :func:`~miprun.capture.replay.head_layers`) on
+    every position."""
+    return sum((total - k) * (total - k - 1 + head) for k in range(n)) / total
+
+
 # ----------------------------------------------------------------------------- methods
 
 

@@ -32,15 +32,24 @@ tokens (or the loss); the record gives the cost in full-model passes over ``toke
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
+from miprun.capture.replay import head_layers
 from miprun.errors import InvalidOptionError
 from miprun.methods.base import REGISTRY, Choice, Evidence, GatherContext
+from miprun.methods.forward import sleb_passes
 from miprun.methods.greedy import GreedyPath, public
-from miprun.methods.verified import MiVerified, Verifier, cost_record, winner
+from miprun.methods.verified import (
+    HEAD_BUDGET,
+    Ledger,
+    MiVerified,
+    Verifier,
+    auto_stride,
+    cost_record,
+    winner,
+)
 
 
 @REGISTRY.register
@@ -67,12 +76,17 @@ class MiSearch(MiVerified):
     # with a repair: the sets best by the cut (and MI's best set) measured after the repair on the probe, whose
     # ``finalists`` best go on to all the tokens (0: the finalists are the best by the cut, with MI's best set)
     repaired_probe: int = 6
-    # the output layer's stride where the finalists are measured again (1: every position; 0: the search's):
-    # on Gemma-3-270M every 4th position ranked two 2-block sets the other way round from every position and
-    # from held-out text (docs/comparison.md)
-    final_stride: int = 1
+    # the output layer's stride where the finalists are measured again (1: every position; 0: where it costs
+    # about twice the search's HEAD_BUDGET decoder layers, every 2nd position on Gemma-3-270M, every position on
+    # SmolLM2): on Gemma-3-270M every 4th position ranked two 2-block sets the other way round from every
+    # position and from held-out text, every 2nd ranked them as every position did (docs/comparison.md)
+    final_stride: int = 0
+    # the most the search spends, as a share of SLEB's forward passes for the same N over the calibration
+    # tokens (0: no limit); the swap rounds give way: each is costed before it runs, with what the repaired
+    # probe and the finalists will need after it, and runs only within the budget
+    budget: float = 0.1
 
-    live_keys: ClassVar[tuple[str, ...]] = ("verifier", "screen", "probe", "finals")
+    live_keys: ClassVar[tuple[str, ...]] = ("verifier", "screen", "probe", "finals", "calibration_tokens")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,6 +99,7 @@ class MiSearch(MiVerified):
             ("step_screen", 0),
             ("repaired_probe", 0),
             ("final_stride", 0),
+            ("budget", 0),
         ):
             if getattr(self, field_name) < low:
                 raise InvalidOptionError(
@@ -93,14 +108,22 @@ class MiSearch(MiVerified):
 
     def attach(self, ctx: GatherContext) -> dict[str, Any]:
         """The verifier on ``tokens`` tokens, the screening verifier on their first ``screen_tokens`` and the
-        probe on their first ``probe_tokens`` (each the wider one where it would hold as many windows)."""
+        probe on their first ``probe_tokens`` (each the wider one where it would hold as many windows), the
+        finalists' verifier, and the calibration's tokens (what SLEB's cost, and so the budget, counts over)."""
         live = super().attach(ctx)
         verifier: Verifier = live["verifier"]
         screen = _prefix(verifier, self.screen_tokens)
         finals = verifier
-        if self.final_stride and self.final_stride != verifier.stride:
-            finals = replace(verifier, stride=self.final_stride, parent=verifier)
-        return {**live, "screen": screen, "probe": _prefix(screen, self.probe_tokens), "finals": finals}
+        stride = self.final_stride or auto_stride(ctx.model, 2 * HEAD_BUDGET)
+        if stride != verifier.stride:
+            finals = replace(verifier, stride=stride, parent=verifier)
+        return {
+            **live,
+            "screen": screen,
+            "probe": _prefix(screen, self.probe_tokens),
+            "finals": finals,
+            "calibration_tokens": int(ctx.windows.numel()),
+        }
 
     def choose(self, evidence: Evidence, n: int, seed: int) -> Choice:
         short = self.shortlist(evidence, n, seed)
@@ -132,13 +155,48 @@ class MiSearch(MiVerified):
             pool.setdefault(tuple(removed), score)
         ranked = sorted(pool, key=lambda key: (pool[key], key))
         path = screen.searches[self._greedy_key(probe)]
+        rehearsing = verifier.repair is not None and self.repaired_probe > 0 and probe is not verifier
+        remeasuring = (
+            verifier.repair is not None or screen is not verifier
+        )  # else the finalists keep their values
+        limit = math.inf
+        if self.budget:
+            calibration = evidence.require("calibration_tokens", self.name)
+            sleb = sleb_passes(short.num_blocks, n, head_layers(verifier.model))
+            limit = self.budget * sleb * calibration / verifier.windows.numel()  # in the ledger's passes
+
+        def affordable(probed: list[list[int]], screened: list[list[int]]) -> bool:
+            """Whether measuring ``probed`` on the probe and ``screened`` on the screen, and then what the
+            repaired probe and the finalists need, stays within the budget (those costed on the dearest of
+            the sets that could reach them: the best so far, these, MI's best; a set starting earlier runs more
+            layers)."""
+            best = sorted(pool, key=lambda key: (pool[key], key))[: max(self.repaired_probe, self.finalists)]
+            reach = sorted(
+                [*(list(key) for key in best), *screened, list(short.sets[mi_best])],
+                key=lambda s: (min(s), s),
+            )
+            after = 0.0
+            if remeasuring:
+                after += ledger.planned(finals, reach[: self.finalists], repaired=verifier.repair is not None)
+            if rehearsing:
+                after += ledger.planned(probe, reach[: self.repaired_probe + 1], repaired=True)
+            now = ledger.planned(probe, probed) + ledger.planned(screen, screened)
+            return ledger.passes() + now + after <= limit
+
         with ledger.stage("swaps"):
             swaps = self.swap(
-                screen, probe, list(ranked[0]), pool[ranked[0]], path.last_value, pool, short.num_blocks
+                screen,
+                probe,
+                list(ranked[0]),
+                pool[ranked[0]],
+                path.last_value,
+                pool,
+                short.num_blocks,
+                affordable,
             )
         ranked = sorted(pool, key=lambda key: (pool[key], key))
         rehearsed: list[dict[str, Any]] = []
-        if verifier.repair is not None and self.repaired_probe and probe is not verifier:
+        if rehearsing:
             with ledger.stage("repaired probe"):
                 finalists, rehearsed = self.rehearse(probe, ranked, tuple(short.sets[mi_best]))
         else:
@@ -147,7 +205,7 @@ class MiSearch(MiVerified):
             ]
         judged = "after the repair" if verifier.repair is not None else "on the cut"
         with ledger.stage("finalists"):
-            if verifier.repair is not None or screen is not verifier:
+            if remeasuring:
                 final = finals.measure(finalists, repaired=verifier.repair is not None)
             else:
                 final = [pool[tuple(s)] for s in finalists]
@@ -164,8 +222,9 @@ class MiSearch(MiVerified):
                 {"removed": s, "cut": pool[tuple(s)], "measured": score, "greedy": s == ends[0][0]}
                 for s, score in zip(finalists, final, strict=True)
             ],
-            **cost_record(verifier, ledger.passes() * short.num_blocks, short.num_blocks),
+            **cost_record(verifier, ledger.passes()),
             "passes_by_stage": ledger.by_stage(),
+            "budget_passes": limit if math.isfinite(limit) else None,
         }
         return Choice(
             finalists[best],
@@ -198,21 +257,29 @@ class MiSearch(MiVerified):
         prior: dict[int, float],
         pool: dict[tuple[int, ...], float],
         total: int,
+        affordable: Callable[[list[list[int]], list[list[int]]], bool] = lambda probed, screened: True,
     ) -> list[dict[str, Any]]:
         """Local search from the best set so far: each round ranks, on ``probe``, the set with each removed block
         put back, then swaps the two whose return helps most for the ``width`` kept blocks the greedy measured
         best (``prior``) and the kept blocks beside the set's runs; the ``finalists`` best swaps by the probe
         are measured by ``verifier``, and the best is taken while it lowers the measurement. Every set the
-        verifier measures joins ``pool``; returns one record per round."""
+        verifier measures joins ``pool``; returns one record per round. A round runs only where
+        ``affordable(probe's sets, verifier's sets)`` says its measurements fit the budget (the last record
+        then says so)."""
         rounds: list[dict[str, Any]] = []
         probed: dict[tuple[int, ...], float] = {}
         for _ in range(self.swap_rounds):
             back = [sorted(set(current) - {r}) for r in current]
-            # (one block removed: putting it back is the dense model, nothing to rank)
-            back_values = probe.measure(back, repaired=False) if len(current) > 1 else [0.0]
-            give_back = [
-                current[i] for i in sorted(range(len(current)), key=lambda i: (back_values[i], i))[:2]
-            ]
+            if len(current) <= 2:  # both go back: nothing to rank
+                give_back = list(current)
+            else:
+                if not affordable(back, []):
+                    rounds.append({"from": current, "stopped": "budget"})
+                    break
+                back_values = probe.measure(back, repaired=False)
+                give_back = [
+                    current[i] for i in sorted(range(len(current)), key=lambda i: (back_values[i], i))[:2]
+                ]
             kept = [b for b in range(total) if b not in current]
             best_kept = sorted(kept, key=lambda b: (prior.get(b, math.inf), b))[: self.width]
             beside = [b for b in kept if b - 1 in current or b + 1 in current]
@@ -223,8 +290,14 @@ class MiSearch(MiVerified):
             if not trials:
                 break
             ranked_only = 0
+            unseen = [t for t in trials if t not in pool and t not in probed]
+            dearest = sorted((list(t) for t in trials if t not in pool), key=lambda t: (min(t), t))[
+                : self.finalists if probe is not verifier else len(trials)
+            ]
+            if not affordable([list(t) for t in unseen] if probe is not verifier else [], dearest):
+                rounds.append({"from": current, "stopped": "budget"})
+                break
             if probe is not verifier:  # the probe ranks the trials; the verifier measures the best few
-                unseen = [t for t in trials if t not in pool and t not in probed]
                 probed.update(
                     zip(unseen, probe.measure([list(t) for t in unseen], repaired=False), strict=True)
                 )
@@ -280,39 +353,3 @@ def _prefix(verifier: Verifier, tokens: int) -> Verifier:
     if not tokens or keep >= rows:
         return verifier
     return replace(verifier, windows=verifier.windows[:keep], parent=verifier)
-
-
-@dataclass
-class Ledger:
-    """What a choice cost, by stage, in full-model passes over the widest verifier's tokens: the layer runs of
-    verifiers on prefixes of the same windows, each weighed by its share of them; the dense states and targets
-    count whole, whether computed for this choice or reused from an earlier one (another N)."""
-
-    verifiers: list[Verifier]
-    num_blocks: int
-    stages: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.verifiers = list({id(v): v for v in self.verifiers}.values())  # each once
-        self._tokens = max(v.windows.numel() for v in self.verifiers)
-
-    def _runs(self, setup: bool) -> float:
-        """All verifiers' layer runs so far (``setup``: only their dense states and targets), weighed."""
-        return sum(
-            (v.setup_runs if setup else v.layer_runs - v.setup_runs) * v.windows.numel() / self._tokens
-            for v in self.verifiers
-        )
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Count the measurement work done inside the block (less any dense setup) under ``name``."""
-        before = self._runs(setup=False)
-        yield
-        self.stages[name] = self.stages.get(name, 0.0) + (self._runs(setup=False) - before) / self.num_blocks
-
-    def by_stage(self) -> dict[str, float]:
-        """Passes by stage, the dense states and targets first; they add up to :meth:`passes`."""
-        return {"dense states and targets": self._runs(setup=True) / self.num_blocks, **self.stages}
-
-    def passes(self) -> float:
-        return sum(self.by_stage().values())

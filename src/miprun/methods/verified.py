@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -43,10 +45,10 @@ Objective = Literal["kl", "nll"]
 HEAD_BUDGET = 8.0  # decoder layers' worth of output layer per position, SmolLM2-135M's (docs/comparison.md)
 
 
-def auto_stride(model: Any) -> int:
-    """Score every position where the output layer costs about :data:`HEAD_BUDGET` decoder layers or less,
-    else every ``stride``-th position, so a measurement costs about as much on any vocabulary."""
-    return max(1, round(head_layers(model) / HEAD_BUDGET))
+def auto_stride(model: Any, budget: float = HEAD_BUDGET) -> int:
+    """Score every position where the output layer costs about ``budget`` decoder layers or less, else every
+    ``stride``-th position, so a measurement costs about as much on any vocabulary."""
+    return max(1, round(head_layers(model) / budget))
 
 
 def scored_positions(seq_len: int, stride: int) -> torch.Tensor | None:
@@ -110,14 +112,29 @@ class Verifier:
         self.setup_runs += self.layer_runs - before
         return self.cache
 
-    def mark(self) -> tuple[float, float]:
-        """Where the cost counters stand, for :meth:`runs_since`."""
-        return self.layer_runs, self.setup_runs
+    def planned_runs(self, sets: list[list[int]], repaired: bool = False) -> float:
+        """The layer runs measuring ``sets`` would add, this verifier's dense states and targets included where
+        it has none yet (a repaired set counted from the block before its first, where a fold may edit): what a
+        search with a budget weighs before it spends."""
+        total = len(decoder_layers(self.model))
+        source = self
+        while source.cache is None and source.parent is not None:
+            source = source.parent
+        # where the dense states are not cached yet, the checkpoints they will be cached at (no model run)
+        cache = source.cache or StateCache(self.model, source.windows, source.budget_bytes, source.batch_size)
+        start = cache.start_for
 
-    def runs_since(self, mark: tuple[float, float]) -> float:
-        """Layer runs since ``mark`` as if this were the verifier's first use: the dense states and targets
-        count whether they were computed now or reused from an earlier choice (another N)."""
-        return self.layer_runs - mark[0] - (self.setup_runs - mark[1]) + self.setup_runs
+        runs = float(total) if source.cache is None and source.parent is None else 0.0
+        if (
+            self.objective == "kl"
+            and self.dense is None
+            and (self.parent is None or self.parent.stride != self.stride)
+        ):
+            runs += layers_run(total, [], start(total)) + self.head_share
+        for removed in sets:
+            first = max(min(removed) - 1, 0) if repaired and self.repair is not None else min(removed)
+            runs += layers_run(total, removed, start(first)) + self.head_share
+        return runs
 
     @torch.inference_mode()
     def _dense_targets(self) -> DenseTargets:
@@ -219,6 +236,48 @@ class Verifier:
         return result if math.isfinite(result) else math.inf
 
 
+@dataclass
+class Ledger:
+    """What a choice cost, by stage, in full-model passes over the widest verifier's tokens: the layer runs of
+    verifiers on prefixes of the same windows, each weighed by its share of them; the dense states and targets
+    count whole, whether computed for this choice or reused from an earlier one (another N)."""
+
+    verifiers: list[Verifier]
+    num_blocks: int
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.verifiers = list({id(v): v for v in self.verifiers}.values())  # each once
+        self._tokens = max(v.windows.numel() for v in self.verifiers)
+
+    def _runs(self, setup: bool) -> float:
+        """All verifiers' layer runs so far (``setup``: only their dense states and targets), weighed."""
+        return sum(
+            (v.setup_runs if setup else v.layer_runs - v.setup_runs) * v.windows.numel() / self._tokens
+            for v in self.verifiers
+        )
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Count the measurement work done inside the block (less any dense setup) under ``name``."""
+        before = self._runs(setup=False)
+        yield
+        self.stages[name] = self.stages.get(name, 0.0) + (self._runs(setup=False) - before) / self.num_blocks
+
+    def by_stage(self) -> dict[str, float]:
+        """Passes by stage, the dense states and targets first; they add up to :meth:`passes`."""
+        return {"dense states and targets": self._runs(setup=True) / self.num_blocks, **self.stages}
+
+    def passes(self) -> float:
+        return sum(self.by_stage().values())
+
+    def planned(self, verifier: Verifier, sets: list[list[int]], repaired: bool = False) -> float:
+        """What measuring ``sets`` with ``verifier`` would add, in this ledger's passes."""
+        return (
+            verifier.planned_runs(sets, repaired) * verifier.windows.numel() / self._tokens / self.num_blocks
+        )
+
+
 def _block_of(model: Any, name: str) -> int:
     """The decoder block a parameter belongs to (0 for anything before the first block, e.g. the embedding)."""
     prefix = layout_for(model_config(model)).layers_path + "."
@@ -297,13 +356,14 @@ class MiVerified(Method):
     def choose(self, evidence: Evidence, n: int, seed: int) -> Choice:
         short = self.shortlist(evidence, n, seed)
         verifier: Verifier = evidence.require("verifier", self.name)
-        mark = verifier.mark()
-        scores = verifier.measure(short.sets)
+        ledger = Ledger([verifier], short.num_blocks)
+        with ledger.stage("candidates"):
+            scores = verifier.measure(short.sets)
         best = winner(scores, short.losses, f"mi-verified's {len(scores)} candidates")
         record = {
             **short.record(scores, self.objective, verifier),
             "chosen_mi_rank": short.mi_rank[tuple(short.sets[best])],
-            **cost_record(verifier, verifier.runs_since(mark), short.num_blocks),
+            **cost_record(verifier, ledger.passes()),
         }
         return Choice(
             short.sets[best], len(short.sets), stop_reason=f"lowest measured {self.objective}", record=record
@@ -361,10 +421,10 @@ def winner(scores: list[float], tiebreak: list[float], what: str) -> int:
     return min(finite, key=lambda i: (scores[i], tiebreak[i]))
 
 
-def cost_record(verifier: Verifier, layer_runs: float, num_blocks: int) -> dict[str, Any]:
-    """What the verification cost: ``layer_runs`` in full-model passes over its tokens, and the cache kept."""
+def cost_record(verifier: Verifier, passes: float) -> dict[str, Any]:
+    """What the verification cost: ``passes`` full-model passes over its tokens, and the cache kept."""
     return {
-        "verification_layer_passes": layer_runs / num_blocks,
+        "verification_layer_passes": passes,
         "output_layer_cost": round(head_layers(verifier.model), 2),  # in decoder layers per token, counted
         "scored_positions": "all" if verifier.positions is None else len(verifier.positions),
         "cached_boundaries": len(verifier.cache.checkpoints) if verifier.cache is not None else 0,
