@@ -513,11 +513,27 @@ def test_mi_search_keeps_within_its_budget_by_giving_up_swap_rounds(tiny_tokeniz
     assert roomy["verification_layer_passes"] == pytest.approx(total)
 
 
-def search_record(lm, params):
-    """What mi-search records choosing 2 blocks of ``lm`` with ``params``, cut only."""
+@pytest.mark.integration
+def test_mi_search_does_not_rank_swaps_that_no_round_within_its_budget_could_follow(tiny_tokenizer):
+    """From three blocks a round first ranks which block goes back; where no round that ranking could lead to
+    fits the budget, the ranking is not paid for either."""
+    params = {"candidates": 3, "tokens": 96, "probe_tokens": 24, "swap_rounds": 1}
+    free = search_record(lm_of(tiny_tokenizer), {**params, "budget": 0}, num_blocks=3)
+    swaps, total = free["passes_by_stage"]["swaps"], free["verification_layer_passes"]
+    assert swaps > 0 and "probed" in free["swaps"][0]
+    sleb = search_record(lm_of(tiny_tokenizer), {**params, "budget": 1.0}, num_blocks=3)["budget_passes"]
+    tight = search_record(
+        lm_of(tiny_tokenizer), {**params, "budget": (total - swaps + 1e-9) / sleb}, num_blocks=3
+    )
+    assert tight["swaps"] == [{"from": free["swaps"][0]["from"], "stopped": "budget"}]
+    assert tight["passes_by_stage"]["swaps"] == 0
+
+
+def search_record(lm, params, num_blocks=2):
+    """What mi-search records choosing ``num_blocks`` blocks of ``lm`` with ``params``, cut only."""
     return miprun.prune(
         lm,
-        num_blocks=2,
+        num_blocks=num_blocks,
         method="mi-search",
         method_params=params,
         repair="none",

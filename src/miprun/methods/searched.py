@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from itertools import combinations
 from typing import Any, ClassVar
 
 from miprun.capture.replay import head_layers
@@ -268,39 +269,50 @@ class MiSearch(MiVerified):
         then says so)."""
         rounds: list[dict[str, Any]] = []
         probed: dict[tuple[int, ...], float] = {}
+        ranking = probe is not verifier  # the probe ranks the trials; the verifier measures the best few
+
+        def plan(
+            current: list[int], give_back: list[int]
+        ) -> tuple[list[tuple[int, ...]], list[list[int]], list[list[int]]]:
+            """A round's trials: each of ``give_back`` swapped for the ``width`` kept blocks the greedy measured
+            best and the kept blocks beside the set's runs; with what the probe would rank (the trials it has
+            not seen) and what the verifier would measure (the dearest, where the probe picks them)."""
+            kept = [b for b in range(total) if b not in current]
+            best_kept = sorted(kept, key=lambda b: (prior.get(b, math.inf), b))[: self.width]
+            beside = [b for b in kept if b - 1 in current or b + 1 in current]
+            adds = list(dict.fromkeys([*best_kept, *beside]))
+            trials = list(dict.fromkeys(tuple(sorted({*current, k} - {r})) for r in give_back for k in adds))
+            unseen = [list(t) for t in trials if t not in pool and t not in probed] if ranking else []
+            dearest = sorted((list(t) for t in trials if t not in pool), key=lambda t: (min(t), t))
+            return trials, unseen, dearest[: self.finalists] if ranking else dearest
+
         for _ in range(self.swap_rounds):
             back = [sorted(set(current) - {r}) for r in current]
             if len(current) <= 2:  # both go back: nothing to rank
                 give_back = list(current)
             else:
-                if not affordable(back, []):
+                # the ranking is paid for only where the cheapest round it could lead to fits
+                if not any(
+                    affordable([*back, *unseen], screened)
+                    for _, unseen, screened in (
+                        plan(current, list(pair)) for pair in combinations(current, 2)
+                    )
+                ):
                     rounds.append({"from": current, "stopped": "budget"})
                     break
                 back_values = probe.measure(back, repaired=False)
                 give_back = [
                     current[i] for i in sorted(range(len(current)), key=lambda i: (back_values[i], i))[:2]
                 ]
-            kept = [b for b in range(total) if b not in current]
-            best_kept = sorted(kept, key=lambda b: (prior.get(b, math.inf), b))[: self.width]
-            beside = [b for b in kept if b - 1 in current or b + 1 in current]
-            adds = list(dict.fromkeys([*best_kept, *beside]))
-            trials: list[tuple[int, ...]] = list(
-                dict.fromkeys(tuple(sorted({*current, k} - {r})) for r in give_back for k in adds)
-            )
+            trials, unseen, screened = plan(current, give_back)
             if not trials:
                 break
-            ranked_only = 0
-            unseen = [t for t in trials if t not in pool and t not in probed]
-            dearest = sorted((list(t) for t in trials if t not in pool), key=lambda t: (min(t), t))[
-                : self.finalists if probe is not verifier else len(trials)
-            ]
-            if not affordable([list(t) for t in unseen] if probe is not verifier else [], dearest):
+            if not affordable(unseen, screened):
                 rounds.append({"from": current, "stopped": "budget"})
                 break
-            if probe is not verifier:  # the probe ranks the trials; the verifier measures the best few
-                probed.update(
-                    zip(unseen, probe.measure([list(t) for t in unseen], repaired=False), strict=True)
-                )
+            ranked_only = 0
+            if ranking:
+                probed.update(zip(map(tuple, unseen), probe.measure(unseen, repaired=False), strict=True))
                 ranked_only = len(unseen)
                 ahead = sorted((t for t in trials if t not in pool), key=lambda t: (probed[t], t))
                 trials = [*ahead[: self.finalists], *(t for t in trials if t in pool)]
