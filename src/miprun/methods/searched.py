@@ -157,9 +157,8 @@ class MiSearch(MiVerified):
         ranked = sorted(pool, key=lambda key: (pool[key], key))
         path = screen.searches[self._greedy_key(probe)]
         rehearsing = verifier.repair is not None and self.repaired_probe > 0 and probe is not verifier
-        remeasuring = (
-            verifier.repair is not None or screen is not verifier
-        )  # else the finalists keep their values
+        # the finalists are measured again after the repair or on more tokens (else they keep their values)
+        remeasuring = verifier.repair is not None or screen is not verifier
         limit = math.inf
         if self.budget:
             calibration = evidence.require("calibration_tokens", self.name)
@@ -172,10 +171,13 @@ class MiSearch(MiVerified):
             the sets that could reach them: the best so far, these, MI's best; a set starting earlier runs more
             layers)."""
             best = sorted(pool, key=lambda key: (pool[key], key))[: max(self.repaired_probe, self.finalists)]
-            reach = sorted(
-                [*(list(key) for key in best), *screened, list(short.sets[mi_best])],
-                key=lambda s: (min(s), s),
-            )
+            reach = [
+                list(key)
+                for key in sorted(
+                    dict.fromkeys([*best, *map(tuple, screened), tuple(short.sets[mi_best])]),
+                    key=lambda key: (min(key), key),
+                )
+            ]
             after = 0.0
             if remeasuring:
                 after += ledger.planned(finals, reach[: self.finalists], repaired=verifier.repair is not None)

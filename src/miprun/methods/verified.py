@@ -113,18 +113,18 @@ class Verifier:
         return self.cache
 
     def planned_runs(self, sets: list[list[int]], repaired: bool = False) -> float:
-        """The layer runs measuring ``sets`` would add, this verifier's dense states and targets included where
-        it has none yet (a repaired set counted from the block before its first, where a fold may edit): what a
-        search with a budget weighs before it spends."""
+        """The layer runs measuring ``sets`` would add to this verifier, its own dense states and targets
+        included where it has none yet (a parent's are the parent's; a repaired set is counted from the block
+        before its first, where a fold may edit): what a search with a budget weighs before it spends."""
         total = len(decoder_layers(self.model))
-        source = self
-        while source.cache is None and source.parent is not None:
-            source = source.parent
+        root = self
+        while root.cache is None and root.parent is not None:
+            root = root.parent
         # where the dense states are not cached yet, the checkpoints they will be cached at (no model run)
-        cache = source.cache or StateCache(self.model, source.windows, source.budget_bytes, source.batch_size)
-        start = cache.start_for
-
-        runs = float(total) if source.cache is None and source.parent is None else 0.0
+        start = (
+            root.cache or StateCache(self.model, root.windows, root.budget_bytes, root.batch_size)
+        ).start_for
+        runs = float(total) if self.cache is None and self.parent is None else 0.0
         if (
             self.objective == "kl"
             and self.dense is None
