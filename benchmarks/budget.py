@@ -1,0 +1,96 @@
+"""What does mi-search's budget (a tenth of SLEB's forward passes by default) cost in quality? (issue 16)
+
+For each model, N and calibration seed: the default command (mi-search + linear) on the benchmarks' 8 x 128
+calibration windows, and, where the budget stopped a swap round, the same with ``budget=0`` (no limit); where
+it stopped nothing the two runs are the same computation, so the unlimited one is not run. Held-out perplexity
+on 8 x 256 tokens of the evaluation text, and each run's cost in forward passes over the calibration tokens
+against SLEB's.
+
+    MIPRUN_BENCH_TEXT=novel python benchmarks/budget.py --point smollm2-135m:3 --point gemma3-270m:2 \
+        --seed 1 --seed 2 --out benchmarks/results/budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from results_io import TEXT, write_results
+
+import miprun
+from miprun.methods.forward import sleb_passes
+from miprun.model.loading import load_model
+from miprun.options import CalibrationConfig
+
+
+def run(model: str, n: int, seed: int, budget: float | None) -> dict[str, Any]:
+    """The default command at ``n`` blocks on calibration seed ``seed`` (``budget``: mi-search's, None: its
+    default): the set, held-out perplexity, cost and whether the budget stopped the swaps."""
+    params = {} if budget is None else {"budget": budget}
+    plan = miprun.prune(
+        load_model(model),
+        num_blocks=n,
+        method_params=params,
+        calibration=CalibrationConfig(source=TEXT, samples=8, seq_len=128, seed=seed),
+        evaluate=True,
+        eval_samples=8,
+        eval_source=TEXT,
+        cache=False,
+        progress=False,
+    ).plan
+    record = plan.search.params
+    cost = record["verification_layer_passes"] * record["verification_tokens"] / (8 * 128)
+    sleb = sleb_passes(plan.num_blocks_before, n, record["output_layer_cost"])
+    return {
+        "removed": plan.removed,
+        "ppl": plan.evaluation.pruned_ppl,
+        "cost": cost,
+        "ratio": cost / sleb,
+        "stopped": "budget" in json.dumps(record["swaps"]),
+        "finalists": [f["removed"] for f in record["finalists"]],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--point", action="append", required=True, help="MODEL:N")
+    parser.add_argument("--seed", action="append", type=int, required=True, help="calibration seed")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    rows = []
+    for spec in args.point:
+        model, n = spec.split(":")
+        for seed in args.seed:
+            row: dict[str, Any] = {"model": model, "n": int(n), "seed": seed}
+            row["budget"] = run(model, int(n), seed, None)
+            row["unlimited"] = run(model, int(n), seed, 0.0) if row["budget"]["stopped"] else None
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    lines = [
+        f"### mi-search's budget against none ({TEXT})",
+        "",
+        "The default command on 8 x 128 calibration tokens (the seed picks the windows); held-out perplexity on "
+        "8 x 256 tokens; cost in forward passes over the calibration tokens, and against SLEB's. Without the "
+        "budget: run only where the budget stopped a swap round (elsewhere it is the same computation).",
+        "",
+        "| model, N | seed | with the budget: removed | ppl | cost (x SLEB) | without: removed | ppl | cost (x SLEB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        b, u = r["budget"], r["unlimited"]
+        free = (
+            f"{u['removed']} | {u['ppl']:.2f} | {u['cost']:.1f} ({u['ratio']:.3f}x)"
+            if u
+            else "(the budget stopped nothing) | | "
+        )
+        lines.append(
+            f"| {r['model']}, {r['n']} | {r['seed']} | {b['removed']} | {b['ppl']:.2f} | "
+            f"{b['cost']:.1f} ({b['ratio']:.3f}x) | {free} |"
+        )
+    write_results(args.out, "budget", {"text": TEXT, "rows": rows}, "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
