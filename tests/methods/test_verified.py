@@ -514,6 +514,36 @@ def test_mi_search_keeps_within_its_budget_by_giving_up_swap_rounds(tiny_tokeniz
 
 
 @pytest.mark.integration
+def test_mi_search_with_a_repair_keeps_room_within_its_budget_for_the_repaired_probe_and_the_finalists(
+    tiny_tokenizer,
+):
+    """With a repair the sets measured after the swaps (the repaired probe, the finalists at their own stride)
+    are costed before a round runs, so stopping the swaps keeps the whole search within the budget."""
+    params = {"candidates": 3, "tokens": 96, "probe_tokens": 24, "stride": 2, "final_stride": 1}
+
+    def record(budget):
+        return miprun.prune(
+            lm_of(tiny_tokenizer),
+            num_blocks=2,
+            method="mi-search",
+            method_params={**params, "budget": budget},
+            repair="linear",
+            repair_params={"tokens": 0},
+            calibration=CAL,
+            cache=False,
+            progress=False,
+        ).plan.search.params
+
+    free = record(0)
+    swaps, total = free["passes_by_stage"]["swaps"], free["verification_layer_passes"]
+    assert swaps > 0 and free["passes_by_stage"]["repaired probe"] > 0
+    sleb = record(1.0)["budget_passes"]
+    tight = record((total - swaps / 2) / sleb)
+    assert "budget" in json.dumps(tight["swaps"])
+    assert tight["verification_layer_passes"] <= tight["budget_passes"] + 1e-9
+
+
+@pytest.mark.integration
 def test_mi_search_does_not_rank_swaps_that_no_round_within_its_budget_could_follow(tiny_tokenizer):
     """From three blocks a round first ranks which block goes back; where no round that ranking could lead to
     fits the budget, the ranking is not paid for either."""
