@@ -1,8 +1,9 @@
 """What does mi-search's budget (a tenth of SLEB's forward passes by default) cost in quality? (issue 16)
 
 For each model, N and calibration seed: the default command (mi-search + linear) on the benchmarks' 8 x 128
-calibration windows, and, where the budget stopped a swap round, the same with ``budget=0`` (no limit); where
-it stopped nothing the two runs are the same computation, so the unlimited one is not run. Held-out perplexity
+calibration windows, and, where a stage gave way to the budget (a swap round, or the repaired probe's
+breadth), the same with ``budget=0`` (no limit); where none did the two runs are the same computation, so the
+unlimited one is not run. Held-out perplexity
 on 8 x 256 tokens of the evaluation text, and each run's cost in forward passes over the calibration tokens
 against SLEB's.
 
@@ -26,7 +27,7 @@ from miprun.options import CalibrationConfig
 
 def run(model: str, n: int, seed: int, budget: float | None) -> dict[str, Any]:
     """The default command at ``n`` blocks on calibration seed ``seed`` (``budget``: mi-search's, None: its
-    default): the set, held-out perplexity, cost and whether the budget stopped the swaps."""
+    default): the set, held-out perplexity, cost (by stage too) and the stages that gave way to the budget."""
     params = {} if budget is None else {"budget": budget}
     plan = miprun.prune(
         load_model(model),
@@ -40,14 +41,16 @@ def run(model: str, n: int, seed: int, budget: float | None) -> dict[str, Any]:
         progress=False,
     ).plan
     record = plan.search.params
-    cost = record["verification_layer_passes"] * record["verification_tokens"] / (8 * 128)
+    per_pass = record["verification_tokens"] / (8 * 128)  # the record's passes, over the calibration tokens
+    cost = record["verification_layer_passes"] * per_pass
     sleb = sleb_passes(plan.num_blocks_before, n, record["output_layer_cost"])
     return {
         "removed": plan.removed,
         "ppl": plan.evaluation.pruned_ppl,
         "cost": cost,
         "ratio": cost / sleb,
-        "stopped": "budget" in json.dumps(record["swaps"]),
+        "gave_way": record["budget_gave_way"],
+        "stages": {stage: passes * per_pass for stage, passes in record["passes_by_stage"].items()},
         "finalists": [f["removed"] for f in record["finalists"]],
     }
 
@@ -64,7 +67,7 @@ def main() -> None:
         for seed in args.seed:
             row: dict[str, Any] = {"model": model, "n": int(n), "seed": seed}
             row["budget"] = run(model, int(n), seed, None)
-            row["unlimited"] = run(model, int(n), seed, 0.0) if row["budget"]["stopped"] else None
+            row["unlimited"] = run(model, int(n), seed, 0.0) if row["budget"]["gave_way"] else None
             rows.append(row)
             print(json.dumps(row), flush=True)
     lines = [
@@ -72,21 +75,20 @@ def main() -> None:
         "",
         "The default command on 8 x 128 calibration tokens (the seed picks the windows); held-out perplexity on "
         "8 x 256 tokens; cost in forward passes over the calibration tokens, and against SLEB's. Without the "
-        "budget: run only where the budget stopped a swap round (elsewhere it is the same computation).",
+        "budget: run only where a stage gave way to the budget (elsewhere it is the same computation).",
         "",
-        "| model, N | seed | with the budget: removed | ppl | cost (x SLEB) | without: removed | ppl | cost (x SLEB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model, N | seed | with the budget: removed | ppl | cost (x SLEB) | gave way | without: removed | ppl | "
+        "cost (x SLEB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         b, u = r["budget"], r["unlimited"]
         free = (
-            f"{u['removed']} | {u['ppl']:.2f} | {u['cost']:.1f} ({u['ratio']:.3f}x)"
-            if u
-            else "(the budget stopped nothing) | | "
+            f"{u['removed']} | {u['ppl']:.2f} | {u['cost']:.1f} ({u['ratio']:.3f}x)" if u else "(same) | | "
         )
         lines.append(
             f"| {r['model']}, {r['n']} | {r['seed']} | {b['removed']} | {b['ppl']:.2f} | "
-            f"{b['cost']:.1f} ({b['ratio']:.3f}x) | {free} |"
+            f"{b['cost']:.1f} ({b['ratio']:.3f}x) | {', '.join(b['gave_way']) or '-'} | {free} |"
         )
     write_results(args.out, "budget", {"text": TEXT, "rows": rows}, "\n".join(lines))
     print("\n".join(lines))

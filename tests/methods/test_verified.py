@@ -519,7 +519,14 @@ def test_mi_search_with_a_repair_keeps_room_within_its_budget_for_the_repaired_p
 ):
     """With a repair the sets measured after the swaps (the repaired probe, the finalists at their own stride)
     are costed before a round runs, so stopping the swaps keeps the whole search within the budget."""
-    params = {"candidates": 3, "tokens": 96, "probe_tokens": 24, "stride": 2, "final_stride": 1}
+    params = {
+        "candidates": 3,
+        "tokens": 96,
+        "probe_tokens": 24,
+        "stride": 2,
+        "final_stride": 1,
+        "finalists": 1,
+    }
 
     def record(budget):
         return miprun.prune(
@@ -535,12 +542,19 @@ def test_mi_search_with_a_repair_keeps_room_within_its_budget_for_the_repaired_p
         ).plan.search.params
 
     free = record(0)
-    swaps, total = free["passes_by_stage"]["swaps"], free["verification_layer_passes"]
-    assert swaps > 0 and free["passes_by_stage"]["repaired probe"] > 0
+    stages, total = free["passes_by_stage"], free["verification_layer_passes"]
+    assert stages["swaps"] > 0 and stages["repaired probe"] > 0 and free["budget_gave_way"] == []
     sleb = record(1.0)["budget_passes"]
-    tight = record((total - swaps / 2) / sleb)
-    assert "budget" in json.dumps(tight["swaps"])
+    tight = record((total - stages["swaps"] / 2) / sleb)
+    assert tight["budget_gave_way"][0] == "swaps" and "budget" in json.dumps(tight["swaps"])
     assert tight["verification_layer_passes"] <= tight["budget_passes"] + 1e-9
+    # less room than the swaps gave back: the repaired probe measures fewer sets, still MI's best among them
+    tighter = record((total - stages["swaps"] - stages["repaired probe"] / 2) / sleb)
+    assert tighter["budget_gave_way"] == ["swaps", "repaired probe"]
+    assert 1 <= len(tighter["repaired_probe"]) < len(free["repaired_probe"])
+    mi_best = min(tighter["candidates"], key=lambda c: (c["mi_set_loss"], c["removed"]))["removed"]
+    assert mi_best in [r["removed"] for r in tighter["repaired_probe"]]
+    assert tighter["verification_layer_passes"] <= tighter["budget_passes"] + 1e-9
 
 
 @pytest.mark.integration

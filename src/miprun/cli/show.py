@@ -108,10 +108,10 @@ def searched_finalists(record: dict[str, Any], chosen: list[int]) -> None:
         stages = ", ".join(f"{name} {passes:.2f}" for name, passes in record["passes_by_stage"].items())
         out.print(f"forward passes by stage: {stages}")
     if record.get("budget_passes") is not None:
-        stopped = any(r.get("stopped") == "budget" for r in record.get("swaps", []))
+        gave_way = record.get("budget_gave_way", [])
         out.print(
             f"budget: {record['budget_passes']:.2f} forward passes"
-            + (" (the swaps stopped there)" if stopped else "")
+            + (f" ({' and '.join(gave_way)} gave way)" if gave_way else "")
         )
     finalists = [f["removed"] for f in record["finalists"]]
     if record.get("repaired_probe"):

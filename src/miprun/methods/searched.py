@@ -83,8 +83,9 @@ class MiSearch(MiVerified):
     # position and from held-out text, every 2nd ranked them as every position did (docs/comparison.md)
     final_stride: int = 0
     # the most the search spends, as a share of SLEB's forward passes for the same N over the calibration
-    # tokens (0: no limit); the swap rounds give way: each is costed before it runs, with what the repaired
-    # probe and the finalists will need after it, and runs only within the budget
+    # tokens (0: no limit). The swap rounds give way first: each is costed before it runs, with what the
+    # repaired probe and the finalists will need after it, and runs only within the budget; then the repaired
+    # probe measures fewer of the best sets by the cut (down to ``finalists``) where they would not fit
     budget: float = 0.1
 
     live_keys: ClassVar[tuple[str, ...]] = ("verifier", "screen", "probe", "finals", "calibration_tokens")
@@ -199,9 +200,15 @@ class MiSearch(MiVerified):
             )
         ranked = sorted(pool, key=lambda key: (pool[key], key))
         rehearsed: list[dict[str, Any]] = []
+        breadth = self.repaired_probe
         if rehearsing:
+            # then the repaired probe gives way, down to the finalists' number of sets besides MI's best
+            while breadth > self.finalists and not self._rehearsal_fits(
+                ledger, probe, finals, ranked[:breadth], tuple(short.sets[mi_best]), limit
+            ):
+                breadth -= 1
             with ledger.stage("repaired probe"):
-                finalists, rehearsed = self.rehearse(probe, ranked, tuple(short.sets[mi_best]))
+                finalists, rehearsed = self.rehearse(probe, ranked[:breadth], tuple(short.sets[mi_best]))
         else:
             finalists = [
                 list(key) for key in dict.fromkeys([*ranked[: self.finalists], tuple(short.sets[mi_best])])
@@ -228,6 +235,10 @@ class MiSearch(MiVerified):
             **cost_record(verifier, ledger.passes()),
             "passes_by_stage": ledger.by_stage(),
             "budget_passes": limit if math.isfinite(limit) else None,
+            "budget_gave_way": [
+                *(["swaps"] if any(r.get("stopped") == "budget" for r in swaps) else []),
+                *(["repaired probe"] if rehearsing and breadth < self.repaired_probe else []),
+            ],
         }
         return Choice(
             finalists[best],
@@ -236,14 +247,30 @@ class MiSearch(MiVerified):
             record=record,
         )
 
+    def _rehearsal_fits(
+        self,
+        ledger: Ledger,
+        probe: Verifier,
+        finals: Verifier,
+        best: list[tuple[int, ...]],
+        mi_best: tuple[int, ...],
+        limit: float,
+    ) -> bool:
+        """Whether measuring ``best`` and MI's best set after the repair on the probe, then the dearest
+        ``finalists`` of them after the repair at the finalists' stride, stays within ``limit``."""
+        tried = [list(key) for key in dict.fromkeys([*best, mi_best])]
+        dearest = sorted(tried, key=lambda s: (min(s), s))[: self.finalists]
+        planned = ledger.planned(probe, tried, repaired=True) + ledger.planned(finals, dearest, repaired=True)
+        return ledger.passes() + planned <= limit
+
     def rehearse(
-        self, probe: Verifier, ranked: list[tuple[int, ...]], mi_best: tuple[int, ...]
+        self, probe: Verifier, best: list[tuple[int, ...]], mi_best: tuple[int, ...]
     ) -> tuple[list[list[int]], list[dict[str, Any]]]:
-        """The finalists when there is a repair: the ``repaired_probe`` best sets by the cut and MI's best set,
-        each measured after its repair on the probe, and the ``finalists`` best of them by that measurement
-        (the repair reorders sets: on Gemma-3-270M it favours late blocks that cut worse). Returns them and a
-        record per set the probe measured."""
-        tried = list(dict.fromkeys([*ranked[: self.repaired_probe], mi_best]))
+        """The finalists when there is a repair: the ``best`` sets by the cut (the ``repaired_probe`` best, or
+        fewer where the budget says) and MI's best set, each measured after its repair on the probe, and the
+        ``finalists`` best of them by that measurement (the repair reorders sets: on Gemma-3-270M it favours
+        late blocks that cut worse). Returns them and a record per set the probe measured."""
+        tried = list(dict.fromkeys([*best, mi_best]))
         values = probe.measure([list(key) for key in tried])
         order = sorted(range(len(tried)), key=lambda i: (values[i], tried[i]))
         finalists = [list(tried[i]) for i in order[: self.finalists]]
