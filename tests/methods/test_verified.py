@@ -16,9 +16,10 @@ from tiny_models import tiny_model
 import miprun
 from miprun.capture.replay import BoundaryCache, layers_run, logits_from
 from miprun.methods.candidates import k_best_sets, propose, shifted
+from miprun.methods.ledger import Ledger
 from miprun.methods.search import brute_force_select, set_loss
 from miprun.methods.targets import coarse_kl
-from miprun.methods.verified import Ledger, Verifier, auto_stride
+from miprun.methods.verified import Verifier, auto_stride
 from miprun.model.layouts import decoder_layers
 from miprun.model.loading import LoadedModel
 from miprun.model.surgery import remove_blocks

@@ -42,15 +42,8 @@ from miprun.errors import InvalidOptionError
 from miprun.methods.base import REGISTRY, Choice, Evidence, GatherContext
 from miprun.methods.forward import sleb_passes
 from miprun.methods.greedy import GreedyPath, public
-from miprun.methods.verified import (
-    HEAD_BUDGET,
-    Ledger,
-    MiVerified,
-    Verifier,
-    auto_stride,
-    cost_record,
-    winner,
-)
+from miprun.methods.ledger import Ledger, cost_record
+from miprun.methods.verified import HEAD_BUDGET, MiVerified, Verifier, auto_stride, winner
 
 
 @REGISTRY.register

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -33,6 +31,7 @@ from miprun.capture.statistic import Statistic
 from miprun.errors import InvalidOptionError, NonFiniteError
 from miprun.methods.base import REGISTRY, Choice, Evidence, GatherContext, Method
 from miprun.methods.candidates import propose
+from miprun.methods.ledger import Ledger, cost_record
 from miprun.methods.search import fast_block_select, set_loss
 from miprun.methods.similarity import Angular, AngularMean, CosineMatrices, ShortGPT
 from miprun.methods.targets import DenseTargets, coarse_kl, next_token_nll, top_k_with_tail
@@ -236,48 +235,6 @@ class Verifier:
         return result if math.isfinite(result) else math.inf
 
 
-@dataclass
-class Ledger:
-    """What a choice cost, by stage, in full-model passes over the widest verifier's tokens: the layer runs of
-    verifiers on prefixes of the same windows, each weighed by its share of them; the dense states and targets
-    count whole, whether computed for this choice or reused from an earlier one (another N)."""
-
-    verifiers: list[Verifier]
-    num_blocks: int
-    stages: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.verifiers = list({id(v): v for v in self.verifiers}.values())  # each once
-        self._tokens = max(v.windows.numel() for v in self.verifiers)
-
-    def _runs(self, setup: bool) -> float:
-        """All verifiers' layer runs so far (``setup``: only their dense states and targets), weighed."""
-        return sum(
-            (v.setup_runs if setup else v.layer_runs - v.setup_runs) * v.windows.numel() / self._tokens
-            for v in self.verifiers
-        )
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Count the measurement work done inside the block (less any dense setup) under ``name``."""
-        before = self._runs(setup=False)
-        yield
-        self.stages[name] = self.stages.get(name, 0.0) + (self._runs(setup=False) - before) / self.num_blocks
-
-    def by_stage(self) -> dict[str, float]:
-        """Passes by stage, the dense states and targets first; they add up to :meth:`passes`."""
-        return {"dense states and targets": self._runs(setup=True) / self.num_blocks, **self.stages}
-
-    def passes(self) -> float:
-        return sum(self.by_stage().values())
-
-    def planned(self, verifier: Verifier, sets: list[list[int]], repaired: bool = False) -> float:
-        """What measuring ``sets`` with ``verifier`` would add, in this ledger's passes."""
-        return (
-            verifier.planned_runs(sets, repaired) * verifier.windows.numel() / self._tokens / self.num_blocks
-        )
-
-
 def _block_of(model: Any, name: str) -> int:
     """The decoder block a parameter belongs to (0 for anything before the first block, e.g. the embedding)."""
     prefix = layout_for(model_config(model)).layers_path + "."
@@ -419,15 +376,3 @@ def winner(scores: list[float], tiebreak: list[float], what: str) -> int:
             "verification windows (check the model in float32, or the data)"
         )
     return min(finite, key=lambda i: (scores[i], tiebreak[i]))
-
-
-def cost_record(verifier: Verifier, passes: float) -> dict[str, Any]:
-    """What the verification cost: ``passes`` full-model passes over its tokens, and the cache kept."""
-    return {
-        "verification_layer_passes": passes,
-        "output_layer_cost": round(head_layers(verifier.model), 2),  # in decoder layers per token, counted
-        "scored_positions": "all" if verifier.positions is None else len(verifier.positions),
-        "cached_boundaries": len(verifier.cache.checkpoints) if verifier.cache is not None else 0,
-        "cache_bytes": verifier.cache.bytes if verifier.cache is not None else 0,
-        "verify_seconds": round(verifier.seconds, 3),
-    }
