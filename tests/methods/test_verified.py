@@ -375,6 +375,32 @@ def test_a_verifiers_planned_cost_is_what_measuring_then_costs():
 
 
 @pytest.mark.integration
+def test_a_ledger_counts_the_stage_still_running():
+    """A budget weighed inside a stage (the swaps' second round) sees what that stage spent so far: the passes
+    grow with each measurement inside it, and closing it changes nothing (it was left out before, so a second
+    round could overspend the budget)."""
+    model, _ = tiny_model("llama")
+    parent = Verifier(model, WINDOWS, batch_size=4)
+    probe = replace(parent, windows=WINDOWS[:2], parent=parent)
+    ledger = Ledger([parent, probe], num_blocks=6)
+    with ledger.stage("swaps"):
+        probe.measure([[1, 2]], repaired=False)
+        first = ledger.passes()
+        assert ledger.by_stage()["swaps"] > 0
+        probe.measure([[3, 4]], repaired=False)
+        second = ledger.passes()
+        assert second > first
+    assert ledger.passes() == pytest.approx(second)
+    planned = ledger.planned(parent, [[0, 5]])
+    with ledger.stage("swaps"):  # a stage entered again adds to itself
+        parent.measure([[0, 5]], repaired=False)
+        assert ledger.passes() == pytest.approx(second + planned)
+    assert ledger.by_stage()["swaps"] == pytest.approx(
+        second + planned - ledger.by_stage()["dense states and targets"]
+    )
+
+
+@pytest.mark.integration
 def test_mi_search_screens_on_a_prefix_of_its_tokens_and_judges_its_finalists_on_all(tiny_tokenizer):
     """The shortlist, greedy and swaps run on the first ``screen_tokens``; the finalists are measured on
     every verification token, and the cost counts the screen's work at its share of the tokens."""

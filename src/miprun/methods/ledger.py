@@ -23,6 +23,7 @@ class Ledger:
     verifiers: list[Verifier]
     num_blocks: int
     stages: dict[str, float] = field(default_factory=dict)
+    _open: tuple[str, float] | None = field(default=None, init=False)  # the stage running, and its runs before
 
     def __post_init__(self) -> None:
         self.verifiers = list({id(v): v for v in self.verifiers}.values())  # each once
@@ -37,14 +38,26 @@ class Ledger:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Count the measurement work done inside the block (less any dense setup) under ``name``."""
-        before = self._runs(setup=False)
-        yield
-        self.stages[name] = self.stages.get(name, 0.0) + (self._runs(setup=False) - before) / self.num_blocks
+        """Count the measurement work done inside the block (less any dense setup) under ``name``; while it
+        runs, what it has spent so far counts too (a budget weighed inside a stage sees its earlier rounds)."""
+        self._open = (name, self._runs(setup=False))
+        try:
+            yield
+        finally:
+            self.stages = self._stages()
+            self._open = None
+
+    def _stages(self) -> dict[str, float]:
+        """Passes by stage, the one running included."""
+        stages = dict(self.stages)
+        if self._open is not None:
+            name, before = self._open
+            stages[name] = stages.get(name, 0.0) + (self._runs(setup=False) - before) / self.num_blocks
+        return stages
 
     def by_stage(self) -> dict[str, float]:
         """Passes by stage, the dense states and targets first; they add up to :meth:`passes`."""
-        return {"dense states and targets": self._runs(setup=True) / self.num_blocks, **self.stages}
+        return {"dense states and targets": self._runs(setup=True) / self.num_blocks, **self._stages()}
 
     def passes(self) -> float:
         return sum(self.by_stage().values())
