@@ -128,8 +128,9 @@ def test_mi_search_with_a_repair_shows_the_sets_it_measured_after_the_repair(tin
     assert "(finalist)" in flat and "(chosen)" in flat
     stages = ", ".join(f"{name} {passes:.2f}" for name, passes in record["passes_by_stage"].items())
     assert f"forward passes by stage: {stages}" in flat and "repaired probe" in record["passes_by_stage"]
-    gave_way = f" ({' and '.join(record['budget_gave_way'])} gave way)" if record["budget_gave_way"] else ""
+    gave_way = f" ({', '.join(record['budget_gave_way'])} gave way)" if record["budget_gave_way"] else ""
     assert f"budget: {record['budget_passes']:.2f} forward passes{gave_way}" in flat
+    assert f"measured at the end on {record['final_tokens']} tokens" in flat
 
 
 @pytest.mark.integration

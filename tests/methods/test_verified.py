@@ -405,7 +405,7 @@ def test_mi_search_screens_on_a_prefix_of_its_tokens_and_judges_its_finalists_on
     """The shortlist, greedy and swaps run on the first ``screen_tokens``; the finalists are measured on
     every verification token, and the cost counts the screen's work at its share of the tokens."""
     lm = LoadedModel(tiny_model("llama")[0], tiny_tokenizer, "tiny-llama", None)
-    params = {"candidates": 3, "tokens": 120, "screen_tokens": 48, "width": 8, "swap_rounds": 1}
+    params = {"candidates": 3, "tokens": 120, "screen_tokens": 48, "width": 8, "swap_rounds": 1, "budget": 0}
     result = miprun.prune(
         lm,
         num_blocks=2,
@@ -418,6 +418,7 @@ def test_mi_search_screens_on_a_prefix_of_its_tokens_and_judges_its_finalists_on
     )
     record = result.plan.search.params
     assert record["screen_tokens"] == 48 and record["verification_tokens"] == 120
+    assert record["final_tokens"] == 120
     dense = tiny_model("llama")[0]
     full = Verifier(dense, _verification_windows(lm, 120), kl_topk=256, batch_size=CAL.batch_size)
     screen = Verifier(dense, _verification_windows(lm, 48), kl_topk=256, batch_size=CAL.batch_size)
@@ -537,6 +538,32 @@ def test_mi_search_keeps_within_its_budget_by_giving_up_swap_rounds(tiny_tokeniz
     assert tight["verification_layer_passes"] <= tight["budget_passes"] + 1e-9
     roomy = search_record(lm_of(tiny_tokenizer), {**params, "budget": 2 * total / sleb})
     assert roomy["swaps"] == free["swaps"] and roomy["finalists"] == free["finalists"]
+    assert roomy["verification_layer_passes"] == pytest.approx(total)
+
+
+@pytest.mark.integration
+def test_mi_search_measures_its_finalists_on_the_screens_tokens_where_the_rest_would_overspend(
+    tiny_tokenizer,
+):
+    """The tokens after the screen's are the finalists' only, their dense states and targets computed only
+    where the finalists are measured on them: a budget that cannot pay for them keeps the finalists on the
+    screen's tokens (the whole search within it); one that can measures them on all."""
+    params = {"candidates": 3, "tokens": 120, "screen_tokens": 48, "probe_tokens": 24, "swap_rounds": 0}
+    free = search_record(lm_of(tiny_tokenizer), {**params, "budget": 0})
+    total = free["verification_layer_passes"]
+    assert free["final_tokens"] == 120 and free["passes_by_stage"]["finalists"] > 0
+    sleb = search_record(lm_of(tiny_tokenizer), {**params, "budget": 1.0})["budget_passes"]
+    tight = search_record(lm_of(tiny_tokenizer), {**params, "budget": 0.999 * total / sleb})
+    assert tight["final_tokens"] == 48 and tight["budget_gave_way"] == ["finalists' tokens"]
+    assert tight["passes_by_stage"]["finalists"] == 0  # on the cut, on the screen: the values it measured
+    assert [f["measured"] for f in tight["finalists"]] == [f["cut"] for f in tight["finalists"]]
+    assert tight["verification_layer_passes"] <= tight["budget_passes"] + 1e-9
+    assert (
+        tight["passes_by_stage"]["dense states and targets"]
+        < free["passes_by_stage"]["dense states and targets"]
+    )
+    roomy = search_record(lm_of(tiny_tokenizer), {**params, "budget": 1.001 * total / sleb})
+    assert roomy["final_tokens"] == 120 and roomy["finalists"] == free["finalists"]
     assert roomy["verification_layer_passes"] == pytest.approx(total)
 
 

@@ -111,7 +111,7 @@ def searched_finalists(record: dict[str, Any], chosen: list[int]) -> None:
         gave_way = record.get("budget_gave_way", [])
         out.print(
             f"budget: {record['budget_passes']:.2f} forward passes"
-            + (f" ({' and '.join(gave_way)} gave way)" if gave_way else "")
+            + (f" ({', '.join(gave_way)} gave way)" if gave_way else "")
         )
     finalists = [f["removed"] for f in record["finalists"]]
     if record.get("repaired_probe"):
@@ -123,7 +123,8 @@ def searched_finalists(record: dict[str, Any], chosen: list[int]) -> None:
                 f"{r['removed']}{' (finalist)' if r['removed'] in finalists else ''}", f"{r['measured']:.4f}"
             )
         out.print(table)
-    table = Table(title="finalists")
+    tokens = record.get("final_tokens")  # recorded since the finalists may take more tokens than the screen
+    table = Table(title="finalists" + (f" (measured at the end on {tokens} tokens)" if tokens else ""))
     for name in ("removed", "measured on the cut", "measured at the end", "the greedy's own set"):
         table.add_column(name, justify="left" if name == "removed" else "right")
     for f in sorted(record["finalists"], key=lambda f: f["measured"]):

@@ -23,7 +23,9 @@ class Ledger:
     verifiers: list[Verifier]
     num_blocks: int
     stages: dict[str, float] = field(default_factory=dict)
-    _open: tuple[str, float] | None = field(default=None, init=False)  # the stage running, and its runs before
+    _open: tuple[str, float] | None = field(
+        default=None, init=False
+    )  # the stage running, and its runs before
 
     def __post_init__(self) -> None:
         self.verifiers = list({id(v): v for v in self.verifiers}.values())  # each once
@@ -62,6 +64,10 @@ class Ledger:
     def passes(self) -> float:
         return sum(self.by_stage().values())
 
+    def seconds(self) -> float:
+        """The seconds every verifier spent measuring (and preparing)."""
+        return sum(v.seconds for v in self.verifiers)
+
     def planned(self, verifier: Verifier, sets: list[list[int]], repaired: bool = False) -> float:
         """What measuring ``sets`` with ``verifier`` would add, in this ledger's passes."""
         return (
@@ -69,13 +75,14 @@ class Ledger:
         )
 
 
-def cost_record(verifier: Verifier, passes: float) -> dict[str, Any]:
-    """What the verification cost: ``passes`` full-model passes over its tokens, and the cache kept."""
+def cost_record(verifier: Verifier, passes: float, seconds: float | None = None) -> dict[str, Any]:
+    """What the verification cost: ``passes`` full-model passes over its tokens, the cache ``verifier`` kept,
+    and ``seconds`` (default: the verifier's own)."""
     return {
         "verification_layer_passes": passes,
         "output_layer_cost": round(head_layers(verifier.model), 2),  # in decoder layers per token, counted
         "scored_positions": "all" if verifier.positions is None else len(verifier.positions),
         "cached_boundaries": len(verifier.cache.checkpoints) if verifier.cache is not None else 0,
         "cache_bytes": verifier.cache.bytes if verifier.cache is not None else 0,
-        "verify_seconds": round(verifier.seconds, 3),
+        "verify_seconds": round(verifier.seconds if seconds is None else seconds, 3),
     }

@@ -16,8 +16,9 @@ keeps SLEB's idea at a fraction of its cost:
    their repair on the probe, and its ``finalists`` best are measured after the repair on all ``tokens``. The
    finalists' measurement scores every position (``final_stride``), where the search may score every few.
 
-Steps 1-3 screen on the first ``screen_tokens`` of the verification tokens when there are more of them (by
-default there are not: 512 tokens chose like 1,024 on both models but for one 9-block set, 1.4 % worse cut,
+Steps 1-3 screen on the first ``screen_tokens`` of the verification tokens (512 of 1,024 by default: the screen
+chose like all of them on both models but for one 9-block set, 1.4 % worse cut), and the finalists are
+measured on all of them (on 512, SmolLM2's two 9-block finalists ranked the other way round from held-out text,
 docs/comparison.md). The wide sweeps only rank what the narrower steps look at next, so they run on the first
 ``probe_tokens``: the shortlist (its ``finalists`` best go on to the screen), the greedy's first step (every
 block alone: its values order the blocks the next step re-measures), each later step's re-measured blocks
@@ -57,7 +58,7 @@ class MiSearch(MiVerified):
         "states (SLEB's idea at a fraction of its cost); the best sets are measured again after the repair"
     )
 
-    tokens: int = 512  # verification tokens, from the calibration windows
+    tokens: int = 1024  # verification tokens, from the calibration windows: the finalists are measured on all
     width: int = 4  # blocks re-measured at each greedy step, best by their last measurement
     finalists: int = 2  # best-measured sets measured again after the repair (when there is one)
     swap_rounds: int = 2  # rounds of swapping one removed block for a kept one while the measurement falls
@@ -81,7 +82,14 @@ class MiSearch(MiVerified):
     # probe measures fewer of the best sets by the cut (down to ``finalists``) where they would not fit
     budget: float = 0.1
 
-    live_keys: ClassVar[tuple[str, ...]] = ("verifier", "screen", "probe", "finals", "calibration_tokens")
+    live_keys: ClassVar[tuple[str, ...]] = (
+        "verifier",
+        "screen",
+        "probe",
+        "finals",
+        "rest",
+        "calibration_tokens",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -102,21 +110,26 @@ class MiSearch(MiVerified):
                 )
 
     def attach(self, ctx: GatherContext) -> dict[str, Any]:
-        """The verifier on ``tokens`` tokens, the screening verifier on their first ``screen_tokens`` and the
-        probe on their first ``probe_tokens`` (each the wider one where it would hold as many windows), the
-        finalists' verifier, and the calibration's tokens (what SLEB's cost, and so the budget, counts over)."""
+        """The verifier on ``tokens`` tokens (what the costs are counted over), the screening verifier on their
+        first ``screen_tokens`` and the probe on the screen's first ``probe_tokens`` (each the wider one where it
+        would hold as many windows), the finalists' verifier on the screen's windows at the finalists' stride,
+        ``rest``: the verification tokens after the screen's (None where the screen has them all; its dense
+        states and targets are computed only where the finalists are measured on them), and the calibration's
+        tokens (what SLEB's cost, and so the budget, counts over)."""
         live = super().attach(ctx)
         verifier: Verifier = live["verifier"]
-        screen = _prefix(verifier, self.screen_tokens)
-        finals = verifier
         stride = self.final_stride or auto_stride(ctx.model, 2 * HEAD_BUDGET)
-        if stride != verifier.stride:
-            finals = replace(verifier, stride=stride, parent=verifier)
+        screen, rest = _prefix(verifier, self.screen_tokens), None
+        if screen is not verifier:  # a verifier of its own: the rest of the tokens are the finalists' only
+            screen = replace(screen, parent=None)
+            rest = replace(verifier, windows=verifier.windows[screen.windows.shape[0] :], stride=stride)
+        finals = screen if stride == screen.stride else replace(screen, stride=stride, parent=screen)
         return {
             **live,
             "screen": screen,
             "probe": _prefix(screen, self.probe_tokens),
             "finals": finals,
+            "rest": rest,
             "calibration_tokens": int(ctx.windows.numel()),
         }
 
@@ -126,8 +139,9 @@ class MiSearch(MiVerified):
         screen: Verifier = evidence.require("screen", self.name)
         probe: Verifier = evidence.require("probe", self.name)
         finals: Verifier = evidence.require("finals", self.name)
+        rest: Verifier | None = evidence.require("rest", self.name)
         share = screen.windows.numel() / verifier.windows.numel()  # the screen's tokens, of the verifier's
-        ledger = Ledger([verifier, screen, probe, finals], short.num_blocks)
+        ledger = Ledger([verifier, screen, probe, finals, *([rest] if rest else [])], short.num_blocks)
         mi_best = min(
             range(len(short.sets)), key=lambda i: (short.losses[i], i)
         )  # a finalist whatever it measures
@@ -150,14 +164,20 @@ class MiSearch(MiVerified):
             pool.setdefault(tuple(removed), score)
         ranked = sorted(pool, key=lambda key: (pool[key], key))
         path = screen.searches[self._greedy_key(probe)]
-        rehearsing = verifier.repair is not None and self.repaired_probe > 0 and probe is not verifier
-        # the finalists are measured again after the repair or on more tokens (else they keep their values)
-        remeasuring = verifier.repair is not None or screen is not verifier
+        repaired = verifier.repair is not None
+        rehearsing = repaired and self.repaired_probe > 0 and probe is not verifier
         limit = math.inf
         if self.budget:
             calibration = evidence.require("calibration_tokens", self.name)
             sleb = sleb_passes(short.num_blocks, n, head_layers(verifier.model))
             limit = self.budget * sleb * calibration / verifier.windows.numel()  # in the ledger's passes
+
+        def final_cost(sets: list[list[int]], wide: bool) -> float:
+            """What measuring ``sets`` as the finalists adds: on the screen's windows after the repair or at
+            the finalists' stride (on the cut at the screen's stride they keep their values), and with
+            ``wide`` on the rest of the tokens too (their dense states and targets where not computed yet)."""
+            cost = ledger.planned(finals, sets, repaired) if repaired or finals is not screen else 0.0
+            return cost + (ledger.planned(rest, sets, repaired) if wide and rest is not None else 0.0)
 
         def affordable(probed: list[list[int]], screened: list[list[int]]) -> bool:
             """Whether measuring ``probed`` on the probe and ``screened`` on the screen, and then what the
@@ -172,9 +192,7 @@ class MiSearch(MiVerified):
                     key=lambda key: (min(key), key),
                 )
             ]
-            after = 0.0
-            if remeasuring:
-                after += ledger.planned(finals, reach[: self.finalists], repaired=verifier.repair is not None)
+            after = final_cost(reach[: self.finalists], wide=True)  # room kept for all the tokens
             if rehearsing:
                 after += ledger.planned(probe, reach[: self.repaired_probe + 1], repaired=True)
             now = ledger.planned(probe, probed) + ledger.planned(screen, screened)
@@ -193,30 +211,39 @@ class MiSearch(MiVerified):
             )
         ranked = sorted(pool, key=lambda key: (pool[key], key))
         rehearsed: list[dict[str, Any]] = []
-        breadth = self.repaired_probe
+        breadth, wide = self.repaired_probe, rest is not None
         if rehearsing:
-            # then the repaired probe gives way, down to the finalists' number of sets besides MI's best
-            while breadth > self.finalists and not self._rehearsal_fits(
-                ledger, probe, finals, ranked[:breadth], tuple(short.sets[mi_best]), limit
-            ):
-                breadth -= 1
+            # then the repaired probe gives way, down to the finalists' number of sets besides MI's best, and
+            # then the finalists' measurement on the tokens after the screen's
+            breadth, wide = self._breadth(
+                ledger, probe, ranked, tuple(short.sets[mi_best]), limit, final_cost, wide
+            )
             with ledger.stage("repaired probe"):
                 finalists, rehearsed = self.rehearse(probe, ranked[:breadth], tuple(short.sets[mi_best]))
         else:
             finalists = [
                 list(key) for key in dict.fromkeys([*ranked[: self.finalists], tuple(short.sets[mi_best])])
             ]
-        judged = "after the repair" if verifier.repair is not None else "on the cut"
+        wide = wide and ledger.passes() + final_cost(finalists, wide=True) <= limit
+        judged = "after the repair" if repaired else "on the cut"
         with ledger.stage("finalists"):
-            if remeasuring:
-                final = finals.measure(finalists, repaired=verifier.repair is not None)
+            if repaired or finals is not screen:
+                final = finals.measure(finalists, repaired=repaired)
             else:
                 final = [pool[tuple(s)] for s in finalists]
+            if wide and rest is not None:  # the mean over all the tokens, each part weighed by its share
+                more = rest.measure(finalists, repaired=repaired)
+                mine, theirs = finals.windows.numel(), rest.windows.numel()
+                final = [
+                    (value * mine + other * theirs) / (mine + theirs)
+                    for value, other in zip(final, more, strict=True)
+                ]
         best = winner(final, [float(i) for i in range(len(final))], f"mi-search's {len(final)} finalists")
         record = {
             **short.record(probed, self.objective, verifier),  # as the probe measured them
             "screen_tokens": int(screen.windows.numel()),
             "probe_tokens": int(probe.windows.numel()),
+            "final_tokens": int(finals.windows.numel() + (rest.windows.numel() if wide and rest else 0)),
             "greedy": steps,
             "greedy_layer_passes": greedy_passes * share,
             "swaps": swaps,
@@ -225,12 +252,13 @@ class MiSearch(MiVerified):
                 {"removed": s, "cut": pool[tuple(s)], "measured": score, "greedy": s == ends[0][0]}
                 for s, score in zip(finalists, final, strict=True)
             ],
-            **cost_record(verifier, ledger.passes()),
+            **cost_record(screen, ledger.passes(), ledger.seconds()),
             "passes_by_stage": ledger.by_stage(),
             "budget_passes": limit if math.isfinite(limit) else None,
             "budget_gave_way": [
                 *(["swaps"] if any(r.get("stopped") == "budget" for r in swaps) else []),
                 *(["repaired probe"] if rehearsing and breadth < self.repaired_probe else []),
+                *(["finalists' tokens"] if rest is not None and not wide else []),
             ],
         }
         return Choice(
@@ -240,21 +268,33 @@ class MiSearch(MiVerified):
             record=record,
         )
 
-    def _rehearsal_fits(
+    def _breadth(
         self,
         ledger: Ledger,
         probe: Verifier,
-        finals: Verifier,
-        best: list[tuple[int, ...]],
+        ranked: list[tuple[int, ...]],
         mi_best: tuple[int, ...],
         limit: float,
-    ) -> bool:
-        """Whether measuring ``best`` and MI's best set after the repair on the probe, then the dearest
-        ``finalists`` of them after the repair at the finalists' stride, stays within ``limit``."""
-        tried = [list(key) for key in dict.fromkeys([*best, mi_best])]
-        dearest = sorted(tried, key=lambda s: (min(s), s))[: self.finalists]
-        planned = ledger.planned(probe, tried, repaired=True) + ledger.planned(finals, dearest, repaired=True)
-        return ledger.passes() + planned <= limit
+        final_cost: Callable[[list[list[int]], bool], float],
+        wide: bool,
+    ) -> tuple[int, bool]:
+        """How many of the ``ranked`` best sets the repaired probe measures (with MI's best), and whether the
+        finalists are then measured on all the tokens: the most sets that fit ``limit`` with the finalists
+        on all the tokens (where ``wide``), else the most that fit with them on the screen's, else the
+        finalists' number (the finalists costed as the dearest of the sets tried)."""
+
+        def fits(breadth: int, wide: bool) -> bool:
+            tried = [list(key) for key in dict.fromkeys([*ranked[:breadth], mi_best])]
+            dearest = sorted(tried, key=lambda s: (min(s), s))[: self.finalists]
+            planned = ledger.planned(probe, tried, repaired=True) + final_cost(dearest, wide)
+            return ledger.passes() + planned <= limit
+
+        low = min(self.finalists, self.repaired_probe)
+        for keep_wide in [True, False] if wide else [False]:
+            for breadth in range(self.repaired_probe, low - 1, -1):
+                if fits(breadth, keep_wide):
+                    return breadth, keep_wide
+        return low, False
 
     def rehearse(
         self, probe: Verifier, best: list[tuple[int, ...]], mi_best: tuple[int, ...]
