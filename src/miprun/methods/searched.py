@@ -14,7 +14,8 @@ keeps SLEB's idea at a fraction of its cost:
 4. the ``finalists`` best sets measured so far, with MI's best set, are measured again on all ``tokens``,
    and the best wins; with a repair, the ``repaired_probe`` best sets and MI's best are first measured after
    their repair on the probe, and its ``finalists`` best are measured after the repair on all ``tokens``. The
-   finalists' measurement scores every position (``final_stride``), where the search may score every few.
+   finalists' measurement scores every position (``final_stride``), where the search may score every few, and
+   is the only one that reads the tokens after the screen's (their dense states are computed for it alone).
 
 Steps 1-3 screen on the first ``screen_tokens`` of the verification tokens (512 of 1,024 by default: the screen
 chose like all of them on both models but for one 9-block set, 1.4 % worse cut), and the finalists are
@@ -78,8 +79,9 @@ class MiSearch(MiVerified):
     final_stride: int = 0
     # the most the search spends, as a share of SLEB's forward passes for the same N over the calibration
     # tokens (0: no limit). The swap rounds give way first: each is costed before it runs, with what the
-    # repaired probe and the finalists will need after it, and runs only within the budget; then the repaired
-    # probe measures fewer of the best sets by the cut (down to ``finalists``) where they would not fit
+    # repaired probe and the finalists (on all ``tokens``) will need after it, and runs only within the budget;
+    # then the repaired probe measures fewer of the best sets by the cut (down to ``finalists``) where they
+    # would not fit; then the finalists are measured on the screen's tokens only
     budget: float = 0.1
 
     live_keys: ClassVar[tuple[str, ...]] = (
