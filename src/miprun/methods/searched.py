@@ -78,10 +78,10 @@ class MiSearch(MiVerified):
     # position and from held-out text, every 2nd ranked them as every position did (docs/comparison.md)
     final_stride: int = 0
     # the most the search spends, as a share of SLEB's forward passes for the same N over the calibration
-    # tokens (0: no limit). The swap rounds give way first: each is costed before it runs, with what the
-    # repaired probe and the finalists (on all ``tokens``) will need after it, and runs only within the budget;
-    # then the repaired probe measures fewer of the best sets by the cut (down to ``finalists``) where they
-    # would not fit; then the finalists are measured on the screen's tokens only
+    # tokens (0: no limit). What gives way, in order: the repaired probe's breadth beyond its least (the
+    # ``finalists`` best sets and MI's best), the swap rounds (each costed before it runs, with the least the
+    # repaired probe and the finalists will need after it, the finalists on all ``tokens`` wherever they would
+    # fit without the round), then the finalists' tokens after the screen's
     budget: float = 0.1
 
     live_keys: ClassVar[tuple[str, ...]] = (
@@ -182,10 +182,11 @@ class MiSearch(MiVerified):
             return cost + (ledger.planned(rest, sets, repaired) if wide and rest is not None else 0.0)
 
         def affordable(probed: list[list[int]], screened: list[list[int]]) -> bool:
-            """Whether measuring ``probed`` on the probe and ``screened`` on the screen, and then what the
-            repaired probe and the finalists need, stays within the budget (those costed on the dearest of
-            the sets that could reach them: the best so far, these, MI's best; a set starting earlier runs more
-            layers)."""
+            """Whether measuring ``probed`` on the probe and ``screened`` on the screen, and then the least the
+            repaired probe measures (the finalists' number of sets and MI's best) and the finalists, stays
+            within the budget; the finalists on all the tokens wherever they would fit without this round
+            (so a round gives way to them), else on the screen's. Costed on the dearest of the sets that could
+            reach those stages (the best so far, these, MI's best: a set starting earlier runs more layers)."""
             best = sorted(pool, key=lambda key: (pool[key], key))[: max(self.repaired_probe, self.finalists)]
             reach = [
                 list(key)
@@ -194,11 +195,13 @@ class MiSearch(MiVerified):
                     key=lambda key: (min(key), key),
                 )
             ]
-            after = final_cost(reach[: self.finalists], wide=True)  # room kept for all the tokens
+            low = min(self.finalists, self.repaired_probe)
+            spent = ledger.passes()
             if rehearsing:
-                after += ledger.planned(probe, reach[: self.repaired_probe + 1], repaired=True)
+                spent += ledger.planned(probe, reach[: low + 1], repaired=True)
+            wide = rest is not None and spent + final_cost(reach[: self.finalists], wide=True) <= limit
             now = ledger.planned(probe, probed) + ledger.planned(screen, screened)
-            return ledger.passes() + now + after <= limit
+            return spent + now + final_cost(reach[: self.finalists], wide) <= limit
 
         with ledger.stage("swaps"):
             swaps = self.swap(
