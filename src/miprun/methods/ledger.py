@@ -23,9 +23,8 @@ class Ledger:
     verifiers: list[Verifier]
     num_blocks: int
     stages: dict[str, float] = field(default_factory=dict)
-    _open: tuple[str, float] | None = field(
-        default=None, init=False
-    )  # the stage running, and its runs before
+    # the stage running, and the layer runs before it began
+    _open: tuple[str, float] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.verifiers = list({id(v): v for v in self.verifiers}.values())  # each once
