@@ -74,14 +74,20 @@ class Ledger:
         )
 
 
-def cost_record(verifier: Verifier, passes: float, seconds: float | None = None) -> dict[str, Any]:
-    """What the verification cost: ``passes`` full-model passes over its tokens, the cache ``verifier`` kept,
-    and ``seconds`` (default: the verifier's own)."""
+def dearest_first(sets: list[list[int]]) -> list[list[int]]:
+    """``sets`` in the order a budget costs them when it cannot know which will be measured: a set starting at
+    an earlier block runs more layers (ties: by the set)."""
+    return sorted(sets, key=lambda s: (min(s), s))
+
+
+def cost_record(verifier: Verifier, ledger: Ledger) -> dict[str, Any]:
+    """What the verification cost: the ledger's passes over its tokens and its verifiers' seconds, and the cache
+    ``verifier`` kept."""
     return {
-        "verification_layer_passes": passes,
+        "verification_layer_passes": ledger.passes(),
         "output_layer_cost": round(head_layers(verifier.model), 2),  # in decoder layers per token, counted
         "scored_positions": "all" if verifier.positions is None else len(verifier.positions),
         "cached_boundaries": len(verifier.cache.checkpoints) if verifier.cache is not None else 0,
         "cache_bytes": verifier.cache.bytes if verifier.cache is not None else 0,
-        "verify_seconds": round(verifier.seconds if seconds is None else seconds, 3),
+        "verify_seconds": round(ledger.seconds(), 3),
     }

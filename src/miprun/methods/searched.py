@@ -10,7 +10,8 @@ keeps SLEB's idea at a fraction of its cost:
    (:class:`~miprun.capture.replay.CutCache`): the first step measures every block (each from that block
    on), later steps re-measure only the ``width`` blocks whose last measurement was best and the kept
    blocks beside the last removal, whose values change most; the rest keep their last measurement;
-3. a local search swaps one removed block for a kept one while the measurement falls (``swap_rounds``);
+3. a local search swaps one removed block for a kept one while the measurement falls (``swap_rounds``;
+   :mod:`miprun.methods.swaps`);
 4. the ``finalists`` best sets measured so far, with MI's best set, are measured again on all ``tokens``,
    and the best wins; with a repair, the ``repaired_probe`` best sets and MI's best are first measured after
    their repair on the probe, and its ``finalists`` best are measured after the repair on all ``tokens``. The
@@ -36,7 +37,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from itertools import combinations
 from typing import Any, ClassVar
 
 from miprun.capture.replay import head_layers
@@ -44,7 +44,8 @@ from miprun.errors import InvalidOptionError
 from miprun.methods.base import REGISTRY, Choice, Evidence, GatherContext
 from miprun.methods.forward import sleb_passes
 from miprun.methods.greedy import GreedyPath, public
-from miprun.methods.ledger import Ledger, cost_record
+from miprun.methods.ledger import Ledger, cost_record, dearest_first
+from miprun.methods.swaps import swap_search
 from miprun.methods.verified import HEAD_BUDGET, MiVerified, Verifier, auto_stride, winner
 
 
@@ -188,13 +189,12 @@ class MiSearch(MiVerified):
             (so a round gives way to them), else on the screen's. Costed on the dearest of the sets that could
             reach those stages (the best so far, these, MI's best: a set starting earlier runs more layers)."""
             best = sorted(pool, key=lambda key: (pool[key], key))[: max(self.repaired_probe, self.finalists)]
-            reach = [
-                list(key)
-                for key in sorted(
-                    dict.fromkeys([*best, *map(tuple, screened), tuple(short.sets[mi_best])]),
-                    key=lambda key: (min(key), key),
-                )
-            ]
+            reach = dearest_first(
+                [
+                    list(key)
+                    for key in dict.fromkeys([*best, *map(tuple, screened), tuple(short.sets[mi_best])])
+                ]
+            )
             low = min(self.finalists, self.repaired_probe)
             spent = ledger.passes()
             if rehearsing:
@@ -204,7 +204,7 @@ class MiSearch(MiVerified):
             return spent + now + final_cost(reach[: self.finalists], wide) <= limit
 
         with ledger.stage("swaps"):
-            swaps = self.swap(
+            swaps = swap_search(
                 screen,
                 probe,
                 list(ranked[0]),
@@ -212,6 +212,9 @@ class MiSearch(MiVerified):
                 path.last_value,
                 pool,
                 short.num_blocks,
+                self.width,
+                self.finalists,
+                self.swap_rounds,
                 affordable,
             )
         ranked = sorted(pool, key=lambda key: (pool[key], key))
@@ -257,7 +260,7 @@ class MiSearch(MiVerified):
                 {"removed": s, "cut": pool[tuple(s)], "measured": score, "greedy": s == ends[0][0]}
                 for s, score in zip(finalists, final, strict=True)
             ],
-            **cost_record(screen, ledger.passes(), ledger.seconds()),
+            **cost_record(screen, ledger),
             "passes_by_stage": ledger.by_stage(),
             "budget_passes": limit if math.isfinite(limit) else None,
             "budget_gave_way": [
@@ -290,7 +293,7 @@ class MiSearch(MiVerified):
 
         def fits(breadth: int, wide: bool) -> bool:
             tried = [list(key) for key in dict.fromkeys([*ranked[:breadth], mi_best])]
-            dearest = sorted(tried, key=lambda s: (min(s), s))[: self.finalists]
+            dearest = dearest_first(tried)[: self.finalists]
             planned = ledger.planned(probe, tried, repaired=True) + final_cost(dearest, wide)
             return ledger.passes() + planned <= limit
 
@@ -315,90 +318,6 @@ class MiSearch(MiVerified):
         return finalists, [
             {"removed": list(key), "measured": value} for key, value in zip(tried, values, strict=True)
         ]
-
-    def swap(
-        self,
-        verifier: Verifier,
-        probe: Verifier,
-        current: list[int],
-        value: float,
-        prior: dict[int, float],
-        pool: dict[tuple[int, ...], float],
-        total: int,
-        affordable: Callable[[list[list[int]], list[list[int]]], bool] = lambda probed, screened: True,
-    ) -> list[dict[str, Any]]:
-        """Local search from the best set so far: each round ranks, on ``probe``, the set with each removed block
-        put back, then swaps the two whose return helps most for the ``width`` kept blocks the greedy measured
-        best (``prior``) and the kept blocks beside the set's runs; the ``finalists`` best swaps by the probe
-        are measured by ``verifier``, and the best is taken while it lowers the measurement. Every set the
-        verifier measures joins ``pool``; returns one record per round. A round runs only where
-        ``affordable(probe's sets, verifier's sets)`` says its measurements fit the budget (the last record
-        then says so)."""
-        rounds: list[dict[str, Any]] = []
-        probed: dict[tuple[int, ...], float] = {}
-        ranking = probe is not verifier  # the probe ranks the trials; the verifier measures the best few
-
-        def plan(
-            current: list[int], give_back: list[int]
-        ) -> tuple[list[tuple[int, ...]], list[list[int]], list[list[int]]]:
-            """A round's trials: each of ``give_back`` swapped for the ``width`` kept blocks the greedy measured
-            best and the kept blocks beside the set's runs; with what the probe would rank (the trials it has
-            not seen) and what the verifier would measure (the dearest, where the probe picks them)."""
-            kept = [b for b in range(total) if b not in current]
-            best_kept = sorted(kept, key=lambda b: (prior.get(b, math.inf), b))[: self.width]
-            beside = [b for b in kept if b - 1 in current or b + 1 in current]
-            adds = list(dict.fromkeys([*best_kept, *beside]))
-            trials = list(dict.fromkeys(tuple(sorted({*current, k} - {r})) for r in give_back for k in adds))
-            unseen = [list(t) for t in trials if t not in pool and t not in probed] if ranking else []
-            dearest = sorted((list(t) for t in trials if t not in pool), key=lambda t: (min(t), t))
-            return trials, unseen, dearest[: self.finalists] if ranking else dearest
-
-        for _ in range(self.swap_rounds):
-            back = [sorted(set(current) - {r}) for r in current]
-            if len(current) <= 2:  # both go back: nothing to rank
-                give_back = list(current)
-            else:
-                # the ranking is paid for only where the cheapest round it could lead to fits
-                if not any(
-                    affordable([*back, *unseen], screened)
-                    for _, unseen, screened in (
-                        plan(current, list(pair)) for pair in combinations(current, 2)
-                    )
-                ):
-                    rounds.append({"from": current, "stopped": "budget"})
-                    break
-                back_values = probe.measure(back, repaired=False)
-                give_back = [
-                    current[i] for i in sorted(range(len(current)), key=lambda i: (back_values[i], i))[:2]
-                ]
-            trials, unseen, screened = plan(current, give_back)
-            if not trials:
-                break
-            if not affordable(unseen, screened):
-                rounds.append({"from": current, "stopped": "budget"})
-                break
-            ranked_only = 0
-            if ranking:
-                probed.update(zip(map(tuple, unseen), probe.measure(unseen, repaired=False), strict=True))
-                ranked_only = len(unseen)
-                ahead = sorted((t for t in trials if t not in pool), key=lambda t: (probed[t], t))
-                trials = [*ahead[: self.finalists], *(t for t in trials if t in pool)]
-            new = [t for t in trials if t not in pool]  # a set measured before keeps its value
-            pool.update(zip(new, verifier.measure([list(t) for t in new], repaired=False), strict=True))
-            best = min(trials, key=lambda t: (pool[t], t))
-            rounds.append(
-                {
-                    "from": current,
-                    "probed": ranked_only,
-                    "tried": len(new),
-                    "best": list(best),
-                    "measured": pool[best],
-                }
-            )
-            if not pool[best] < value:
-                break
-            current, value = list(best), pool[best]
-        return rounds
 
     def greedy(
         self, verifier: Verifier, probe: Verifier, total: int, n: int

@@ -320,7 +320,7 @@ class MiVerified(Method):
         record = {
             **short.record(scores, self.objective, verifier),
             "chosen_mi_rank": short.mi_rank[tuple(short.sets[best])],
-            **cost_record(verifier, ledger.passes()),
+            **cost_record(verifier, ledger),
         }
         return Choice(
             short.sets[best], len(short.sets), stop_reason=f"lowest measured {self.objective}", record=record
