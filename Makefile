@@ -25,8 +25,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy src/miprun
 
+# the suite runs on WORKERS processes (pytest-xdist), sharing the cores; WORKERS=0 runs it in this one
+WORKERS ?= 2
+
 test: lint typecheck
-	$(BIN)/python -m pytest -q --durations=20  # and the 20 slowest tests
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist worksteal --durations=20  # and the 20 slowest tests
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not integration"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from miprun.assets.packages import cache_dir
 
 CALIBRATION_TXT = FIXTURES / "calibration.txt"
 HELDOUT_TXT = FIXTURES / "heldout.txt"
-_THREADS = torch.get_num_threads()
+# Under `pytest -n N` (pytest-xdist) the workers share the cores: each real-model test gets its share.
+_THREADS = max(1, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 REAL_CACHE = cache_dir()  # the user's cache, before a fast test gets an empty one of its own
 
 

@@ -134,6 +134,29 @@ def test_mi_search_with_a_repair_shows_the_sets_it_measured_after_the_repair(tin
 
 
 @pytest.mark.integration
+def test_show_prints_a_saved_run_as_prune_printed_it(tiny_folder, tmp_path, capsys):
+    """`miprun show DIR` reads miprun.json back: the same summary, the search's record included, without a
+    model; a folder without a manifest is a one-line error."""
+    out = tmp_path / "searched"
+    args = ["prune", "--model", str(tiny_folder), "-n", "2", "--method", "mi-search", "--out", str(out)]
+    assert (
+        main([*args, "--repair", "linear", "--repair-opt", "tokens=0", "--method-opt", "tokens=96", *TINY])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    summary = printed.split("pruned model:")[0]
+    assert "finalists" in summary and "calibration" in summary
+    for shown in (out, out / "miprun.json"):
+        assert main(["show", str(shown)]) == 0
+        assert capsys.readouterr().out == summary
+    assert main(["show", str(tiny_folder)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        "cannot read the pruning plan" in err and "miprun.json" in err and len(err.strip().splitlines()) == 1
+    )
+
+
+@pytest.mark.integration
 def test_score_then_prune_with_scores(tiny_folder, tmp_path, capsys):
     scores = tmp_path / "scores.json"
     assert main(["score", "--model", str(tiny_folder), "--json", str(scores), *TINY]) == 0

@@ -130,6 +130,10 @@ def test_gguf_types_are_written(gguf_type: str, expected: str, tmp_path: Path, c
     out = tmp_path / "model.gguf"
     converted = llama_cpp.convert_folder(folder, out, gguf_type)
     assert expected in converted.type_counts  # the 2-D weights; norms stay F32
+    from gguf import GGUFReader
+
+    # read through transformers' header reader: the same table as gguf's own reader sees
+    assert converted.tensor_types == {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name, dtype=torch.float32)
     ref = _logits(model)
     diff = (_logits(loaded) - ref).abs().max().item()

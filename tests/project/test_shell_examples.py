@@ -18,6 +18,9 @@ MODELS = {"./Llama-3.2-1B", "./big-model", "./my-34b", "./llama-2-70b", "./my-ll
 # Option values replaced here: zero-shot examples per task only cost time (lm-eval: thousands of requests
 # at 200 or 500), and this machine has no GPU (the CPU runs the same code path).
 REPLACED = {"--limit": "3", "--device": "cpu"}
+# Options added where a command gives none: `compare` runs every method (SLEB: a pass per kept block and step)
+# and measures every result, so it reads 8 calibration and 4 held-out windows instead of the default 32 and 16.
+ADDED = {"compare": {"--samples": "8", "--eval-samples": "4"}}
 # A command holding one of these cannot run on this machine, for the reason given.
 CANNOT = {
     "torchrun": "several processes (GPUs): tests/capture/test_distributed.py runs the data-parallel path on "
@@ -48,11 +51,14 @@ def why_not(text: str) -> str | None:
 
 def runnable(args: list[str], tiny: Path) -> list[str]:
     """``args`` with the tiny model for every model path and for the embedded default where none is given,
-    and the :data:`REPLACED` values."""
+    the :data:`REPLACED` values and the :data:`ADDED` options."""
     args = [str(tiny) if a in MODELS else a for a in args]
     args = [REPLACED.get(args[i - 1], a) if i else a for i, a in enumerate(args)]
     if args[0] in ("prune", "score", "compare") and not {"--model", "-m"} & set(args):
         args = [args[0], "--model", str(tiny), *args[1:]]  # the default is the embedded SmolLM2
+    for option, value in ADDED.get(args[0], {}).items():
+        if option not in args:
+            args += [option, value]
     return args
 
 

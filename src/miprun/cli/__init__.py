@@ -313,6 +313,29 @@ def heal(
         show.heal_summary(result)
 
 
+@app.command("show")
+def show_command(
+    folder: Annotated[
+        Path,
+        typer.Argument(help="A folder `miprun prune` or `miprun heal` wrote, or the miprun.json in it."),
+    ],
+    quiet: QuietOpt = False,  # accepted like every command's; show prints only its result anyway
+    debug: DebugOpt = False,
+) -> None:
+    """Show what a saved run did, read from its miprun.json: the blocks removed, the method and repair, the
+    calibration, the held-out perplexities, the time of each phase, the search's candidates, finalists and
+    cost, and the heal when one ran. Loads no model.
+
+    Example: miprun show out/demo
+    """
+    from miprun.output.manifest import MANIFEST_NAME, PrunePlan
+
+    plan = PrunePlan.read(folder / MANIFEST_NAME if folder.is_dir() else folder)
+    show.plan_summary(plan)
+    if plan.heal is not None:
+        show.heal_record(plan)
+
+
 @app.command("list")
 def list_command(
     what: Annotated[

@@ -40,7 +40,11 @@ def _num(value: float | None) -> str:
 
 def prune_summary(result: Any) -> None:
     """``miprun prune``: what was removed, how, the evaluation and the time of each phase."""
-    plan = result.plan
+    plan_summary(result.plan, result.out)
+
+
+def plan_summary(plan: Any, folder: Any = None) -> None:
+    """A pruning plan as ``prune`` shows it: the table, the search's record, and where its files are."""
     s = plan.search
     table = Table(title=f"{plan.model.name}: {plan.num_blocks_before} -> {plan.num_blocks_after} blocks")
     table.add_column("what")
@@ -48,6 +52,8 @@ def prune_summary(result: Any) -> None:
     table.add_row("removed blocks (0-based)", str(plan.removed))
     estimator = plan.estimator["name"] if plan.estimator else "-"
     table.add_row("method / estimator / repair", f"{s.method} / {estimator} / {plan.repair.name}")
+    cal = plan.calibration
+    table.add_row("calibration", f"{cal.source}, {cal.num_windows}x{cal.seq_len} tok (seed {cal.seed})")
     if s.loss is not None and s.optimal_loss is not None and s.gap is not None:
         table.add_row("set loss / optimum / gap", f"{s.loss:.4f} / {s.optimal_loss:.4f} / {s.gap:.4f}")
     table.add_row("iterations / evaluations (MI, scores or passes)", f"{s.iterations} / {s.num_evaluations}")
@@ -63,10 +69,10 @@ def prune_summary(result: Any) -> None:
     out.print(table)
     if "candidates" in s.params:
         verified_candidates(s.params, plan.removed)
-    if result.out is not None:
-        out.print(f"pruned model: {result.out}")
-        out.print(f"manifest:     {result.out / 'miprun.json'}")
-        out.print(f"report:       {result.out / 'report.md'}  {result.out / 'report.png'}")
+    if folder is not None:
+        out.print(f"pruned model: {folder}")
+        out.print(f"manifest:     {folder / 'miprun.json'}")
+        out.print(f"report:       {folder / 'report.md'}  {folder / 'report.png'}")
 
 
 def verified_candidates(record: dict[str, Any], chosen: list[int]) -> None:
@@ -140,9 +146,15 @@ def searched_finalists(record: dict[str, Any], chosen: list[int]) -> None:
 
 def heal_summary(result: Any) -> None:
     """``miprun heal``: how long, how far the loss fell, and the perplexities when measured."""
-    healed = result.plan.heal
+    heal_record(result.plan)
+    out.print(f"healed model: {result.out}")
+
+
+def heal_record(plan: Any) -> None:
+    """The heal a plan records, as a table."""
+    healed = plan.heal
     report = healed.report
-    table = Table(title=f"{result.plan.model.name}: healed toward {healed.teacher}")
+    table = Table(title=f"{plan.model.name}: healed toward {healed.teacher}")
     table.add_column("what")
     table.add_column("value", justify="right")
     table.add_row("steps / tokens", f"{report.steps} / {report.tokens}")
@@ -158,7 +170,6 @@ def heal_summary(result: Any) -> None:
         )
     table.add_row("time: heal (wall / CPU)", f"{report.seconds:.0f} s / {report.cpu_seconds:.0f} s")
     out.print(table)
-    out.print(f"healed model: {result.out}")
 
 
 def evaluation(result: dict[str, Any]) -> None:

@@ -334,7 +334,7 @@ def test_heal_lowers_the_heldout_perplexity_of_pruned_smollm2(tmp_path: Path) ->
 
 
 @pytest.mark.integration
-def test_heal_through_the_cli_writes_a_healed_miprun_output(tmp_path, tiny_tokenizer):
+def test_heal_through_the_cli_writes_a_healed_miprun_output(tmp_path, tiny_tokenizer, capsys):
     """`miprun prune` then `miprun heal`: a stock checkpoint of the pruned shape, the heal recorded in
     miprun.json and the model card, and a plan that apply_plan refuses to replay."""
     import json
@@ -405,6 +405,11 @@ def test_heal_through_the_cli_writes_a_healed_miprun_output(tmp_path, tiny_token
     )  # the finished run's checkpoint is gone
     with pytest.raises(ValueError, match="was healed"):
         miprun.apply_plan(tiny_model("llama")[0], healed / "miprun.json")
+    capsys.readouterr()
+    assert main(["show", str(healed)]) == 0  # `miprun show` reads the heal back from the manifest
+    flat = " ".join(capsys.readouterr().out.split())
+    evaluation = plan["heal"]["evaluation"]
+    assert f"healed toward {dense}" in flat and f"{evaluation['healed_ppl']:.2f}" in flat
 
 
 @pytest.mark.integration
