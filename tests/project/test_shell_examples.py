@@ -20,7 +20,7 @@ MODELS = {"./Llama-3.2-1B", "./big-model", "./my-34b", "./llama-2-70b", "./my-ll
 REPLACED = {"--limit": "3", "--device": "cpu"}
 # Options added where a command gives none: `compare` runs every method (SLEB: a pass per kept block and step)
 # and measures every result, so it reads 8 calibration and 4 held-out windows instead of the default 32 and 16.
-ADDED = {"compare": {"--samples": "8", "--eval-samples": "4"}}
+ADDED = {"compare": {("--samples", "-s"): "8", ("--eval-samples",): "4"}}
 # A command holding one of these cannot run on this machine, for the reason given.
 CANNOT = {
     "torchrun": "several processes (GPUs): tests/capture/test_distributed.py runs the data-parallel path on "
@@ -56,9 +56,9 @@ def runnable(args: list[str], tiny: Path) -> list[str]:
     args = [REPLACED.get(args[i - 1], a) if i else a for i, a in enumerate(args)]
     if args[0] in ("prune", "score", "compare") and not {"--model", "-m"} & set(args):
         args = [args[0], "--model", str(tiny), *args[1:]]  # the default is the embedded SmolLM2
-    for option, value in ADDED.get(args[0], {}).items():
-        if option not in args:
-            args += [option, value]
+    for names, value in ADDED.get(args[0], {}).items():
+        if not set(names) & set(args):
+            args += [names[0], value]
     return args
 
 
