@@ -407,9 +407,11 @@ def test_heal_through_the_cli_writes_a_healed_miprun_output(tmp_path, tiny_token
         miprun.apply_plan(tiny_model("llama")[0], healed / "miprun.json")
     capsys.readouterr()
     assert main(["show", str(healed)]) == 0  # `miprun show` reads the heal back from the manifest
-    flat = " ".join(capsys.readouterr().out.split())
+    squeezed = "".join(capsys.readouterr().out.split())  # rich may wrap a long teacher path anywhere
     evaluation = plan["heal"]["evaluation"]
-    assert f"healed toward {dense}" in flat and f"{evaluation['healed_ppl']:.2f}" in flat
+    assert (
+        f"healedtoward{dense}".replace(" ", "") in squeezed and f"{evaluation['healed_ppl']:.2f}" in squeezed
+    )
 
 
 @pytest.mark.integration
