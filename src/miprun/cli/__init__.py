@@ -16,7 +16,15 @@ from rich.console import Console
 
 from miprun.cli import show
 from miprun.cli.logs import libraries_restored, setup_logging
-from miprun.cli.params import json_path, with_options
+from miprun.cli.params import (
+    DebugOpt,
+    ModelOpt,
+    OldOutOpt,
+    OverwriteOpt,
+    QuietOpt,
+    json_path,
+    with_options,
+)
 from miprun.options import (
     BenchOptions,
     CompareOptions,
@@ -40,36 +48,6 @@ app = typer.Typer(
     add_completion=True,  # --install-completion / --show-completion: bash, zsh, fish, PowerShell
 )
 console = Console(stderr=True)
-
-ModelOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--model",
-        "-m",
-        help="Embedded name (smollm2-135m, gemma3-270m), local HF folder, .gguf file or hub name. "
-        "Default: the embedded SmolLM2-135M-Instruct.",
-    ),
-]
-QuietOpt = Annotated[
-    bool,
-    typer.Option(
-        "--quiet", "-q", help="No progress bars, log lines or library warnings: results and errors."
-    ),
-]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
-# -o/--out names a folder in every command; a command that writes one JSON file takes --json FILE. Its old
-# spelling, --out FILE, still works there with a warning (hidden from --help).
-OldOutOpt = Annotated[
-    Path | None, typer.Option("--out", "-o", hidden=True, help="Deprecated: use --json FILE.")
-]
-OverwriteOpt = Annotated[
-    bool,
-    typer.Option(
-        "--overwrite",
-        help="Replace --out if it is an earlier miprun output (or empty); never anything else. The old "
-        "output stays until the new one is complete.",
-    ),
-]
 
 
 def _show_version(value: bool) -> None:

@@ -22,6 +22,37 @@ import typer
 from miprun.errors import MiprunError
 from miprun.options import Options, flag, flat_fields
 
+# The flags several commands share that are not options of the API: the model, output handling, verbosity.
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Embedded name (smollm2-135m, gemma3-270m), local HF folder, .gguf file or hub name. "
+        "Default: the embedded SmolLM2-135M-Instruct.",
+    ),
+]
+QuietOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quiet", "-q", help="No progress bars, log lines or library warnings: results and errors."
+    ),
+]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
+# -o/--out names a folder in every command; a command that writes one JSON file takes --json FILE. Its old
+# spelling, --out FILE, still works there with a warning (hidden from --help).
+OldOutOpt = Annotated[
+    Path | None, typer.Option("--out", "-o", hidden=True, help="Deprecated: use --json FILE.")
+]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace --out if it is an earlier miprun output (or empty); never anything else. The old "
+        "output stays until the new one is complete.",
+    ),
+]
+
 PANELS = {
     "CalibrationConfig": "Calibration",
     "EstimatorOptions": "Estimator",
